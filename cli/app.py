@@ -1,0 +1,111 @@
+"""The `nst` command: one Typer app, each command in its own module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from nst.engine.device import supported_precisions
+from nst.engine.features import LAYER_NAMES
+from nst.engine.weights import import_weights, weights_status
+
+from .common import cache_dir, console, user_errors
+from .report import versions
+from .stylize_cmd import stylize_command
+
+app = typer.Typer(
+    name="nst",
+    help="Neural style transfer (Gatys et al. 2015): stylise, export VGG19 to ONNX, profile the GPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("stylize")(stylize_command)
+
+weights_app = typer.Typer(help="The VGG19 weights: what is available, and importing a file.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("status")
+def weights_status_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
+    """Show which ImageNet weights are available without a download."""
+    with user_errors():
+        st = weights_status(cache_dir=cache_dir())
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    table = Table(title="VGG19 weights", show_header=False)
+    table.add_row("torch hub file", f"{st['hub_file']} ({'present' if st['hub_file_present'] else 'absent'})")
+    imported = f"{st['imported_file']} ({'present' if st['imported_present'] else 'absent'})"
+    if st["imported_present"]:
+        imported += f", fingerprint {st['imported_fingerprint']}, " + ("torchvision's file" if st["imported_verified"] else "not torchvision's file byte for byte")
+    table.add_row("imported copy", imported)
+    table.add_row("--weights imagenet", "ready" if st["imagenet_available"] else "needs a download or `nst weights import FILE`")
+    table.add_row("--weights random", "always available (seeded, not pretrained)")
+    console.print(table)
+
+
+@weights_app.command("import")
+def weights_import_command(file: Annotated[Path, typer.Argument(help="A VGG19 state_dict: whole model or `features`, .pth or .safetensors.")]) -> None:
+    """Check a VGG19 weights file and keep its conv weights in the cache as `--weights imagenet`."""
+    with user_errors():
+        w, verified = import_weights(file, cache_dir=cache_dir())
+    console.print(f"imported {file} as the imagenet weights (fingerprint {w.fingerprint})")
+    if not verified:
+        console.print("[yellow]note:[/] this is not torchvision's vgg19-dcbb9e9d.pth byte for byte; it is used as given")
+
+
+@app.command("info")
+def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
+    """Devices, precisions, ONNX Runtime providers, weights and versions."""
+    devices = [torch.device("cpu")] + [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    info: dict[str, object] = {
+        "devices": {
+            str(d): {
+                "name": torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU",
+                "precisions": [p.value for p in supported_precisions(d)],
+            }
+            for d in devices
+        },
+        "cpu_threads": torch.get_num_threads(),
+        "onnxruntime_providers": _ort_providers(),
+        "weights": weights_status(cache_dir=cache_dir()),
+        "cache_dir": str(cache_dir()),
+        "layers": list(LAYER_NAMES),
+        "versions": versions(),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title="nst info", show_header=False)
+    for dev, d in info["devices"].items():  # type: ignore[union-attr]
+        table.add_row(f"device {dev}", f"{d['name']}; precisions {', '.join(d['precisions'])}")
+    table.add_row("cpu threads", str(info["cpu_threads"]))
+    table.add_row("onnxruntime providers", ", ".join(info["onnxruntime_providers"]) or "onnxruntime not installed")  # type: ignore[arg-type]
+    w = info["weights"]
+    table.add_row("imagenet weights", "ready" if w["imagenet_available"] else "not available (see `nst weights status`)")  # type: ignore[index]
+    table.add_row("cache folder", str(info["cache_dir"]))
+    table.add_row("layers", " ".join(LAYER_NAMES))
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))  # type: ignore[union-attr]
+    console.print(table)
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Timing reports: the terminal table, the JSON file, and the side-by-side comparison sheet."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from rich.table import Table
+
+from nst.engine.images import to_pil, write_atomic
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("torchvision", "onnx", "onnxruntime", "numpy", "PIL", "typer"):
+        try:
+            m = __import__(mod)
+            out[mod if mod != "PIL" else "pillow"] = getattr(m, "__version__", "?")
+        except ImportError:
+            pass
+    try:
+        from importlib.metadata import version
+
+        out["nst"] = version("nst")
+    except Exception:  # not installed as a distribution (running from a checkout)
+        pass
+    return out
+
+
+def seconds_per_iteration(times: list[float]) -> dict[str, float | None]:
+    if not times:
+        return {"mean": None, "median": None}
+    return {"mean": statistics.fmean(times), "median": statistics.median(times)}
+
+
+def timing_table(phases: dict[str, float], per_iter: dict[str, float | None], *, iterations: int, extra: dict[str, str] | None = None) -> Table:
+    table = Table(title="timing", show_header=True, header_style="bold")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    for name, secs in phases.items():
+        table.add_row(name, f"{secs:.3f}")
+    table.add_row("total", f"{sum(phases.values()):.3f}", style="bold")
+    if per_iter["mean"] is not None:
+        table.caption = (
+            f"{iterations} iterations; s/iteration mean {per_iter['mean']:.4f}, median {per_iter['median']:.4f}"
+            + (f" ({1 / per_iter['median']:.1f} it/s)" if per_iter["median"] else "")
+        )
+    for k, v in (extra or {}).items():
+        table.add_row(k, v, style="dim")
+    return table
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON atomically."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None) -> Image.Image:
+    """Content, style(s) and result side by side at the result's height, labelled underneath."""
+    out = to_pil(result)
+    h = out.height
+    tiles = [content, *styles, out]
+    names = labels or (["content"] + [f"style {i + 1}" if len(styles) > 1 else "style" for i in range(len(styles))] + ["result"])
+    scaled = [t.resize((max(1, round(t.width * h / t.height)), h), Image.Resampling.LANCZOS) for t in tiles]
+    gap, band = 8, 18
+    width = sum(t.width for t in scaled) + gap * (len(scaled) + 1)
+    sheet = Image.new("RGB", (width, h + 2 * gap + band), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = gap
+    for tile, name in zip(scaled, names):
+        sheet.paste(tile, (x, gap))
+        draw.text((x, h + gap + 3), name, fill="black")
+        x += tile.width + gap
+    return sheet

@@ -1,0 +1,246 @@
+"""`nst stylize`: the command line over `nst.engine.stylize`."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from nst.engine import config as C
+from nst.engine.device import Runtime, check_precision, resolve_device
+from nst.engine.images import load_image, output_format, save_image
+from nst.engine.transfer import Iterate, StyleResult, stylize
+from nst.engine.weights import Weights, load_weights
+
+from .common import UserError, cache_dir, console, parse_list, user_errors
+from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
+from .targets_opt import Provider, TargetsMode, choose_targets
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None:
+    """Refuse an output that would overwrite an input, sits in a missing folder, or has no known format."""
+    output_format(out)
+    for p in inputs:
+        if _same_file(out, p):
+            raise UserError(f"{what} {out} is one of the input images; inputs are never overwritten, choose another name")
+    if out.exists() and out.is_dir():
+        raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'out.png'}")
+
+
+def intermediate_path(out: Path, step: int) -> Path:
+    """`out.png` -> `out.0500.png`: where `--save-every` keeps the image at iteration 500."""
+    return out.with_name(f"{out.stem}.{step:04d}{out.suffix}")
+
+
+def load_weights_for(spec: str, seed: int) -> Weights:
+    return load_weights(spec, seed=seed, cache_dir=cache_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
+
+
+def build_config(preset: C.Preset, overrides: dict[str, object]) -> C.StyleConfig:
+    """The preset with the options actually given on the command line applied over it."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "size" in given:
+        given["size_edge"] = C.SizeEdge.LONGEST  # --size is the longest side, whatever the preset
+    return C.preset(preset, **given)
+
+
+class _ProgressSink:
+    """Feeds the Rich bar and `--save-every`. Reads the loss (a GPU sync) at most 4 times a second."""
+
+    def __init__(self, progress: Progress | None, task: int | None, cfg: C.StyleConfig, out: Path) -> None:
+        self.progress, self.task, self.cfg, self.out = progress, task, cfg, out
+        self.last_read = 0.0
+        self.saved: list[Path] = []
+        self.latest: Iterate | None = None
+
+    def __call__(self, it: Iterate) -> None:
+        self.latest = it
+        if self.progress is not None and self.task is not None:
+            now = time.perf_counter()
+            fields = {}
+            if now - self.last_read > 0.25 or it.step == it.total_steps:
+                self.last_read = now
+                fields["loss"] = f"{float(it.loss):.4g}"
+                fields["stage"] = f"{it.size[1]}x{it.size[0]}"
+            self.progress.update(self.task, completed=it.step, **fields)
+        if self.cfg.save_every and it.step % self.cfg.save_every == 0 and it.step != it.total_steps:
+            self.saved.append(save_image(it.snapshot(), intermediate_path(self.out, it.step)))
+
+
+def stylize_command(
+    content: Annotated[Path, typer.Argument(help="Content image.", show_default=False)],
+    styles: Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output image; the format comes from the extension.")] = Path("out.png"),
+    preset: Annotated[C.Preset, typer.Option(help="Starting settings; options given here override it.")] = C.Preset.GATYS,
+    size: Annotated[Optional[int], typer.Option(help="Longest side of the output in pixels [preset: gatys 512; seed 400 px high].", show_default=False)] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Iterations per scale [gatys 500, seed 2000].", show_default=False)] = None,
+    optimizer: Annotated[Optional[C.Optimizer], typer.Option(help="[gatys lbfgs, seed adam]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Step size: L-BFGS scale or Adam learning rate [gatys 1, seed 5].", show_default=False)] = None,
+    content_weight: Annotated[Optional[float], typer.Option(help="[1]", show_default=False)] = None,
+    style_weight: Annotated[Optional[float], typer.Option(help="[1e6]", show_default=False)] = None,
+    tv_weight: Annotated[Optional[float], typer.Option(help="[gatys 1e-3, seed 1e2]", show_default=False)] = None,
+    content_layers: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. relu4_2 [gatys relu4_2, seed relu5_2].", show_default=False)] = None,
+    style_layers: Annotated[Optional[str], typer.Option(help="Comma-separated [relu1_1,relu2_1,relu3_1,relu4_1,relu5_1].", show_default=False)] = None,
+    style_layer_weights: Annotated[Optional[str], typer.Option(help="Per style layer, comma-separated [equal, summing to 1].", show_default=False)] = None,
+    style_blend: Annotated[Optional[str], typer.Option(help="Weight per style image, e.g. 3,7 [equal].", show_default=False)] = None,
+    style_scale: Annotated[Optional[float], typer.Option(help="Style image size relative to the output [1].", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option(help="content, noise, style, or an image path [content].", show_default=False)] = None,
+    preserve_colors: Annotated[Optional[C.PreserveColors], typer.Option(help="Keep the content's colours [none].", show_default=False)] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Coarse-to-fine sizes, e.g. 256,512,1024 (the last is the output's).", show_default=False)] = None,
+    pooling: Annotated[Optional[C.Pooling], typer.Option(help="[max]", show_default=False)] = None,
+    weights: Annotated[str, typer.Option(help="imagenet, random, or a .pth/.safetensors file.")] = "imagenet",
+    seed: Annotated[Optional[int], typer.Option(help="Seed for noise init and random weights [0].", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[C.Precision, typer.Option(help="Network precision; Grams and losses stay fp32.")] = C.Precision.FP32,
+    save_every: Annotated[Optional[int], typer.Option(help="Also save OUT.NNNN.ext every N iterations [gatys 0, seed 500].", show_default=False)] = None,
+    targets: Annotated[TargetsMode, typer.Option(help="Where style/content targets come from.")] = TargetsMode.AUTO,
+    onnx: Annotated[Optional[Path], typer.Option(help="An exported target module to use for the targets.", show_default=False)] = None,
+    provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider for the targets.")] = Provider.AUTO,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON report here.", show_default=False)] = None,
+    compare: Annotated[Optional[Path], typer.Option(help="Write a content | style | result sheet here.", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or report table.")] = False,
+) -> None:
+    """Stylise CONTENT with one or more STYLE images (Gatys et al. 2015)."""
+    with user_errors():
+        _run(**locals())
+
+
+def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phases
+    content, styles, output = Path(a["content"]), [Path(p) for p in a["styles"]], Path(a["output"])  # type: ignore[arg-type]
+    quiet = bool(a["quiet"])
+    phases: dict[str, float] = {}
+    inputs = [content, *styles]
+    init = a["init"]
+    if isinstance(init, str) and init not in C.INIT_CHOICES:
+        inputs.append(Path(init))
+    check_output(output, inputs)
+    for extra, what in ((a["report"], "report"), (a["compare"], "comparison sheet")):
+        if extra is not None:
+            if any(_same_file(Path(extra), p) for p in [*inputs, output]):  # type: ignore[arg-type]
+                raise UserError(f"the {what} path {extra} would overwrite an input or the output")
+    if a["compare"] is not None:
+        output_format(Path(a["compare"]))  # type: ignore[arg-type]
+
+    overrides = dict(
+        size=a["size"], iterations=a["iterations"], optimizer=a["optimizer"], lr=a["lr"],
+        content_weight=a["content_weight"], style_weight=a["style_weight"], tv_weight=a["tv_weight"],
+        content_layers=parse_list(a["content_layers"], what="layer") or None,  # type: ignore[arg-type]
+        style_layers=parse_list(a["style_layers"], what="layer") or None,  # type: ignore[arg-type]
+        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight") or None,  # type: ignore[arg-type]
+        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight") or None,  # type: ignore[arg-type]
+        style_scale=a["style_scale"], init=init, preserve_colors=a["preserve_colors"],
+        scales=parse_list(a["scales"], cast=int, what="size") or None,  # type: ignore[arg-type]
+        pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
+    )  # fmt: skip
+    if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:  # type: ignore[index]
+        raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")  # type: ignore[index]
+    if overrides["style_layers"] is not None and a["style_layer_weights"] is None:
+        overrides["style_layer_weights"] = ()  # the preset's per-layer weights were for its layers
+    cfg = build_config(a["preset"], overrides)  # type: ignore[arg-type]
+    if cfg.style_blend and len(cfg.style_blend) != len(styles):
+        raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
+    dev = resolve_device(str(a["device"]))
+    prec = check_precision(dev, a["precision"])  # type: ignore[arg-type]
+    runtime = Runtime(device=dev, precision=prec)
+
+    t = time.perf_counter()
+    content_im = load_image(content)
+    style_ims = [load_image(p) for p in styles]
+    init_im = load_image(Path(init)) if isinstance(init, str) and init not in C.INIT_CHOICES else None
+    phases["images"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    w = load_weights_for(str(a["weights"]), cfg.seed)
+    phases["weights"] = time.perf_counter() - t
+    if w.is_random and not quiet:
+        console.print(f"[yellow]weights: {w.description}, not pretrained: the result shows the method at work, not a painting[/]")
+
+    t = time.perf_counter()
+    source, cache, targets_info = choose_targets(
+        a["targets"], cfg=cfg, weights=w, runtime=runtime, onnx_path=a["onnx"], provider=a["provider"], quiet=quiet  # type: ignore[arg-type]
+    )
+    phases["target setup"] = time.perf_counter() - t
+
+    progress: Progress | None = None
+    task = None
+    if not quiet:
+        progress = Progress(
+            TextColumn("[bold]stylize[/] {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )  # fmt: skip
+    total = cfg.iterations * len(cfg.sizes)
+    sink = _ProgressSink(progress, None, cfg, output)
+    rate_start = time.perf_counter()
+
+    def callback(it: Iterate) -> None:
+        if progress is not None and sink.task is not None:
+            el = time.perf_counter() - rate_start
+            progress.update(sink.task, rate=f"{it.step / el:5.1f} it/s" if el > 0 else "")
+        sink(it)
+
+    try:
+        if progress is not None:
+            progress.start()
+            sink.task = progress.add_task("stylize", total=total, loss="-", stage="", rate="")
+        result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"CUDA ran out of memory at size {max(cfg.sizes)} on {dev}; try a smaller --size, --precision bf16, fewer --scales, or --device cpu"
+        ) from None
+    finally:
+        if progress is not None:
+            progress.stop()
+    phases["targets"] = result.phases["targets"]
+    phases["optimisation"] = result.phases["optimisation"]
+    t = time.perf_counter()
+    save_image(result.image, output)
+    if a["compare"] is not None:
+        save_image(comparison_sheet(content_im, style_ims, result.image), Path(a["compare"]))  # type: ignore[arg-type]
+    phases["save"] = time.perf_counter() - t
+
+    per = seconds_per_iteration(result.iteration_seconds)
+    tinfo = {**result.targets, **targets_info}
+    if a["report"] is not None:
+        write_json(Path(a["report"]), _report(result, cfg, runtime, w, phases, per, tinfo, output, sink.saved))  # type: ignore[arg-type]
+    if not quiet:
+        extra = {"targets": f"{tinfo.get('source')} ({tinfo.get('provider')}), cache {tinfo.get('cache')}"}
+        console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
+        console.print(f"wrote {output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
+    if result.status == "interrupted":
+        console.print(f"[yellow]interrupted:[/] {result.message}; saved {output}")
+        raise typer.Exit(130)
+    if result.status == "nonfinite":
+        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Lower --lr or the loss weights.")
+        raise typer.Exit(1)
+
+
+def _report(result: StyleResult, cfg: C.StyleConfig, runtime: Runtime, w: Weights, phases: dict[str, float], per: dict, tinfo: dict, output: Path, saved: list[Path]) -> dict:
+    hist = result.loss_history
+    return {
+        "output": str(output),
+        "intermediate": [str(p) for p in saved],
+        "status": result.status,
+        "phases": phases,
+        "iterations": result.steps,
+        "seconds_per_iteration": per,
+        "loss": {"initial": hist[0] if hist else None, "final": hist[-1] if hist else None, "terms": result.loss_terms, "history": hist},
+        "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""),
+        "precision": runtime.precision.value,
+        "weights": w.to_dict(),
+        "targets": tinfo,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+    }

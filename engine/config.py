@@ -1,0 +1,214 @@
+"""Run configuration: closed choices as `str` enums, one frozen dataclass, and the presets.
+
+Every default lives here; the CLI reads them from here (variants go through
+`dataclasses.replace`, never through a second set of literals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Optimizer(str, enum.Enum):
+    LBFGS = "lbfgs"
+    ADAM = "adam"
+
+
+class Pooling(str, enum.Enum):
+    MAX = "max"
+    AVG = "avg"
+
+
+class PreserveColors(str, enum.Enum):
+    NONE = "none"
+    LUMINANCE = "luminance"
+    HISTOGRAM = "histogram"
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    TF32 = "tf32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class LossForm(str, enum.Enum):
+    """How the three loss terms are normalised.
+
+    `normalized`: means over elements and a Gram matrix divided by C*H*W, so a weight means the
+    same at every image size. `keras`: the sums of the notebook this project began from, term by
+    term (see `losses.py`).
+    """
+
+    NORMALIZED = "normalized"
+    KERAS = "keras"
+
+
+class SizeEdge(str, enum.Enum):
+    """Which edge of the output `size` measures; the other follows the content's aspect."""
+
+    LONGEST = "longest"
+    HEIGHT = "height"
+
+
+class Preset(str, enum.Enum):
+    GATYS = "gatys"
+    SEED = "seed"
+
+
+INIT_CHOICES = ("content", "noise", "style")  # or a path to an image file
+
+
+@dataclass(frozen=True)
+class StyleConfig:
+    """Everything that decides what a stylisation run computes (not where or how fast)."""
+
+    size: int = 512  # pixels along `size_edge` of the final output
+    size_edge: SizeEdge = SizeEdge.LONGEST
+    # Coarse-to-fine sizes (same edge as `size`); empty means a single pass at `size`. Each stage
+    # starts from the previous stage's result, upsampled.
+    scales: tuple[int, ...] = ()
+    iterations: int = 500  # per scale
+    optimizer: Optimizer = Optimizer.LBFGS
+    lr: float = 1.0  # L-BFGS step scale, or Adam's learning rate (in `pixel_scale` units)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lbfgs_history: int = 20  # a short history: PERFORMANCE.md shows long ones cost more than VGG
+    content_weight: float = 1.0
+    style_weight: float = 1e6
+    tv_weight: float = 1e-3
+    content_layers: tuple[str, ...] = ("relu4_2",)
+    style_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    # Per-layer factors, same length as the layer tuples; empty means 1/len for style layers
+    # (so `style_weight` is the total) and 1 for content layers.
+    content_layer_weights: tuple[float, ...] = ()
+    style_layer_weights: tuple[float, ...] = ()
+    style_blend: tuple[float, ...] = ()  # one weight per style image; empty means equal
+    # Style image's longest side relative to the output's longest side at each scale.
+    style_scale: float = 1.0
+    # Resize the style image to exactly the output's H x W (the notebook's behaviour),
+    # ignoring `style_scale` and the style's aspect ratio.
+    style_match_output: bool = False
+    init: str = "content"  # content | noise | style | path to an image
+    preserve_colors: PreserveColors = PreserveColors.NONE
+    pooling: Pooling = Pooling.MAX
+    loss_form: LossForm = LossForm.NORMALIZED
+    # The unit the optimised image lives in: 1.0 for [0, 1], 255.0 for 0-255 pixel values. It
+    # changes what `lr` and the TV weight mean, which is why the seed preset needs 255.
+    pixel_scale: float = 1.0
+    save_every: int = 0  # 0: save only at the end
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The size of each stage, the last being the output's."""
+        return self.scales if self.scales else (self.size,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (enums as their values)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+
+MAX_SIZE = 16384  # pixels on an edge; larger is almost certainly a typo and would not fit anyway
+MIN_SIZE = 32  # VGG19 to conv5 needs at least 16 px after four poolings; 32 keeps a margin
+
+
+def validate(cfg: StyleConfig) -> None:
+    """Raise ValueError naming the bad field and the accepted values."""
+    from .features import LAYER_NAMES  # local: features imports torch, config need not
+
+    for s in cfg.sizes:
+        if not (MIN_SIZE <= s <= MAX_SIZE):
+            raise ValueError(f"size {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
+    if cfg.scales and list(cfg.scales) != sorted(cfg.scales):
+        raise ValueError(f"scales must increase (coarse to fine), got {','.join(map(str, cfg.scales))}")
+    if cfg.iterations < 0:
+        raise ValueError(f"iterations must be 0 or more, got {cfg.iterations}")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if cfg.lbfgs_history < 1:
+        raise ValueError(f"lbfgs_history must be at least 1, got {cfg.lbfgs_history}")
+    for name in ("content_weight", "style_weight", "tv_weight"):
+        v = getattr(cfg, name)
+        if not v >= 0 or v == float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if not cfg.content_layers and not cfg.style_layers:
+        raise ValueError("give at least one content or style layer")
+    for layer in cfg.content_layers + cfg.style_layers:
+        if layer not in LAYER_NAMES:
+            raise ValueError(f"unknown layer {layer!r}: use names like conv1_1, relu4_2, pool3 (see `nst info`)")
+    for layers, weights, what in (
+        (cfg.content_layers, cfg.content_layer_weights, "content"),
+        (cfg.style_layers, cfg.style_layer_weights, "style"),
+    ):
+        if weights and len(weights) != len(layers):
+            raise ValueError(f"{len(weights)} {what} layer weights given for {len(layers)} {what} layers")
+        if any(not w >= 0 for w in weights):
+            raise ValueError(f"{what} layer weights must be >= 0")
+    if any(not w >= 0 for w in cfg.style_blend) or (cfg.style_blend and sum(cfg.style_blend) <= 0):
+        raise ValueError("style blend weights must be >= 0 and not all zero")
+    if not (0.05 <= cfg.style_scale <= 8):
+        raise ValueError(f"style_scale must be between 0.05 and 8, got {cfg.style_scale}")
+    if cfg.pixel_scale not in (1.0, 255.0):
+        raise ValueError(f"pixel_scale must be 1 or 255, got {cfg.pixel_scale}")
+    if cfg.save_every < 0:
+        raise ValueError(f"save_every must be 0 or more, got {cfg.save_every}")
+    if not cfg.init:
+        raise ValueError(f"init must be one of {', '.join(INIT_CHOICES)} or an image path")
+
+
+def content_layer_weights(cfg: StyleConfig) -> tuple[float, ...]:
+    return cfg.content_layer_weights or tuple(1.0 for _ in cfg.content_layers)
+
+
+def style_layer_weights(cfg: StyleConfig) -> tuple[float, ...]:
+    n = len(cfg.style_layers)
+    return cfg.style_layer_weights or tuple(1.0 / n for _ in cfg.style_layers)
+
+
+# The notebook this project began from (Keras VGG19, Adam), term by term. Keras's
+# `blockN_convM` outputs are post-ReLU, hence relu names here.
+SEED = StyleConfig(
+    size=400,
+    size_edge=SizeEdge.HEIGHT,
+    iterations=2000,
+    optimizer=Optimizer.ADAM,
+    lr=5.0,
+    adam_betas=(0.9, 0.999),
+    adam_eps=1e-7,  # Keras's default epsilon, not PyTorch's 1e-8
+    content_weight=1.0,
+    style_weight=1e6,  # split as 1e6 / 5 over the five layers by the default layer weights
+    tv_weight=1e2,
+    content_layers=("relu5_2",),
+    style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
+    style_match_output=True,
+    init="content",
+    loss_form=LossForm.KERAS,
+    pixel_scale=255.0,
+    save_every=500,
+)
+
+# Gatys et al. 2015 with L-BFGS, at the normalisation of `LossForm.NORMALIZED` (the PyTorch
+# tutorial's scale: style 1e6 against content 1 with Grams divided by C*H*W).
+GATYS = StyleConfig()
+
+PRESETS: dict[Preset, StyleConfig] = {Preset.GATYS: GATYS, Preset.SEED: SEED}
+
+
+def preset(name: Preset | str, **overrides: Any) -> StyleConfig:
+    """The preset's configuration with `overrides` (fields given explicitly) applied."""
+    try:
+        base = PRESETS[Preset(name)]
+    except ValueError:
+        raise ValueError(f"unknown preset {name!r}: use {', '.join(p.value for p in Preset)}") from None
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,125 @@
+"""Devices and precisions: chosen once at the boundary, passed down as parameters."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .config import Precision
+
+
+class DeviceError(ValueError):
+    """A device or precision this machine cannot provide; the message says what is there."""
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """`auto` (CUDA if present, else CPU), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {spec}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
+    return dev
+
+
+def autocast_dtype(precision: Precision) -> torch.dtype | None:
+    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(Precision(precision))
+
+
+def supported_precisions(device: torch.device) -> list[Precision]:
+    """Precisions that run on `device` (each checked with a tiny convolution)."""
+    out = []
+    for p in Precision:
+        try:
+            check_precision(device, p)
+            out.append(p)
+        except DeviceError:
+            pass
+    return out
+
+
+def check_precision(device: torch.device, precision: Precision | str) -> Precision:
+    """Raise DeviceError if `precision` cannot run on `device`."""
+    try:
+        p = Precision(precision)
+    except ValueError:
+        raise DeviceError(f"unknown precision {precision!r}: use {', '.join(x.value for x in Precision)}") from None
+    if p == Precision.TF32 and device.type != "cuda":
+        raise DeviceError("tf32 is a CUDA tensor-core mode: use fp32 (or bf16) on the CPU")
+    if p == Precision.TF32 and torch.cuda.get_device_capability(device)[0] < 8:
+        raise DeviceError(f"tf32 needs an Ampere or newer GPU; {torch.cuda.get_device_name(device)} is older")
+    dt = autocast_dtype(p)
+    if dt is not None:
+        try:
+            conv = torch.nn.Conv2d(3, 4, 3, padding=1).to(device)
+            x = torch.rand(1, 3, 8, 8, device=device, requires_grad=True)
+            with torch.autocast(device.type, dtype=dt):
+                y = conv(x)
+            y.float().sum().backward()
+        except (RuntimeError, AssertionError) as e:
+            raise DeviceError(f"{p.value} does not run on {device} here ({str(e).splitlines()[0]}); use fp32") from None
+    return p
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run executes (never what it computes): device, precision and speed switches."""
+
+    device: torch.device = torch.device("cpu")
+    precision: Precision = Precision.FP32
+    channels_last: bool = True  # NHWC for the convolutions (faster on tensor cores and oneDNN)
+    cudnn_benchmark: bool = True  # autotune convolutions once per shape
+    check_every: int = 0  # read the loss back (a sync) every N iterations; 0: 1 on CPU, 25 on GPU
+
+    @property
+    def health_interval(self) -> int:
+        if self.check_every > 0:
+            return self.check_every
+        return 1 if self.device.type == "cpu" else 25
+
+
+@contextlib.contextmanager
+def precision_context(runtime: Runtime) -> Iterator[None]:
+    """Set TF32 and cuDNN switches for the run, and put them back afterwards."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    tf32 = runtime.precision == Precision.TF32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    # cuDNN defaults to TF32 convolutions; fp32 must mean fp32.
+    torch.backends.cudnn.allow_tf32 = tf32 or runtime.precision in (Precision.BF16, Precision.FP16)
+    torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
+
+
+def autocast(runtime: Runtime) -> contextlib.AbstractContextManager[object]:
+    """Autocast for the network in bf16/fp16, a no-op otherwise."""
+    dt = autocast_dtype(runtime.precision)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(runtime.device.type, dtype=dt)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

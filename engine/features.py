@@ -1,0 +1,119 @@
+"""VGG19 as a feature extractor: layers addressed by name, cut after the deepest one in use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Pooling
+
+# torchvision's VGG19 ("E") `features`, as data: channel counts, "M" for a pooling layer.
+VGG19_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
+)  # fmt: skip
+
+# The PyTorch VGG-19 expects sRGB in [0, 1] normalised by ImageNet's mean and std, unlike
+# Simonyan et al.'s Caffe model (BGR, 0-255, mean subtracted only). These are the values of
+# torchvision's `VGG19_Weights.IMAGENET1K_V1.transforms()` (its resize and crop are for
+# classification and are not used).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _layer_table() -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Names in torchvision's `features` order, and each conv's output channels (0 elsewhere)."""
+    names: list[str] = []
+    channels: list[int] = []
+    block, conv = 1, 0
+    for v in VGG19_CFG:
+        if v == "M":
+            names.append(f"pool{block}")
+            channels.append(0)
+            block, conv = block + 1, 0
+        else:
+            conv += 1
+            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
+            channels += [int(v), int(v)]
+    return tuple(names), tuple(channels)
+
+
+LAYER_NAMES, _CHANNELS = _layer_table()
+LAYER_INDEX: dict[str, int] = {name: i for i, name in enumerate(LAYER_NAMES)}
+CONV_INDICES: tuple[int, ...] = tuple(i for i, n in enumerate(LAYER_NAMES) if n.startswith("conv"))
+
+
+def layer_channels(name: str) -> int:
+    """Channels of a layer's output (a pool keeps the channels of the conv before it)."""
+    i = LAYER_INDEX[name]
+    while _CHANNELS[i] == 0:
+        i -= 1
+    return _CHANNELS[i]
+
+
+def layer_stride(name: str) -> int:
+    """How many times smaller than the input a layer's output is (2 per pooling before it)."""
+    return 2 ** sum(1 for n in LAYER_NAMES[: LAYER_INDEX[name] + 1] if n.startswith("pool"))
+
+
+def build_features(*, depth: int = len(LAYER_NAMES), pooling: Pooling = Pooling.MAX, tapped: frozenset[int] = frozenset()) -> nn.Sequential:
+    """torchvision's VGG19 `features` (same indices, so its state_dict loads), cut to `depth` layers.
+
+    ReLUs run in place except after a tapped conv, whose pre-activation output would otherwise be
+    overwritten.
+    """
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for name in LAYER_NAMES[:depth]:
+        i = len(layers)
+        if name.startswith("conv"):
+            out_ch = _CHANNELS[i]
+            layers.append(nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1))
+            in_ch = out_ch
+        elif name.startswith("relu"):
+            layers.append(nn.ReLU(inplace=(i - 1) not in tapped))
+        elif pooling == Pooling.AVG:
+            layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
+        else:
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+class VGGFeatures(nn.Module):
+    """Normalise an sRGB image in [0, 1] and return the named layers' outputs.
+
+    (N, 3, H, W) in, {name: (N, C, H / stride, W / stride)} out. Frozen: the loop only needs the
+    gradient with respect to the image, and weight gradients would cost 1.5x the work.
+    """
+
+    def __init__(self, layers: tuple[str, ...] | list[str], *, pooling: Pooling = Pooling.MAX) -> None:
+        super().__init__()
+        unknown = [n for n in layers if n not in LAYER_INDEX]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {', '.join(unknown)}: use names like conv1_1, relu4_2, pool3")
+        if not layers:
+            raise ValueError("give at least one layer")
+        self.layers = tuple(dict.fromkeys(layers))  # unique, order kept
+        self.pooling = Pooling(pooling)
+        self._taps = {LAYER_INDEX[n]: n for n in self.layers}
+        depth = max(self._taps) + 1
+        self.features = build_features(depth=depth, pooling=self.pooling, tapped=frozenset(self._taps))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval().requires_grad_(False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.features)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self._taps:
+                out[self._taps[i]] = x
+        return out
+
+    def conv_state_dict(self) -> dict[str, torch.Tensor]:
+        """The conv weights and biases under torchvision's `features.N.*` keys."""
+        return {f"features.{k}": v for k, v in self.features.state_dict().items()}

@@ -1,0 +1,146 @@
+"""Image files in and out: Pillow does the decoding; this module makes every input plain sRGB.
+
+How modes become RGB (documented in the README):
+- EXIF orientation is applied first; an animated image contributes its first frame.
+- L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB.
+- Alpha (RGBA, LA, PA, P with transparency): composited over white, since a transparent pixel
+  has no colour to match.
+- 16-bit and float greys (I;16*, I, F): scaled to 8 bits over the type's range (0-65535 for
+  16-bit; the image's own min-max for I and F, whose range is not fixed).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import SizeEdge
+
+# Pillow's own bomb guard warns above this and refuses above twice this; we refuse above it.
+MAX_PIXELS = 178_956_970
+
+
+class ImageError(ValueError):
+    """An image that cannot be read, written or used; the message names the file."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        a = np.asarray(im, dtype=np.float64) / 65535.0
+        return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if im.mode == "I" and lo >= 0 and hi <= 255:
+            lo, hi = 0.0, 255.0  # an 8-bit image stored as I keeps its values
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file as an upright RGB Pillow image (first frame of an animation)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageError(f"{path}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit (a decompression bomb?)")
+                im.seek(0)
+                im = ImageOps.exif_transpose(im) or im
+                im.load()
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged data
+        raise ImageError(f"{path}: damaged or unreadable image ({e})") from None
+
+
+def output_shape(width: int, height: int, size: int, edge: SizeEdge = SizeEdge.LONGEST) -> tuple[int, int]:
+    """(H, W) with `size` on the chosen edge and the other keeping the aspect ratio."""
+    if edge == SizeEdge.HEIGHT or (edge == SizeEdge.LONGEST and height >= width):
+        return size, max(1, round(width * size / height))
+    return max(1, round(height * size / width)), size
+
+
+def resize(im: Image.Image, hw: tuple[int, int]) -> Image.Image:
+    """Resize to (H, W) with Lanczos (antialiased when shrinking)."""
+    h, w = hw
+    return im if im.size == (w, h) else im.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB Pillow image -> (1, 3, H, W) float32 in [0, 1]."""
+    a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) or (3, H, W) in [0, 1] -> RGB Pillow image (values clipped)."""
+    t = image.detach().float().cpu()
+    if t.dim() == 4:
+        t = t[0]
+    a = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(a, "RGB")
+
+
+def output_format(path: str | Path) -> str:
+    """Pillow's format name for a file name's extension, or ImageError naming the choices."""
+    ext = Path(path).suffix.lower()
+    formats = Image.registered_extensions()
+    if ext not in formats or formats[ext] not in Image.SAVE:
+        common = ".png, .jpg, .webp, .tif, .bmp"
+        raise ImageError(f"cannot write {Path(path).name!r}: unknown image extension {ext or '(none)'!r}; use {common}")
+    return formats[ext]
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash or Ctrl-C in the middle leaves the previous file (or none), never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_image(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
+    """Write an image atomically; the format comes from the extension."""
+    path = Path(path)
+    fmt = output_format(path)
+    im = image if isinstance(image, Image.Image) else to_pil(image)
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    try:
+        return write_atomic(path, lambda tmp: im.save(tmp, format=fmt, **options))
+    except OSError as e:
+        raise ImageError(f"cannot write {path}: {e.strerror or e}") from None

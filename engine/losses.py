@@ -1,0 +1,69 @@
+"""Content, style (Gram) and total variation losses, in two normalisations.
+
+Gram matrices and loss sums always run in fp32, whatever precision the network ran in: fp16
+Grams overflow (sums of squared activations pass 65504) and bf16 sums lose the small terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LossForm
+
+
+def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, C) Gram matrix `F F^T` over positions, in fp32.
+
+    Normalised (divided by C*H*W) its entries are averages, so they do not grow with image size
+    and a style weight means the same at 256 px as at 2048 px.
+    """
+    n, c, h, w = features.shape
+    f = features.float().reshape(n, c, h * w)  # (N, C, HW)
+    g = torch.bmm(f, f.transpose(1, 2))  # (N, C, C)
+    return g / (c * h * w) if normalize else g
+
+
+def content_loss(features: torch.Tensor, target: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED) -> torch.Tensor:
+    """Squared error of features: the mean (normalized) or the plain sum (keras)."""
+    diff = features.float() - target.float()
+    return diff.pow(2).mean() if form == LossForm.NORMALIZED else diff.pow(2).sum()
+
+
+def style_loss(
+    features: torch.Tensor,
+    target_gram: torch.Tensor,
+    *,
+    form: LossForm = LossForm.NORMALIZED,
+    image_pixels: int | None = None,
+) -> torch.Tensor:
+    """Squared error of Gram matrices against a target Gram (already in the same form).
+
+    keras: `sum((G_style - G_out)**2) / (4 * 3**2 * (H*W)**2)` with unnormalised Grams, where 3
+    and H*W are the *image's* channels and pixel count, not the layer's. That is a quirk of the
+    notebook this project began from (the paper uses the layer's N_l and M_l), kept so that its
+    weights mean what they meant there.
+    """
+    if form == LossForm.NORMALIZED:
+        return (gram_matrix(features) - target_gram).pow(2).mean()
+    if image_pixels is None:
+        raise ValueError("the keras style loss needs image_pixels (the image's H*W)")
+    g = gram_matrix(features, normalize=False)
+    return (target_gram - g).pow(2).sum() / (4.0 * 3**2 * float(image_pixels) ** 2)
+
+
+def tv_loss(image: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED) -> torch.Tensor:
+    """Total variation of an (N, 3, H, W) image.
+
+    normalized: mean squared neighbour difference, vertical plus horizontal.
+    keras: `sum((a + b)**1.25)` with `a`, `b` the squared vertical and horizontal differences
+    over the (H-1)x(W-1) top-left block, as the notebook computes it.
+    """
+    x = image.float()
+    if form == LossForm.NORMALIZED:
+        dy = x[:, :, 1:, :] - x[:, :, :-1, :]
+        dx = x[:, :, :, 1:] - x[:, :, :, :-1]
+        return dy.pow(2).mean() + dx.pow(2).mean()
+    a = (x[:, :, :-1, :-1] - x[:, :, 1:, :-1]).pow(2)
+    b = (x[:, :, :-1, :-1] - x[:, :, :-1, 1:]).pow(2)
+    # (a + b) is 0 on flat areas, where the gradient of t**1.25 is 0 too: no NaN to guard.
+    return (a + b).pow(1.25).sum()

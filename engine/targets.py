@@ -1,0 +1,69 @@
+"""Style and content targets: what the output's features are pulled towards.
+
+A target source turns one processed image into the content layers' features and the style
+layers' (normalised) Gram matrices. `TorchTargets` runs the PyTorch network; the ONNX Runtime
+source in `onnx_targets.py` runs an exported target module. Both return CPU-independent tensors
+on the run's device, in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .features import VGGFeatures
+from .losses import gram_matrix
+
+
+@dataclass
+class ImageTargets:
+    """One image's targets: content features (1, C, h, w) and normalised Grams (1, C, C)."""
+
+    content: dict[str, torch.Tensor]
+    grams: dict[str, torch.Tensor]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat view for storage: `content/<layer>` and `gram/<layer>`."""
+        return {**{f"content/{k}": v for k, v in self.content.items()}, **{f"gram/{k}": v for k, v in self.grams.items()}}
+
+    @classmethod
+    def from_tensors(cls, flat: dict[str, torch.Tensor]) -> "ImageTargets":
+        content = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("content/")}
+        grams = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("gram/")}
+        return cls(content, grams)
+
+    def to(self, device: torch.device) -> "ImageTargets":
+        return ImageTargets({k: v.to(device) for k, v in self.content.items()}, {k: v.to(device) for k, v in self.grams.items()})
+
+
+class TargetSource(Protocol):
+    """Computes `ImageTargets` for an image; `describe()` feeds the report."""
+
+    name: str  # "torch" | "onnxruntime"
+
+    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+class TorchTargets:
+    """Targets from the PyTorch feature extractor, in fp32, without autograd."""
+
+    name = "torch"
+
+    def __init__(self, model: VGGFeatures) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets:
+        dev = next(self.model.parameters()).device
+        feats = self.model(image.to(dev, torch.float32))
+        return ImageTargets(
+            {name: feats[name].float() for name in content_layers},
+            {name: gram_matrix(feats[name]) for name in style_layers},  # (1, C, C)
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {"source": "torch", "provider": str(next(self.model.parameters()).device)}
