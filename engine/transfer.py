@@ -263,7 +263,7 @@ def stylize(
                         last_sync, last_sync_step = now, step + 1
                         if not torch.isfinite(loss).item():
                             status = "nonfinite"
-                            message = f"the loss became {float(loss)} at iteration {step + 1}; kept the last image with a finite loss"
+                            message = f"the loss became {float(loss.detach())} at iteration {step + 1}; kept the last image with a finite loss"
                             x.data.copy_(good)
                             history.pop()
                             break

@@ -1,0 +1,134 @@
+"""Image reading in every mode, orientation, animation, bombs, damage; atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nst.engine.config import SizeEdge
+from nst.engine.images import ImageError, load_image, output_format, output_shape, save_image, to_tensor
+
+
+def _rgb(tmp_path: Path) -> Image.Image:
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[:, :15] = (200, 30, 10)
+    a[:, 15:] = (10, 40, 220)
+    return Image.fromarray(a, "RGB")
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P", "CMYK", "YCbCr", "RGBA", "LA", "I", "F", "I;16"])
+def test_every_mode_becomes_rgb(tmp_path: Path, mode: str):
+    src = _rgb(tmp_path)
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(src.convert("L"), np.uint16) * 257)
+        assert im.mode.startswith("I;16")
+    else:
+        im = src.convert(mode)
+    ext = {"CMYK": ".jpg", "YCbCr": ".jpg", "F": ".tif", "I": ".tif"}.get(mode, ".png")
+    p = tmp_path / f"img{ext}"
+    im.save(p)
+    out = load_image(p)
+    assert out.mode == "RGB" and out.size == (30, 20)
+
+
+def test_sixteen_bit_keeps_brightness(tmp_path: Path):
+    a = np.full((8, 8), 32768, np.uint16)
+    p = tmp_path / "grey16.png"
+    Image.fromarray(a).save(p)
+    v = np.asarray(load_image(p))
+    assert v.min() == v.max() and abs(int(v[0, 0, 0]) - 128) <= 1
+
+
+def test_alpha_composited_over_white(tmp_path: Path):
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    p = tmp_path / "clear.png"
+    im.save(p)
+    assert np.asarray(load_image(p))[0, 0].tolist() == [255, 255, 255]
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    pp = tmp_path / "pal.png"
+    pal.save(pp, transparency=0)
+    assert np.asarray(load_image(pp))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_applied(tmp_path: Path):
+    im = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    p = tmp_path / "rotated.jpg"
+    im.save(p, exif=exif.tobytes())
+    assert load_image(p).size == (20, 40)
+
+
+def test_animated_uses_first_frame(tmp_path: Path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
+    p = tmp_path / "anim.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=100)
+    r, g, b = np.asarray(load_image(p))[0, 0]
+    assert r > 200 and b < 50
+
+
+def test_bad_files_are_clear_errors(tmp_path: Path):
+    with pytest.raises(ImageError, match="image not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="is a folder"):
+        load_image(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(text)
+    good = tmp_path / "good.png"
+    _rgb(tmp_path).resize((300, 300)).save(good)
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(good.read_bytes()[:400])
+    with pytest.raises(ImageError, match="damaged or unreadable"):
+        load_image(trunc)
+
+
+def test_decompression_bomb_refused(tmp_path: Path):
+    p = tmp_path / "big.png"
+    Image.new("RGB", (200, 100)).save(p)
+    with pytest.raises(ImageError, match="pixel limit"):
+        load_image(p, max_pixels=10_000)
+
+
+def test_output_shape_edges():
+    assert output_shape(600, 400, 300) == (200, 300)
+    assert output_shape(400, 600, 300) == (300, 200)
+    assert output_shape(600, 400, 400, SizeEdge.HEIGHT) == (400, 600)
+
+
+def test_output_format_from_extension(tmp_path: Path):
+    assert output_format("a.png") == "PNG" and output_format("a.JPG") == "JPEG"
+    with pytest.raises(ImageError, match="unknown image extension '.txt'"):
+        output_format("a.txt")
+    with pytest.raises(ImageError, match=r"\(none\)"):
+        output_format("noext")
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    out = tmp_path / "out.png"
+    save_image(torch.zeros(1, 3, 8, 8), out)
+    before = out.read_bytes()
+
+    def boom(self, *a, **k):
+        Path(a[0]).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(torch.ones(1, 3, 8, 8), out)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_round_trip_tensor(tmp_path: Path):
+    t = torch.rand(1, 3, 10, 12)
+    p = save_image(t, tmp_path / "x.png")
+    back = to_tensor(load_image(p))
+    assert (back - t).abs().max() <= 1 / 255 + 1e-6

@@ -1,0 +1,90 @@
+"""Losses against plain, obviously correct formulas (numpy, loops where they help)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nst.engine.config import LossForm
+from nst.engine.losses import content_loss, gram_matrix, style_loss, tv_loss
+
+
+def _np_gram(f: np.ndarray) -> np.ndarray:
+    c = f.shape[1]
+    flat = f[0].reshape(c, -1)
+    g = np.zeros((c, c))
+    for i in range(c):
+        for j in range(c):
+            g[i, j] = float(np.sum(flat[i] * flat[j]))
+    return g
+
+
+def test_gram_matches_loops():
+    f = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    expect = _np_gram(f.numpy())
+    np.testing.assert_allclose(gram_matrix(f, normalize=False)[0].numpy(), expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gram_matrix(f)[0].numpy(), expect / (4 * 5 * 6), rtol=1e-5, atol=1e-7)
+
+
+def test_gram_is_fp32_for_half_features():
+    f = torch.randn(1, 8, 6, 6).to(torch.bfloat16)
+    assert gram_matrix(f).dtype == torch.float32
+
+
+def test_normalised_gram_is_size_invariant():
+    """A texture tiled to 4x the area has the same normalised Gram: weights mean the same at any size."""
+    f = torch.rand(1, 6, 8, 8)
+    tiled = f.repeat(1, 1, 2, 2)  # same statistics, 4x the positions
+    torch.testing.assert_close(gram_matrix(f), gram_matrix(tiled), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(gram_matrix(f, normalize=False), gram_matrix(tiled, normalize=False))
+    g = gram_matrix(f)
+    assert style_loss(f, g).item() == pytest.approx(0.0, abs=1e-12)
+    assert style_loss(tiled, g).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_content_loss_forms():
+    a, b = torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4)
+    d = (a - b).numpy()
+    assert content_loss(a, b).item() == pytest.approx(float((d**2).mean()), rel=1e-5)
+    assert content_loss(a, b, form=LossForm.KERAS).item() == pytest.approx(float((d**2).sum()), rel=1e-5)
+
+
+def test_keras_style_loss_uses_image_channels_and_pixels():
+    f = torch.rand(1, 5, 4, 4)
+    target = torch.rand(5, 5)[None] * 10
+    pixels = 32 * 48
+    expect = float(((target[0].numpy() - _np_gram(f.numpy())) ** 2).sum()) / (4 * 9 * pixels**2)
+    got = style_loss(f, target, form=LossForm.KERAS, image_pixels=pixels).item()
+    assert got == pytest.approx(expect, rel=1e-5)
+    with pytest.raises(ValueError, match="image_pixels"):
+        style_loss(f, target, form=LossForm.KERAS)
+
+
+def test_normalised_style_loss_is_mse_of_grams():
+    f, t = torch.rand(1, 3, 4, 4), torch.rand(1, 3, 3)
+    g = _np_gram(f.numpy()) / (3 * 16)
+    assert style_loss(f, t).item() == pytest.approx(float(((g - t[0].numpy()) ** 2).mean()), rel=1e-5)
+
+
+def test_tv_keras_matches_loops():
+    x = torch.rand(1, 3, 5, 7) * 255
+    a = x.numpy()[0]
+    total = 0.0
+    for c in range(3):
+        for i in range(4):
+            for j in range(6):
+                dv = (a[c, i, j] - a[c, i + 1, j]) ** 2
+                dh = (a[c, i, j] - a[c, i, j + 1]) ** 2
+                total += (dv + dh) ** 1.25
+    assert tv_loss(x, form=LossForm.KERAS).item() == pytest.approx(total, rel=1e-4)
+
+
+def test_tv_normalised_and_flat_image():
+    x = torch.rand(1, 3, 6, 6)
+    a = x.numpy()
+    expect = float(((a[:, :, 1:] - a[:, :, :-1]) ** 2).mean() + ((a[:, :, :, 1:] - a[:, :, :, :-1]) ** 2).mean())
+    assert tv_loss(x).item() == pytest.approx(expect, rel=1e-5)
+    flat = torch.full((1, 3, 6, 6), 0.5, requires_grad=True)
+    tv_loss(flat, form=LossForm.KERAS).backward()  # (a+b)**1.25 at 0 must not give NaN
+    assert torch.isfinite(flat.grad).all()

@@ -1,0 +1,242 @@
+"""The optimisation end to end on tiny images with seeded random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+from nst.engine import color
+from nst.engine.config import GATYS, SEED, LossForm, Optimizer, PreserveColors, SizeEdge, preset
+from nst.engine.features import VGGFeatures
+from nst.engine.images import ImageError, load_image, to_tensor, resize
+from nst.engine.losses import content_loss, gram_matrix, style_loss, tv_loss
+from nst.engine.targets import ImageTargets, TorchTargets
+from nst.engine.transfer import StopRun, build_model, stylize
+from nst.engine.device import Runtime
+from nst.engine.weights import load_into
+
+SMALL = dataclasses.replace(GATYS, size=48, iterations=6, style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu3_2",))
+
+
+@pytest.fixture
+def pics(images):
+    return load_image(images["content"]), load_image(images["style"]), load_image(images["style2"])
+
+
+class Spy:
+    """A target source that records what it was asked for."""
+
+    name = "spy"
+
+    def __init__(self, inner, *, poison: bool = False):
+        self.inner, self.calls, self.poison = inner, [], poison
+
+    def compute(self, image, *, content_layers, style_layers):
+        self.calls.append((tuple(image.shape), content_layers, style_layers, image.clone()))
+        t = self.inner.compute(image, content_layers=content_layers, style_layers=style_layers)
+        if self.poison:
+            t = ImageTargets(t.content, {k: torch.full_like(v, float("inf")) for k, v in t.grams.items()})
+        return t
+
+    def describe(self):
+        return {"source": "spy", "provider": "cpu"}
+
+
+def test_repeatable_with_seed_and_loss_falls(pics, weights):
+    c, s, _ = pics
+    a = stylize(c, [s], SMALL, weights=weights)
+    b = stylize(c, [s], SMALL, weights=weights)
+    assert a.status == "done" and a.steps == 6 and len(a.loss_history) == 6
+    assert torch.equal(a.image, b.image)
+    assert a.loss_history[-1] < a.loss_history[0]
+    assert a.image.shape == (1, 3, 32, 48) and 0 <= a.image.min() and a.image.max() <= 1
+    assert set(a.phases) >= {"model", "images", "targets", "optimisation"}
+    assert len(a.iteration_seconds) == 6
+
+
+@pytest.mark.parametrize("opt", [Optimizer.ADAM, Optimizer.LBFGS])
+def test_both_optimisers_reduce_loss(pics, weights, opt):
+    c, s, _ = pics
+    cfg = dataclasses.replace(SMALL, optimizer=opt, lr=0.02 if opt == Optimizer.ADAM else 1.0, iterations=8, init="noise")
+    r = stylize(c, [s], cfg, weights=weights)
+    assert r.loss_history[-1] < 0.9 * r.loss_history[0]
+
+
+def test_multiscale_stages_and_upsampling(pics, weights):
+    c, s, _ = pics
+    seen = []
+    cfg = dataclasses.replace(SMALL, scales=(32, 48), iterations=3)
+    r = stylize(c, [s], cfg, weights=weights, callback=lambda it: seen.append((it.stage, it.size, it.step)))
+    assert r.steps == 6 and r.image.shape[-2:] == (32, 48)
+    assert [x[1] for x in seen] == [(21, 32)] * 3 + [(32, 48)] * 3
+    assert seen[-1][2] == 6
+
+
+def test_seed_preset_is_the_notebook_term_by_term():
+    assert SEED.size == 400 and SEED.size_edge == SizeEdge.HEIGHT and SEED.iterations == 2000
+    assert SEED.optimizer == Optimizer.ADAM and SEED.lr == 5.0 and SEED.adam_betas == (0.9, 0.999) and SEED.adam_eps == 1e-7
+    assert SEED.content_layers == ("relu5_2",) and SEED.style_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    assert SEED.content_weight == 1 and SEED.style_weight == 1e6 and SEED.tv_weight == 1e2
+    assert SEED.style_match_output and SEED.init == "content" and SEED.pixel_scale == 255 and SEED.save_every == 500
+    assert SEED.loss_form == LossForm.KERAS
+
+
+def test_seed_loss_matches_hand_formula(pics, weights):
+    """The first iteration's loss equals the notebook's formula computed here from plain features."""
+    c, s, _ = pics
+    cfg = preset("seed", size=32, iterations=1, init="noise")
+    r0 = stylize(c, [s], cfg, weights=weights, targets=Spy(TorchTargets(_model(cfg, weights))))
+    h, w = 32, 48
+    model = _model(cfg, weights)
+    content = to_tensor(resize(c, (h, w)))
+    style = to_tensor(resize(s, (h, w)))  # resized to exactly the output's size
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(cfg.seed)) * 255
+    with torch.no_grad():
+        fx, fc, fs = model(x / 255), model(content), model(style)
+        closs = ((fx["relu5_2"] - fc["relu5_2"]) ** 2).sum()
+        sloss = sum(
+            ((gram_matrix(fs[l], normalize=False) - gram_matrix(fx[l], normalize=False)) ** 2).sum() / (4 * 9 * (h * w) ** 2)
+            for l in cfg.style_layers
+        )
+        a = (x[:, :, :-1, :-1] - x[:, :, 1:, :-1]) ** 2
+        b = (x[:, :, :-1, :-1] - x[:, :, :-1, 1:]) ** 2
+        tv = ((a + b) ** 1.25).sum()
+    expect = float(closs + 1e6 / 5 * sloss + 1e2 * tv)
+    assert r0.loss_history[0] == pytest.approx(expect, rel=1e-4)
+
+
+def _model(cfg, weights):
+    m = VGGFeatures(cfg.content_layers + cfg.style_layers, pooling=cfg.pooling)
+    load_into(m.features, weights)
+    return m
+
+
+def test_style_resized_to_output_in_seed_and_scaled_otherwise(pics, weights):
+    c, s, _ = pics
+    spy = Spy(TorchTargets(_model(SEED, weights)))
+    stylize(c, [s], preset("seed", size=32, iterations=1), weights=weights, targets=spy)
+    assert spy.calls[1][0] == (1, 3, 32, 48)  # square style stretched to the output's 32x48
+    spy2 = Spy(TorchTargets(_model(SMALL, weights)))
+    stylize(c, [s], dataclasses.replace(SMALL, style_scale=2.0, iterations=1), weights=weights, targets=spy2)
+    assert spy2.calls[1][0] == (1, 3, 96, 96)  # longest side 2 x 48, aspect kept
+
+
+def test_style_blend_weights_targets(pics, weights):
+    c, s1, s2 = pics
+    cfg = dataclasses.replace(SMALL, iterations=1, style_blend=(3, 7))
+    got = {}
+
+    def grab(it):
+        got["loss"] = float(it.terms["style"])
+
+    stylize(c, [s1, s2], cfg, weights=weights, callback=grab)
+    # The same loss from the blended Gram computed by hand:
+    model = _model(cfg, weights)
+    t1 = TorchTargets(model).compute(to_tensor(resize(s1, (48, 48))), content_layers=(), style_layers=cfg.style_layers)
+    t2 = TorchTargets(model).compute(to_tensor(resize(s2, (48, 48))), content_layers=(), style_layers=cfg.style_layers)
+    x = to_tensor(resize(c, (32, 48)))
+    with torch.no_grad():
+        f = model(x)
+        expect = sum(style_loss(f[l], 0.3 * t1.grams[l] + 0.7 * t2.grams[l]) / 3 for l in cfg.style_layers) * cfg.style_weight
+    assert got["loss"] == pytest.approx(float(expect), rel=1e-4)
+    with pytest.raises(ValueError, match="2 weights for 1 style"):
+        stylize(c, [s1], dataclasses.replace(cfg, style_blend=(1, 2)), weights=weights)
+
+
+def test_luminance_keeps_content_colours(pics, weights):
+    c, s, _ = pics
+    r = stylize(c, [s], dataclasses.replace(SMALL, preserve_colors=PreserveColors.LUMINANCE), weights=weights)
+    content = to_tensor(resize(c, (32, 48)))
+    iq_out = color.rgb_to_yiq(r.image)[:, 1:]
+    iq_in = color.rgb_to_yiq(content)[:, 1:]
+    assert (iq_out - iq_in).abs().mean() < 0.02  # only clipping at the gamut's edge moves them
+
+
+def test_histogram_matching_moves_style_colours():
+    style = torch.rand(1, 3, 16, 16) * torch.tensor([1.0, 0.2, 0.2]).view(1, 3, 1, 1)  # reddish
+    content = torch.rand(1, 3, 16, 16) * 0.5 + torch.tensor([0.0, 0.0, 0.5]).view(1, 3, 1, 1)  # bluish
+    out = color.match_histogram(style, content)
+    torch.testing.assert_close(out.mean((2, 3)), content.mean((2, 3)), atol=0.03, rtol=0)
+    cov_c = torch.cov(content[0].reshape(3, -1))
+    cov_o = torch.cov(out[0].reshape(3, -1))
+    assert (cov_c - cov_o).abs().max() < 0.01
+
+
+def test_histogram_option_recolours_style_before_targets(pics, weights):
+    c, s, _ = pics
+    spy = Spy(TorchTargets(_model(SMALL, weights)))
+    stylize(c, [s], dataclasses.replace(SMALL, iterations=1, preserve_colors=PreserveColors.HISTOGRAM), weights=weights, targets=spy)
+    style_seen = spy.calls[1][3]
+    content = to_tensor(resize(c, (32, 48)))
+    torch.testing.assert_close(style_seen.mean((2, 3)), content.mean((2, 3)), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["noise", "style", "file"])
+def test_init_choices(pics, weights, images, init):
+    c, s, _ = pics
+    seen = {}
+    cfg = dataclasses.replace(SMALL, iterations=1, init=str(images["style2"]) if init == "file" else init)
+    stylize(c, [s], cfg, weights=weights, callback=lambda it: seen.setdefault("x", it.snapshot()))
+    content = to_tensor(resize(c, (32, 48)))
+    assert not torch.allclose(seen["x"], content, atol=0.05)
+    if init == "file":
+        expect = to_tensor(resize(load_image(images["style2"]), (32, 48)))
+        assert (seen["x"] - expect).abs().mean() < 0.05  # one small step away from the init image
+
+
+def test_interrupt_keeps_latest_image(pics, weights):
+    c, s, _ = pics
+    snaps = []
+
+    def stop_at_3(it):
+        snaps.append(it.snapshot())
+        if it.step == 3:
+            raise KeyboardInterrupt
+
+    r = stylize(c, [s], SMALL, weights=weights, callback=stop_at_3)
+    assert r.status == "interrupted" and r.steps == 3 and "iteration 3" in r.message
+    torch.testing.assert_close(r.image, snaps[-1])
+    r2 = stylize(c, [s], SMALL, weights=weights, callback=lambda it: (_ for _ in ()).throw(StopRun()))
+    assert r2.status == "interrupted" and r2.steps == 1
+
+
+def test_nonfinite_loss_stops_with_last_good_image(pics, weights):
+    c, s, _ = pics
+    spy = Spy(TorchTargets(_model(SMALL, weights)), poison=True)
+    r = stylize(c, [s], SMALL, weights=weights, targets=spy)
+    assert r.status == "nonfinite" and "inf" in r.message and r.steps == 0
+    assert torch.isfinite(r.image).all()
+    torch.testing.assert_close(r.image, to_tensor(resize(c, (32, 48))))  # the init: the last finite image
+
+
+def test_too_small_for_the_network(pics, weights):
+    c, s, _ = pics
+    thin = Image.new("RGB", (400, 20), "grey")
+    with pytest.raises(ImageError, match="too small for layer relu5_1"):
+        stylize(thin, [s], dataclasses.replace(GATYS, size=64, iterations=1), weights=weights)
+
+
+def test_bf16_close_to_fp32_on_cpu(pics, weights):
+    c, s, _ = pics
+    cfg = dataclasses.replace(SMALL, iterations=3)
+    a = stylize(c, [s], cfg, weights=weights)
+    b = stylize(c, [s], cfg, weights=weights, runtime=Runtime(precision="bf16"))
+    assert b.loss_history[0] == pytest.approx(a.loss_history[0], rel=0.05)
+    assert (a.image - b.image).abs().mean() < 0.02
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="unknown layer 'relu6_1'"):
+        dataclasses.replace(GATYS, style_layers=("relu6_1",))
+    with pytest.raises(ValueError, match="size 10 is out of range"):
+        dataclasses.replace(GATYS, size=10)
+    with pytest.raises(ValueError, match="scales must increase"):
+        dataclasses.replace(GATYS, scales=(512, 256))
+    with pytest.raises(ValueError, match="tv_weight must be a finite number"):
+        dataclasses.replace(GATYS, tv_weight=-1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("picasso")
+    assert preset("seed", iterations=5).iterations == 5 and preset("seed").lr == 5.0
