@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # usage errors as click prints them: one `Error:` line, no box
 )
 app.command("stylize")(stylize_command)
 

@@ -16,7 +16,7 @@ from nst.engine.images import ImageError
 from nst.engine.weights import WeightsError
 
 # stderr for messages and progress, so stdout stays clean for what a script may pipe.
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CACHE_ENV = "NST_CACHE_DIR"
 

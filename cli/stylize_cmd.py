@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nst.engine import config as C
 from nst.engine.device import Runtime, check_precision, resolve_device
 from nst.engine.images import load_image, output_format, save_image
-from nst.engine.transfer import Iterate, StyleResult, stylize
+from nst.engine.transfer import Iterate, StyleResult, check_sizes, stylize
 from nst.engine.weights import Weights, load_weights
 
 from .common import UserError, cache_dir, console, parse_list, user_errors
@@ -80,8 +80,8 @@ class _ProgressSink:
 
 
 def stylize_command(
-    content: Annotated[Path, typer.Argument(help="Content image.", show_default=False)],
-    styles: Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False)],
+    content: Annotated[Path, typer.Argument(help="Content image.", show_default=False, metavar="CONTENT")],
+    styles: Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False, metavar="STYLE...")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output image; the format comes from the extension.")] = Path("out.png"),
     preset: Annotated[C.Preset, typer.Option(help="Starting settings; options given here override it.")] = C.Preset.GATYS,
     size: Annotated[Optional[int], typer.Option(help="Longest side of the output in pixels [preset: gatys 512; seed 400 px high].", show_default=False)] = None,
@@ -112,7 +112,10 @@ def stylize_command(
     compare: Annotated[Optional[Path], typer.Option(help="Write a content | style | result sheet here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or report table.")] = False,
 ) -> None:
-    """Stylise CONTENT with one or more STYLE images (Gatys et al. 2015)."""
+    """Stylise CONTENT with one or more STYLE images (Gatys et al. 2015).
+
+    Any option given here overrides the --preset.
+    """
     with user_errors():
         _run(**locals())
 
@@ -160,6 +163,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     style_ims = [load_image(p) for p in styles]
     init_im = load_image(Path(init)) if isinstance(init, str) and init not in C.INIT_CHOICES else None
     phases["images"] = time.perf_counter() - t
+    check_sizes(content_im, style_ims, cfg)
 
     t = time.perf_counter()
     w = load_weights_for(str(a["weights"]), cfg.seed)

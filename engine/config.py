@@ -134,8 +134,8 @@ def validate(cfg: StyleConfig) -> None:
         raise ValueError(f"scales must increase (coarse to fine), got {','.join(map(str, cfg.scales))}")
     if cfg.iterations < 0:
         raise ValueError(f"iterations must be 0 or more, got {cfg.iterations}")
-    if not cfg.lr > 0:
-        raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if not (0 < cfg.lr <= 1e6):
+        raise ValueError(f"lr must be positive and at most 1e6, got {cfg.lr}")
     if cfg.lbfgs_history < 1:
         raise ValueError(f"lbfgs_history must be at least 1, got {cfg.lbfgs_history}")
     for name in ("content_weight", "style_weight", "tv_weight"):

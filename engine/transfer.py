@@ -113,6 +113,15 @@ def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig) -> None:
         )
 
 
+def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleConfig) -> None:
+    """Raise ImageError before any work if a stage's output or style image is too small."""
+    for size in cfg.sizes:
+        hw = output_shape(content.width, content.height, size, cfg.size_edge)
+        _check_size(hw, "output", cfg)
+        for s in styles:
+            _check_size(_style_hw(s, hw, cfg), "style image", cfg)
+
+
 def _init_image(cfg: StyleConfig, content: torch.Tensor, style: torch.Tensor, init_image: Image.Image | None, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
     if cfg.init == "content":
         return content.clone()
@@ -156,6 +165,7 @@ def stylize(
     if not styles:
         raise ValueError("give at least one style image")
     blend = _blend(cfg, len(styles))
+    check_sizes(content, styles, cfg)
     if cfg.init not in INIT_CHOICES and init_image is None:
         init_image = load_image(cfg.init)
     phases: dict[str, float] = {}

@@ -1,0 +1,77 @@
+"""Every user mistake: one `error:` line, a non-zero exit, no traceback, no input touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+
+runner = CliRunner()
+BASE = ["--weights", "random", "--size", "48", "--iterations", "1", "--targets", "torch"]
+
+
+def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str]]:
+    c, s = str(images["content"]), str(images["style"])
+    broken = tmp / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    thin = tmp / "thin.png"
+    from PIL import Image
+
+    Image.new("RGB", (600, 10)).save(thin)
+    badw = tmp / "w.pth"
+    badw.write_bytes(b"nope")
+    out = str(tmp / "o.png")
+    return {
+        "missing content": (["stylize", str(tmp / "none.png"), s, "-o", out, *BASE], "image not found"),
+        "missing style": (["stylize", c, str(tmp / "none.jpg"), "-o", out, *BASE], "image not found"),
+        "broken image": (["stylize", str(broken), s, "-o", out, *BASE], "broken.png"),
+        "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "too small for layer"),
+        "unknown layer": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu9_1"], "unknown layer 'relu9_1'"),
+        "bad layer weight": (["stylize", c, s, "-o", out, *BASE, "--style-layer-weights", "1,x"], "bad weight 'x'"),
+        "size zero": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "0"], "size 0 is out of range"),
+        "size absurd": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "1000000"], "out of range"),
+        "output is content": (["stylize", c, s, "-o", c, *BASE], "inputs are never overwritten"),
+        "output is style": (["stylize", c, s, "-o", s, *BASE], "inputs are never overwritten"),
+        "report over input": (["stylize", c, s, "-o", out, *BASE, "--report", c], "would overwrite an input"),
+        "unknown extension": (["stylize", c, s, "-o", str(tmp / "o.xyz"), *BASE], "unknown image extension"),
+        "output is a folder": (["stylize", c, s, "-o", str(tmp), *BASE], "unknown image extension"),
+        "blend count": (["stylize", c, s, "-o", out, *BASE, "--style-blend", "1,2"], "2 weights for 1 style"),
+        "negative lr": (["stylize", c, s, "-o", out, *BASE, "--lr", "-1"], "lr must be positive"),
+        "negative weight": (["stylize", c, s, "-o", out, *BASE, "--style-weight", "-5"], "style_weight must be"),
+        "scales down": (["stylize", c, s, "-o", out, *BASE[:2], "--scales", "64,32"], "scales must increase"),
+        "scales vs size": (["stylize", c, s, "-o", out, *BASE, "--scales", "32,64"], "last scale is the output size"),
+        "style scale": (["stylize", c, s, "-o", out, *BASE, "--style-scale", "100"], "style_scale must be between"),
+        "init missing": (["stylize", c, s, "-o", out, *BASE, "--init", str(tmp / "init.png")], "image not found"),
+        "tf32 on cpu": (["stylize", c, s, "-o", out, *BASE, "--device", "cpu", "--precision", "tf32"], "tf32 is a CUDA"),
+        "no gpu": (["stylize", c, s, "-o", out, *BASE, "--device", "cuda"], "no CUDA GPU"),
+        "bad device": (["stylize", c, s, "-o", out, *BASE, "--device", "tpu"], "device"),
+        "weights file broken": (["stylize", c, s, "-o", out, *BASE[2:], "--weights", str(badw)], "cannot read weights file"),
+        "weights missing": (["stylize", c, s, "-o", out, *BASE[2:], "--weights", str(tmp / "x.pth")], "not imagenet, random"),
+        "imagenet offline": (["stylize", c, s, "-o", out, *BASE[2:]], "nst weights import FILE"),
+        "bad enum": (["stylize", c, s, "-o", out, *BASE, "--optimizer", "sgd"], "sgd"),
+        "bad int": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "big"], "Invalid value for '--size'"),
+        "import missing": (["weights", "import", str(tmp / "none.pth")], "weights file not found"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing content", "missing style", "broken image", "too thin", "unknown layer", "bad layer weight", "size zero",
+    "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
+    "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "style scale", "init missing",
+    "tf32 on cpu", "no gpu", "bad device", "weights file broken", "weights missing", "imagenet offline", "bad enum",
+    "bad int", "import missing",
+])  # fmt: skip
+def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):
+    before = {p: p.read_bytes() for p in images.values()}
+    args, expect = _cases(images, tmp_path)[case]
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0 and r.exit_code is not None
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert expect in r.output, r.output
+    errors = [line for line in r.output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, r.output  # one line says what is wrong
+    assert {p: p.read_bytes() for p in images.values()} == before
+    assert not (tmp_path / "o.png").exists()

@@ -1,0 +1,138 @@
+"""`nst stylize` end to end on tiny images with random weights: files, sizes, report, repeatability."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+
+runner = CliRunner()
+FAST = ["--weights", "random", "--size", "48", "--iterations", "4", "--targets", "torch", "--style-layers", "relu1_1,relu2_1,relu3_1", "--content-layers", "relu3_2"]
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_stylize_writes_image_report_and_sheet(images, tmp_path: Path):
+    out, rep, sheet = tmp_path / "out" / "result.jpg", tmp_path / "r.json", tmp_path / "sheet.png"
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--report", str(rep), "--compare", str(sheet))
+    assert r.exit_code == 0, r.output
+    assert "not pretrained" in r.output and "timing" in r.output and "optimisation" in r.output
+    with Image.open(out) as im:
+        assert im.format == "JPEG" and im.size == (48, 32)
+    with Image.open(sheet) as im:
+        assert im.width > 3 * 32 and im.height >= 32
+    data = json.loads(rep.read_text())
+    assert set(data["phases"]) >= {"images", "weights", "targets", "optimisation", "save"}
+    assert data["iterations"] == 4 and len(data["loss"]["history"]) == 4
+    assert data["loss"]["initial"] == data["loss"]["history"][0] and data["loss"]["final"] == data["loss"]["history"][-1]
+    assert set(data["seconds_per_iteration"]) == {"mean", "median"} and data["seconds_per_iteration"]["median"] > 0
+    assert data["device"] == "cpu" and data["precision"] == "fp32"
+    assert data["weights"]["kind"] == "random" and len(data["weights"]["fingerprint"]) == 16
+    assert data["config"]["size"] == 48 and data["config"]["style_layers"] == ["relu1_1", "relu2_1", "relu3_1"]
+    assert data["targets"]["source"] == "torch"
+    assert {"torch", "python", "pillow"} <= set(data["versions"])
+
+
+def test_same_seed_same_image(images, tmp_path: Path):
+    outs = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    for out, seed in zip(outs, ("3", "3", "4")):
+        r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--init", "noise", "--seed", seed, "-q")
+        assert r.exit_code == 0, r.output
+    a, b, c = (np.asarray(Image.open(p)) for p in outs)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_quiet_prints_nothing(images, tmp_path: Path):
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "q.png"), *FAST, "--quiet")
+    assert r.exit_code == 0 and r.output.strip() == ""
+
+
+def test_seed_preset_save_every_two_styles_and_options(images, tmp_path: Path):
+    out, rep = tmp_path / "seed.png", tmp_path / "seed.json"
+    r = run(
+        "stylize", str(images["content"]), str(images["style"]), str(images["style2"]), "-o", str(out),
+        "--preset", "seed", "--size", "48", "--iterations", "4", "--save-every", "2", "--weights", "random",
+        "--targets", "torch", "--style-blend", "3,7", "--preserve-colors", "luminance", "--pooling", "avg",
+        "--report", str(rep), "-q",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "seed.0002.png").is_file() and not (tmp_path / "seed.0004.png").exists()
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["optimizer"] == "adam" and cfg["lr"] == 5.0 and cfg["loss_form"] == "keras" and cfg["pixel_scale"] == 255.0
+    assert cfg["style_blend"] == [3.0, 7.0] and cfg["preserve_colors"] == "luminance" and cfg["pooling"] == "avg"
+    assert cfg["size"] == 48 and cfg["size_edge"] == "longest"  # --size overrides the preset's 400 px high
+
+
+def test_scales_run_coarse_to_fine(images, tmp_path: Path):
+    out, rep = tmp_path / "ms.png", tmp_path / "ms.json"
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--scales", "32,48", "--report", str(rep), "-q")
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (48, 32) and json.loads(rep.read_text())["iterations"] == 8
+
+
+def test_ctrl_c_keeps_latest_image(images, tmp_path: Path):
+    """SIGINT mid-run: exit 130, the output holds the latest image, no temporary files left."""
+    out = tmp_path / "int.png"
+    cmd = [sys.executable, "-c", "from nst.cli.app import main; main()", "stylize", str(images["content"]), str(images["style"]),
+           "-o", str(out), "--weights", "random", "--size", "48", "--iterations", "100000", "--targets", "torch",
+           "--save-every", "1", "-q"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not (tmp_path / "int.0001.png").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert Image.open(out).size == (48, 32)
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+
+
+def test_nonfinite_loss_exits_nonzero_and_keeps_image(images, tmp_path: Path):
+    out = tmp_path / "nan.png"
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--optimizer", "adam", "--lr", "1e6", "--style-weight", "1e30", "-q")
+    assert r.exit_code == 1, r.output
+    assert "loss became" in r.output and "Traceback" not in r.output
+    assert out.is_file()
+
+
+def test_info_and_weights_commands(tmp_path: Path):
+    r = run("info", "--json")
+    assert r.exit_code == 0
+    info = json.loads(r.stdout)
+    assert "cpu" in info["devices"] and "fp32" in info["devices"]["cpu"]["precisions"]
+    assert "CPUExecutionProvider" in info["onnxruntime_providers"] and "relu4_2" in info["layers"]
+    r = run("weights", "status", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["imagenet_available"] is False
+    r = run("info")
+    assert r.exit_code == 0 and "precisions" in r.output
+
+
+def test_weights_import_then_imagenet_works(weights, images, tmp_path: Path):
+    import torch
+
+    src = tmp_path / "vgg19.pth"
+    torch.save(dict(weights.state_dict), src)
+    r = run("weights", "import", str(src))
+    assert r.exit_code == 0, r.output
+    assert weights.fingerprint in r.output and "not torchvision's" in r.output
+    status = json.loads(run("weights", "status", "--json").stdout)
+    assert status["imported_present"] and status["imagenet_available"]
+    rep = tmp_path / "r.json"
+    args = [a for a in FAST if a not in ("--weights", "random")]
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *args, "--report", str(rep), "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(rep.read_text())["weights"] == {"kind": "imagenet", "source": str(Path(os.environ["NST_CACHE_DIR"]) / "weights" / "vgg19-imagenet-convs.safetensors"), "fingerprint": weights.fingerprint}
