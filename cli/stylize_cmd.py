@@ -22,6 +22,18 @@ from .report import comparison_sheet, seconds_per_iteration, timing_table, versi
 from .targets_opt import Provider, TargetsMode, choose_targets
 
 
+def _default(name: str) -> str:
+    """`[gatys X, seed Y]` (or `[X]`) read from the presets themselves, so help cannot drift."""
+    def fmt(v: object) -> str:
+        v = getattr(v, "value", v)
+        if isinstance(v, tuple):
+            return ",".join(fmt(x) for x in v) if v else "-"
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    vals = {p.value: fmt(getattr(cfg, name)) for p, cfg in C.PRESETS.items()}
+    return f"[{next(iter(vals.values()))}]" if len(set(vals.values())) == 1 else "[" + ", ".join(f"{k} {v}" for k, v in vals.items()) + "]"
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -84,27 +96,27 @@ def stylize_command(
     styles: Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False, metavar="STYLE...")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output image; the format comes from the extension.")] = Path("out.png"),
     preset: Annotated[C.Preset, typer.Option(help="Starting settings; options given here override it.")] = C.Preset.GATYS,
-    size: Annotated[Optional[int], typer.Option(help="Longest side of the output in pixels [preset: gatys 512; seed 400 px high].", show_default=False)] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Iterations per scale [gatys 500, seed 2000].", show_default=False)] = None,
-    optimizer: Annotated[Optional[C.Optimizer], typer.Option(help="[gatys lbfgs, seed adam]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Step size: L-BFGS scale or Adam learning rate [gatys 1, seed 5].", show_default=False)] = None,
-    content_weight: Annotated[Optional[float], typer.Option(help="[1]", show_default=False)] = None,
-    style_weight: Annotated[Optional[float], typer.Option(help="[1e6]", show_default=False)] = None,
-    tv_weight: Annotated[Optional[float], typer.Option(help="[gatys 1e-3, seed 1e2]", show_default=False)] = None,
-    content_layers: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. relu4_2 [gatys relu4_2, seed relu5_2].", show_default=False)] = None,
-    style_layers: Annotated[Optional[str], typer.Option(help="Comma-separated [relu1_1,relu2_1,relu3_1,relu4_1,relu5_1].", show_default=False)] = None,
+    size: Annotated[Optional[int], typer.Option(help=f"Longest side of the output in pixels {_default('size')} (the seed preset measures its 400 px on the height).", show_default=False)] = None,
+    iterations: Annotated[Optional[int], typer.Option(help=f"Iterations per scale {_default('iterations')}.", show_default=False)] = None,
+    optimizer: Annotated[Optional[C.Optimizer], typer.Option(help=_default("optimizer"), show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Step size: L-BFGS scale or Adam learning rate {_default('lr')}.", show_default=False)] = None,
+    content_weight: Annotated[Optional[float], typer.Option(help=_default("content_weight"), show_default=False)] = None,
+    style_weight: Annotated[Optional[float], typer.Option(help=_default("style_weight"), show_default=False)] = None,
+    tv_weight: Annotated[Optional[float], typer.Option(help=_default("tv_weight"), show_default=False)] = None,
+    content_layers: Annotated[Optional[str], typer.Option(help=f"Comma-separated layer names {_default('content_layers')}.", show_default=False)] = None,
+    style_layers: Annotated[Optional[str], typer.Option(help=f"Comma-separated layer names {_default('style_layers')}.", show_default=False)] = None,
     style_layer_weights: Annotated[Optional[str], typer.Option(help="Per style layer, comma-separated [equal, summing to 1].", show_default=False)] = None,
     style_blend: Annotated[Optional[str], typer.Option(help="Weight per style image, e.g. 3,7 [equal].", show_default=False)] = None,
-    style_scale: Annotated[Optional[float], typer.Option(help="Style image size relative to the output [1].", show_default=False)] = None,
-    init: Annotated[Optional[str], typer.Option(help="content, noise, style, or an image path [content].", show_default=False)] = None,
-    preserve_colors: Annotated[Optional[C.PreserveColors], typer.Option(help="Keep the content's colours [none].", show_default=False)] = None,
+    style_scale: Annotated[Optional[float], typer.Option(help=f"Style image size relative to the output {_default('style_scale')}.", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option(help=f"content, noise, style, or an image path {_default('init')}.", show_default=False)] = None,
+    preserve_colors: Annotated[Optional[C.PreserveColors], typer.Option(help=f"Keep the content's colours {_default('preserve_colors')}.", show_default=False)] = None,
     scales: Annotated[Optional[str], typer.Option(help="Coarse-to-fine sizes, e.g. 256,512,1024 (the last is the output's).", show_default=False)] = None,
-    pooling: Annotated[Optional[C.Pooling], typer.Option(help="[max]", show_default=False)] = None,
+    pooling: Annotated[Optional[C.Pooling], typer.Option(help=_default("pooling"), show_default=False)] = None,
     weights: Annotated[str, typer.Option(help="imagenet, random, or a .pth/.safetensors file.")] = "imagenet",
-    seed: Annotated[Optional[int], typer.Option(help="Seed for noise init and random weights [0].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed for noise init and random weights {_default('seed')}.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[C.Precision, typer.Option(help="Network precision; Grams and losses stay fp32.")] = C.Precision.FP32,
-    save_every: Annotated[Optional[int], typer.Option(help="Also save OUT.NNNN.ext every N iterations [gatys 0, seed 500].", show_default=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option(help=f"Also save OUT.NNNN.ext every N iterations, 0 for never {_default('save_every')}.", show_default=False)] = None,
     targets: Annotated[TargetsMode, typer.Option(help="Where style/content targets come from.")] = TargetsMode.AUTO,
     onnx: Annotated[Optional[Path], typer.Option(help="An exported target module to use for the targets.", show_default=False)] = None,
     provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider for the targets.")] = Provider.AUTO,
