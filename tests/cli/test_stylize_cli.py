@@ -136,3 +136,16 @@ def test_weights_import_then_imagenet_works(weights, images, tmp_path: Path):
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *args, "--report", str(rep), "-q")
     assert r.exit_code == 0, r.output
     assert json.loads(rep.read_text())["weights"] == {"kind": "imagenet", "source": str(Path(os.environ["NST_CACHE_DIR"]) / "weights" / "vgg19-imagenet-convs.safetensors"), "fingerprint": weights.fingerprint}
+
+
+def test_cuda_out_of_memory_is_one_line(images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    import nst.cli.stylize_cmd as cmd
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(cmd, "stylize", oom)
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *FAST, "-q")
+    assert r.exit_code == 2 and "ran out of memory at size 48" in r.output and "--size" in r.output
