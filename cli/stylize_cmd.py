@@ -232,7 +232,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     if a["report"] is not None:
         write_json(Path(a["report"]), _report(result, cfg, runtime, w, phases, per, tinfo, output, sink.saved))  # type: ignore[arg-type]
     if not quiet:
-        extra = {"targets": f"{tinfo.get('source')} ({tinfo.get('provider')}), cache {tinfo.get('cache')}"}
+        extra = {"target source": f"{tinfo.get('source')} ({tinfo.get('provider')}), cache {tinfo.get('cache')}"}
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
         console.print(f"wrote {output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
     if result.status == "interrupted":
