@@ -1,0 +1,254 @@
+"""VGG19 targets to ONNX: the target module, its metadata, its verification, and the model store.
+
+The target module takes an image and returns every target a run needs in one call: the content
+layers' features and the style layers' normalised Gram matrices (computed in fp32 even when the
+convolutions run in fp16, since fp16 Grams overflow: PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nst.engine import onnx_meta as M
+from nst.engine.config import Pooling
+from nst.engine.features import IMAGENET_MEAN, IMAGENET_STD, LAYER_INDEX, VGGFeatures, layer_stride
+from nst.engine.losses import gram_matrix
+from nst.engine.weights import Weights, load_into
+
+# Largest relative error (max |ort - torch| / max |torch|, worst output) an export may show
+# against the fp32 PyTorch module. fp32 differences are summation order only (about 1e-6 seen);
+# fp16 convolutions lose about three decimal digits per layer, compounded over 16 layers.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+VERIFY_SIZES: tuple[tuple[int, int], ...] = ((48, 64), (64, 40))  # (H, W), deliberately not square
+
+
+class ExportError(ValueError):
+    """An export that failed its verification or could not be written."""
+
+
+class TargetModule(nn.Module):
+    """(1, 3, H, W) fp32 image -> (content features..., normalised Grams...) in fp32."""
+
+    def __init__(self, features: VGGFeatures, content_layers: Sequence[str], style_layers: Sequence[str], *, fp16: bool = False) -> None:
+        super().__init__()
+        self.features = features.half() if fp16 else features
+        self.fp16 = fp16
+        self.content_layers = tuple(content_layers)
+        self.style_layers = tuple(style_layers)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [M.content_output(n) for n in self.content_layers] + [M.gram_output(n) for n in self.style_layers]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.features(image.half() if self.fp16 else image)
+        content = [feats[n].float() for n in self.content_layers]  # (1, C, H/s, W/s)
+        grams = [gram_matrix(feats[n]) for n in self.style_layers]  # (1, C, C), fp32 inside
+        return (*content, *grams)
+
+
+def target_module(weights: Weights, *, content_layers: Sequence[str], style_layers: Sequence[str], pooling: Pooling | str = Pooling.MAX, fp16: bool = False) -> TargetModule:
+    """The frozen target module for these weights and layers, on the CPU."""
+    if not content_layers and not style_layers:
+        raise ValueError("give at least one content or style layer")
+    feats = VGGFeatures(tuple(content_layers) + tuple(style_layers), pooling=Pooling(pooling))
+    load_into(feats.features, weights)
+    return TargetModule(feats, content_layers, style_layers, fp16=fp16).eval().requires_grad_(False)
+
+
+def _versions() -> str:
+    import onnx
+
+    out = {"torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["nst"] = version("nst")
+    except Exception:  # running from a checkout
+        pass
+    return ",".join(f"{k}={v}" for k, v in out.items())
+
+
+def model_meta(weights: Weights, *, content_layers: Sequence[str], style_layers: Sequence[str], pooling: Pooling | str, fp16: bool) -> M.ModelMeta:
+    return M.ModelMeta(
+        content_layers=tuple(content_layers),
+        style_layers=tuple(style_layers),
+        pooling=Pooling(pooling).value,
+        fingerprint=weights.fingerprint,
+        weights_kind=weights.kind,
+        precision="fp16" if fp16 else "fp32",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        opset=M.OPSET,
+        versions=_versions(),
+    )
+
+
+def _to_onnx(module: TargetModule, path: Path, meta: M.ModelMeta) -> None:
+    """torch.export-based export with dynamic H and W, metadata attached, written to `path`."""
+    deepest = max(module.content_layers + module.style_layers, key=lambda n: LAYER_INDEX[n])
+    lo = max(2, layer_stride(deepest))  # smaller inputs have no pixels left at the deepest layer
+    h, w = torch.export.Dim("height", min=lo), torch.export.Dim("width", min=lo)
+    example = torch.rand(1, 3, 64, 48)
+    # The exporter reports progress on stdout and warns about things that do not concern this
+    # graph; a CLI's stdout must stay clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            None,
+            dynamo=True,
+            input_names=[M.INPUT_NAME],
+            output_names=module.output_names,
+            dynamic_shapes={"image": {2: h, 3: w}},
+            opset_version=M.OPSET,
+            verbose=False,
+        )
+    assert program is not None
+    for k, v in meta.to_props().items():
+        program.model.metadata_props[k] = v
+    # external_data=None: inline below protobuf's 2 GB limit, beside the file above it.
+    program.save(str(path))
+
+
+@dataclass
+class Verification:
+    errors: dict[tuple[int, int], float]  # (H, W) -> largest relative error over the outputs
+    tolerance: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors.values())
+
+
+def verify(path: Path, reference: TargetModule, *, tolerance: float, sizes: Sequence[tuple[int, int]] = VERIFY_SIZES, seed: int = 0) -> Verification:
+    """onnx.checker, then ONNX Runtime (CPU) against the fp32 PyTorch module at each size."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
+    except Exception as e:
+        raise ExportError(f"{path} fails onnx.checker: {str(e).splitlines()[0]}") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    gen = torch.Generator().manual_seed(seed)
+    errors: dict[tuple[int, int], float] = {}
+    for hw in sizes:
+        x = torch.rand(1, 3, *hw, generator=gen)
+        with torch.no_grad():
+            ref = dict(zip(reference.output_names, reference(x)))
+        got = dict(zip(names, sess.run(names, {M.INPUT_NAME: x.numpy()})))
+        worst = 0.0
+        for name, r in ref.items():
+            r_np = r.numpy()
+            scale = float(np.abs(r_np).max()) or 1.0
+            worst = max(worst, float(np.abs(got[name] - r_np).max()) / scale)
+        errors[tuple(hw)] = worst  # type: ignore[index]
+        if not worst <= tolerance:
+            raise ExportError(f"ONNX Runtime differs from PyTorch at {hw[1]}x{hw[0]}: largest relative error {worst:.2e} > tolerance {tolerance:.0e}")
+    return Verification(errors, tolerance)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    meta: M.ModelMeta
+    verification: Verification | None  # None when the store already had it
+    seconds: float
+    created: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def export_targets(
+    weights: Weights,
+    path: Path,
+    *,
+    content_layers: Sequence[str],
+    style_layers: Sequence[str],
+    pooling: Pooling | str = Pooling.MAX,
+    fp16: bool = False,
+) -> ExportResult:
+    """Export and verify the target module to `path` (written atomically: a failed export leaves nothing)."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    meta = model_meta(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
+    module = target_module(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
+    reference = module if not fp16 else target_module(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A private folder beside the target, so external data files (if any) travel with the model.
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}."))
+    try:
+        tmp_model = tmp / path.name
+        _to_onnx(module, tmp_model, meta)
+        check = verify(tmp_model, reference, tolerance=TOLERANCE[meta.precision])
+        for f in sorted(tmp.iterdir()):  # the model last, so a reader never sees it without its data
+            if f != tmp_model:
+                os.replace(f, path.parent / f.name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(path, meta, check, time.perf_counter() - t0)
+
+
+def export_to_store(
+    cache_root: Path,
+    weights: Weights,
+    *,
+    content_layers: Sequence[str],
+    style_layers: Sequence[str],
+    pooling: Pooling | str = Pooling.MAX,
+    fp16: bool = False,
+) -> ExportResult:
+    """The store's target module for these weights and layers, exported and verified once.
+
+    Concurrent exporters each build a private folder and rename it into place; the first rename
+    wins and the others discard theirs, so a reader never sees a half-written model.
+    """
+    t0 = time.perf_counter()
+    key = dict(fingerprint=weights.fingerprint, pooling=Pooling(pooling).value, content_layers=tuple(content_layers), style_layers=tuple(style_layers), precision="fp16" if fp16 else "fp32")
+    final = M.store_path(cache_root, **key)
+    note = ""
+    if final.is_file():
+        try:
+            meta = M.read_meta(final)
+            meta.check_matches(fingerprint=weights.fingerprint, pooling=key["pooling"], content_layers=content_layers, style_layers=style_layers)  # type: ignore[arg-type]
+            return ExportResult(final, meta, None, time.perf_counter() - t0, created=False)
+        except ValueError as e:  # damaged or foreign: replace it
+            shutil.rmtree(final.parent, ignore_errors=True)
+            note = f"discarded the stored model ({e})"
+    store = final.parent.parent
+    store.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=store, prefix=f".{final.parent.name}."))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the store from other users of the cache
+    try:
+        result = export_targets(weights, staging / M.TARGETS_FILE, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
+        try:
+            os.rename(staging, final.parent)  # atomic; fails if another exporter got there first
+        except OSError:
+            if not final.is_file():
+                raise
+            result.created = False
+        result.path = final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.seconds = time.perf_counter() - t0
+    if note:
+        result.notes.append(note)
+    return result
