@@ -1,0 +1,235 @@
+"""Style/content targets from an exported target module, through ONNX Runtime.
+
+Provider choice: `auto` tries TensorRT, then CUDA, then the CPU, and records why each skipped one
+did not load. A provider listed by `ort.get_available_providers()` was only built in: it may
+still fail to load (no GPU, no CUDA or TensorRT libraries), and ONNX Runtime then falls back to
+the CPU with a log line rather than an error. So each GPU provider is checked before a session is
+made (its library must load, a GPU must be visible) and again after (`sess.get_providers()`).
+
+On a GPU the image goes in and the targets come out through I/O binding on torch CUDA tensors,
+so they reach the optimisation loop without a trip through host memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import onnx_meta as M
+from .features import LAYER_INDEX, layer_channels
+from .targets import ImageTargets
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+# What each GPU provider's library needs, for the one-line reason when it cannot load.
+_PROVIDER_LIBS = {"cuda": "libonnxruntime_providers_cuda.so", "tensorrt": "libonnxruntime_providers_tensorrt.so"}
+_NEEDS = {"cuda": "the CUDA 13 and cuDNN 9 libraries", "tensorrt": "the TensorRT 10 libraries (libnvinfer)"}
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """Input sizes a TensorRT engine is built for: (H, W) at the minimum, optimum and maximum."""
+
+    min_hw: tuple[int, int]
+    opt_hw: tuple[int, int]
+    max_hw: tuple[int, int]
+
+    def options(self) -> dict[str, str]:
+        def shape(hw: tuple[int, int]) -> str:
+            return f"{M.INPUT_NAME}:1x3x{hw[0]}x{hw[1]}"
+
+        return {"trt_profile_min_shapes": shape(self.min_hw), "trt_profile_opt_shapes": shape(self.opt_hw), "trt_profile_max_shapes": shape(self.max_hw)}
+
+
+def tensorrt_options(*, cache_dir: Path, model_tag: str, fp16: bool, profile: ShapeProfile | None, device_id: int = 0) -> dict[str, str]:
+    """TensorRT provider options: engine and timing caches per model and version, fp16, shape profile."""
+    engines = Path(cache_dir) / "tensorrt" / model_tag
+    engines.mkdir(parents=True, exist_ok=True)
+    opts = {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(engines),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(Path(cache_dir) / "tensorrt"),  # shared: timings are per GPU, not per model
+        "trt_fp16_enable": "True" if fp16 else "False",
+    }
+    if profile is not None:
+        opts.update(profile.options())
+    return opts
+
+
+def provider_problem(provider: str) -> str | None:
+    """Why `provider` cannot run here (short, names what is missing), or None if it should load."""
+    import onnxruntime as ort
+
+    ep = PROVIDERS[provider]
+    if ep not in ort.get_available_providers():
+        return f"this onnxruntime build has no {ep} (install onnxruntime-gpu)"
+    if provider == "cpu":
+        return None
+    if torch.cuda.is_available() and hasattr(ort, "preload_dlls"):
+        try:  # CUDA/cuDNN from PyTorch's wheels, where the system has none
+            ort.preload_dlls()
+        except Exception:
+            pass
+    lib = os.path.join(os.path.dirname(ort.__file__), "capi", _PROVIDER_LIBS[provider])
+    try:
+        ctypes.CDLL(lib)
+    except OSError as e:
+        missing = str(e).split(":")[0].strip() if ": cannot open" in str(e) else str(e).splitlines()[0]
+        return f"{missing} not found: it needs {_NEEDS[provider]}"
+    if provider == "tensorrt":
+        for name in ("libnvinfer.so.10", "libnvinfer.so"):
+            try:
+                ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            return f"libnvinfer not found: it needs {_NEEDS['tensorrt']}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def _session_options() -> "object":
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: ORT's warnings about node placement are noise here
+    return so
+
+
+def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: Path | None, fp16: bool, profile: ShapeProfile | None) -> tuple["object", str, dict[str, str]]:
+    """(session, provider that loaded, {skipped provider: reason}). ValueError for an explicit one that cannot load."""
+    import onnxruntime as ort
+
+    if provider not in ("auto", *PROVIDERS):
+        raise ValueError(f"unknown provider {provider!r}: use auto, {', '.join(PROVIDERS)}")
+    order = AUTO_ORDER if provider == "auto" else (provider,)
+    device_id = (device.index or 0) if device.type == "cuda" else 0
+    tag = _model_tag(path)
+    fallbacks: dict[str, str] = {}
+    for name in order:
+        reason = provider_problem(name)
+        if reason is None and provider == "auto" and name != "cpu" and device.type != "cuda":
+            reason = f"the run is on the {device.type} (--device)"
+        if reason is None:
+            chain: list[object] = []
+            if name == "tensorrt":
+                assert cache_dir is not None, "TensorRT needs a cache folder for its engines"
+                chain.append((PROVIDERS["tensorrt"], tensorrt_options(cache_dir=cache_dir, model_tag=tag, fp16=fp16, profile=profile, device_id=device_id)))
+            if name in ("tensorrt", "cuda"):  # CUDA takes what TensorRT does not
+                chain.append((PROVIDERS["cuda"], {"device_id": str(device_id)}))
+            chain.append(PROVIDERS["cpu"])
+            try:
+                sess = ort.InferenceSession(str(path), _session_options(), providers=chain)
+            except Exception as e:  # ORT raises its own Fail/RuntimeException types
+                reason = f"session failed: {str(e).strip().splitlines()[0]}"
+            else:
+                if sess.get_providers()[0] == PROVIDERS[name]:
+                    return sess, name, fallbacks
+                reason = f"onnxruntime fell back to the CPU (it needs {_NEEDS.get(name, 'nothing more')})"
+        if provider != "auto":
+            raise ValueError(f"ONNX Runtime's {name} provider cannot load: {reason}; use --provider cpu, or --targets torch")
+        fallbacks[name] = reason
+    raise AssertionError("the CPU provider always loads")  # pragma: no cover
+
+
+def _model_tag(path: Path) -> str:
+    """Identifies a model file and the ORT version, so cached TensorRT engines never go stale."""
+    import onnxruntime as ort
+
+    st = Path(path).stat()
+    return hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{ort.__version__}".encode()).hexdigest()[:16]
+
+
+def _feature_hw(hw: Sequence[int], layer: str) -> tuple[int, int]:
+    """Spatial size of `layer`'s output (each pooling floors a halving), as ORT will produce it."""
+    h, w = int(hw[0]), int(hw[1])
+    for name in list(LAYER_INDEX)[: LAYER_INDEX[layer] + 1]:
+        if name.startswith("pool"):
+            h, w = h // 2, w // 2
+    return h, w
+
+
+class OnnxTargets:
+    """A `TargetSource` running an exported target module through ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        provider: str = "auto",
+        device: torch.device | str = "cpu",
+        cache_dir: Path | None = None,
+        profile: ShapeProfile | None = None,
+        meta: M.ModelMeta | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.meta = meta or M.read_meta(self.path)
+        self.device = torch.device(device)
+        self.session, self.provider, self.fallbacks = open_session(
+            self.path, provider, device=self.device, cache_dir=cache_dir, fp16=self.meta.precision == "fp16", profile=profile
+        )
+        self._outputs = {o.name for o in self.session.get_outputs()}  # type: ignore[attr-defined]
+
+    def _names(self, content_layers: Sequence[str], style_layers: Sequence[str]) -> list[str]:
+        names = [M.content_output(n) for n in content_layers] + [M.gram_output(n) for n in style_layers]
+        lacking = [n for n in names if n not in self._outputs]
+        if lacking:
+            raise ValueError(f"{self.path} has no output(s) {', '.join(lacking)}: export it with this run's layers")
+        return names
+
+    @torch.no_grad()
+    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets:
+        names = self._names(content_layers, style_layers)
+        x = image.detach().to(torch.float32).contiguous()  # (1, 3, H, W)
+        if self.provider != "cpu" and x.is_cuda:
+            outs = self._run_bound(x, content_layers, style_layers)
+        else:
+            arrays = self.session.run(names, {M.INPUT_NAME: x.cpu().numpy()})  # type: ignore[attr-defined]
+            outs = [torch.from_numpy(a).to(self.device) for a in arrays]
+        k = len(content_layers)
+        return ImageTargets(dict(zip(content_layers, outs[:k])), dict(zip(style_layers, outs[k:])))
+
+    def _run_bound(self, x: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str]) -> list[torch.Tensor]:
+        """I/O binding on torch CUDA tensors: no host copies. ORT runs on its own stream, hence the syncs."""
+        import numpy as np
+
+        dev_id = x.device.index or 0
+        io = self.session.io_binding()  # type: ignore[attr-defined]
+        io.bind_input(M.INPUT_NAME, "cuda", dev_id, np.float32, tuple(x.shape), x.data_ptr())
+        outs: list[torch.Tensor] = []
+        for layer in content_layers:
+            c = layer_channels(layer)
+            out = torch.empty((1, c, *_feature_hw(x.shape[-2:], layer)), dtype=torch.float32, device=x.device)
+            io.bind_output(M.content_output(layer), "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
+            outs.append(out)
+        for layer in style_layers:
+            c = layer_channels(layer)
+            out = torch.empty((1, c, c), dtype=torch.float32, device=x.device)
+            io.bind_output(M.gram_output(layer), "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
+            outs.append(out)
+        torch.cuda.synchronize(x.device)  # the image must be written before ORT's stream reads it
+        io.synchronize_inputs()
+        self.session.run_with_iobinding(io)  # type: ignore[attr-defined]
+        io.synchronize_outputs()
+        return [o if o.device == self.device else o.to(self.device) for o in outs]
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "source": "onnxruntime",
+            "provider": self.provider,
+            "fallbacks": dict(self.fallbacks),
+            "model": str(self.path),
+            "precision": self.meta.precision,
+        }
