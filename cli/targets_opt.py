@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import enum
+import math
 from pathlib import Path
 
-from nst.engine.config import StyleConfig
+from nst.engine import onnx_meta
+from nst.engine.cache import TargetCache
+from nst.engine.config import MAX_SIZE, SizeEdge, StyleConfig
 from nst.engine.device import Runtime
+from nst.engine.features import LAYER_INDEX, layer_stride
 from nst.engine.targets import TargetSource
 from nst.engine.transfer import TargetCacheLike
 from nst.engine.weights import Weights
+
+from .common import UserError, cache_dir, console
 
 
 class TargetsMode(str, enum.Enum):
@@ -25,8 +31,97 @@ class Provider(str, enum.Enum):
     CPU = "cpu"
 
 
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def shape_profile(cfg: StyleConfig):  # -> ShapeProfile (imported lazily with onnxruntime)
+    """TensorRT's input range for this run: every stage's output and style image fits inside it.
+
+    The images' aspect ratios are not known here, so the range runs from the smallest input the
+    deepest layer accepts to the largest edge any stage can produce (4:1 allowed when `size`
+    measures the height).
+    """
+    from nst.engine.onnx_targets import ShapeProfile
+
+    deepest = max(cfg.content_layers + cfg.style_layers, key=lambda n: LAYER_INDEX[n])
+    lo = max(1, layer_stride(deepest))
+    top = max(cfg.sizes)
+    hi = math.ceil(top * max(1.0, cfg.style_scale)) if not cfg.style_match_output else top
+    if cfg.size_edge == SizeEdge.HEIGHT:
+        hi *= 4
+    hi = min(MAX_SIZE, hi)
+    return ShapeProfile((lo, lo), (top, top), (hi, hi))
+
+
+def _onnx_missing() -> str | None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        return f"{e.name} is not installed (pip install onnx onnxruntime-gpu)"
+    return None
+
+
+def _model_for(cfg: StyleConfig, weights: Weights, root: Path, *, quiet: bool) -> tuple[Path, dict[str, object]]:
+    """The store's target module for this run, exported (and verified) the first time."""
+    from nst.export import export_to_store
+
+    key = dict(fingerprint=weights.fingerprint, pooling=cfg.pooling.value, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
+    if not onnx_meta.store_path(root, **key).is_file() and not quiet:
+        console.print("exporting the target module to ONNX once (later runs find it in the model store)")
+    res = export_to_store(root, weights, content_layers=cfg.content_layers, style_layers=cfg.style_layers, pooling=cfg.pooling)
+    for note in res.notes:
+        _warn(note)
+    info: dict[str, object] = {"model": str(res.path), "exported": res.created}
+    if res.verification is not None:
+        info["export_seconds"] = round(res.seconds, 3)
+        info["export_max_rel_error"] = res.verification.worst
+    return res.path, info
+
+
 def choose_targets(
     mode: TargetsMode, *, cfg: StyleConfig, weights: Weights, runtime: Runtime, onnx_path: Path | None, provider: Provider, quiet: bool
 ) -> tuple[TargetSource | None, TargetCacheLike | None, dict[str, object]]:
-    """(source, cache, report info); a None source means PyTorch targets."""
-    return None, None, {}
+    """(source, cache, report info); a None source means PyTorch targets.
+
+    The cache is shared by every run but split by source: ONNX Runtime's entries (per model
+    precision) and PyTorch's (per precision) never stand in for each other, although they agree
+    within the tolerances the README states.
+    """
+    mode, provider = TargetsMode(mode), Provider(provider)
+    root = cache_dir()
+    if mode == TargetsMode.TORCH:
+        if onnx_path is not None:
+            raise UserError("--onnx needs --targets onnx or auto, not torch")
+        return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), {}
+
+    info: dict[str, object] = {}
+    missing = _onnx_missing()
+    if missing is not None:
+        if mode == TargetsMode.ONNX or onnx_path is not None:
+            raise UserError(f"--targets onnx needs ONNX Runtime: {missing}")
+        info["fallback"] = f"torch: {missing}"
+        return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), info
+
+    from nst.engine.onnx_targets import OnnxTargets
+
+    if onnx_path is not None:
+        path = Path(onnx_path)
+        meta = onnx_meta.read_meta(path)
+        meta.check_matches(fingerprint=weights.fingerprint, pooling=cfg.pooling.value, content_layers=cfg.content_layers, style_layers=cfg.style_layers, where=str(path))
+        info["model"] = str(path)
+    else:
+        try:
+            path, export_info = _model_for(cfg, weights, root, quiet=quiet)
+        except (ValueError, OSError) as e:
+            if mode == TargetsMode.ONNX:
+                raise
+            # auto: a model that cannot be made is no reason to stop the run
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            info["fallback"] = f"torch: the export failed ({reason})"
+            return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), info
+        info.update(export_info)
+        meta = onnx_meta.read_meta(path)
+    source = OnnxTargets(path, provider=provider.value, device=runtime.device, cache_dir=root, profile=shape_profile(cfg), meta=meta)
+    return source, TargetCache(root, namespace=f"onnxruntime-{meta.precision}", on_warning=_warn), info
