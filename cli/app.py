@@ -30,6 +30,14 @@ app.command("stylize")(stylize_command)
 
 weights_app = typer.Typer(help="The VGG19 weights: what is available, and importing a file.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+from .export_cmd import export_command  # noqa: E402
+from .cache_cmd import cache_app  # noqa: E402
+
+app.command("export")(export_command)
+app.add_typer(cache_app, name="cache")
+from .bench_cmd import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
 
 
 @weights_app.command("status")

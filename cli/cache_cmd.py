@@ -1,0 +1,45 @@
+"""`nst cache info` and `nst cache clear`: the target cache and the model store."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from nst.engine.cache import TargetCache
+
+from .common import cache_dir, console, user_errors
+
+cache_app = typer.Typer(help="The target cache and the exported models in the cache folder.", no_args_is_help=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@cache_app.command("info")
+def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
+    """Cached target entries, their size, and the exported models."""
+    with user_errors():
+        info = TargetCache(cache_dir()).info()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title="nst cache", show_header=False)
+    table.add_row("folder", str(info["folder"]))
+    table.add_row("target entries", f"{info['entries']} ({_mb(int(info['bytes']))})")  # type: ignore[call-overload]
+    models = info["models"]
+    table.add_row("models", f"{len(models)} ({_mb(int(info['model_bytes']))})")  # type: ignore[arg-type, call-overload]
+    for m in models:  # type: ignore[attr-defined]
+        table.add_row("", f"{m['name']} ({_mb(int(m['bytes']))})")
+    console.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear_command() -> None:
+    """Delete the cached targets, exported models and TensorRT engines (imported weights stay)."""
+    with user_errors():
+        removed = TargetCache(cache_dir()).clear()
+    console.print(f"removed {removed['entries']} target entries and {removed['models']} models ({_mb(removed['bytes'])}) from {cache_dir()}")

@@ -1,0 +1,55 @@
+"""`nst export`: the target module to ONNX, verified against PyTorch, into the model store or a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nst.engine import config as C
+from nst.engine.onnx_meta import OPSET
+
+from .common import UserError, console, cache_dir, parse_list, user_errors
+from .stylize_cmd import load_weights_for
+
+
+def export_command(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of the model store in the cache folder.", show_default=False)] = None,
+    weights: Annotated[str, typer.Option(help="imagenet, random, or a .pth/.safetensors file.")] = "imagenet",
+    seed: Annotated[Optional[int], typer.Option(help="Seed for --weights random [the preset's].", show_default=False)] = None,
+    preset: Annotated[C.Preset, typer.Option(help="Where the default layers and pooling come from.")] = C.Preset.GATYS,
+    content_layers: Annotated[Optional[str], typer.Option(help="Comma-separated content layers [the preset's].", show_default=False)] = None,
+    style_layers: Annotated[Optional[str], typer.Option(help="Comma-separated style layers [the preset's].", show_default=False)] = None,
+    pooling: Annotated[Optional[C.Pooling], typer.Option(help="max or avg [the preset's].", show_default=False)] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Convolutions in fp16 (inputs, Grams and outputs stay fp32).")] = False,
+) -> None:
+    """Export VGG19's target module (content features and style Grams) to ONNX and verify it."""
+    with user_errors():
+        overrides = dict(
+            content_layers=parse_list(content_layers, what="layer") or None,
+            style_layers=parse_list(style_layers, what="layer") or None,
+            pooling=pooling,
+            seed=seed,
+        )
+        cfg = C.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
+        if output is not None and output.suffix.lower() != ".onnx":
+            raise UserError(f"the output {output} should end in .onnx")
+        from nst.export import TOLERANCE, export_targets, export_to_store
+
+        w = load_weights_for(weights, cfg.seed)
+        layers = dict(content_layers=cfg.content_layers, style_layers=cfg.style_layers, pooling=cfg.pooling, fp16=fp16)
+        console.print(f"exporting VGG19 targets (opset {OPSET}, {'fp16' if fp16 else 'fp32'}) for weights {w.fingerprint} ({w.description})")
+        if output is not None:
+            res = export_targets(w, output, **layers)  # type: ignore[arg-type]
+        else:
+            res = export_to_store(cache_dir(), w, **layers)  # type: ignore[arg-type]
+    for note in res.notes:
+        console.print(f"[yellow]warning:[/] {note}")
+    if res.verification is None:
+        console.print(f"already in the model store (verified when it was written): {res.path}")
+    else:
+        for (h, wd), err in res.verification.errors.items():
+            console.print(f"verified {wd}x{h}: ONNX Runtime vs PyTorch, largest relative error {err:.2e} (tolerance {TOLERANCE[res.meta.precision]:.0e})")
+        console.print(f"wrote {res.path} in {res.seconds:.1f} s")
+    print(res.path)
