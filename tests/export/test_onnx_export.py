@@ -1,0 +1,112 @@
+"""The exported target module: checker, ONNX Runtime against PyTorch at two sizes, metadata, store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from nst.engine import onnx_meta as M
+from nst.engine.config import GATYS
+from nst.engine.features import VGGFeatures
+from nst.engine.weights import load_into, random_weights
+from nst.export import TOLERANCE, ExportError, export_targets, export_to_store, target_module, verify
+
+
+def test_export_passes_checker_and_agrees_at_two_sizes(gatys_export):
+    onnx.checker.check_model(str(gatys_export.path), full_check=True)
+    v = gatys_export.verification
+    assert set(v.errors) == {(48, 64), (64, 40)}
+    assert 0 < v.worst <= TOLERANCE["fp32"]
+
+
+def test_dynamic_height_and_width_and_named_outputs(gatys_export):
+    sess = ort.InferenceSession(str(gatys_export.path), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == M.INPUT_NAME and inp.shape[:2] == [1, 3] and all(isinstance(d, str) for d in inp.shape[2:])
+    names = [o.name for o in sess.get_outputs()]
+    assert names == [M.content_output(n) for n in GATYS.content_layers] + [M.gram_output(n) for n in GATYS.style_layers]
+    out = sess.run(None, {M.INPUT_NAME: np.random.default_rng(0).random((1, 3, 37, 53), dtype=np.float32)})
+    assert out[0].shape == (1, 512, 37 // 8, 53 // 8)  # relu4_2: three floored halvings
+    assert [o.shape for o in out[1:]] == [(1, c, c) for c in (64, 128, 256, 512, 512)]
+
+
+def test_metadata_round_trip(gatys_export):
+    meta = M.read_meta(gatys_export.path)
+    assert meta == gatys_export.meta
+    assert meta.content_layers == GATYS.content_layers and meta.style_layers == GATYS.style_layers
+    assert meta.fingerprint == random_weights(seed=0).fingerprint and meta.weights_kind == "random"
+    assert meta.pooling == "max" and meta.precision == "fp32" and meta.opset == M.OPSET
+    assert meta.mean == (0.485, 0.456, 0.406) and meta.std == (0.229, 0.224, 0.225)
+    assert "torch=" in meta.versions and "onnx=" in meta.versions
+    props = {p.key: p.value for p in onnx.load(str(gatys_export.path), load_external_data=False).metadata_props}
+    assert props[M.K_LAYERS] == "relu4_2,relu1_1,relu2_1,relu3_1,relu4_1,relu5_1"
+    model = onnx.load(str(gatys_export.path), load_external_data=False)
+    assert any(o.domain in ("", "ai.onnx") and o.version == M.OPSET for o in model.opset_import)
+
+
+def test_target_module_matches_plain_gram_formula(gatys_export):
+    """The ONNX Grams against F F^T / (C H W) written out by hand on PyTorch's features."""
+    w = random_weights(seed=0)
+    feats = VGGFeatures(GATYS.style_layers)
+    load_into(feats.features, w)
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    sess = ort.InferenceSession(str(gatys_export.path), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {M.INPUT_NAME: x.numpy()})))
+    with torch.no_grad():
+        f = feats(x)
+    for layer in GATYS.style_layers:
+        _, c, h, wd = f[layer].shape
+        flat = f[layer].reshape(c, h * wd).double()
+        ref = (flat @ flat.T / (c * h * wd)).numpy()[None]
+        err = np.abs(got[M.gram_output(layer)] - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, layer
+
+
+def test_verify_fails_above_tolerance(gatys_export):
+    ref = target_module(random_weights(seed=0), content_layers=GATYS.content_layers, style_layers=GATYS.style_layers)
+    with pytest.raises(ExportError, match="largest relative error"):
+        verify(gatys_export.path, ref, tolerance=0.0)
+    other = target_module(random_weights(seed=1), content_layers=GATYS.content_layers, style_layers=GATYS.style_layers)
+    with pytest.raises(ExportError):  # different weights: far outside any tolerance
+        verify(gatys_export.path, other, tolerance=TOLERANCE["fp16"])
+
+
+def test_fp16_export_within_its_tolerance(tmp_path: Path):
+    res = export_targets(random_weights(seed=0), tmp_path / "half.onnx", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"), fp16=True)
+    assert res.meta.precision == "fp16" and M.read_meta(res.path).precision == "fp16"
+    assert res.verification.worst <= TOLERANCE["fp16"]
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(float)" and all(o.type == "tensor(float)" for o in sess.get_outputs())
+
+
+def test_store_exports_once_and_finds_it_later(tmp_path: Path):
+    w = random_weights(seed=0)
+    layers = dict(content_layers=("relu2_2",), style_layers=("relu1_1",))
+    first = export_to_store(tmp_path, w, **layers)
+    assert first.created and first.verification is not None
+    assert first.path == M.store_path(tmp_path, fingerprint=w.fingerprint, pooling="max", **layers)
+    again = export_to_store(tmp_path, w, **layers)
+    assert not again.created and again.verification is None and again.path == first.path
+    assert M.stored_models(tmp_path) == [first.path]
+    assert not [p for p in first.path.parent.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    # a damaged stored model is replaced, not trusted
+    first.path.write_bytes(b"not a model")
+    fixed = export_to_store(tmp_path, w, **layers)
+    assert fixed.created and fixed.notes and M.read_meta(fixed.path).fingerprint == w.fingerprint
+
+
+def test_metadata_mismatches_are_one_line_errors(gatys_export):
+    meta = gatys_export.meta
+    ok = dict(fingerprint=meta.fingerprint, pooling="max", content_layers=("relu4_2",), style_layers=("relu1_1",))
+    meta.check_matches(**ok)
+    for change, msg in ((dict(fingerprint="0" * 16), "weights"), (dict(pooling="avg"), "pooling"), (dict(content_layers=("relu1_2",)), "lacks")):
+        with pytest.raises(ValueError, match=msg) as e:
+            meta.check_matches(**{**ok, **change})
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no nst metadata"):
+        M.ModelMeta.from_props({})
