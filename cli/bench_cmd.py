@@ -1,0 +1,216 @@
+"""`nst bench`: sweep sizes, precisions, optimisers, presets and loops; table, JSON, CSV, plot."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_targets, expand_cases, parse_size, skipped_row
+from nst.engine.config import Precision, Preset, preset
+from nst.engine.device import resolve_device
+from nst.engine.features import LAYER_INDEX
+from nst.engine.flops import count_flops
+from nst.engine.images import write_atomic
+from nst.engine.weights import load_weights
+
+from .common import UserError, cache_dir, console, parse_list, user_errors
+from .report import versions, write_json
+
+
+def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = list(parse_list(text, what=what))
+    bad = [i for i in items if i not in allowed]
+    if bad or not items:
+        raise UserError(f"unknown {what} {', '.join(bad) or repr(text)}: use a comma list of {', '.join(allowed)}")
+    return items
+
+
+def bench_command(
+    sizes: Annotated[str, typer.Option("--sizes", help="Comma list of N (square) or HxW, e.g. 256,512 or 128x192.")] = "256,512,1024",
+    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, tf32, bf16, fp16, or auto (all four; on the CPU fp16 is reported as skipped). Ones this device lacks are reported as skipped.")] = "auto",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="Comma list of lbfgs (ours), adam, torch-lbfgs (torch.optim.LBFGS).")] = "lbfgs",
+    preset_names: Annotated[str, typer.Option("--preset", help="Comma list of presets whose layer sets and losses to run: gatys, seed.")] = "gatys",
+    loop: Annotated[str, typer.Option("--loop", help="Comma list: fast (what stylize runs), reference (the notebook's: content, style and output through all of VGG19 every step).")] = "fast",
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="Timed iterations per case.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed iterations first (autotuning, allocator, compile).")] = 3,
+    weights: Annotated[str, typer.Option("--weights", help="random (natural here: the cost does not depend on the values), imagenet or a file.")] = "random",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights and images.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC for the convolutions.")] = True,
+    cudnn_benchmark: Annotated[bool, typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning (GPU only).")] = True,
+    ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last (and on a GPU cudnn.benchmark) flipped.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the loss function (first iterations compile).")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
+    targets_phase: Annotated[bool, typer.Option("--targets-phase/--no-targets-phase", help="Also time the targets: PyTorch against ONNX Runtime.")] = True,
+    flops: Annotated[bool, typer.Option("--flops", help="Print the per-layer FLOP count for the sizes and presets, and exit.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one CSV row per result here.")] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: ms/iteration and TFLOP/s against size, a line per precision.")] = None,
+) -> None:
+    """Measure the loop's throughput: ms/iteration, TFLOP/s, percent of peak, memory."""
+    with user_errors():
+        hw = [parse_size(s) for s in parse_list(sizes, what="size")]
+        if not hw:
+            raise UserError("--sizes is empty: give e.g. 256,512")
+        auto = precision.strip().lower() == "auto"
+        precs = list(Precision) if auto else [Precision(p) for p in _choices(precision, tuple(p.value for p in Precision), "precision")]
+        opts = _choices(optimizer, OPTIMIZERS, "optimizer")
+        presets = _choices(preset_names, tuple(p.value for p in Preset), "preset")
+        loops = _choices(loop, LOOPS, "loop")
+        if flops:
+            _print_flops(hw, presets)
+            return
+        dev = resolve_device(device)
+        cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
+                             cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, ablate=ablate, cuda=dev.type == "cuda")
+        w = load_weights(weights, seed=seed, cache_dir=cache_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
+        rows: list[BenchRow] = []
+        peaks: dict = {}
+        with console.status("benchmarking") as status:
+            for i, case in enumerate(cases, 1):
+                status.update(f"case {i}/{len(cases)}: {case.loop} {case.preset} {case.optimizer} {case.precision.value} {case.height}x{case.width}")
+                if auto and dev.type == "cpu" and case.precision == Precision.FP16:
+                    rows.append(skipped_row(case, dev, CPU_FP16_REASON))
+                    continue
+                rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))
+            if targets_phase:
+                for pr in presets:
+                    for h, wd in hw:
+                        status.update(f"targets phase {pr} {h}x{wd}")
+                        rows.extend(bench_targets(BenchCase(h, wd, preset=pr, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark),
+                                                  weights=w, device=dev, iterations=iterations, warmup=min(warmup, 1) or 1, seed=seed))
+        # A wide table: on a narrow or redirected terminal let it run past the edge, not wrap cells.
+        wide = Console(file=console.file, width=max(console.width, 200), highlight=False)
+        wide.print(_table(rows, dev))
+        for reason in dict.fromkeys(f"{r.precision} {r.loop}: {r.reason}" for r in rows if r.status != "ok"):
+            console.print(f"[yellow]skipped[/] {reason}")
+        meta = {
+            "device": _device_name(dev),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_threads": torch.get_num_threads(),
+            "weights": w.to_dict(),
+            "versions": versions(),
+            "command": "nst " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "nst" in Path(sys.argv[0]).name else "nst bench",
+        }
+        if json_path is not None:
+            write_json(json_path, {"results": [r.to_dict() for r in rows], **meta})
+            console.print(f"wrote {json_path}")
+        if csv_path is not None:
+            write_csv(csv_path, rows)
+            console.print(f"wrote {csv_path}")
+        if plot_path is not None:
+            write_plot(plot_path, rows, title=f"nst bench on {meta['device']}")
+            console.print(f"wrote {plot_path}")
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+
+
+def _fmt(v: object, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(rows: list[BenchRow], dev: torch.device) -> Table:
+    table = Table(title=f"nst bench: {_device_name(dev)}", header_style="bold")
+    for col in ("phase", "loop", "preset", "optimizer", "precision", "size", "CL", "ms/it", "p10-p90", "it/s", "MP-it/s", "TFLOP/s", "% peak", "peak MB", "note"):
+        table.add_column(col, justify="left" if col in ("phase", "loop", "preset", "optimizer", "precision", "note") else "right", no_wrap=True)
+    for r in rows:
+        ok = r.status == "ok"
+        ms = f"{r.ms_per_iteration:.2f}" if ok else "skipped"
+        spread = f"{r.ms_per_iteration_p10:.2f}-{r.ms_per_iteration_p90:.2f}" if ok else "-"
+        note = "skipped (below)" if not ok else (r.provider if r.phase == "targets" else ("compiled" if r.compile else ""))
+        table.add_row(r.phase, r.loop, r.preset, r.optimizer if r.phase != "targets" else "-", r.precision, r.size,
+                      "y" if r.channels_last else "n", ms, spread, _fmt(r.iterations_per_second, 1), _fmt(r.megapixel_iterations_per_second, 3),
+                      _fmt(r.tflops, 3), _fmt(r.percent_of_peak, 1), _fmt(r.peak_memory_mb, 0), note)
+    sources = sorted({r.peak_source for r in rows if r.peak_source})
+    table.caption = "peak: " + "; ".join(sources) if sources else None
+    return table
+
+
+def write_csv(path: Path, rows: list[BenchRow]) -> Path:
+    """One row per result, the columns of BenchRow, atomically."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+            wr.writeheader()
+            for r in rows:
+                wr.writerow({k: ("" if v is None else v) for k, v in r.to_dict().items()})
+
+    return write_atomic(Path(path), write)
+
+
+def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") -> Path:
+    """Two panels against megapixels: ms/iteration and TFLOP/s, one line per (precision, case)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ms, ax_tf) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines: dict[str, list[BenchRow]] = {}
+    for r in rows:
+        if r.status == "ok" and r.phase == "optimisation":
+            label = r.precision
+            if len({(x.loop, x.preset, x.optimizer, x.channels_last) for x in rows if x.phase == "optimisation"}) > 1:
+                label += f" {r.loop} {r.preset} {r.optimizer}" + ("" if r.channels_last else " nchw")
+            lines.setdefault(label, []).append(r)
+    for label, rs in lines.items():
+        rs = sorted(rs, key=lambda r: r.height * r.width)
+        xs = [r.height * r.width / 1e6 for r in rs]
+        ax_ms.plot(xs, [r.ms_per_iteration for r in rs], marker="o", label=label)
+        ax_tf.plot(xs, [r.tflops for r in rs], marker="o", label=label)
+    for ax, ylabel in ((ax_ms, "ms per iteration (median)"), (ax_tf, "achieved TFLOP/s")):
+        ax.set_xlabel("image size (megapixels)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_ms.set_yscale("log")
+    if lines:
+        ax_ms.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    try:
+        return write_atomic(Path(path), write)
+    finally:
+        plt.close(fig)
+
+
+def _print_flops(hw: list[tuple[int, int]], presets: list[str]) -> None:
+    for name in presets:
+        cfg = preset(name)
+        layers = (*cfg.content_layers, *cfg.style_layers)
+        for h, w in hw:
+            fc = count_flops((h, w), layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling)
+            deepest = max(layers, key=LAYER_INDEX.__getitem__)
+            table = Table(title=f"FLOPs per iteration: {name} preset at {h}x{w}, cut after {deepest}", header_style="bold")
+            for col in ("layer", "kind", "output C x H x W", "forward GFLOP", "input-grad GFLOP"):
+                table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+            for layer in fc.layers:
+                c, lh, lw = layer.shape
+                table.add_row(layer.name, layer.kind, f"{c}x{lh}x{lw}", f"{layer.forward / 1e9:.4f}", f"{layer.input_grad / 1e9:.4f}")
+            table.add_row("convs", "", "", f"{fc.conv_forward / 1e9:.4f}", f"{fc.conv_input_grad / 1e9:.4f}", style="bold")
+            table.caption = f"total {fc.total / 1e9:.3f} GFLOP (convs {(fc.conv_forward + fc.conv_input_grad) / 1e9:.3f}, relu/pool/gram {fc.other / 1e9:.3f}); 1 MAC = 2 FLOPs, biases and loss sums not counted"
+            console.print(table)
+            print(f"{name}\t{h}x{w}\tconv_forward={fc.conv_forward}\tconv_input_grad={fc.conv_input_grad}\tother={fc.other}\ttotal={fc.total}")
