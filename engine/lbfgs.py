@@ -12,7 +12,9 @@ axpy per history pair and loop) and a host read of every scalar. At m = 20 and 5
 with R the upper triangle of S^T Y and D its diagonal. Per iteration that is one (2m, n) x (n, 3)
 product (history against g, s, y), a (2m x 2m) solve, and one (2m, n)^T x (2m) product: two
 passes over the history instead of four, and no Python loop over it. All scalars stay on the
-device; the curvature test (`y.s > 1e-10`, as in torch) is a `where`, not an `if`.
+device; the curvature test (`y.s > 1e-10`, as in torch) is a `where`, not an `if`. Which slot
+the next pair goes to and the pairs' age order are device tensors too, so a rejected pair leaves
+the history exactly as torch leaves it (the oldest pair stays the oldest).
 
 Same iterates as `torch.optim.LBFGS(lr, history_size, line_search_fn=None)` stepped once per
 gradient (`max_iter=1`), up to rounding; the convergence tests of torch's version are left to the
@@ -38,12 +40,18 @@ class LBFGS:
         self._hist = torch.zeros(2 * self.m, n, device=dev, dtype=torch.float32)  # rows: S then Y
         self._sy = torch.zeros(self.m, self.m, device=dev, dtype=torch.float64)  # s_i . y_j by slot
         self._yy = torch.zeros(self.m, self.m, device=dev, dtype=torch.float64)  # y_i . y_j by slot
-        self._valid = torch.zeros(self.m, device=dev, dtype=torch.bool)  # slot holds an accepted pair
+        # Accepted pairs so far, and each slot's pair's number (-1: empty). Both on the device:
+        # whether a pair is accepted is only known there.
+        self._accepted = torch.zeros((), device=dev, dtype=torch.long)
+        self._age = torch.full((self.m,), -1, device=dev, dtype=torch.long)
         self._gamma = torch.ones((), device=dev, dtype=torch.float64)
-        self._orders: dict[tuple[int, int], torch.Tensor] = {}  # cached index tensors, no H2D per step
-        self._pairs = 0  # pairs offered so far (accepted or not): a host counter, no sync
+        self._slots = torch.arange(self.m, device=dev)
         self._prev_g: torch.Tensor | None = None
         self._prev_s: torch.Tensor | None = None  # the last step taken, t * d
+
+    @property
+    def _valid(self) -> torch.Tensor:  # (m,) bool: slot holds an accepted pair
+        return self._age >= 0
 
     @property
     def S(self) -> torch.Tensor:  # (m, n)
@@ -64,49 +72,47 @@ class LBFGS:
             t = torch.clamp(g.abs().sum().reciprocal(), max=1.0) * self.lr
             s = -g * t
         else:
-            self._remember(g - self._prev_g, self._prev_s)
-            s = self._direction(g) * self.lr
+            assert self._prev_s is not None
+            ab = self._remember(g - self._prev_g, self._prev_s, g)
+            s = self._direction(g, ab) * self.lr
         self._prev_g = g.clone()
         self._prev_s = s
         self.param.add_(s.view_as(self.param).to(self.param.dtype))
 
-    def _remember(self, y: torch.Tensor, s: torch.Tensor) -> None:
-        """Put (s, y) into the ring buffer if it has positive curvature (y.s > 1e-10)."""
-        p = self._pairs % self.m
+    def _remember(self, y: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Store (s, y) if it has positive curvature (y.s > 1e-10); return the history against g.
+
+        One pass over the history gives the new pair's row and column of S^T Y and Y^T Y and the
+        products S g, Y g that the direction needs.
+        """
+        m = self.m
         ys = torch.dot(y, s).double()
         ok = ys > 1e-10  # 0-dim bool on the device
-        s_old, y_old = self.S[p].clone(), self.Y[p].clone()
-        self.S[p] = torch.where(ok, s, s_old)
-        self.Y[p] = torch.where(ok, y, y_old)
-        # New row and column of S^T Y and Y^T Y from one pass over the history.
-        prods = (self._hist @ torch.stack([self.S[p], self.Y[p]], dim=1)).double()  # (2m, 2)
-        s_dot_y_all = prods[self.m :, 0]  # y_j . s_p
-        y_dot_s_all = prods[: self.m, 1]  # s_i . y_p
-        y_dot_y_all = prods[self.m :, 1]  # y_j . y_p
-        self._sy[p, :] = s_dot_y_all
-        self._sy[:, p] = y_dot_s_all
-        self._yy[p, :] = y_dot_y_all
-        self._yy[:, p] = y_dot_y_all
-        self._gamma = torch.where(ok, ys / y_dot_y_all[p], self._gamma)
-        self._valid[p] = self._valid[p] | ok
-        self._pairs += 1
+        p = (self._accepted % m).view(1)  # the slot of the oldest pair (or an empty one)
+        s_new = torch.where(ok, s, self.S.index_select(0, p).squeeze(0))
+        y_new = torch.where(ok, y, self.Y.index_select(0, p).squeeze(0))
+        self._hist.index_copy_(0, torch.cat([p, p + m]), torch.stack([s_new, y_new]))
+        prods = (self._hist @ torch.stack([s_new, y_new, g], dim=1)).double()  # (2m, 3)
+        # A rejected pair rewrites its slot's old values: the same numbers, no harm.
+        self._sy.index_copy_(0, p, prods[m:, 0].unsqueeze(0))  # s_p . y_j
+        self._sy.index_copy_(1, p, prods[:m, 1].unsqueeze(1))  # s_i . y_p
+        self._yy.index_copy_(0, p, prods[m:, 1].unsqueeze(0))
+        self._yy.index_copy_(1, p, prods[m:, 1].unsqueeze(1))
+        y_dot_y = prods[m:, 1].index_select(0, p).squeeze(0)
+        self._gamma = torch.where(ok, ys / y_dot_y, self._gamma)
+        self._age.index_copy_(0, p, torch.where(ok, self._accepted, self._age.index_select(0, p).squeeze(0)).view(1))
+        self._accepted += ok.long()
+        return prods[:, 2]  # (2m,): S g then Y g
 
-    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+    def _direction(self, g: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """-H g from the compact representation, the pairs taken oldest first."""
-        k = min(self._pairs, self.m)
-        # Slots oldest -> newest. A rejected pair leaves an older pair in its slot, which then
-        # sits at a newer position: still a valid BFGS update sequence, just in another order.
-        key = (k, self._pairs % self.m)
-        order = self._orders.get(key)
-        if order is None:
-            order = torch.tensor([(self._pairs - k + i) % self.m for i in range(k)], device=g.device)
-            self._orders[key] = order
-        # Slots that never accepted a pair (rejected before the buffer filled) are masked out:
-        # a unit diagonal in R and zeros elsewhere make their coefficients exactly zero.
-        v = self._valid[order].double()  # (k,)
+        m = self.m
+        # Slots oldest -> newest by their pair's number; empty slots (age -1) sort first and are
+        # masked out: a unit diagonal in R and zeros elsewhere make their coefficients exactly 0.
+        order = torch.argsort(self._age)  # (m,)
+        v = self._valid[order].double()  # (m,)
         vv = v.unsqueeze(1) * v.unsqueeze(0)
-        ab = (self._hist @ g).double()  # (2m,): S g then Y g, one pass
-        a, b = ab[: self.m][order] * v, ab[self.m :][order] * v
+        a, b = ab[:m][order] * v, ab[m:][order] * v
         sy = self._sy[order][:, order] * vv
         yy = self._yy[order][:, order] * vv
         r = torch.triu(sy) + torch.diag(1.0 - v)
@@ -116,11 +122,11 @@ class LBFGS:
         inner = (d + gamma * yy) @ rinv_a - gamma * b.unsqueeze(1)
         top = torch.linalg.solve_triangular(r.T, inner, upper=False).squeeze(1)  # R^-T (...)
         bottom = -rinv_a.squeeze(1)
-        coef = torch.zeros(2 * self.m, device=g.device, dtype=torch.float64)
+        coef = torch.zeros(2 * m, device=g.device, dtype=torch.float64)
         coef[order] = top
-        coef[self.m + order] = gamma * bottom
+        coef[m + order] = gamma * bottom
         hg = gamma.float() * g + self._hist.T @ coef.float()  # (n,)
         return -hg
 
     def state_dict(self) -> dict[str, object]:
-        return {"pairs": self._pairs, "gamma": float(self._gamma)}
+        return {"accepted": int(self._accepted), "gamma": float(self._gamma)}
