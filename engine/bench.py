@@ -24,6 +24,7 @@ import platform
 import resource
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -547,7 +548,9 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
     buf = io.BytesIO()
     try:
         cpu_model = Features().to("cpu", memory_format=torch.contiguous_format).float()
-        torch.onnx.export(cpu_model, (content.cpu(),), buf, input_names=["image"], output_names=names, dynamo=False)
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and quick here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(cpu_model, (content.cpu(),), buf, input_names=["image"], output_names=names, dynamo=False)
     except Exception as e:  # an exporter failure is a result to report, not a crash
         model.to(device)
         return [_skipped(case, device, f"ONNX export failed: {str(e).splitlines()[0]}", **extra)]

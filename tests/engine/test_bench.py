@@ -1,0 +1,136 @@
+"""The measurement core on the CPU at tiny sizes: rows, skipped cases, the reference loop's loss,
+reduced precision against fp32. No test asserts a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from nst.engine.bench import ROW_KEYS, BenchCase, BenchRow, _fast_loss, bench_case, bench_config, bench_targets, expand_cases, measured_matmul_peak, parse_size, reference_loss
+from nst.engine.config import Precision
+from nst.engine.device import DeviceError, Runtime, check_precision, precision_context
+
+CPU = torch.device("cpu")
+ISSUE_KEYS = ("size", "precision", "device", "ms_per_iteration", "iterations_per_second", "megapixel_iterations_per_second", "tflops", "percent_of_peak", "peak_memory_mb")
+
+
+def _peaks() -> dict:
+    # A small matmul for the measured peak keeps the tests fast.
+    return {(str(CPU), p.value): measured_matmul_peak(CPU, p, n=128, repeats=1) for p in (Precision.FP32, Precision.BF16)}
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam", "torch-lbfgs"])
+def test_row_has_every_key_and_consistent_numbers(weights, optimizer):
+    row = bench_case(BenchCase(32, 48, optimizer=optimizer), weights=weights, device=CPU, iterations=2, warmup=1, peaks=_peaks())
+    d = row.to_dict()
+    assert set(ISSUE_KEYS) <= set(d) and tuple(d) == ROW_KEYS
+    assert row.status == "ok" and row.size == "32x48" and row.device == "cpu"
+    assert row.ms_per_iteration_p10 <= row.ms_per_iteration <= row.ms_per_iteration_p90
+    assert row.iterations_per_second == pytest.approx(1e3 / row.ms_per_iteration)
+    assert row.megapixel_iterations_per_second == pytest.approx(32 * 48 / 1e6 * row.iterations_per_second)
+    assert row.tflops == pytest.approx(row.gflop_per_iteration / row.ms_per_iteration)  # GFLOP/ms = TFLOP/s
+    assert row.percent_of_peak == pytest.approx(100 * row.tflops / row.peak_tflops)
+    assert "measured torch.matmul" in row.peak_source
+    assert row.peak_memory_mb and row.peak_memory_mb > 0 and "RSS" in row.memory_source
+
+
+def test_tf32_and_cuda_graph_are_skipped_on_the_cpu_with_a_reason(weights):
+    row = bench_case(BenchCase(32, 32, precision=Precision.TF32), weights=weights, device=CPU, iterations=1)
+    assert row.status == "skipped" and "CUDA" in row.reason and row.ms_per_iteration is None
+    row = bench_case(BenchCase(32, 32, optimizer="adam", cuda_graph=True), weights=weights, device=CPU, iterations=1)
+    assert row.status == "skipped" and "CUDA" in row.reason
+
+
+def _supports(p: Precision) -> bool:
+    try:
+        check_precision(CPU, p)
+        return True
+    except DeviceError:
+        return False
+
+
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP16])
+def test_reduced_precision_matches_fp32_loss(weights, precision):
+    # Stated tolerance: the loss (and its gradient's direction) under bf16/fp16 autocast, with
+    # Grams and loss sums in fp32, within 5% of fp32's (bf16 keeps 8 bits of mantissa).
+    if not _supports(precision):
+        pytest.skip(f"{precision.value} does not run on this CPU")
+    case = BenchCase(32, 32, preset="gatys")
+    cfg = bench_config(case)
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(1, 3, 32, 32, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    out = {}
+    for p in (Precision.FP32, precision):
+        rt = Runtime(precision=p, channels_last=False)
+        with precision_context(rt):
+            loss_fn, _ = _fast_loss(cfg, weights, rt, content, style)
+            x = (0.5 * content + 0.5 * style).requires_grad_(True)
+            loss, _ = loss_fn(x)
+            loss.backward()
+        assert loss.dtype == torch.float32
+        out[p] = (float(loss.detach()), x.grad.flatten())
+    (l32, g32), (lp, gp) = out[Precision.FP32], out[precision]
+    assert lp == pytest.approx(l32, rel=5e-2)
+    assert torch.nn.functional.cosine_similarity(g32, gp, dim=0) > 0.95
+
+
+@pytest.mark.parametrize("preset", ["gatys", "seed"])
+def test_reference_loop_computes_the_same_loss_as_the_fast_loop(weights, preset):
+    # Same loss by two routes: targets recomputed from a batch of three every step, against
+    # targets computed once. Only the structure (and so the cost) differs.
+    case = BenchCase(32, 48, preset=preset)
+    cfg = bench_config(case)
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(1, 3, 32, 48, generator=gen), torch.rand(1, 3, 32, 48, generator=gen)
+    rt = Runtime(channels_last=False)
+    fast, _ = _fast_loss(cfg, weights, rt, content, style)
+    ref = reference_loss(cfg, weights, rt, content, style)
+    x = ((0.7 * content + 0.3 * style) * cfg.pixel_scale).requires_grad_(True)
+    lf, tf = fast(x)
+    lr, tr = ref(x)
+    for k in tf:
+        assert float(tr[k].detach()) == pytest.approx(float(tf[k].detach()), rel=1e-4, abs=1e-6), k
+    (gf,) = torch.autograd.grad(lf, x)
+    (gr,) = torch.autograd.grad(lr, x)
+    assert torch.allclose(gf, gr, rtol=1e-3, atol=1e-5 * float(gf.abs().max()))
+
+
+def test_reference_row_counts_three_images(weights):
+    fast = bench_case(BenchCase(32, 32, optimizer="adam"), weights=weights, device=CPU, iterations=1, warmup=0, peaks=_peaks())
+    ref = bench_case(BenchCase(32, 32, optimizer="adam", loop="reference"), weights=weights, device=CPU, iterations=1, warmup=0, peaks=_peaks())
+    assert ref.loop == "reference" and ref.status == "ok"
+    assert 2.9 < ref.gflop_per_iteration / fast.gflop_per_iteration < 4  # 3 images, all 16 convs forward
+
+
+def test_targets_phase_rows(weights):
+    rows = bench_targets(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=1)
+    assert rows[0].phase == "targets" and rows[0].loop == "torch" and rows[0].status == "ok"
+    ort = [r for r in rows if r.loop == "onnxruntime"]
+    assert ort and all(r.status == "ok" or r.reason for r in ort)
+    assert any("CPUExecutionProvider" in r.provider for r in ort)
+
+
+def test_expand_and_parse():
+    cases = expand_cases([(32, 32), (64, 48)], precisions=[Precision.FP32], optimizers=["lbfgs"], presets=["gatys"], loops=["fast"], ablate=True, cuda=False)
+    assert [(c.height, c.channels_last) for c in cases] == [(32, True), (64, True), (32, False), (64, False)]
+    assert len(expand_cases([(32, 32)], precisions=[Precision.FP32], optimizers=["lbfgs"], presets=["gatys"], loops=["fast"], ablate=True, cuda=True)) == 3
+    with pytest.raises(ValueError, match="optimizer"):
+        expand_cases([(32, 32)], precisions=[Precision.FP32], optimizers=["sgd"], presets=["gatys"], loops=["fast"])
+    assert parse_size("128x192") == (128, 192) and parse_size("64") == (64, 64)
+    for bad in ("0", "x", "12x", "-5"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_too_small_for_the_layers(weights):
+    with pytest.raises(ValueError, match="too small"):
+        bench_case(BenchCase(8, 8), weights=weights, device=CPU, iterations=1)
+
+
+def test_rows_are_plain_data():
+    fields = {f.name for f in dataclasses.fields(BenchRow)}
+    assert {"status", "reason", "loop", "optimizer", "preset", "channels_last", "peak_source"} <= fields
+    assert not math.isnan(0.0)
