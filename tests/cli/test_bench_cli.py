@@ -1,0 +1,83 @@
+"""`nst bench` through Typer's CliRunner on the CPU at tiny sizes: every key in JSON, CSV and the
+plot; --flops; bad values as one line. No test asserts a time."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+from nst.engine.bench import ROW_KEYS
+from nst.engine.flops import count_flops
+
+runner = CliRunner()
+ISSUE_KEYS = ("size", "precision", "device", "ms_per_iteration", "iterations_per_second", "megapixel_iterations_per_second", "tflops", "percent_of_peak", "peak_memory_mb")
+
+
+def test_bench_writes_json_csv_and_plot(tmp_path: Path):
+    j, c, p = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "plots" / "b.png"
+    r = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "32,48x32", "--iterations", "2", "--warmup", "1",
+                            "--optimizer", "lbfgs,adam", "--json", str(j), "--csv", str(c), "--plot", str(p)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(j.read_text())
+    assert {"results", "device", "versions", "command", "date"} <= set(data)
+    rows = data["results"]
+    for row in rows:
+        assert tuple(row) == ROW_KEYS and set(ISSUE_KEYS) <= set(row)
+    opt = [row for row in rows if row["phase"] == "optimisation"]
+    assert len(opt) == 2 * 4 * 2  # optimizers x precisions (auto) x sizes
+    ok = [row for row in opt if row["status"] == "ok"]
+    assert {row["precision"] for row in ok} >= {"fp32"} and all(row["ms_per_iteration"] > 0 and row["tflops"] > 0 for row in ok)
+    tf32 = [row for row in opt if row["precision"] == "tf32"]
+    assert tf32 and all(row["status"] == "skipped" and "CUDA" in row["reason"] for row in tf32)
+    fp16 = [row for row in opt if row["precision"] == "fp16"]
+    assert all(row["status"] == "skipped" and "--precision fp16" in row["reason"] for row in fp16)
+    assert {row["loop"] for row in rows if row["phase"] == "targets"} >= {"torch", "onnxruntime"}
+    with c.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ROW_KEYS
+        assert len(list(reader)) == len(rows)
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "skipped" in r.output and "tf32" in r.output
+
+
+def test_compare_reference_loop(tmp_path: Path):
+    j = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--preset", "seed", "--optimizer", "adam", "--loop", "fast,reference", "--sizes", "32",
+                            "--precision", "fp32", "--iterations", "1", "--warmup", "0", "--no-targets-phase", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(j.read_text())["results"]
+    assert [row["loop"] for row in rows] == ["fast", "reference"] and all(row["status"] == "ok" for row in rows)
+
+
+def test_flops_prints_the_table_and_totals():
+    r = runner.invoke(app, ["bench", "--flops", "--sizes", "64x32", "--preset", "seed"])
+    assert r.exit_code == 0, r.output
+    from nst.engine.config import SEED
+
+    fc = count_flops((64, 32), layers=(*SEED.content_layers, *SEED.style_layers), style_layers=SEED.style_layers)
+    assert f"total={fc.total}" in r.output and "conv5_2" in r.output and "gram:relu1_1" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sizes", "0"], "size"),
+        (["--sizes", "abc"], "size"),
+        (["--precision", "fp64"], "precision"),
+        (["--optimizer", "sgd"], "optimizer"),
+        (["--preset", "picasso"], "preset"),
+        (["--loop", "slow"], "loop"),
+        (["--sizes", "8"], "too small"),
+        (["--device", "cuda:7"], "cuda"),
+    ],
+)
+def test_bad_values_are_one_line_errors(args, message):
+    r = runner.invoke(app, ["bench", "--no-targets-phase", "--iterations", "1", *args])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0].lower(), r.output
