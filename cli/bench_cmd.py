@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_targets, expand_cases, parse_size, skipped_row
+from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_optimizer, bench_targets, expand_cases, parse_size, skipped_row
 from nst.engine.config import Precision, Preset, preset
 from nst.engine.device import resolve_device
 from nst.engine.features import LAYER_INDEX
@@ -51,6 +51,7 @@ def bench_command(
     ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last (and on a GPU cudnn.benchmark) flipped.")] = False,
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the loss function (first iterations compile).")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
+    optimizer_phase: Annotated[bool, typer.Option("--optimizer-phase/--no-optimizer-phase", help="Also time each optimiser's step alone (no network) at each size.")] = True,
     targets_phase: Annotated[bool, typer.Option("--targets-phase/--no-targets-phase", help="Also time the targets: PyTorch against ONNX Runtime.")] = True,
     flops: Annotated[bool, typer.Option("--flops", help="Print the per-layer FLOP count for the sizes and presets, and exit.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
@@ -83,6 +84,11 @@ def bench_command(
                     rows.append(skipped_row(case, dev, CPU_FP16_REASON))
                     continue
                 rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))
+            if optimizer_phase:
+                for o in opts:
+                    for h, wd in hw:
+                        status.update(f"optimizer phase {o} {h}x{wd}")
+                        rows.append(bench_optimizer(BenchCase(h, wd, optimizer=o, preset=presets[0]), device=dev, iterations=iterations, warmup=warmup, seed=seed))
             if targets_phase:
                 for pr in presets:
                     for h, wd in hw:
@@ -138,6 +144,8 @@ def _table(rows: list[BenchRow], dev: torch.device) -> Table:
         ms = f"{r.ms_per_iteration:.2f}" if ok else "skipped"
         spread = f"{r.ms_per_iteration_p10:.2f}-{r.ms_per_iteration_p90:.2f}" if ok else "-"
         note = "skipped (below)" if not ok else (r.provider if r.phase == "targets" else ("compiled" if r.compile else ""))
+        if r.phase == "optimizer":
+            note = r.layers
         table.add_row(r.phase, r.loop, r.preset, r.optimizer if r.phase != "targets" else "-", r.precision, r.size,
                       "y" if r.channels_last else "n", ms, spread, _fmt(r.iterations_per_second, 1), _fmt(r.megapixel_iterations_per_second, 3),
                       _fmt(r.tflops, 3), _fmt(r.percent_of_peak, 1), _fmt(r.peak_memory_mb, 0), note)

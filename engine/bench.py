@@ -480,6 +480,49 @@ def _graphed(x: torch.Tensor, loss_fn: Callable, opt: torch.optim.Adam) -> Calla
     return graph.replay
 
 
+def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 20, warmup: int = 3, seed: int = 0, history: int | None = None) -> BenchRow:
+    """The optimiser's own cost per step, without the network: the image-sized parameter of the
+    case, the gradient of an ill-conditioned diagonal quadratic (O(pixels), curvatures 1e-3 to
+    1e3, so pairs keep being accepted and the history stays full) and the update. At least
+    history + 1 warm-up steps, so L-BFGS rows time a full history. Shows what the bookkeeping
+    costs against the network's rows."""
+    if case.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {case.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+    cfg = bench_config(case)
+    m = history or cfg.lbfgs_history
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 3, case.height, case.width)
+    weight = (10.0 ** (6 * torch.rand(shape, generator=gen) - 3)).to(device)  # curvatures 1e-3 to 1e3
+    target = torch.rand(shape, generator=gen).to(device)
+    x = torch.zeros(shape, device=device, requires_grad=True)
+
+    def quadratic(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = 0.5 * (weight * (x - target).pow(2)).sum()
+        return loss, {}
+
+    step = _make_step(dataclasses.replace(case, cuda_graph=False), dataclasses.replace(cfg, lbfgs_history=m, lr=1.0 if case.optimizer != "adam" else 0.01), quadratic, x)
+    warmup = max(warmup, m + 1 if "lbfgs" in case.optimizer else warmup)
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    mark, read = _timer(device, iterations)
+    for i in range(iterations):
+        mark(i)
+        step()
+    mark(iterations)
+    ts = sorted(read())
+    med = statistics.median(ts)
+    return BenchRow(
+        size=f"{case.height}x{case.width}", precision="fp32", device=str(device), ms_per_iteration=med,
+        ms_per_iteration_p10=_quantile(ts, 0.1), ms_per_iteration_p90=_quantile(ts, 0.9),
+        iterations_per_second=1e3 / med, megapixel_iterations_per_second=case.height * case.width / 1e6 * 1e3 / med,
+        tflops=None, percent_of_peak=None, peak_memory_mb=None, phase="optimizer", loop="none", optimizer=case.optimizer,
+        preset=case.preset, layers=f"history {m}" if "lbfgs" in case.optimizer else "", provider=str(device),
+        height=case.height, width=case.width, iterations=iterations, warmup=warmup,
+        reason="" , memory_source="not measured for optimizer rows", peak_source="no FLOP count: bandwidth-bound",
+    )
+
+
 @torch.no_grad()
 def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 5, warmup: int = 1, seed: int = 0) -> list[BenchRow]:
     """The targets phase: content features and style Grams for one image pair, PyTorch against
@@ -582,4 +625,4 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
     return rows
 
 
-__all__ = ["BenchCase", "BenchRow", "KNOWN_GPU_PEAKS", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_targets", "expand_cases", "measured_matmul_peak", "parse_size", "skipped_row", "peak_for", "reference_loss"]
+__all__ = ["BenchCase", "BenchRow", "KNOWN_GPU_PEAKS", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_optimizer", "bench_targets", "expand_cases", "measured_matmul_peak", "parse_size", "skipped_row", "peak_for", "reference_loss"]

@@ -92,7 +92,9 @@ class LBFGS:
         s_new = torch.where(ok, s, self.S.index_select(0, p).squeeze(0))
         y_new = torch.where(ok, y, self.Y.index_select(0, p).squeeze(0))
         self._hist.index_copy_(0, torch.cat([p, p + m]), torch.stack([s_new, y_new]))
-        prods = (self._hist @ torch.stack([s_new, y_new, g], dim=1)).double()  # (2m, 3)
+        # (3, n) rows against (2m, n) rows: both operands contiguous along n, one streaming pass
+        # (an (n, 3) column block instead runs ~2x slower on the CPU's BLAS).
+        prods = (self._hist @ torch.stack([s_new, y_new, g]).T).double()  # (2m, 3)
         # A rejected pair rewrites its slot's old values: the same numbers, no harm.
         self._sy.index_copy_(0, p, prods[m:, 0].unsqueeze(0))  # s_p . y_j
         self._sy.index_copy_(1, p, prods[:m, 1].unsqueeze(1))  # s_i . y_p
