@@ -37,6 +37,8 @@ def test_bench_writes_json_csv_and_plot(tmp_path: Path):
     fp16 = [row for row in opt if row["precision"] == "fp16"]
     assert all(row["status"] == "skipped" and "--precision fp16" in row["reason"] for row in fp16)
     assert {row["loop"] for row in rows if row["phase"] == "targets"} >= {"torch", "onnxruntime"}
+    steps = [row for row in rows if row["phase"] == "optimizer"]
+    assert {row["optimizer"] for row in steps} == {"lbfgs", "adam"} and all(row["ms_per_iteration"] > 0 for row in steps)
     with c.open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == ROW_KEYS
@@ -51,7 +53,9 @@ def test_compare_reference_loop(tmp_path: Path):
                             "--precision", "fp32", "--iterations", "1", "--warmup", "0", "--no-targets-phase", "--json", str(j)])
     assert r.exit_code == 0, r.output
     rows = json.loads(j.read_text())["results"]
-    assert [row["loop"] for row in rows] == ["fast", "reference"] and all(row["status"] == "ok" for row in rows)
+    opt = [row for row in rows if row["phase"] == "optimisation"]
+    assert [row["loop"] for row in opt] == ["fast", "reference"] and all(row["status"] == "ok" for row in opt)
+    assert opt[1]["gflop_per_iteration"] > 2.9 * opt[0]["gflop_per_iteration"]
 
 
 def test_flops_prints_the_table_and_totals():
