@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -472,8 +473,8 @@ def _graphed(x: torch.Tensor, loss_fn: Callable, opt: torch.optim.Adam) -> Calla
             opt.step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
     with torch.cuda.graph(graph):
+        opt.zero_grad(set_to_none=False)  # inside the graph: each replay starts from a zero grad
         loss, _ = loss_fn(x)
         loss.backward()
         opt.step()
@@ -524,9 +525,15 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
 
 
 @torch.no_grad()
-def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 5, warmup: int = 1, seed: int = 0) -> list[BenchRow]:
+def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 5, warmup: int = 1, seed: int = 0, onnx_path: Path | None = None) -> list[BenchRow]:
     """The targets phase: content features and style Grams for one image pair, PyTorch against
-    ONNX Runtime (each available provider), in ms per pair."""
+    ONNX Runtime, in ms per pair.
+
+    With `onnx_path` (an exported target module for these weights and layers) the ONNX rows run
+    `onnx_targets.OnnxTargets`, what `stylize --targets onnx` runs, on its CPU and CUDA providers.
+    Without it they run a minimal in-memory export of the cut network on ONNX Runtime's CPU (and
+    CUDA) provider, Grams taken in PyTorch on the host. TensorRT is not benchmarked (its engine
+    build takes minutes)."""
     cfg = bench_config(case)
     check_case_size(cfg, case)
     runtime = Runtime(device=device, precision=Precision.FP32, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark)
@@ -550,7 +557,39 @@ def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, it
     peak = peak_for(device, Precision.FP32)
     rows.append(_row_from_times(dataclasses.replace(base, loop="torch"), device, times, fwd, peak, (None, "not measured for targets rows"), **extra))
     rows[-1].provider = f"torch {device}"
-    rows.extend(_ort_rows(base, cfg, model, content, style, device, iterations, warmup, fwd, peak, extra))
+    if onnx_path is not None:
+        rows.extend(_onnx_targets_rows(base, cfg, Path(onnx_path), content, style, device, iterations, warmup, fwd, peak, extra))
+    else:
+        rows.extend(_ort_rows(base, cfg, model, content, style, device, iterations, warmup, fwd, peak, extra))
+    return rows
+
+
+def _onnx_targets_rows(base: BenchCase, cfg: StyleConfig, path: Path, content: torch.Tensor, style: torch.Tensor, device: torch.device, iterations: int, warmup: int, fwd: int, peak: tuple[float, str], extra: dict) -> list[BenchRow]:
+    case = dataclasses.replace(base, loop="onnxruntime")
+    try:
+        from .onnx_targets import OnnxTargets, provider_problem
+    except ImportError as e:
+        return [_skipped(case, device, f"ONNX Runtime targets unavailable ({e})", **extra)]
+    rows = []
+    for provider in ("cpu", "cuda") if device.type == "cuda" else ("cpu",):
+        problem = provider_problem(provider)
+        if problem is not None:
+            rows.append(_skipped(case, device, f"{provider}: {problem}", provider=f"onnxruntime {provider}", **extra))
+            continue
+        try:
+            src = OnnxTargets(path, provider=provider, device=device)
+        except Exception as e:  # a provider that fails to load is a row, not a crash
+            rows.append(_skipped(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=f"onnxruntime {provider}", **extra))
+            continue
+
+        def run_onnx() -> None:
+            src.compute(content, content_layers=cfg.content_layers, style_layers=())
+            src.compute(style, content_layers=(), style_layers=cfg.style_layers)
+
+        times = _time_plain(run_onnx, device, iterations, warmup)
+        row = _row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
+        row.provider = f"onnxruntime {src.provider} (OnnxTargets)"
+        rows.append(row)
     return rows
 
 

@@ -37,6 +37,8 @@ def test_bench_writes_json_csv_and_plot(tmp_path: Path):
     fp16 = [row for row in opt if row["precision"] == "fp16"]
     assert all(row["status"] == "skipped" and "--precision fp16" in row["reason"] for row in fp16)
     assert {row["loop"] for row in rows if row["phase"] == "targets"} >= {"torch", "onnxruntime"}
+    # The ONNX rows time what `stylize --targets onnx` runs: the exported module via OnnxTargets.
+    assert any("OnnxTargets" in row["provider"] and row["status"] == "ok" for row in rows if row["loop"] == "onnxruntime")
     steps = [row for row in rows if row["phase"] == "optimizer"]
     assert {row["optimizer"] for row in steps} == {"lbfgs", "adam"} and all(row["ms_per_iteration"] > 0 for row in steps)
     with c.open() as f:
