@@ -87,3 +87,13 @@ def test_bad_values_are_one_line_errors(args, message):
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0].lower(), r.output
+
+
+def test_readme_bench_section_documents_every_option():
+    from typer.main import get_command
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("<!-- bench:start -->"): readme.index("<!-- bench:end -->")]
+    cmd = get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help" and o not in section]
+    assert not missing, f"bench options not in the README's bench section: {missing}"
