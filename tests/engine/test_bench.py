@@ -4,7 +4,6 @@ reduced precision against fp32. No test asserts a time."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -130,7 +129,6 @@ def test_too_small_for_the_layers(weights):
         bench_case(BenchCase(8, 8), weights=weights, device=CPU, iterations=1)
 
 
-def test_rows_are_plain_data():
+def test_rows_say_what_the_case_was():
     fields = {f.name for f in dataclasses.fields(BenchRow)}
-    assert {"status", "reason", "loop", "optimizer", "preset", "channels_last", "peak_source"} <= fields
-    assert not math.isnan(0.0)
+    assert {"status", "reason", "loop", "optimizer", "preset", "channels_last", "peak_source", "memory_source"} <= fields
