@@ -93,7 +93,7 @@ class BenchRow:
     warmup: int = 0
     gflop_per_iteration: float | None = None
     peak_tflops: float | None = None
-    peak_source: str = ""  # where `peak_tflops` comes from: a datasheet or a measured matmul
+    peak_source: str = ""  # where `peak_tflops` comes from: a datasheet, or a measured matmul or conv
     memory_source: str = ""  # what `peak_memory_mb` measures
     status: str = "ok"  # ok | skipped
     reason: str = ""  # why a row was skipped
@@ -181,12 +181,40 @@ def measured_matmul_peak(device: torch.device, precision: Precision, *, n: int |
     return 2 * n**3 / best / 1e12, f"measured torch.matmul {n}x{n} {dtype} on {device}"
 
 
+@torch.no_grad()
+def measured_conv_peak(device: torch.device, precision: Precision, *, channels: int = 256, hw: int = 64, repeats: int = 5) -> tuple[float, str]:
+    """TFLOP/s of a VGG-like 3x3 convolution (channels in and out, hw x hw, channels-last) in
+    `precision`: on the CPU oneDNN's convolutions run well above its square matmul."""
+    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision, torch.float32)
+    if device.type == "cpu" and precision == Precision.FP16:
+        channels, hw = 32, 16  # no fast fp16 kernels: keep it short
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, channels, hw, hw, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 3, 3, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    with precision_context(Runtime(device=device, precision=precision)):
+        torch.nn.functional.conv2d(x, w, padding=1)
+        synchronize(device)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+    flops = 2 * channels * channels * 9 * hw * hw
+    return flops / best / 1e12, f"measured 3x3 conv {channels}->{channels} at {hw}x{hw} {dtype} on {device}"
+
+
+def measured_peak(device: torch.device, precision: Precision) -> tuple[float, str]:
+    """The better of a measured square matmul and a measured VGG-like convolution."""
+    return max(measured_matmul_peak(device, precision), measured_conv_peak(device, precision), key=lambda r: r[0])
+
+
 def peak_for(device: torch.device, precision: Precision, cache: dict[tuple[str, str], tuple[float, str]] | None = None) -> tuple[float, str]:
     """The peak a row's `percent_of_peak` is against: datasheet for known GPUs, else measured."""
     key = (str(device), precision.value)
     if cache is not None and key in cache:
         return cache[key]
-    got = known_peak(device, precision) or measured_matmul_peak(device, precision)
+    got = known_peak(device, precision) or measured_peak(device, precision)
     if cache is not None:
         cache[key] = got
     return got
@@ -664,4 +692,4 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
     return rows
 
 
-__all__ = ["BenchCase", "BenchRow", "KNOWN_GPU_PEAKS", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_optimizer", "bench_targets", "expand_cases", "measured_matmul_peak", "parse_size", "skipped_row", "peak_for", "reference_loss"]
+__all__ = ["BenchCase", "BenchRow", "KNOWN_GPU_PEAKS", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_optimizer", "bench_targets", "expand_cases", "measured_conv_peak", "measured_matmul_peak", "measured_peak", "parse_size", "skipped_row", "peak_for", "reference_loss"]
