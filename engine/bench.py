@@ -548,7 +548,7 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
         tflops=None, percent_of_peak=None, peak_memory_mb=None, phase="optimizer", loop="none", optimizer=case.optimizer,
         preset=case.preset, layers=f"history {m}" if "lbfgs" in case.optimizer else "", provider=str(device),
         height=case.height, width=case.width, iterations=iterations, warmup=warmup,
-        reason="" , memory_source="not measured for optimizer rows", peak_source="no FLOP count: bandwidth-bound",
+        memory_source="not measured for optimizer rows",
     )
 
 
