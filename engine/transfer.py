@@ -220,18 +220,7 @@ def stylize(
             cache_lookups += (1 + len(style_ts)) if cache is not None else 0
             cache_hits += sum(int(t[1]) for t in [c_targets, *s_targets])
             content_feats = {k: v.to(dev) for k, v in c_targets[0].content.items()}
-            grams = {}
-            for layer in cfg.style_layers:
-                parts = []
-                for w, (t, _), st in zip(blend, s_targets, style_ts):
-                    g = t.grams[layer].to(dev)
-                    if cfg.loss_form == LossForm.KERAS:
-                        # Targets arrive normalised (divided by C*h*w of the style's layer);
-                        # the notebook's loss wants the plain sum F F^T.
-                        fh, fw = _feat_hw(st, layer)
-                        g = g * (g.shape[-1] * fh * fw)
-                    parts.append(w * g)
-                grams[layer] = torch.stack(parts).sum(0)
+            grams = style_grams(cfg, [t for t, _ in s_targets], style_ts, blend, device=dev)
             synchronize(dev)
             target_seconds += time.perf_counter() - tt
 
@@ -317,6 +306,25 @@ def stylize(
         },
         message=message,
     )
+
+
+def style_grams(
+    cfg: StyleConfig, targets: Sequence[ImageTargets], styles: Sequence[torch.Tensor], blend: Sequence[float], *, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The style layers' target Grams in the run's loss form, blended over the style images."""
+    grams = {}
+    for layer in cfg.style_layers:
+        parts = []
+        for w, t, st in zip(blend, targets, styles):
+            g = t.grams[layer].to(device)
+            if cfg.loss_form == LossForm.KERAS:
+                # Targets arrive normalised (divided by C*h*w of the style's layer); the
+                # notebook's loss wants the plain sum F F^T.
+                fh, fw = _feat_hw(st, layer)
+                g = g * (g.shape[-1] * fh * fw)
+            parts.append(w * g)
+        grams[layer] = torch.stack(parts).sum(0)
+    return grams
 
 
 def _feat_hw(image: torch.Tensor, layer: str) -> tuple[int, int]:
