@@ -122,6 +122,28 @@ def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleC
             _check_size(_style_hw(s, hw, cfg), "style image", cfg)
 
 
+def _stage_images(
+    content: Image.Image, styles: Sequence[Image.Image], hw: tuple[int, int], cfg: StyleConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(content RGB, content as the network sees it, style images) for one stage, (1, 3, h, w) each.
+
+    Colour preservation happens here, before any target is computed: `histogram` recolours the
+    styles to the content's colour statistics; `luminance` turns everything into luminance.
+    """
+    content_rgb = to_tensor(resize(content, hw)).to(device)
+    luminance_only = cfg.preserve_colors == PreserveColors.LUMINANCE
+    style_ts = []
+    for s in styles:
+        st = to_tensor(resize(s, _style_hw(s, hw, cfg))).to(device)
+        if cfg.preserve_colors == PreserveColors.HISTOGRAM:
+            st = color.match_histogram(st, content_rgb)
+        elif luminance_only:
+            st = color.match_luminance(st, content_rgb)
+        style_ts.append(st)
+    content_t = color.luminance(content_rgb) if luminance_only else content_rgb
+    return content_rgb, content_t, style_ts
+
+
 def _init_image(cfg: StyleConfig, content: torch.Tensor, style: torch.Tensor, init_image: Image.Image | None, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
     if cfg.init == "content":
         return content.clone()
@@ -191,26 +213,13 @@ def stylize(
     optim_start = None
     x_prev: torch.Tensor | None = None  # previous stage's result, [0, 1] units
     content_rgb = None
-    result_image: torch.Tensor | None = None
 
     with precision_context(runtime):
         for stage, size in enumerate(cfg.sizes):
             # --- images for this stage -------------------------------------------------------
             ti = time.perf_counter()
             hw = output_shape(content.width, content.height, size, cfg.size_edge)
-            _check_size(hw, "output", cfg)
-            content_rgb = to_tensor(resize(content, hw)).to(dev)  # (1, 3, H, W)
-            style_ts = []
-            for s in styles:
-                shw = _style_hw(s, hw, cfg)
-                _check_size(shw, "style image", cfg)
-                st = to_tensor(resize(s, shw)).to(dev)
-                if cfg.preserve_colors == PreserveColors.HISTOGRAM:
-                    st = color.match_histogram(st, content_rgb)
-                elif luminance_only:
-                    st = color.match_luminance(st, content_rgb)
-                style_ts.append(st)
-            content_t = color.luminance(content_rgb) if luminance_only else content_rgb
+            content_rgb, content_t, style_ts = _stage_images(content, styles, hw, cfg, dev)
             image_seconds += time.perf_counter() - ti
 
             # --- targets -------------------------------------------------------------------
