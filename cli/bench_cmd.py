@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_optimizer, bench_targets, expand_cases, parse_size, skipped_row
+from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_optimizer, expand_cases, parse_size, skipped_row
+from nst.engine.bench_targets import bench_targets
 from nst.engine.config import Precision, Preset, preset
 from nst.engine.device import resolve_device
 from nst.engine.features import LAYER_INDEX

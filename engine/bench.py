@@ -6,14 +6,8 @@ respect to the image, and the optimiser's update. On a GPU each iteration is tim
 events recorded on the stream and read once after the last one (no sync inside the loop); on
 the CPU with `time.perf_counter`.
 
-Two loops:
-
-- `fast`: what `stylize` runs. Targets computed once, the frozen network cut after the deepest
-  layer in use, the image in channels-last if asked.
-- `reference`: the structure of the Keras notebook the seed preset comes from. Content, style
-  and output go through the whole of VGG19 as one batch of three at every step, and the targets
-  (content features, style Grams) are recomputed from that batch each time. Gradients only with
-  respect to the image, as the notebook's `GradientTape` asks.
+The two loops, `fast` and `reference`, and the step they time are in `bench_loops`; what a row's
+`percent_of_peak` is against is in `peaks`; the targets phase is in `bench_targets`.
 """
 
 from __future__ import annotations
@@ -24,41 +18,23 @@ import platform
 import resource
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import LossForm, Optimizer, Precision, StyleConfig, content_layer_weights, preset, style_layer_weights
-from .device import DeviceError, Runtime, autocast, check_precision, precision_context, synchronize
-from .features import LAYER_NAMES, VGGFeatures, layer_stride
-from .flops import count_flops
-from .lbfgs import LBFGS
-from .losses import content_loss, gram_matrix, style_loss, tv_loss
-from .targets import TorchTargets
-from .transfer import _feat_hw, _make_loss, build_model
-from .weights import Weights, load_into
+from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
+from .config import Optimizer, Precision, StyleConfig, preset
+from .device import DeviceError, Runtime, check_precision, precision_context, synchronize
+from .features import LAYER_NAMES, layer_stride
+from .peaks import peak_for
+from .weights import Weights
 
 OPTIMIZERS = ("lbfgs", "adam", "torch-lbfgs")
 # fp16 autocast runs on the CPU but without fast kernels (measured: ~100x slower than fp32 on the
 # 2-core AMD EPYC this was written on), so a default sweep skips it there; naming it runs it.
 CPU_FP16_REASON = "fp16 on the CPU runs without fast kernels (~100x slower than fp32 where measured); skipped by default, pass --precision fp16 to time it anyway; use bf16"
 LOOPS = ("fast", "reference")
-
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets (H100/H200: "NVIDIA H100 Tensor Core
-# GPU" and "NVIDIA H200" datasheets; A100: "NVIDIA A100 Tensor Core GPU" datasheet; L4: "NVIDIA
-# L4" datasheet). The datasheets print tensor-core figures "with sparsity"; these are half of
-# those. Matched against `torch.cuda.get_device_name` by substring, first match wins.
-KNOWN_GPU_PEAKS: tuple[tuple[str, str, dict[str, float]], ...] = (
-    ("H200", "NVIDIA H200 SXM datasheet", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
-    ("H100 PCIe", "NVIDIA H100 PCIe datasheet", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
-    ("H100 NVL", "NVIDIA H100 NVL datasheet", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0, "fp16": 835.0}),
-    ("H100", "NVIDIA H100 SXM datasheet", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
-    ("A100", "NVIDIA A100 datasheet", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
-    ("L4", "NVIDIA L4 datasheet", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}),
-)
 
 
 @dataclass
@@ -148,78 +124,6 @@ def _rss_mb() -> float:
     return r / (1024 * 1024) if platform.system() == "Darwin" else r / 1024
 
 
-def known_peak(device: torch.device, precision: Precision) -> tuple[float, str] | None:
-    """Datasheet peak TFLOP/s for a known GPU, else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, source, peaks in KNOWN_GPU_PEAKS:
-        if key in name:
-            return peaks[precision.value], f"{source} ({name}, dense {precision.value})"
-    return None
-
-
-@torch.no_grad()
-def measured_matmul_peak(device: torch.device, precision: Precision, *, n: int | None = None, repeats: int = 5) -> tuple[float, str]:
-    """TFLOP/s of a square torch.matmul in `precision` on `device` (the best of `repeats`)."""
-    if n is None:
-        # CPU fp16 matmul has no fast kernel on most CPUs (about 3 GFLOP/s here): keep it short.
-        n = 8192 if device.type == "cuda" else (256 if precision == Precision.FP16 else 2048)
-    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision, torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    with precision_context(Runtime(device=device, precision=precision)):
-        a @ b
-        synchronize(device)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12, f"measured torch.matmul {n}x{n} {dtype} on {device}"
-
-
-@torch.no_grad()
-def measured_conv_peak(device: torch.device, precision: Precision, *, channels: int = 256, hw: int = 64, repeats: int = 5) -> tuple[float, str]:
-    """TFLOP/s of a VGG-like 3x3 convolution (channels in and out, hw x hw, channels-last) in
-    `precision`: on the CPU oneDNN's convolutions run well above its square matmul."""
-    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision, torch.float32)
-    if device.type == "cpu" and precision == Precision.FP16:
-        channels, hw = 32, 16  # no fast fp16 kernels: keep it short
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, channels, hw, hw, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(channels, channels, 3, 3, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    with precision_context(Runtime(device=device, precision=precision)):
-        torch.nn.functional.conv2d(x, w, padding=1)
-        synchronize(device)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.nn.functional.conv2d(x, w, padding=1)
-            synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-    flops = 2 * channels * channels * 9 * hw * hw
-    return flops / best / 1e12, f"measured 3x3 conv {channels}->{channels} at {hw}x{hw} {dtype} on {device}"
-
-
-def measured_peak(device: torch.device, precision: Precision) -> tuple[float, str]:
-    """The better of a measured square matmul and a measured VGG-like convolution."""
-    return max(measured_matmul_peak(device, precision), measured_conv_peak(device, precision), key=lambda r: r[0])
-
-
-def peak_for(device: torch.device, precision: Precision, cache: dict[tuple[str, str], tuple[float, str]] | None = None) -> tuple[float, str]:
-    """The peak a row's `percent_of_peak` is against: datasheet for known GPUs, else measured."""
-    key = (str(device), precision.value)
-    if cache is not None and key in cache:
-        return cache[key]
-    got = known_peak(device, precision) or measured_peak(device, precision)
-    if cache is not None:
-        cache[key] = got
-    return got
-
-
 def expand_cases(
     sizes: list[tuple[int, int]],
     *,
@@ -280,68 +184,6 @@ def _images(case: BenchCase, device: torch.device, seed: int) -> tuple[torch.Ten
     content = torch.rand(1, 3, case.height, case.width, generator=gen).to(device)
     style = torch.rand(1, 3, case.height, case.width, generator=gen).to(device)
     return content, style
-
-
-def _fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> tuple[Callable, VGGFeatures]:
-    model = build_model(cfg, weights, runtime)
-    source = TorchTargets(model)
-    ct = source.compute(content, content_layers=cfg.content_layers, style_layers=())
-    st = source.compute(style, content_layers=(), style_layers=cfg.style_layers)
-    grams = {}
-    for layer in cfg.style_layers:
-        g = st.grams[layer]
-        if cfg.loss_form == LossForm.KERAS:
-            fh, fw = _feat_hw(style, layer)
-            g = g * (g.shape[-1] * fh * fw)  # the notebook's plain sum F F^T
-        grams[layer] = g
-    return _make_loss(model, runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
-
-
-def reference_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> Callable:
-    """The notebook's step: [content, style, output] through all of VGG19, targets recomputed."""
-    taps = tuple(dict.fromkeys((*cfg.content_layers, *cfg.style_layers, LAYER_NAMES[-1])))
-    model = VGGFeatures(taps, pooling=cfg.pooling)
-    load_into(model.features, weights)
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    cw = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
-    sw = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
-    form = cfg.loss_form
-    pixels = content.shape[-2] * content.shape[-1]
-    keras = form == LossForm.KERAS
-
-    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        img = x / cfg.pixel_scale
-        batch = torch.cat([content, style, img])  # (3, 3, H, W)
-        if runtime.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(runtime):
-            feats = model(batch)
-        zero = x.new_zeros(())
-        c = sum((w * content_loss(feats[k][2:3], feats[k][0:1], form=form) for k, w in cw.items()), zero)
-        s = sum(
-            (w * style_loss(feats[k][2:3], gram_matrix(feats[k][1:2], normalize=not keras), form=form, image_pixels=pixels) for k, w in sw.items()),
-            zero,
-        )
-        tv = tv_loss(x if keras else img, form=form)
-        terms = {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv}
-        return terms["content"] + terms["style"] + terms["tv"], terms
-
-    return loss_fn
-
-
-def _flops(cfg: StyleConfig, case: BenchCase) -> int:
-    hw = (case.height, case.width)
-    layers = (*cfg.content_layers, *cfg.style_layers)
-    if case.loop == "reference":
-        # Three images forward through all of VGG19 and back to the deepest tap (autograd runs the
-        # input gradient for the whole batch tensor); Grams for style and output.
-        fc = count_flops(hw, layers=layers, batch=3, forward_to=LAYER_NAMES[-1], pooling=cfg.pooling)
-        grams = count_flops(hw, layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling)
-        g = sum(layer.forward for layer in grams.layers if layer.kind == "gram")
-        return fc.total + 2 * g + 2 * g  # style's and output's Gram forward, output's backward
-    return count_flops(hw, layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling).total
 
 
 def skipped_row(case: BenchCase, device: torch.device, reason: str) -> BenchRow:
@@ -457,58 +299,6 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
     return _row_from_times(case, device, times, flops, peak, memory, layers=layers, warmup=warmup)
 
 
-def _make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Tensor) -> Callable[[], None]:
-    """One iteration: loss, gradient with respect to the image, update. Never reads the loss."""
-    if case.optimizer == "torch-lbfgs":
-        # One gradient per step, as our LBFGS; tolerances off so it never stops early.
-        topt = torch.optim.LBFGS([x], lr=cfg.lr, max_iter=1, history_size=cfg.lbfgs_history, tolerance_grad=-1, tolerance_change=-1)
-
-        def closure() -> torch.Tensor:
-            topt.zero_grad(set_to_none=True)
-            loss, _ = loss_fn(x)
-            loss.backward()
-            return loss
-
-        return lambda: topt.step(closure) and None  # type: ignore[func-returns-value]
-    if case.optimizer == "adam":
-        opt: torch.optim.Adam | LBFGS = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=case.cuda_graph)
-    else:
-        opt = LBFGS(x, lr=cfg.lr, history=cfg.lbfgs_history)
-
-    def step() -> None:
-        x.grad = None
-        loss, _ = loss_fn(x)
-        loss.backward()
-        opt.step()
-
-    if not case.cuda_graph:
-        return step
-    return _graphed(x, loss_fn, opt)  # type: ignore[arg-type]
-
-
-def _graphed(x: torch.Tensor, loss_fn: Callable, opt: torch.optim.Adam) -> Callable[[], None]:
-    """Capture forward, backward and a capturable Adam step in one CUDA graph (static shapes).
-
-    Not run on hardware in the session that wrote it: see benchmarks/README.md.
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm up on a side stream, as the CUDA-graphs docs require
-            opt.zero_grad(set_to_none=False)
-            loss, _ = loss_fn(x)
-            loss.backward()
-            opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.zero_grad(set_to_none=False)  # inside the graph: each replay starts from a zero grad
-        loss, _ = loss_fn(x)
-        loss.backward()
-        opt.step()
-    return graph.replay
-
-
 def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 20, warmup: int = 3, seed: int = 0, history: int | None = None) -> BenchRow:
     """The optimiser's own cost per step, without the network: the image-sized parameter of the
     case, the gradient of an ill-conditioned diagonal quadratic (O(pixels), curvatures 1e-3 to
@@ -552,144 +342,4 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
     )
 
 
-@torch.no_grad()
-def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 5, warmup: int = 1, seed: int = 0, onnx_path: Path | None = None) -> list[BenchRow]:
-    """The targets phase: content features and style Grams for one image pair, PyTorch against
-    ONNX Runtime, in ms per pair.
-
-    With `onnx_path` (an exported target module for these weights and layers) the ONNX rows run
-    `onnx_targets.OnnxTargets`, what `stylize --targets onnx` runs, on its CPU and CUDA providers.
-    Without it they run a minimal in-memory export of the cut network on ONNX Runtime's CPU (and
-    CUDA) provider, Grams taken in PyTorch on the host. TensorRT is not benchmarked (its engine
-    build takes minutes)."""
-    cfg = bench_config(case)
-    check_case_size(cfg, case)
-    runtime = Runtime(device=device, precision=Precision.FP32, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark)
-    content, style = _images(case, device, seed)
-    layers = (*cfg.content_layers, *cfg.style_layers)
-    flops = count_flops((case.height, case.width), layers=layers, style_layers=cfg.style_layers, backward_batch=0, pooling=cfg.pooling)
-    # Forward only, for two images; Grams forward only.
-    fwd = 2 * sum(layer.forward for layer in flops.layers if layer.kind != "gram") + sum(layer.forward for layer in flops.layers if layer.kind == "gram")
-    base = dataclasses.replace(case, precision=Precision.FP32)
-    rows: list[BenchRow] = []
-    extra = {"phase": "targets", "layers": ",".join(dict.fromkeys(layers)), "warmup": warmup}
-    with precision_context(runtime):
-        model = build_model(cfg, weights, runtime)
-        torch_src = TorchTargets(model)
-
-        def run_torch() -> None:
-            torch_src.compute(content, content_layers=cfg.content_layers, style_layers=())
-            torch_src.compute(style, content_layers=(), style_layers=cfg.style_layers)
-
-        times = _time_plain(run_torch, device, iterations, warmup)
-    peak = peak_for(device, Precision.FP32)
-    rows.append(_row_from_times(dataclasses.replace(base, loop="torch"), device, times, fwd, peak, (None, "not measured for targets rows"), **extra))
-    rows[-1].provider = f"torch {device}"
-    if onnx_path is not None:
-        rows.extend(_onnx_targets_rows(base, cfg, Path(onnx_path), content, style, device, iterations, warmup, fwd, peak, extra))
-    else:
-        rows.extend(_ort_rows(base, cfg, model, content, style, device, iterations, warmup, fwd, peak, extra))
-    return rows
-
-
-def _onnx_targets_rows(base: BenchCase, cfg: StyleConfig, path: Path, content: torch.Tensor, style: torch.Tensor, device: torch.device, iterations: int, warmup: int, fwd: int, peak: tuple[float, str], extra: dict) -> list[BenchRow]:
-    case = dataclasses.replace(base, loop="onnxruntime")
-    try:
-        from .onnx_targets import OnnxTargets, provider_problem
-    except ImportError as e:
-        return [_skipped(case, device, f"ONNX Runtime targets unavailable ({e})", **extra)]
-    rows = []
-    for provider in ("cpu", "cuda") if device.type == "cuda" else ("cpu",):
-        problem = provider_problem(provider)
-        if problem is not None:
-            rows.append(_skipped(case, device, f"{provider}: {problem}", provider=f"onnxruntime {provider}", **extra))
-            continue
-        try:
-            src = OnnxTargets(path, provider=provider, device=device)
-        except Exception as e:  # a provider that fails to load is a row, not a crash
-            rows.append(_skipped(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=f"onnxruntime {provider}", **extra))
-            continue
-
-        def run_onnx() -> None:
-            src.compute(content, content_layers=cfg.content_layers, style_layers=())
-            src.compute(style, content_layers=(), style_layers=cfg.style_layers)
-
-        times = _time_plain(run_onnx, device, iterations, warmup)
-        row = _row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
-        row.provider = f"onnxruntime {src.provider} (OnnxTargets)"
-        rows.append(row)
-    return rows
-
-
-def _time_plain(fn: Callable[[], None], device: torch.device, iterations: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    out = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: torch.Tensor, style: torch.Tensor, device: torch.device, iterations: int, warmup: int, fwd: int, peak: tuple[float, str], extra: dict) -> list[BenchRow]:
-    """ONNX Runtime rows from a minimal in-memory export of the same cut network (features only,
-    Grams in NumPy-free torch on the host). One row per provider that can run here."""
-    case = dataclasses.replace(base, loop="onnxruntime")
-    try:
-        import io
-
-        import onnxruntime as ort
-    except ImportError:
-        return [_skipped(case, device, "onnxruntime is not installed", **extra)]
-    names = list(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
-
-    class Features(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = model
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            f = self.m(x)
-            return tuple(f[n] for n in names)
-
-    buf = io.BytesIO()
-    try:
-        cpu_model = Features().to("cpu", memory_format=torch.contiguous_format).float()
-        with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and quick here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(cpu_model, (content.cpu(),), buf, input_names=["image"], output_names=names, dynamo=False)
-    except Exception as e:  # an exporter failure is a result to report, not a crash
-        model.to(device)
-        return [_skipped(case, device, f"ONNX export failed: {str(e).splitlines()[0]}", **extra)]
-    model.to(device, memory_format=torch.channels_last if base.channels_last else torch.contiguous_format)
-    rows = []
-    want = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if device.type == "cuda" else [])
-    for provider in want:
-        if provider not in ort.get_available_providers():
-            rows.append(_skipped(case, device, f"{provider} is not in this onnxruntime build", provider=provider, **extra))
-            continue
-        try:
-            sess = ort.InferenceSession(buf.getvalue(), providers=[provider])
-        except Exception as e:
-            rows.append(_skipped(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=provider, **extra))
-            continue
-        c_np, s_np = content.cpu().numpy(), style.cpu().numpy()
-
-        def run_ort() -> None:
-            sess.run(None, {"image": c_np})
-            outs = sess.run(None, {"image": s_np})
-            for n, o in zip(names, outs):  # the Grams, on the host, as a target source would
-                if n in cfg.style_layers:
-                    gram_matrix(torch.from_numpy(o))
-
-        times = _time_plain(run_ort, torch.device("cpu"), iterations, warmup)
-        row = _row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
-        row.provider = f"onnxruntime {provider}"
-        rows.append(row)
-    return rows
-
-
-__all__ = ["BenchCase", "BenchRow", "KNOWN_GPU_PEAKS", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_optimizer", "bench_targets", "expand_cases", "measured_conv_peak", "measured_matmul_peak", "measured_peak", "parse_size", "skipped_row", "peak_for", "reference_loss"]
+__all__ = ["BenchCase", "BenchRow", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_config", "bench_optimizer", "check_case_size", "expand_cases", "parse_size", "skipped_row"]

@@ -8,9 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from nst.engine.bench import ROW_KEYS, BenchCase, BenchRow, _fast_loss, bench_case, bench_config, bench_targets, expand_cases, measured_matmul_peak, parse_size, reference_loss
+from nst.engine.bench import ROW_KEYS, BenchCase, BenchRow, bench_case, bench_config, expand_cases, parse_size
+from nst.engine.bench_loops import _fast_loss, reference_loss
+from nst.engine.bench_targets import bench_targets
 from nst.engine.config import Precision
 from nst.engine.device import DeviceError, Runtime, check_precision, precision_context
+from nst.engine.peaks import measured_matmul_peak
 
 CPU = torch.device("cpu")
 ISSUE_KEYS = ("size", "precision", "device", "ms_per_iteration", "iterations_per_second", "megapixel_iterations_per_second", "tflops", "percent_of_peak", "peak_memory_mb")
