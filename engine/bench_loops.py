@@ -25,7 +25,7 @@ from .flops import count_flops
 from .lbfgs import LBFGS
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
 from .targets import TorchTargets
-from .transfer import _feat_hw, _make_loss, build_model
+from .transfer import _make_loss, build_model, style_grams
 from .weights import Weights, load_into
 
 if TYPE_CHECKING:  # bench imports this module; the case type is only named in annotations here
@@ -37,13 +37,7 @@ def _fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: to
     source = TorchTargets(model)
     ct = source.compute(content, content_layers=cfg.content_layers, style_layers=())
     st = source.compute(style, content_layers=(), style_layers=cfg.style_layers)
-    grams = {}
-    for layer in cfg.style_layers:
-        g = st.grams[layer]
-        if cfg.loss_form == LossForm.KERAS:
-            fh, fw = _feat_hw(style, layer)
-            g = g * (g.shape[-1] * fh * fw)  # the notebook's plain sum F F^T
-        grams[layer] = g
+    grams = style_grams(cfg, [st], [style], [1.0], device=content.device)
     return _make_loss(model, runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
 
 
