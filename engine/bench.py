@@ -247,6 +247,19 @@ def _timer(device: torch.device, n: int) -> tuple[Callable[[int], None], Callabl
     return mark_cpu, read_cpu
 
 
+def time_steps(step: Callable[[], None], device: torch.device, *, iterations: int, warmup: int) -> list[float]:
+    """Run `warmup` untimed steps, then `iterations` timed ones: ms each, with no sync between them."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    mark, read = _timer(device, iterations)
+    for i in range(iterations):
+        mark(i)
+        step()
+    mark(iterations)
+    return read()
+
+
 def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 10, warmup: int = 3, seed: int = 0, peaks: dict | None = None) -> BenchRow:
     """Warm up, then time `iterations` real steps of one case; a case that cannot run here is
     returned as a skipped row with the reason."""
@@ -282,15 +295,7 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
             loss_fn = torch.compile(loss_fn)
         x = (content * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
         step = _make_step(case, cfg, loss_fn, x)
-        for _ in range(warmup):
-            step()
-        synchronize(device)
-        mark, read = _timer(device, iterations)
-        for i in range(iterations):
-            mark(i)
-            step()
-        mark(iterations)
-        times = read()
+        times = time_steps(step, device, iterations=iterations, warmup=warmup)
         synchronize(device)
     if device.type == "cuda":
         memory: tuple[float | None, str] = (torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated during the case")
@@ -321,15 +326,7 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
 
     step = _make_step(dataclasses.replace(case, cuda_graph=False), dataclasses.replace(cfg, lbfgs_history=m, lr=1.0 if case.optimizer != "adam" else 0.01), quadratic, x)
     warmup = max(warmup, m + 1 if "lbfgs" in case.optimizer else warmup)
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    mark, read = _timer(device, iterations)
-    for i in range(iterations):
-        mark(i)
-        step()
-    mark(iterations)
-    ts = sorted(read())
+    ts = sorted(time_steps(step, device, iterations=iterations, warmup=warmup))
     med = statistics.median(ts)
     return BenchRow(
         size=f"{case.height}x{case.width}", precision="fp32", device=str(device), ms_per_iteration=med,
