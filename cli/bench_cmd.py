@@ -21,7 +21,7 @@ from nst.engine.config import Precision, Preset, preset
 from nst.engine.device import resolve_device
 from nst.engine.features import LAYER_INDEX
 from nst.engine.flops import count_flops
-from nst.engine.images import write_atomic
+from nst.engine.files import write_atomic
 from nst.engine.weights import Weights, load_weights
 
 from .common import UserError, cache_dir, console, parse_list, user_errors

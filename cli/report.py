@@ -12,7 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 from rich.table import Table
 
-from nst.engine.images import to_pil, write_atomic
+from nst.engine.files import write_atomic
+from nst.engine.images import to_pil
 
 
 def versions() -> dict[str, str]:

@@ -10,9 +10,7 @@ succeed and a reader sees a whole file or none.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import onnx_meta
+from .files import write_atomic
 from .targets import ImageTargets
 
 CACHE_FORMAT = "1"
@@ -98,17 +97,10 @@ class TargetCache:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in targets.tensors().items()}
         meta = {"nst.cache_format": CACHE_FORMAT, "nst.key": self._file_key(key), "nst.sha256": checksum(tensors), "nst.namespace": self.namespace}
         path = self.path(key)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as e:
             self._warn(f"could not write the target cache entry {path.name}: {e.strerror or e}")
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     def entries(self) -> list[Path]:
         d = self.root / TARGETS_DIR

@@ -11,10 +11,7 @@ How modes become RGB (documented in the README):
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import SizeEdge
+from .files import write_atomic
 
 # Pillow's own bomb guard warns above this and refuses above twice this; we refuse above it.
 MAX_PIXELS = 178_956_970
@@ -114,24 +112,6 @@ def output_format(path: str | Path) -> str:
         common = ".png, .jpg, .webp, .tif, .bmp"
         raise ImageError(f"cannot write {Path(path).name!r}: unknown image extension {ext or '(none)'!r}; use {common}")
     return formats[ext]
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
-
-    A crash or Ctrl-C in the middle leaves the previous file (or none), never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_image(image: torch.Tensor | Image.Image, path: str | Path) -> Path:

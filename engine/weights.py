@@ -8,14 +8,13 @@ keys the model store and the target cache.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .features import CONV_INDICES, VGG19_CFG, build_features
+from .files import write_atomic
 
 # torchvision's VGG19_Weights.IMAGENET1K_V1: its URL names the file; the 8 hex digits in the name
 # are the start of the file's SHA-256, which torch.hub checks on download.
@@ -152,15 +151,7 @@ def save_conv_weights(weights: Weights, path: Path, *, extra: dict[str, str] | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"fingerprint": weights.fingerprint, "source": weights.description, **(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(weights.state_dict, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(weights.state_dict, str(tmp), metadata=meta))
 
 
 def import_weights(path: Path, *, cache_dir: Path) -> tuple[Weights, bool]:
