@@ -11,6 +11,27 @@ import torch
 from .config import LossForm
 
 
+class _Gram(torch.autograd.Function):
+    """`F^T F` over positions, with a backward of one matrix product instead of autograd's two.
+
+    G = F^T F gives dF = F (dG + dG^T): symmetrising the small (C, C) gradient first halves the
+    big products. `positions_first`: F is (..., positions, C) (a view of a channels-last map)
+    rather than (..., C, positions) (a view of an NCHW one), so neither layout is copied.
+    """
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, positions_first: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(f)
+        ctx.positions_first = positions_first
+        return f.mT @ f if positions_first else f @ f.mT
+
+    @staticmethod
+    def backward(ctx, dg: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (f,) = ctx.saved_tensors
+        sym = dg + dg.mT
+        return (f @ sym if ctx.positions_first else sym @ f), None
+
+
 def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, C) Gram matrix `F F^T` over positions, in fp32.
 
@@ -18,8 +39,16 @@ def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tens
     and a style weight means the same at 256 px as at 2048 px.
     """
     n, c, h, w = features.shape
-    f = features.float().reshape(n, c, h * w)  # (N, C, HW)
-    g = torch.bmm(f, f.transpose(1, 2))  # (N, C, C)
+    f = features.float()
+    positions_first = f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()
+    if positions_first:
+        f = f.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of the NHWC memory
+    else:
+        f = f.reshape(n, c, h * w)
+    if n == 1:  # a plain matrix product: faster than a batch of one
+        g = _Gram.apply(f[0], positions_first).unsqueeze(0)
+    else:
+        g = _Gram.apply(f, positions_first)
     return g / (c * h * w) if normalize else g
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nst.engine.config import LossForm
-from nst.engine.losses import content_loss, gram_matrix, style_loss, tv_loss
+from nst.engine.losses import _Gram, content_loss, gram_matrix, style_loss, tv_loss
 
 
 def _np_gram(f: np.ndarray) -> np.ndarray:
@@ -25,6 +25,33 @@ def test_gram_matches_loops():
     expect = _np_gram(f.numpy())
     np.testing.assert_allclose(gram_matrix(f, normalize=False)[0].numpy(), expect, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gram_matrix(f)[0].numpy(), expect / (4 * 5 * 6), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("positions_first", [True, False])
+@pytest.mark.parametrize("batch", [None, 2])
+def test_gram_one_product_backward_passes_gradcheck(positions_first, batch):
+    """The hand-written backward, dF = F (dG + dG^T), against finite differences in float64."""
+    shape = (7, 3) if positions_first else (3, 7)
+    f = torch.randn(*((batch,) if batch else ()), *shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _Gram.apply(t, positions_first), (f,))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("n", [1, 3])
+def test_gram_value_and_gradient_match_autograd_in_either_layout(memory_format, n):
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(n, 5, 4, 6, generator=gen)
+    weight = torch.randn(n, 5, 5, generator=gen)  # a non-symmetric upstream gradient
+    f = base.clone(memory_format=memory_format).requires_grad_(True)
+    ref = base.clone().requires_grad_(True)
+    assert f.is_contiguous(memory_format=memory_format)
+    flat = ref.reshape(n, 5, 24)
+    expect = torch.bmm(flat, flat.transpose(1, 2)) / (5 * 24)
+    (expect * weight).sum().backward()
+    got = gram_matrix(f)
+    (got * weight).sum().backward()
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_gram_is_fp32_for_half_features():
