@@ -10,8 +10,8 @@ What is counted (one multiply-add = 2 FLOPs, as `torch.utils.flop_counter` count
 - relu: 1 per element forward (a max), 1 per element backward (a masked copy).
 - pool (2x2, stride 2, floors odd sizes): max 3 comparisons per output, avg 3 adds and a
   multiply per output; backward 1 per input element (routing or scaling).
-- gram (`F F^T` over positions, per style layer): `2 * C * C * HW` forward; backward
-  `4 * C * C * HW` (autograd's bmm backward is two products, one per operand).
+- gram (`F F^T` over positions, per style layer): `2 * C * C * HW` forward; backward the same,
+  one product `F (dG + dG^T)` (`losses._Gram`; the C x C symmetrising add is not counted).
 
 Not counted: the ImageNet normalisation, the loss sums and the optimiser's update, all O(pixels)
 and a fraction of a percent of the convolutions at any size.
@@ -120,7 +120,7 @@ def count_flops(
     for name in style_layers:
         c, lh, lw = sizes[name]
         f = 2 * c * c * lh * lw
-        out.append(LayerFlops(f"gram:{name}", "gram", (c, lh, lw), f, 2 * f))
+        out.append(LayerFlops(f"gram:{name}", "gram", (c, lh, lw), f, f))
     return FlopCount(int(hw[0]), int(hw[1]), batch, tuple(out))
 
 
