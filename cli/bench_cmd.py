@@ -49,7 +49,8 @@ def bench_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC for the convolutions.")] = True,
     cudnn_benchmark: Annotated[bool, typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning (GPU only).")] = True,
-    ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last (and on a GPU cudnn.benchmark) flipped.")] = False,
+    lowp_weights: Annotated[bool, typer.Option("--lowp-weights/--no-lowp-weights", help="bf16/fp16: hold the weights in that dtype (cast once) rather than let autocast cast them at every call.")] = True,
+    ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last, cudnn.benchmark (GPU) and --lowp-weights (bf16/fp16) flipped, one at a time.")] = False,
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the loss function (first iterations compile).")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
     optimizer_phase: Annotated[bool, typer.Option("--optimizer-phase/--no-optimizer-phase", help="Also time each optimiser's step alone (no network) at each size.")] = True,
@@ -74,7 +75,8 @@ def bench_command(
             return
         dev = resolve_device(device)
         cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
-                             cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, ablate=ablate, cuda=dev.type == "cuda")
+                             cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
+                             ablate=ablate, cuda=dev.type == "cuda")
         w = load_weights(weights, seed=seed, cache_dir=cache_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
         rows: list[BenchRow] = []
         peaks: dict = {}
@@ -153,6 +155,15 @@ def _fmt(v: object, digits: int = 2) -> str:
     return str(v)
 
 
+def _case_note(r: BenchRow) -> str:
+    notes = ["compiled"] if r.compile else []
+    if r.cuda_graph:
+        notes.append("CUDA graph")
+    if r.precision in ("bf16", "fp16") and not r.lowp_weights:
+        notes.append("weights cast per call")
+    return ", ".join(notes)
+
+
 def _table(rows: list[BenchRow], dev: torch.device) -> Table:
     table = Table(title=f"nst bench: {_device_name(dev)}", header_style="bold")
     for col in ("phase", "loop", "preset", "optimizer", "precision", "size", "CL", "ms/it", "p10-p90", "it/s", "MP-it/s", "TFLOP/s", "% peak", "peak MB", "note"):
@@ -161,7 +172,7 @@ def _table(rows: list[BenchRow], dev: torch.device) -> Table:
         ok = r.status == "ok"
         ms = f"{r.ms_per_iteration:.2f}" if ok else "skipped"
         spread = f"{r.ms_per_iteration_p10:.2f}-{r.ms_per_iteration_p90:.2f}" if ok else "-"
-        note = "skipped (below)" if not ok else (r.provider if r.phase == "targets" else ("compiled" if r.compile else ""))
+        note = "skipped (below)" if not ok else (r.provider if r.phase == "targets" else _case_note(r))
         if r.phase == "optimizer":
             note = r.layers
         table.add_row(r.phase, r.loop, r.preset, r.optimizer if r.phase != "targets" else "-", r.precision, r.size,
@@ -196,8 +207,8 @@ def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") ->
     for r in rows:
         if r.status == "ok" and r.phase == "optimisation":
             label = r.precision
-            if len({(x.loop, x.preset, x.optimizer, x.channels_last) for x in rows if x.phase == "optimisation"}) > 1:
-                label += f" {r.loop} {r.preset} {r.optimizer}" + ("" if r.channels_last else " nchw")
+            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights) for x in rows if x.phase == "optimisation"}) > 1:
+                label += f" {r.loop} {r.preset} {r.optimizer}" + ("" if r.channels_last else " nchw") + ("" if r.lowp_weights else " cast-per-call")
             lines.setdefault(label, []).append(r)
     for label, rs in lines.items():
         rs = sorted(rs, key=lambda r: r.height * r.width)

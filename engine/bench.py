@@ -25,7 +25,7 @@ import torch
 
 from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
 from .config import Optimizer, Precision, StyleConfig, preset
-from .device import DeviceError, Runtime, check_precision, precision_context, synchronize
+from .device import DeviceError, Runtime, autocast_dtype, check_precision, precision_context, synchronize
 from .features import LAYER_NAMES, layer_stride
 from .peaks import peak_for
 from .weights import Weights
@@ -62,6 +62,7 @@ class BenchRow:
     cudnn_benchmark: bool = True
     compile: bool = False
     cuda_graph: bool = False
+    lowp_weights: bool = True  # bf16/fp16 rows: weights cast once (Runtime.lowp_weights)
     provider: str = ""  # the device, or the ONNX Runtime provider of a targets row
     height: int = 0
     width: int = 0
@@ -95,6 +96,7 @@ class BenchCase:
     cudnn_benchmark: bool = True
     compile: bool = False  # torch.compile the loss function (forward; autograd traces backward)
     cuda_graph: bool = False  # capture forward, backward and Adam(capturable) in one CUDA graph
+    lowp_weights: bool = True  # bf16/fp16: weights held in that dtype, not cast at every call
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -135,11 +137,13 @@ def expand_cases(
     cudnn_benchmark: bool = True,
     compile: bool = False,
     cuda_graph: bool = False,
+    lowp_weights: bool = True,
     ablate: bool = False,
     cuda: bool = True,
 ) -> list[BenchCase]:
     """Every combination, sizes innermost (so a plot's line is one run of cases); with `ablate`
-    each case also runs with channels-last and (on `cuda`) cuDNN autotuning flipped, one at a time."""
+    each case also runs with channels-last, (on `cuda`) cuDNN autotuning and (in bf16/fp16) the
+    low-precision weights flipped, one at a time."""
     for o in optimizers:
         if o not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {o!r}: use {', '.join(OPTIMIZERS)}")
@@ -154,14 +158,16 @@ def expand_cases(
         for lp in loops:
             for o in optimizers:
                 for p in precisions:
-                    variants = [(channels_last, cudnn_benchmark)]
+                    variants = [(channels_last, cudnn_benchmark, lowp_weights)]
                     if ablate:
-                        variants.append((not channels_last, cudnn_benchmark))
+                        variants.append((not channels_last, cudnn_benchmark, lowp_weights))
                         if cuda:  # cuDNN autotuning means nothing on the CPU
-                            variants.append((channels_last, not cudnn_benchmark))
-                    for cl, cb in variants:
+                            variants.append((channels_last, not cudnn_benchmark, lowp_weights))
+                        if autocast_dtype(Precision(p)) is not None:
+                            variants.append((channels_last, cudnn_benchmark, not lowp_weights))
+                    for cl, cb, lw in variants:
                         for h, w in sizes:
-                            out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph))
+                            out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw))
     return out
 
 
@@ -198,8 +204,8 @@ def _skipped(case: BenchCase, device: torch.device, reason: str, **extra: object
         iterations_per_second=None, megapixel_iterations_per_second=None, tflops=None,
         percent_of_peak=None, peak_memory_mb=None, loop=case.loop, optimizer=case.optimizer,
         preset=case.preset, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark,
-        compile=case.compile, cuda_graph=case.cuda_graph, provider=str(device), height=case.height,
-        width=case.width, status="skipped", reason=reason,
+        compile=case.compile, cuda_graph=case.cuda_graph, lowp_weights=case.lowp_weights, provider=str(device),
+        height=case.height, width=case.width, status="skipped", reason=reason,
     )
     fields.update(extra)
     return BenchRow(**fields)  # type: ignore[arg-type]
@@ -217,7 +223,7 @@ def _row_from_times(case: BenchCase, device: torch.device, times_ms: list[float]
         tflops=tflops, percent_of_peak=100.0 * tflops / peak[0], peak_memory_mb=memory[0],
         loop=case.loop, optimizer=case.optimizer, preset=case.preset, channels_last=case.channels_last,
         cudnn_benchmark=case.cudnn_benchmark, compile=case.compile, cuda_graph=case.cuda_graph,
-        provider=str(device), height=case.height, width=case.width, iterations=len(ts),
+        lowp_weights=case.lowp_weights, provider=str(device), height=case.height, width=case.width, iterations=len(ts),
         gflop_per_iteration=flops / 1e9, peak_tflops=peak[0], peak_source=peak[1], memory_source=memory[1],
         **extra,  # type: ignore[arg-type]
     )
@@ -279,7 +285,8 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
         return _skipped(case, device, "CUDA-graph capture is implemented for the fast loop with Adam(capturable=True) only")
     cfg = bench_config(case)
     check_case_size(cfg, case)
-    runtime = Runtime(device=device, precision=case.precision, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark)
+    runtime = Runtime(device=device, precision=case.precision, channels_last=case.channels_last,
+                      cudnn_benchmark=case.cudnn_benchmark, lowp_weights=case.lowp_weights)
     content, style = _images(case, device, seed)
     flops = _flops(cfg, case)
     peak = peak_for(device, case.precision, peaks)

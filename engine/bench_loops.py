@@ -25,7 +25,7 @@ from .flops import count_flops
 from .lbfgs import LBFGS
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
 from .targets import TorchTargets
-from .transfer import _make_loss, build_model, style_grams
+from .transfer import _make_loss, build_model, loop_network, style_grams
 from .weights import Weights, load_into
 
 if TYPE_CHECKING:  # bench imports this module; the case type is only named in annotations here
@@ -49,6 +49,7 @@ def reference_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = loop_network(model, runtime)  # same weight handling as the fast loop
     cw = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
     sw = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
     form = cfg.loss_form
@@ -84,7 +85,7 @@ def _flops(cfg: StyleConfig, case: BenchCase) -> int:
         fc = count_flops(hw, layers=layers, batch=3, forward_to=LAYER_NAMES[-1], pooling=cfg.pooling)
         grams = count_flops(hw, layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling)
         g = sum(layer.forward for layer in grams.layers if layer.kind == "gram")
-        return fc.total + 2 * g + 2 * g  # style's and output's Gram forward, output's backward
+        return fc.total + 2 * g + g  # style's and output's Gram forward, output's backward
     return count_flops(hw, layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling).total
 
 

@@ -84,6 +84,9 @@ class Runtime:
     precision: Precision = Precision.FP32
     channels_last: bool = True  # NHWC for the convolutions (faster on tensor cores and oneDNN)
     cudnn_benchmark: bool = True  # autotune convolutions once per shape
+    # bf16/fp16: the loop's network holds its weights in that dtype, cast once, instead of
+    # autocast casting every weight at every call (targets still come from the fp32 network).
+    lowp_weights: bool = True
     check_every: int = 0  # read the loss back (a sync) every N iterations; 0: 1 on CPU, 25 on GPU
 
     @property

@@ -6,6 +6,7 @@ never prints and never touches files; the caller saves what the callback hands i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from PIL import Image
 
 from . import color
 from .config import INIT_CHOICES, LossForm, Optimizer, PreserveColors, StyleConfig, content_layer_weights, style_layer_weights
-from .device import Runtime, autocast, precision_context, synchronize
+from .device import Runtime, autocast, autocast_dtype, precision_context, synchronize
 from .features import LAYER_INDEX, VGGFeatures, layer_stride
 from .images import ImageError, load_image, output_shape, resize, to_tensor
 from .lbfgs import LBFGS
@@ -89,6 +90,21 @@ def build_model(cfg: StyleConfig, weights: Weights, runtime: Runtime) -> VGGFeat
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def loop_network(model: VGGFeatures, runtime: Runtime) -> VGGFeatures:
+    """The network the optimisation loop runs: `model` itself, or for bf16/fp16 with
+    `runtime.lowp_weights` a copy whose conv weights are cast to that dtype once.
+
+    Autocast would cast the same weights the same way (round to nearest) at every forward; a
+    frozen weight is not a leaf that needs grad, so autocast's cast cache does not keep it.
+    """
+    dt = autocast_dtype(runtime.precision)
+    if dt is None or not runtime.lowp_weights:
+        return model
+    net = copy.deepcopy(model)
+    net.features.to(dtype=dt)
+    return net
 
 
 def model_id(weights: Weights, cfg: StyleConfig) -> str:
@@ -379,13 +395,14 @@ def _make_loss(
     form = cfg.loss_form
     pixels = hw[0] * hw[1]
     scale = cfg.pixel_scale
+    net = loop_network(model, runtime)
 
     def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         img = x / scale
         if runtime.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         with autocast(runtime):
-            feats = model(img)
+            feats = net(img)
         zero = x.new_zeros(())
         c = sum((w * content_loss(feats[k], content_feats[k], form=form) for k, w in cw.items()), zero)
         s = sum((w * style_loss(feats[k], grams[k], form=form, image_pixels=pixels) for k, w in sw.items()), zero)
@@ -397,4 +414,4 @@ def _make_loss(
     return loss_fn
 
 
-__all__ = ["Iterate", "StopRun", "StyleResult", "build_model", "gram_matrix", "stylize", "target_key"]
+__all__ = ["Iterate", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network", "stylize", "target_key"]

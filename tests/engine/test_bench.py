@@ -12,7 +12,8 @@ from nst.engine.bench import ROW_KEYS, BenchCase, BenchRow, bench_case, bench_co
 from nst.engine.bench_loops import _fast_loss, reference_loss
 from nst.engine.bench_targets import bench_targets
 from nst.engine.config import Precision
-from nst.engine.device import DeviceError, Runtime, check_precision, precision_context
+from nst.engine.device import DeviceError, Runtime, autocast_dtype, check_precision, precision_context
+from nst.engine.transfer import build_model, loop_network
 from nst.engine.peaks import measured_matmul_peak
 
 CPU = torch.device("cpu")
@@ -79,6 +80,34 @@ def test_reduced_precision_matches_fp32_loss(weights, precision):
     assert torch.nn.functional.cosine_similarity(g32, gp, dim=0) > 0.95
 
 
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP16])
+def test_lowp_weights_compute_what_autocast_computes(weights, precision):
+    # Casting the weights once must give the loss and gradient autocast gives by casting them at
+    # every call, while the network the targets use stays fp32.
+    if not _supports(precision):
+        pytest.skip(f"{precision.value} does not run on this CPU")
+    cfg = bench_config(BenchCase(32, 32, preset="seed"))
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(1, 3, 32, 32, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    out = {}
+    for lowp in (True, False):
+        rt = Runtime(precision=precision, lowp_weights=lowp)
+        with precision_context(rt):
+            model = build_model(cfg, weights, rt)
+            net = loop_network(model, rt)
+            assert {p.dtype for p in model.parameters()} == {torch.float32}
+            want = autocast_dtype(precision) if lowp else torch.float32
+            assert {p.dtype for p in net.parameters()} == {want}
+            loss_fn, _ = _fast_loss(cfg, weights, rt, content, style)
+            x = (0.5 * content + 0.5 * style).requires_grad_(True)
+            loss, _ = loss_fn(x)
+            loss.backward()
+        out[lowp] = (loss.detach(), x.grad)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-6, atol=1e-12)
+    assert loop_network(model, Runtime(precision=Precision.FP32)) is model
+
+
 @pytest.mark.parametrize("preset", ["gatys", "seed"])
 def test_reference_loop_computes_the_same_loss_as_the_fast_loop(weights, preset):
     # Same loss by two routes: targets recomputed from a batch of three every step, against
@@ -119,6 +148,9 @@ def test_expand_and_parse():
     cases = expand_cases([(32, 32), (64, 48)], precisions=[Precision.FP32], optimizers=["lbfgs"], presets=["gatys"], loops=["fast"], ablate=True, cuda=False)
     assert [(c.height, c.channels_last) for c in cases] == [(32, True), (64, True), (32, False), (64, False)]
     assert len(expand_cases([(32, 32)], precisions=[Precision.FP32], optimizers=["lbfgs"], presets=["gatys"], loops=["fast"], ablate=True, cuda=True)) == 3
+    # In bf16 the ablation also flips the weights' cast-once switch; nothing else changes with it.
+    bf = expand_cases([(32, 32)], precisions=[Precision.BF16], optimizers=["lbfgs"], presets=["gatys"], loops=["fast"], ablate=True, cuda=False)
+    assert [(c.channels_last, c.lowp_weights) for c in bf] == [(True, True), (False, True), (True, False)]
     with pytest.raises(ValueError, match="optimizer"):
         expand_cases([(32, 32)], precisions=[Precision.FP32], optimizers=["sgd"], presets=["gatys"], loops=["fast"])
     assert parse_size("128x192") == (128, 192) and parse_size("64") == (64, 64)
