@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nst.cli.app import app
 from nst.engine.bench import ROW_KEYS
+from nst.engine.config import Precision
+from nst.engine.device import DeviceError, check_precision
 from nst.engine.flops import count_flops
 
 runner = CliRunner()
@@ -58,6 +61,21 @@ def test_compare_reference_loop(tmp_path: Path):
     opt = [row for row in rows if row["phase"] == "optimisation"]
     assert [row["loop"] for row in opt] == ["fast", "reference"] and all(row["status"] == "ok" for row in opt)
     assert opt[1]["gflop_per_iteration"] > 2.9 * opt[0]["gflop_per_iteration"]
+
+
+def test_ablate_flips_the_cast_once_weights_in_bf16(tmp_path: Path):
+    try:
+        check_precision(torch.device("cpu"), Precision.BF16)
+    except DeviceError:
+        pytest.skip("bf16 does not run on this CPU")
+    j = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--sizes", "32", "--precision", "bf16", "--ablate", "--iterations", "1", "--warmup", "0",
+                            "--no-targets-phase", "--no-optimizer-phase", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(j.read_text())["results"]
+    assert [(row["channels_last"], row["lowp_weights"]) for row in rows] == [(True, True), (False, True), (True, False)]
+    assert all(row["status"] == "ok" for row in rows)
+    assert "weights cast per call" in r.output
 
 
 def test_flops_prints_the_table_and_totals():
