@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from nst.engine.device import DeviceError
+from nst.engine.device import DeviceError, is_out_of_memory, out_of_memory_message
 from nst.engine.images import ImageError
 from nst.engine.weights import WeightsError
 
@@ -57,9 +57,9 @@ def user_errors() -> Iterator[None]:
         raise fail(msg) from None
     except OSError as e:  # disk full, read-only folder...
         raise fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower():
-            raise fail(str(e).splitlines()[0], code=1) from None
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise fail(f"{out_of_memory_message(e)}: try a smaller size", code=1) from None
         raise
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
 from .config import Optimizer, Precision, StyleConfig, preset
-from .device import DeviceError, Runtime, autocast_dtype, check_precision, precision_context, synchronize
+from .device import DeviceError, Runtime, autocast_dtype, check_precision, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .features import LAYER_NAMES, layer_stride
 from .peaks import peak_for
 from .weights import Weights
@@ -285,6 +285,17 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
         return _skipped(case, device, "CUDA-graph capture is implemented for the fast loop with Adam(capturable=True) only")
     cfg = bench_config(case)
     check_case_size(cfg, case)
+    try:
+        return _measure_case(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks)
+    except Exception as e:  # a size that does not fit becomes a skipped row; other errors propagate
+        if not is_out_of_memory(e):
+            raise
+        reason = f"{out_of_memory_message(e, device)}: this size does not fit here"
+    release_memory(device)  # after the except block, which kept the failed case's frames alive
+    return _skipped(case, device, reason)
+
+
+def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, peaks: dict | None) -> BenchRow:
     runtime = Runtime(device=device, precision=case.precision, channels_last=case.channels_last,
                       cudnn_benchmark=case.cudnn_benchmark, lowp_weights=case.lowp_weights)
     content, style = _images(case, device, seed)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,3 +128,30 @@ def autocast(runtime: Runtime) -> contextlib.AbstractContextManager[object]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in text for k in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+
+
+def out_of_memory_message(e: BaseException, device: torch.device | None = None) -> str:
+    """One line: where memory ran out, and how much the failed allocation asked for if it says."""
+    text = str(e)
+    amount = ""
+    if m := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA's caching allocator
+        amount = m.group(1)
+    elif m := re.search(r"allocate (\d+) bytes", text):  # the CPU allocator
+        amount = f"{int(m.group(1)) / 2**30:.1f} GiB"
+    where = f" on {device}" if device is not None else (" on the GPU" if isinstance(e, torch.OutOfMemoryError) else "")
+    return f"ran out of memory{where}" + (f" (an allocation of {amount} failed)" if amount else "")
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what a failed case held: Python's garbage, and on CUDA the allocator's cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

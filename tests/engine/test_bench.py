@@ -167,3 +167,27 @@ def test_too_small_for_the_layers(weights):
 def test_rows_say_what_the_case_was():
     fields = {f.name for f in dataclasses.fields(BenchRow)}
     assert {"status", "reason", "loop", "optimizer", "preset", "channels_last", "peak_source", "memory_source"} <= fields
+
+
+def test_a_size_that_does_not_fit_is_a_skipped_row(weights, monkeypatch):
+    # What a sweep up to 4096 px does on a smaller GPU: the row says why, and the sweep goes on.
+    import nst.engine.bench as bench
+    import nst.engine.bench_targets as bt
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB. GPU 0 has a total capacity of 22 GiB")
+
+    monkeypatch.setattr(bench, "_measure_case", oom)
+    monkeypatch.setattr(bt, "_measure_targets", oom)
+    row = bench.bench_case(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=0)
+    assert row.status == "skipped" and row.ms_per_iteration is None
+    assert row.reason == "ran out of memory on cpu (an allocation of 12.00 GiB failed): this size does not fit here"
+    rows = bt.bench_targets(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=0)
+    assert [(r.phase, r.status) for r in rows] == [("targets", "skipped")] and "12.00 GiB" in rows[0].reason
+
+    def other(*a, **k):
+        raise RuntimeError("a shape mismatch is a bug, not a size")
+
+    monkeypatch.setattr(bench, "_measure_case", other)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.bench_case(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=0)
