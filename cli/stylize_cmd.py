@@ -12,12 +12,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nst.engine import config as C
-from nst.engine.device import Runtime, check_precision, resolve_device
+from nst.engine.device import Runtime, check_precision, is_out_of_memory, out_of_memory_message, resolve_device
 from nst.engine.images import load_image, output_format, save_image
 from nst.engine.transfer import Iterate, StyleResult, check_sizes, stylize
 from nst.engine.weights import Weights, load_weights
 
-from .common import UserError, cache_dir, console, parse_list, user_errors
+from .common import UserError, cache_dir, console, fail, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
 from .targets_opt import Provider, TargetsMode, choose_targets
 
@@ -212,10 +212,11 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
             progress.start()
             sink.task = progress.add_task("stylize", total=total, loss="-", stage="", rate="")
         result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(
-            f"CUDA ran out of memory at size {max(cfg.sizes)} on {dev}; try a smaller --size, --precision bf16, fewer --scales, or --device cpu"
-        ) from None
+    except Exception as e:  # running out of memory in the first scale: nothing to keep
+        if not is_out_of_memory(e):
+            raise
+        hint = "try a smaller --size, --precision bf16 or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
+        raise fail(f"{out_of_memory_message(e, dev)} at size {cfg.sizes[0]}; {hint}", code=1) from None
     finally:
         if progress is not None:
             progress.stop()
@@ -240,6 +241,9 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
         raise typer.Exit(130)
     if result.status == "nonfinite":
         console.print(f"[bold red]error:[/] {result.message}; saved {output}. Lower --lr or the loss weights.")
+        raise typer.Exit(1)
+    if result.status == "oom":
+        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Drop the last --scales entry or try --precision bf16.")
         raise typer.Exit(1)
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import color
 from .config import INIT_CHOICES, LossForm, Optimizer, PreserveColors, StyleConfig, content_layer_weights, style_layer_weights
-from .device import Runtime, autocast, autocast_dtype, precision_context, synchronize
+from .device import Runtime, autocast, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .features import LAYER_INDEX, VGGFeatures, layer_stride
 from .images import ImageError, load_image, output_shape, resize, to_tensor
 from .lbfgs import LBFGS
@@ -52,7 +52,7 @@ class StyleResult:
     """The output image and how it was reached."""
 
     image: torch.Tensor  # (1, 3, H, W) in [0, 1], CPU
-    status: str  # "done" | "interrupted" | "nonfinite"
+    status: str  # "done" | "interrupted" | "nonfinite" | "oom" (a later scale did not fit; the previous one's image kept)
     steps: int  # iterations completed over all stages
     loss_history: list[float]  # total loss per iteration
     loss_terms: dict[str, float]  # the last iteration's weighted terms
@@ -228,87 +228,98 @@ def stylize(
     image_seconds = 0.0
     optim_start = None
     x_prev: torch.Tensor | None = None  # previous stage's result, [0, 1] units
+    done: tuple | None = None  # (x_prev, content_rgb, hw) of the last finished scale
     content_rgb = None
 
     with precision_context(runtime):
-        for stage, size in enumerate(cfg.sizes):
-            # --- images for this stage -------------------------------------------------------
-            ti = time.perf_counter()
-            hw = output_shape(content.width, content.height, size, cfg.size_edge)
-            content_rgb, content_t, style_ts = _stage_images(content, styles, hw, cfg, dev)
-            image_seconds += time.perf_counter() - ti
+        try:
+            for stage, size in enumerate(cfg.sizes):
+                # --- images for this stage -------------------------------------------------------
+                ti = time.perf_counter()
+                hw = output_shape(content.width, content.height, size, cfg.size_edge)
+                content_rgb, content_t, style_ts = _stage_images(content, styles, hw, cfg, dev)
+                image_seconds += time.perf_counter() - ti
 
-            # --- targets -------------------------------------------------------------------
-            tt = time.perf_counter()
-            c_targets = _targets(source, cache, mid, content_t, cfg.content_layers, (), cfg)
-            s_targets = [_targets(source, cache, mid, st, (), cfg.style_layers, cfg) for st in style_ts]
-            cache_lookups += (1 + len(style_ts)) if cache is not None else 0
-            cache_hits += sum(int(t[1]) for t in [c_targets, *s_targets])
-            content_feats = {k: v.to(dev) for k, v in c_targets[0].content.items()}
-            grams = style_grams(cfg, [t for t, _ in s_targets], style_ts, blend, device=dev)
-            synchronize(dev)
-            target_seconds += time.perf_counter() - tt
-
-            # --- the image being optimised ---------------------------------------------------
-            if x_prev is None:
-                init = _init_image(cfg, content_t, style_ts[0], init_image, hw, dev)
-            else:
-                init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
-            x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
-            good = x.detach().clone()
-            loss_fn = _make_loss(model, runtime, cfg, content_feats, grams, hw)
-            opt = _make_optimizer(cfg, x)
-
-            def snapshot(x: torch.Tensor = x) -> torch.Tensor:
-                img = (x.detach() / cfg.pixel_scale).clamp(0, 1)
-                if luminance_only:
-                    img = color.combine_luminance(img, content_rgb)
-                return img.cpu()
-
-            if optim_start is None:
+                # --- targets -------------------------------------------------------------------
+                tt = time.perf_counter()
+                c_targets = _targets(source, cache, mid, content_t, cfg.content_layers, (), cfg)
+                s_targets = [_targets(source, cache, mid, st, (), cfg.style_layers, cfg) for st in style_ts]
+                cache_lookups += (1 + len(style_ts)) if cache is not None else 0
+                cache_hits += sum(int(t[1]) for t in [c_targets, *s_targets])
+                content_feats = {k: v.to(dev) for k, v in c_targets[0].content.items()}
+                grams = style_grams(cfg, [t for t, _ in s_targets], style_ts, blend, device=dev)
                 synchronize(dev)
-                optim_start = time.perf_counter()
-            last_sync = time.perf_counter()
-            last_sync_step = step
-            try:
-                for it in range(1, cfg.iterations + 1):
-                    if x.grad is not None:
-                        x.grad = None
-                    loss, terms = loss_fn(x)
-                    loss.backward()
-                    history.append(loss.detach())
-                    terms_last = terms
-                    if it % runtime.health_interval == 0 or it == cfg.iterations:
-                        synchronize(dev)
-                        now = time.perf_counter()
-                        if step + 1 > last_sync_step:
-                            per = (now - last_sync) / (step + 1 - last_sync_step)
-                            iter_seconds.extend([per] * (step + 1 - last_sync_step))
-                        last_sync, last_sync_step = now, step + 1
-                        if not torch.isfinite(loss).item():
-                            status = "nonfinite"
-                            message = f"the loss became {float(loss.detach())} at iteration {step + 1}; kept the last image with a finite loss"
-                            x.data.copy_(good)
-                            history.pop()
-                            break
-                        good = x.detach().clone()
-                    opt.step()
-                    step += 1
-                    if callback is not None:
-                        callback(
-                            Iterate(stage, len(cfg.sizes), hw, it, cfg.iterations, step, total_steps,
-                                    loss.detach(), {k: v.detach() for k, v in terms.items()},
-                                    time.perf_counter() - optim_start, snapshot)
-                        )
-            except (KeyboardInterrupt, StopRun):
-                status = "interrupted"
-                message = f"stopped at iteration {step} of {total_steps}; kept the latest image"
-            with torch.no_grad():
-                x_prev = (x.detach() / cfg.pixel_scale).clamp(0, 1)
-                if not torch.isfinite(x_prev).all():
-                    x_prev = (good / cfg.pixel_scale).clamp(0, 1)
-            if status != "done":
-                break
+                target_seconds += time.perf_counter() - tt
+
+                # --- the image being optimised ---------------------------------------------------
+                if x_prev is None:
+                    init = _init_image(cfg, content_t, style_ts[0], init_image, hw, dev)
+                else:
+                    init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
+                x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
+                good = x.detach().clone()
+                loss_fn = _make_loss(model, runtime, cfg, content_feats, grams, hw)
+                opt = _make_optimizer(cfg, x)
+
+                def snapshot(x: torch.Tensor = x) -> torch.Tensor:
+                    img = (x.detach() / cfg.pixel_scale).clamp(0, 1)
+                    if luminance_only:
+                        img = color.combine_luminance(img, content_rgb)
+                    return img.cpu()
+
+                if optim_start is None:
+                    synchronize(dev)
+                    optim_start = time.perf_counter()
+                last_sync = time.perf_counter()
+                last_sync_step = step
+                try:
+                    for it in range(1, cfg.iterations + 1):
+                        if x.grad is not None:
+                            x.grad = None
+                        loss, terms = loss_fn(x)
+                        loss.backward()
+                        history.append(loss.detach())
+                        terms_last = terms
+                        if it % runtime.health_interval == 0 or it == cfg.iterations:
+                            synchronize(dev)
+                            now = time.perf_counter()
+                            if step + 1 > last_sync_step:
+                                per = (now - last_sync) / (step + 1 - last_sync_step)
+                                iter_seconds.extend([per] * (step + 1 - last_sync_step))
+                            last_sync, last_sync_step = now, step + 1
+                            if not torch.isfinite(loss).item():
+                                status = "nonfinite"
+                                message = f"the loss became {float(loss.detach())} at iteration {step + 1}; kept the last image with a finite loss"
+                                x.data.copy_(good)
+                                history.pop()
+                                break
+                            good = x.detach().clone()
+                        opt.step()
+                        step += 1
+                        if callback is not None:
+                            callback(
+                                Iterate(stage, len(cfg.sizes), hw, it, cfg.iterations, step, total_steps,
+                                        loss.detach(), {k: v.detach() for k, v in terms.items()},
+                                        time.perf_counter() - optim_start, snapshot)
+                            )
+                except (KeyboardInterrupt, StopRun):
+                    status = "interrupted"
+                    message = f"stopped at iteration {step} of {total_steps}; kept the latest image"
+                with torch.no_grad():
+                    x_prev = (x.detach() / cfg.pixel_scale).clamp(0, 1)
+                    if not torch.isfinite(x_prev).all():
+                        x_prev = (good / cfg.pixel_scale).clamp(0, 1)
+                done = (x_prev, content_rgb, hw)
+                if status != "done":
+                    break
+        except Exception as e:  # only running out of memory in a later scale is handled here
+            if done is None or not is_out_of_memory(e):
+                raise
+            x_prev, content_rgb, kept_hw = done
+            status = "oom"
+            message = f"{out_of_memory_message(e, dev)} at {hw[1]}x{hw[0]}; kept the {kept_hw[1]}x{kept_hw[0]} result of the previous scale"
+    if status == "oom":
+        release_memory(dev)  # the failed scale's tensors, freed with the exception
     synchronize(dev)
     phases["images"] = image_seconds
     phases["targets"] = target_seconds

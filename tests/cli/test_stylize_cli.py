@@ -109,6 +109,40 @@ def test_nonfinite_loss_exits_nonzero_and_keeps_image(images, tmp_path: Path):
     assert out.is_file()
 
 
+def test_out_of_memory_is_one_line_and_a_later_scale_keeps_the_earlier_image(images, tmp_path: Path, monkeypatch):
+    import torch
+
+    import nst.cli.stylize_cmd as cmd
+
+    real = cmd.stylize
+
+    def fails_at(stage, error):
+        def fake(*args, callback=None, **kw):
+            def cb(it):
+                if it.stage == stage:
+                    raise error
+                callback(it)
+
+            return real(*args, callback=cb, **kw)
+
+        return fake
+
+    out = tmp_path / "o.png"
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes.")
+    monkeypatch.setattr(cmd, "stylize", fails_at(0, cpu_oom))
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "-q")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "error: ran out of memory on cpu (an allocation of 3.0 GiB failed) at size 48; try a smaller --size" in " ".join(r.output.split())
+    assert not out.exists()
+
+    monkeypatch.setattr(cmd, "stylize", fails_at(1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")))
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--scales", "32,48", "-q")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "kept the 32x21 result of the previous scale" in " ".join(r.output.split())
+    with Image.open(out) as im:
+        assert im.size == (32, 21)
+
+
 def test_info_and_weights_commands(tmp_path: Path):
     r = run("info", "--json")
     assert r.exit_code == 0
@@ -148,4 +182,5 @@ def test_cuda_out_of_memory_is_one_line(images, tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(cmd, "stylize", oom)
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *FAST, "-q")
-    assert r.exit_code == 2 and "ran out of memory at size 48" in r.output and "--size" in r.output
+    # Exit 1, as for any failed allocation (2 is for usage mistakes).
+    assert r.exit_code == 1 and "(an allocation of 20.00 GiB failed) at size 48" in r.output and "--size" in r.output

@@ -203,6 +203,38 @@ def test_interrupt_keeps_latest_image(pics, weights):
     assert r2.status == "interrupted" and r2.steps == 1
 
 
+def _oom_at_stage(stage, cpu_style=False):
+    """A callback that fails like the allocator would, once the given scale starts."""
+
+    def cb(it):
+        if it.stage == stage:
+            if cpu_style:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes.")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
+
+    return cb
+
+
+def test_out_of_memory_in_a_later_scale_keeps_the_previous_scales_image(pics, weights):
+    c, s, _ = pics
+    cfg = dataclasses.replace(SMALL, scales=(32, 48), iterations=2, preserve_colors=PreserveColors.LUMINANCE)
+    full = stylize(c, [s], dataclasses.replace(cfg, scales=(32,)), weights=weights)
+    r = stylize(c, [s], cfg, weights=weights, callback=_oom_at_stage(1))
+    assert r.status == "oom" and r.steps == 3  # two at 32 px, the failed one at 48
+    assert "ran out of memory" in r.message and "2.00 GiB" in r.message and "kept the 32x21 result" in r.message
+    assert tuple(r.image.shape[-2:]) == tuple(full.image.shape[-2:]) == (21, 32)
+    torch.testing.assert_close(r.image, full.image)  # the first scale's result, colours included
+
+
+def test_out_of_memory_in_the_first_scale_is_raised(pics, weights):
+    c, s, _ = pics
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        stylize(c, [s], dataclasses.replace(SMALL, iterations=2), weights=weights, callback=_oom_at_stage(0, cpu_style=True))
+    with pytest.raises(ValueError, match="boom"):  # anything else is not mistaken for memory
+        stylize(c, [s], dataclasses.replace(SMALL, scales=(32, 48), iterations=1), weights=weights,
+                callback=lambda it: (_ for _ in ()).throw(ValueError("boom")) if it.stage == 1 else None)
+
+
 def test_nonfinite_loss_stops_with_last_good_image(pics, weights):
     c, s, _ = pics
     spy = Spy(TorchTargets(_model(SMALL, weights)), poison=True)
