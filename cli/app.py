@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
-from nst.engine.device import supported_precisions
+from nst.engine.device import resolve_precision, supported_precisions
 from nst.engine.features import LAYER_NAMES
 from nst.engine.weights import import_weights, weights_status
 
@@ -78,6 +78,7 @@ def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
             str(d): {
                 "name": torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU",
                 "precisions": [p.value for p in supported_precisions(d)],
+                "auto_precision": resolve_precision(d, "auto").value,
             }
             for d in devices
         },
@@ -93,7 +94,7 @@ def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
         return
     table = Table(title="nst info", show_header=False)
     for dev, d in info["devices"].items():  # type: ignore[union-attr]
-        table.add_row(f"device {dev}", f"{d['name']}; precisions {', '.join(d['precisions'])}")
+        table.add_row(f"device {dev}", f"{d['name']}; precisions {', '.join(d['precisions'])}; --precision auto runs {d['auto_precision']}")
     table.add_row("cpu threads", str(info["cpu_threads"]))
     table.add_row("onnxruntime providers", ", ".join(info["onnxruntime_providers"]) or "onnxruntime not installed")  # type: ignore[arg-type]
     w = info["weights"]

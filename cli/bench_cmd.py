@@ -18,7 +18,7 @@ from rich.table import Table
 from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_optimizer, expand_cases, parse_size, skipped_row
 from nst.engine.bench_targets import bench_targets
 from nst.engine.config import Precision, Preset, preset
-from nst.engine.device import resolve_device
+from nst.engine.device import resolve_device, resolve_precision
 from nst.engine.features import LAYER_INDEX
 from nst.engine.flops import count_flops
 from nst.engine.files import write_atomic
@@ -38,7 +38,7 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def bench_command(
     sizes: Annotated[str, typer.Option("--sizes", help="Comma list of N (square) or HxW, e.g. 256,512 or 128x192.")] = "256,512,1024",
-    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, tf32, bf16, fp16, or auto (all four; on the CPU fp16 is reported as skipped). Ones this device lacks are reported as skipped.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, tf32, bf16, fp16 and auto (what stylize's auto picks here), or all (the four; on the CPU fp16 is then reported as skipped). Ones this device lacks are reported as skipped.")] = "all",
     optimizer: Annotated[str, typer.Option("--optimizer", help="Comma list of lbfgs (ours), adam, torch-lbfgs (torch.optim.LBFGS).")] = "lbfgs",
     preset_names: Annotated[str, typer.Option("--preset", help="Comma list of presets whose layer sets and losses to run: gatys, seed.")] = "gatys",
     loop: Annotated[str, typer.Option("--loop", help="Comma list: fast (what stylize runs), reference (the notebook's: content, style and output through all of VGG19 every step).")] = "fast",
@@ -65,8 +65,8 @@ def bench_command(
         hw = [parse_size(s) for s in parse_list(sizes, what="size")]
         if not hw:
             raise UserError("--sizes is empty: give e.g. 256,512")
-        auto = precision.strip().lower() == "auto"
-        precs = list(Precision) if auto else [Precision(p) for p in _choices(precision, tuple(p.value for p in Precision), "precision")]
+        every = precision.strip().lower() == "all"
+        names = [p.value for p in Precision] if every else _choices(precision, ("auto", *(p.value for p in Precision)), "precision")
         opts = _choices(optimizer, OPTIMIZERS, "optimizer")
         presets = _choices(preset_names, tuple(p.value for p in Preset), "preset")
         loops = _choices(loop, LOOPS, "loop")
@@ -74,6 +74,7 @@ def bench_command(
             _print_flops(hw, presets)
             return
         dev = resolve_device(device)
+        precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
         cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
                              ablate=ablate, cuda=dev.type == "cuda")
@@ -83,7 +84,7 @@ def bench_command(
         with console.status("benchmarking") as status:
             for i, case in enumerate(cases, 1):
                 status.update(f"case {i}/{len(cases)}: {case.loop} {case.preset} {case.optimizer} {case.precision.value} {case.height}x{case.width}")
-                if auto and dev.type == "cpu" and case.precision == Precision.FP16:
+                if every and dev.type == "cpu" and case.precision == Precision.FP16:
                     rows.append(skipped_row(case, dev, CPU_FP16_REASON))
                     continue
                 rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nst.engine import config as C
-from nst.engine.device import Runtime, check_precision, is_out_of_memory, out_of_memory_message, resolve_device
+from nst.engine.device import Runtime, is_out_of_memory, out_of_memory_message, resolve_device, resolve_precision
 from nst.engine.images import load_image, output_format, save_image
 from nst.engine.transfer import Iterate, StyleResult, check_sizes, stylize
 from nst.engine.weights import Weights, load_weights
@@ -115,7 +115,7 @@ def stylize_command(
     weights: Annotated[str, typer.Option(help="imagenet, random, or a .pth/.safetensors file.")] = "imagenet",
     seed: Annotated[Optional[int], typer.Option(help=f"Seed for noise init and random weights {_default('seed')}.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[C.Precision, typer.Option(help="Network precision; Grams and losses stay fp32. bf16 is the fast choice where the hardware has bf16 units (Ampere or newer GPUs; CPUs with AVX512-BF16 or AMX): about 1.7x fp32 on such a CPU.")] = C.Precision.FP32,
+    precision: Annotated[str, typer.Option(help="auto, fp32, tf32, bf16 or fp16: the network's precision (Grams and losses stay fp32). auto: bf16 where the hardware has bf16 units (GPUs of compute capability 8.0+, CPUs with AVX512-BF16 or AMX), else fp32.")] = "auto",
     save_every: Annotated[Optional[int], typer.Option(help=f"Also save OUT.NNNN.ext every N iterations, 0 for never {_default('save_every')}.", show_default=False)] = None,
     targets: Annotated[TargetsMode, typer.Option(help="Where style/content targets come from.")] = TargetsMode.AUTO,
     onnx: Annotated[Optional[Path], typer.Option(help="An exported target module to use for the targets.", show_default=False)] = None,
@@ -167,7 +167,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     if cfg.style_blend and len(cfg.style_blend) != len(styles):
         raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
     dev = resolve_device(str(a["device"]))
-    prec = check_precision(dev, a["precision"])  # type: ignore[arg-type]
+    prec = resolve_precision(dev, str(a["precision"]))
     runtime = Runtime(device=dev, precision=prec)
 
     t = time.perf_counter()
@@ -215,7 +215,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     except Exception as e:  # running out of memory in the first scale: nothing to keep
         if not is_out_of_memory(e):
             raise
-        hint = "try a smaller --size, --precision bf16 or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
+        hint = "try a smaller --size" + (", --precision bf16" if prec in (C.Precision.FP32, C.Precision.TF32) else "") + " or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
         raise fail(f"{out_of_memory_message(e, dev)} at size {cfg.sizes[0]}; {hint}", code=1) from None
     finally:
         if progress is not None:
@@ -233,7 +233,9 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     if a["report"] is not None:
         write_json(Path(a["report"]), _report(result, cfg, runtime, w, phases, per, tinfo, output, sink.saved))  # type: ignore[arg-type]
     if not quiet:
-        extra = {"target source": f"{tinfo.get('source')} ({tinfo.get('provider')}), cache {tinfo.get('cache')}"}
+        chosen = " (auto)" if str(a["precision"]).strip().lower() == "auto" else ""
+        extra = {"device, precision": f"{dev}, {prec.value}{chosen}",
+                 "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}), cache {tinfo.get('cache')}"}
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
         console.print(f"wrote {output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
     if result.status == "interrupted":
@@ -243,7 +245,8 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
         console.print(f"[bold red]error:[/] {result.message}; saved {output}. Lower --lr or the loss weights.")
         raise typer.Exit(1)
     if result.status == "oom":
-        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Drop the last --scales entry or try --precision bf16.")
+        bf16 = " or try --precision bf16" if prec in (C.Precision.FP32, C.Precision.TF32) else ""
+        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Drop the last --scales entry{bf16}.")
         raise typer.Exit(1)
 
 

@@ -60,7 +60,7 @@ def check_precision(device: torch.device, precision: Precision | str) -> Precisi
     try:
         p = Precision(precision)
     except ValueError:
-        raise DeviceError(f"unknown precision {precision!r}: use {', '.join(x.value for x in Precision)}") from None
+        raise DeviceError(f"unknown precision {precision!r}: use auto, {', '.join(x.value for x in Precision)}") from None
     if p == Precision.TF32 and device.type != "cuda":
         raise DeviceError("tf32 is a CUDA tensor-core mode: use fp32 (or bf16) on the CPU")
     if p == Precision.TF32 and torch.cuda.get_device_capability(device)[0] < 8:
@@ -76,6 +76,30 @@ def check_precision(device: torch.device, precision: Precision | str) -> Precisi
         except (RuntimeError, AssertionError) as e:
             raise DeviceError(f"{p.value} does not run on {device} here ({str(e).splitlines()[0]}); use fp32") from None
     return p
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether `device` has bf16 matrix units: a CUDA GPU of compute capability 8.0 or newer, or a
+    CPU with AVX512-BF16 or AMX tiles (asked through torch's CPU probes; absent probes mean no)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(bool(p()) for p in probes if p is not None)
+    return False
+
+
+def resolve_precision(device: torch.device, spec: Precision | str) -> Precision:
+    """`auto`: bf16 where `device` has bf16 units and it runs there, else fp32. Otherwise the named
+    precision, checked against the device (DeviceError if it cannot run)."""
+    if str(getattr(spec, "value", spec)).strip().lower() == "auto":
+        if has_fast_bf16(device):
+            try:
+                return check_precision(device, Precision.BF16)
+            except DeviceError:
+                pass
+        return Precision.FP32
+    return check_precision(device, spec)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from nst.cli.app import app
 from nst.engine.bench import ROW_KEYS
 from nst.engine.config import Precision
-from nst.engine.device import DeviceError, check_precision
+from nst.engine.device import DeviceError, check_precision, resolve_precision
 from nst.engine.flops import count_flops
 
 runner = CliRunner()
@@ -32,7 +32,7 @@ def test_bench_writes_json_csv_and_plot(tmp_path: Path):
     for row in rows:
         assert tuple(row) == ROW_KEYS and set(ISSUE_KEYS) <= set(row)
     opt = [row for row in rows if row["phase"] == "optimisation"]
-    assert len(opt) == 2 * 4 * 2  # optimizers x precisions (auto) x sizes
+    assert len(opt) == 2 * 4 * 2  # optimizers x precisions (all four, the default) x sizes
     ok = [row for row in opt if row["status"] == "ok"]
     assert {row["precision"] for row in ok} >= {"fp32"} and all(row["ms_per_iteration"] > 0 and row["tflops"] > 0 for row in ok)
     tf32 = [row for row in opt if row["precision"] == "tf32"]
@@ -76,6 +76,15 @@ def test_ablate_flips_the_cast_once_weights_in_bf16(tmp_path: Path):
     assert [(row["channels_last"], row["lowp_weights"]) for row in rows] == [(True, True), (False, True), (True, False)]
     assert all(row["status"] == "ok" for row in rows)
     assert "weights cast per call" in r.output
+
+
+def test_precision_auto_times_what_stylize_would_run(tmp_path: Path):
+    j = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--sizes", "32", "--precision", "auto,fp32", "--iterations", "1", "--warmup", "0",
+                            "--no-targets-phase", "--no-optimizer-phase", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    chosen = resolve_precision(torch.device("cpu"), "auto").value
+    assert [row["precision"] for row in json.loads(j.read_text())["results"]] == list(dict.fromkeys([chosen, "fp32"]))
 
 
 def test_flops_prints_the_table_and_totals():

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from nst.cli.app import app
+from nst.engine.device import resolve_precision
 
 runner = CliRunner()
 FAST = ["--weights", "random", "--size", "48", "--iterations", "4", "--targets", "torch", "--style-layers", "relu1_1,relu2_1,relu3_1", "--content-layers", "relu3_2"]
@@ -39,7 +41,8 @@ def test_stylize_writes_image_report_and_sheet(images, tmp_path: Path):
     assert data["iterations"] == 4 and len(data["loss"]["history"]) == 4
     assert data["loss"]["initial"] == data["loss"]["history"][0] and data["loss"]["final"] == data["loss"]["history"][-1]
     assert set(data["seconds_per_iteration"]) == {"mean", "median"} and data["seconds_per_iteration"]["median"] > 0
-    assert data["device"] == "cpu" and data["precision"] == "fp32"
+    # --precision auto: bf16 on a CPU with bf16 units, else fp32.
+    assert data["device"] == "cpu" and data["precision"] == resolve_precision(torch.device("cpu"), "auto").value
     assert data["weights"]["kind"] == "random" and len(data["weights"]["fingerprint"]) == 16
     assert data["config"]["size"] == 48 and data["config"]["style_layers"] == ["relu1_1", "relu2_1", "relu3_1"]
     assert data["targets"]["source"] == "torch"
@@ -148,6 +151,7 @@ def test_info_and_weights_commands(tmp_path: Path):
     assert r.exit_code == 0
     info = json.loads(r.stdout)
     assert "cpu" in info["devices"] and "fp32" in info["devices"]["cpu"]["precisions"]
+    assert info["devices"]["cpu"]["auto_precision"] == resolve_precision(torch.device("cpu"), "auto").value
     assert "CPUExecutionProvider" in info["onnxruntime_providers"] and "relu4_2" in info["layers"]
     r = run("weights", "status", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["imagenet_available"] is False

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nst.engine.config import GATYS, Precision
-from nst.engine.device import Runtime, check_precision, resolve_device
+from nst.engine.device import Runtime, check_precision, resolve_device, resolve_precision
 from nst.engine.images import load_image
 from nst.engine.transfer import stylize
 
@@ -40,3 +40,9 @@ def test_reduced_precisions_close_to_fp32(pics, weights, precision):
     assert got.status == "done"
     assert got.loss_history[0] == pytest.approx(ref.loss_history[0], rel=0.05)
     assert (got.image - ref.image).abs().mean() < 0.03
+
+
+def test_auto_precision_on_the_gpu():
+    dev = resolve_device("cuda")
+    want = Precision.BF16 if torch.cuda.get_device_capability(dev)[0] >= 8 else Precision.FP32
+    assert resolve_precision(dev, "auto") == want

@@ -1,0 +1,57 @@
+"""Precision choice and out-of-memory recognition (CPU; the CUDA branches are in test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nst.engine.config import Precision
+from nst.engine.device import DeviceError, has_fast_bf16, is_out_of_memory, out_of_memory_message, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def _probes(monkeypatch, avx512_bf16, amx):
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda v=value: v)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "want"), [(True, False, Precision.BF16), (False, True, Precision.BF16), (False, False, Precision.FP32), (None, None, Precision.FP32)])
+def test_auto_picks_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, avx512_bf16, amx, want):
+    _probes(monkeypatch, avx512_bf16, amx)
+    assert has_fast_bf16(CPU) is (want == Precision.BF16)
+    assert resolve_precision(CPU, "auto") == want
+    assert resolve_precision(CPU, " AUTO ") == want
+
+
+def test_auto_falls_back_to_fp32_when_bf16_does_not_run(monkeypatch):
+    import nst.engine.device as device
+
+    _probes(monkeypatch, True, False)
+
+    def broken(dev, p):
+        raise DeviceError("bf16 does not run here")
+
+    monkeypatch.setattr(device, "check_precision", broken)
+    assert resolve_precision(CPU, "auto") == Precision.FP32
+
+
+def test_named_precisions_are_checked():
+    assert resolve_precision(CPU, "fp32") == Precision.FP32
+    with pytest.raises(DeviceError, match="tf32 is a CUDA tensor-core mode"):
+        resolve_precision(CPU, "tf32")
+    with pytest.raises(DeviceError, match="unknown precision 'fp64': use auto, fp32, tf32, bf16, fp16"):
+        resolve_precision(CPU, "fp64")
+
+
+def test_out_of_memory_is_recognised_in_either_wording():
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes. Error code 12")
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+    assert is_out_of_memory(cpu) and is_out_of_memory(cuda) and is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) and not is_out_of_memory(ValueError("out of memory"))
+    assert out_of_memory_message(cpu, CPU) == "ran out of memory on cpu (an allocation of 3.0 GiB failed)"
+    assert out_of_memory_message(cuda) == "ran out of memory on the GPU (an allocation of 2.00 GiB failed)"
+    assert out_of_memory_message(MemoryError()) == "ran out of memory"
