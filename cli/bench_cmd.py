@@ -28,11 +28,13 @@ from .common import UserError, cache_dir, console, parse_list, user_errors
 from .report import versions, write_json
 
 
-def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "") -> list[str]:
+    """`text` as a comma list of `allowed`; `alone` names a value that stands by itself (told in the error)."""
     items = list(parse_list(text, what=what))
     bad = [i for i in items if i not in allowed]
     if bad or not items:
-        raise UserError(f"unknown {what} {', '.join(bad) or repr(text)}: use a comma list of {', '.join(allowed)}")
+        either = f"{alone}, or " if alone else ""
+        raise UserError(f"unknown {what} {', '.join(bad) or repr(text)}: use {either}a comma list of {', '.join(allowed)}")
     return items
 
 
@@ -66,7 +68,7 @@ def bench_command(
         if not hw:
             raise UserError("--sizes is empty: give e.g. 256,512")
         every = precision.strip().lower() == "all"
-        names = [p.value for p in Precision] if every else _choices(precision, ("auto", *(p.value for p in Precision)), "precision")
+        names = [p.value for p in Precision] if every else _choices(precision, ("auto", *(p.value for p in Precision)), "precision", alone="all")
         opts = _choices(optimizer, OPTIMIZERS, "optimizer")
         presets = _choices(preset_names, tuple(p.value for p in Preset), "preset")
         loops = _choices(loop, LOOPS, "loop")
