@@ -14,7 +14,7 @@ from .config import (
     StyleConfig,
     preset,
 )
-from .device import DeviceError, Runtime, resolve_device
+from .device import DeviceError, Runtime, resolve_device, resolve_precision
 from .features import LAYER_NAMES, VGGFeatures
 from .images import ImageError, load_image, save_image
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
@@ -26,5 +26,5 @@ __all__ = [
     "Optimizer", "Pooling", "Precision", "Preset", "PreserveColors", "Runtime", "SizeEdge",
     "StopRun", "StyleConfig", "StyleResult", "VGGFeatures", "Weights", "WeightsError",
     "content_loss", "gram_matrix", "load_image", "load_weights", "preset", "random_weights",
-    "resolve_device", "save_image", "style_loss", "stylize", "tv_loss",
+    "resolve_device", "resolve_precision", "save_image", "style_loss", "stylize", "tv_loss",
 ]  # fmt: skip
