@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +30,8 @@ from .device import DeviceError, Runtime, autocast_dtype, check_precision, is_ou
 from .features import LAYER_NAMES, layer_stride
 from .peaks import peak_for
 from .weights import Weights
+
+T = TypeVar("T")
 
 OPTIMIZERS = ("lbfgs", "adam", "torch-lbfgs")
 # fp16 autocast runs on the CPU but without fast kernels (measured: ~100x slower than fp32 on the
@@ -285,14 +288,23 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
         return _skipped(case, device, "CUDA-graph capture is implemented for the fast loop with Adam(capturable=True) only")
     cfg = bench_config(case)
     check_case_size(cfg, case)
+    return unless_out_of_memory(
+        lambda: _measure_case(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks),
+        device, lambda reason: _skipped(case, device, reason),
+    )
+
+
+def unless_out_of_memory(measure: Callable[[], T], device: torch.device, skipped: Callable[[str], T]) -> T:
+    """`measure()`, or if it runs out of memory `skipped(reason)`: a size that does not fit is a
+    row saying so, and the sweep goes on. Other errors propagate."""
     try:
-        return _measure_case(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks)
-    except Exception as e:  # a size that does not fit becomes a skipped row; other errors propagate
+        return measure()
+    except Exception as e:
         if not is_out_of_memory(e):
             raise
         reason = f"{out_of_memory_message(e, device)}: this size does not fit here"
     release_memory(device)  # after the except block, which kept the failed case's frames alive
-    return _skipped(case, device, reason)
+    return skipped(reason)
 
 
 def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, peaks: dict | None) -> BenchRow:

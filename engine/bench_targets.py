@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .bench import BenchCase, BenchRow, _images, _row_from_times, _skipped, bench_config, check_case_size
+from .bench import BenchCase, BenchRow, _images, _row_from_times, _skipped, bench_config, check_case_size, unless_out_of_memory
 from .config import Precision, StyleConfig
-from .device import Runtime, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
+from .device import Runtime, precision_context, synchronize
 from .features import VGGFeatures
 from .flops import count_flops
 from .losses import gram_matrix
@@ -35,14 +35,10 @@ def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, it
     build takes minutes)."""
     cfg = bench_config(case)
     check_case_size(cfg, case)
-    try:
-        return _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path)
-    except Exception as e:  # a size that does not fit becomes a skipped row; other errors propagate
-        if not is_out_of_memory(e):
-            raise
-        reason = f"{out_of_memory_message(e, device)}: this size does not fit here"
-    release_memory(device)
-    return [_skipped(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")]
+    return unless_out_of_memory(
+        lambda: _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path),
+        device, lambda reason: [_skipped(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")],
+    )
 
 
 def _measure_targets(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, onnx_path: Path | None) -> list[BenchRow]:
