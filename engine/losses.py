@@ -1,10 +1,13 @@
 """Content, style (Gram) and total variation losses, in two normalisations.
 
-Gram matrices and loss sums always run in fp32, whatever precision the network ran in: fp16
-Grams overflow (sums of squared activations pass 65504) and bf16 sums lose the small terms.
+Gram matrices and loss sums are always accumulated and returned in fp32, whatever precision the
+network ran in: fp16 Grams overflow (sums of squared activations pass 65504) and bf16 sums lose
+the small terms. bf16 features on a CUDA GPU are multiplied as they are, into fp32 (`_Gram`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -17,19 +20,44 @@ class _Gram(torch.autograd.Function):
     G = F^T F gives dF = F (dG + dG^T): symmetrising the small (C, C) gradient first halves the
     big products. `positions_first`: F is (..., positions, C) (a view of a channels-last map)
     rather than (..., C, positions) (a view of an NCHW one), so neither layout is copied.
+
+    F in bf16 (only on CUDA, see `_tensor_core_gram`): the product runs on the tensor cores with
+    fp32 accumulation and an fp32 result, the same products as converting F first (a product of
+    two bf16 numbers is exact in fp32). Its backward rounds dG + dG^T to bf16, as the network's
+    own bf16 backward rounds every gradient.
     """
 
     @staticmethod
     def forward(ctx, f: torch.Tensor, positions_first: bool) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(f)
         ctx.positions_first = positions_first
-        return f.mT @ f if positions_first else f @ f.mT
+        a, b = (f.mT, f) if positions_first else (f, f.mT)
+        if f.dtype != torch.bfloat16:
+            return a @ b
+        return (torch.mm if f.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, dg: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (f,) = ctx.saved_tensors
-        sym = dg + dg.mT
+        sym = (dg + dg.mT).to(f.dtype)
         return (f @ sym if ctx.positions_first else sym @ f), None
+
+
+@functools.cache
+def _mm_to_fp32_runs(device: torch.device) -> bool:
+    """Whether `torch.mm(bf16, bf16, out_dtype=float32)` runs on `device` (CUDA builds of recent
+    torch; asked once per device, outside any CUDA-graph capture since warm-up calls it first)."""
+    try:
+        x = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
+        return bool(torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _tensor_core_gram(features: torch.Tensor) -> bool:
+    """bf16 features on a CUDA GPU that can multiply them into fp32. Not fp16: its (dG + dG^T)
+    could pass 65504. Not the CPU: torch has no such product there, and converting is cheap."""
+    return features.is_cuda and features.dtype == torch.bfloat16 and _mm_to_fp32_runs(features.device)
 
 
 def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -39,7 +67,7 @@ def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tens
     and a style weight means the same at 256 px as at 2048 px.
     """
     n, c, h, w = features.shape
-    f = features.float()
+    f = features if _tensor_core_gram(features) else features.float()
     positions_first = f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()
     if positions_first:
         f = f.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of the NHWC memory

@@ -46,3 +46,23 @@ def test_auto_precision_on_the_gpu():
     dev = resolve_device("cuda")
     want = Precision.BF16 if torch.cuda.get_device_capability(dev)[0] >= 8 else Precision.FP32
     assert resolve_precision(dev, "auto") == want
+
+
+def test_bf16_gram_runs_on_the_tensor_cores_and_matches_fp32():
+    from nst.engine.losses import _tensor_core_gram, gram_matrix
+
+    dev = resolve_device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 48, 40, generator=gen).to(dev, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    if torch.cuda.get_device_capability(dev)[0] >= 8:
+        assert _tensor_core_gram(x), "torch.mm(bf16, bf16, out_dtype=float32) should run on this GPU"
+    fast = x.clone().requires_grad_(True)
+    ref = x.float().requires_grad_(True)
+    w = torch.randn(1, 64, 64, device=dev)
+    g = gram_matrix(fast)
+    (g * w).sum().backward()
+    want = gram_matrix(ref)
+    (want * w).sum().backward()
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.grad.float(), ref.grad, rtol=2e-2, atol=1e-3)

@@ -54,6 +54,39 @@ def test_gram_value_and_gradient_match_autograd_in_either_layout(memory_format, 
     torch.testing.assert_close(f.grad, ref.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("n", [1, 2])
+def test_bf16_gram_path_matches_converting_first(monkeypatch, memory_format, n):
+    # The CUDA-only tensor-core path (bf16 in, fp32 out), run here with torch's out_dtype product
+    # emulated as "convert, then multiply": checks our layouts and the backward's rounding.
+    import nst.engine.losses as losses
+
+    real_mm, real_bmm = torch.mm, torch.bmm
+
+    def emulate(real):
+        def op(a, b, *, out_dtype=None):
+            return real(a.float(), b.float()) if out_dtype is not None else real(a, b)
+
+        return op
+
+    monkeypatch.setattr(torch, "mm", emulate(real_mm))
+    monkeypatch.setattr(torch, "bmm", emulate(real_bmm))
+    monkeypatch.setattr(losses, "_tensor_core_gram", lambda f: f.dtype == torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(n, 6, 5, 7, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(n, 6, 6, generator=gen)
+    fast = base.clone(memory_format=memory_format).requires_grad_(True)
+    plain = base.float().requires_grad_(True)
+    g = gram_matrix(fast)
+    assert g.dtype == torch.float32
+    (g * weight).sum().backward()
+    want = gram_matrix(plain)
+    (want * weight).sum().backward()
+    torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-7)  # the same exact products
+    assert fast.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.grad.float(), plain.grad, rtol=2e-2, atol=1e-3)  # bf16 rounding
+
+
 def test_gram_is_fp32_for_half_features():
     f = torch.randn(1, 8, 6, 6).to(torch.bfloat16)
     assert gram_matrix(f).dtype == torch.float32
