@@ -169,6 +169,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     dev = resolve_device(str(a["device"]))
     prec = resolve_precision(dev, str(a["precision"]))
     runtime = Runtime(device=dev, precision=prec)
+    try_bf16 = ", --precision bf16" if prec in (C.Precision.FP32, C.Precision.TF32) else ""  # for out-of-memory advice
 
     t = time.perf_counter()
     content_im = load_image(content)
@@ -215,7 +216,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     except Exception as e:  # running out of memory in the first scale: nothing to keep
         if not is_out_of_memory(e):
             raise
-        hint = "try a smaller --size" + (", --precision bf16" if prec in (C.Precision.FP32, C.Precision.TF32) else "") + " or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
+        hint = f"try a smaller --size{try_bf16} or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
         raise fail(f"{out_of_memory_message(e, dev)} at size {cfg.sizes[0]}; {hint}", code=1) from None
     finally:
         if progress is not None:
@@ -245,8 +246,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
         console.print(f"[bold red]error:[/] {result.message}; saved {output}. Lower --lr or the loss weights.")
         raise typer.Exit(1)
     if result.status == "oom":
-        bf16 = " or try --precision bf16" if prec in (C.Precision.FP32, C.Precision.TF32) else ""
-        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Drop the last --scales entry{bf16}.")
+        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Try without the last --scales entry{try_bf16}.")
         raise typer.Exit(1)
 
 

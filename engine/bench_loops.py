@@ -38,7 +38,7 @@ def _fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: to
     ct = source.compute(content, content_layers=cfg.content_layers, style_layers=())
     st = source.compute(style, content_layers=(), style_layers=cfg.style_layers)
     grams = style_grams(cfg, [st], [style], [1.0], device=content.device)
-    return _make_loss(model, runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
+    return _make_loss(loop_network(model, runtime), runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
 
 
 def reference_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> Callable:

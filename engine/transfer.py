@@ -213,6 +213,7 @@ def stylize(
     t0 = time.perf_counter()
     if model is None:
         model = build_model(cfg, weights, runtime)
+    net = loop_network(model, runtime)  # once for every scale; the targets keep the fp32 model
     phases["model"] = time.perf_counter() - t0
     source = targets or TorchTargets(model)
     mid = model_id(weights, cfg)
@@ -258,7 +259,7 @@ def stylize(
                     init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
                 x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
                 good = x.detach().clone()
-                loss_fn = _make_loss(model, runtime, cfg, content_feats, grams, hw)
+                loss_fn = _make_loss(net, runtime, cfg, content_feats, grams, hw)
                 opt = _make_optimizer(cfg, x)
 
                 def snapshot(x: torch.Tensor = x) -> torch.Tensor:
@@ -393,20 +394,20 @@ def _make_optimizer(cfg: StyleConfig, x: torch.Tensor) -> "LBFGS | torch.optim.A
 
 
 def _make_loss(
-    model: VGGFeatures,
+    net: VGGFeatures,
     runtime: Runtime,
     cfg: StyleConfig,
     content_feats: dict[str, torch.Tensor],
     grams: dict[str, torch.Tensor],
     hw: tuple[int, int],
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The weighted loss as a function of the optimised image (in `pixel_scale` units)."""
+    """The weighted loss as a function of the optimised image (in `pixel_scale` units), through
+    `net` (the loop's network: `loop_network(model, runtime)`)."""
     cw = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
     sw = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
     form = cfg.loss_form
     pixels = hw[0] * hw[1]
     scale = cfg.pixel_scale
-    net = loop_network(model, runtime)
 
     def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         img = x / scale
