@@ -155,10 +155,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """True for a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    """True for a failed allocation: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, or
+    ONNX Runtime's arena failing to allocate."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(e).lower()
+    if type(e).__module__.startswith("onnxruntime"):  # its exceptions are not RuntimeErrors
+        return "failed to allocate memory" in text
     return isinstance(e, RuntimeError) and any(k in text for k in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
@@ -168,8 +171,8 @@ def out_of_memory_message(e: BaseException, device: torch.device | None = None) 
     amount = ""
     if m := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA's caching allocator
         amount = m.group(1)
-    elif m := re.search(r"allocate (\d+) bytes", text):  # the CPU allocator
-        amount = f"{int(m.group(1)) / 2**30:.1f} GiB"
+    elif m := re.search(r"allocate (\d+) bytes|requested buffer of size (\d+)", text):  # the CPU allocator; ONNX Runtime's arena
+        amount = f"{int(m.group(1) or m.group(2)) / 2**30:.1f} GiB"
     where = f" on {device}" if device is not None else (" on the GPU" if isinstance(e, torch.OutOfMemoryError) else "")
     return f"ran out of memory{where}" + (f" (an allocation of {amount} failed)" if amount else "")
 

@@ -55,3 +55,14 @@ def test_out_of_memory_is_recognised_in_either_wording():
     assert out_of_memory_message(cpu, CPU) == "ran out of memory on cpu (an allocation of 3.0 GiB failed)"
     assert out_of_memory_message(cuda) == "ran out of memory on the GPU (an allocation of 2.00 GiB failed)"
     assert out_of_memory_message(MemoryError()) == "ran out of memory"
+
+
+def test_onnx_runtime_allocation_failures_count_as_out_of_memory():
+    # ONNX Runtime raises its own exception types (not RuntimeError) from its pybind module.
+    Fail = type("RuntimeException", (Exception,), {"__module__": "onnxruntime.capi.onnxruntime_pybind11_state"})
+    e = Fail("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+             "Failed to allocate memory for requested buffer of size 4294967296")
+    assert is_out_of_memory(e)
+    assert out_of_memory_message(e, torch.device("cuda:0")) == "ran out of memory on cuda:0 (an allocation of 4.0 GiB failed)"
+    assert not is_out_of_memory(Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed"))
+
