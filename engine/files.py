@@ -1,13 +1,36 @@
-"""Writing files so that nothing is ever half-written: a temporary file beside, then a rename."""
+"""Writing files so that nothing is ever half-written, and finding what killed writers left behind.
+
+Every temporary file or folder nst makes is named `.<stem>.~<pid>-<host>.<random>...`: a hidden
+name beside its target, tagged with the writing process and a short hash of the host name. A
+process killed with SIGKILL cannot clean up, so its temporaries stay; `temporary_state` calls one
+stale when its writer is known to be gone (same host, no such process) or when it has not been
+written to for `STALE_AFTER` seconds (a writer on another host sharing the folder, or a name
+without a tag). Sweeping only stale ones keeps a live writer's file safe.
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
+import shutil
+import socket
 import stat
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+# Seconds without a write after which a temporary counts as abandoned even if its writer cannot
+# be checked. The longest quiet spell of a live writer is an export's torch.export phase (about
+# 10 s for the whole Gatys module on a 2-core CPU); everything else writes in milliseconds.
+STALE_AFTER = 10 * 60
+
+_TAG = re.compile(r"\.~(\d+)-([0-9a-f]{6})\.")
+# mkstemp/mkdtemp's random part: 8 characters of [a-z0-9_].
+_RANDOM = r"[a-z0-9_]{8}"
 
 
 @functools.cache
@@ -18,16 +41,27 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+@functools.cache
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def temp_prefix(stem: str) -> str:
+    """`.<stem>.~<pid>-<host>.`: the start of a temporary's name, naming its writer."""
+    return f".{stem}.~{os.getpid()}-{_host()}."
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
 
     A crash or Ctrl-C in the middle leaves the previous file (or none), never half a file; two
     writers of one path both succeed and the last rename wins. The file gets the permissions a
     plain write would give it (a replaced file keeps its own), not the temporary file's 0600.
+    A SIGKILL leaves the temporary, named for `temporaries_beside` and `sweep` to find.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.stem), suffix=path.suffix + ".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -41,3 +75,99 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@dataclass(frozen=True)
+class Temporary:
+    """A temporary file or folder and whether it is safe to remove."""
+
+    path: Path
+    bytes: int
+    age: float  # seconds since anything in it was last written
+    writer: int | None  # the writing process's id when it ran on this host, else None
+    stale: bool  # its writer is gone, or it has not been written to for STALE_AFTER seconds
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": str(self.path), "bytes": self.bytes, "age_seconds": round(self.age, 1), "writer": self.writer, "stale": self.stale}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def writer_of(name: str) -> int | None:
+    """The process id in a temporary's name when it was written on this host, else None."""
+    tags = _TAG.findall(name)
+    if not tags:
+        return None
+    pid, host = tags[-1]
+    return int(pid) if host == _host() else None
+
+
+def temporary_state(path: Path, *, now: float | None = None, stale_after: float = STALE_AFTER) -> Temporary | None:
+    """Size, age, writer and staleness of a temporary file or folder (None if it has gone)."""
+    path = Path(path)
+    now = time.time() if now is None else now
+    try:
+        st = path.lstat()
+        size, newest = st.st_size, st.st_mtime
+        if stat.S_ISDIR(st.st_mode):
+            size = 0
+            for f in path.rglob("*"):
+                fs = f.lstat()
+                size += fs.st_size if not stat.S_ISDIR(fs.st_mode) else 0
+                newest = max(newest, fs.st_mtime)
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        return None
+    age = max(0.0, now - newest)
+    pid = writer_of(path.name)
+    gone = pid is not None and pid != os.getpid() and not _alive(pid)
+    return Temporary(path, size, age, pid, gone or age > stale_after)
+
+
+def temporaries_beside(path: Path, *, stale_after: float = STALE_AFTER) -> list[Temporary]:
+    """What `write_atomic` (or an export's private folder) left beside `path` or its numbered
+    snapshots (`out.0500.png`): only names of exactly that form, so a user's files are never touched."""
+    path = Path(path)
+    stem, suffix = re.escape(path.stem), re.escape(path.suffix)
+    tag = r"(?:~\d+-[0-9a-f]{6}\.)?"
+    files = re.compile(rf"\.{stem}(?:\.\d{{4,}})?\.{tag}{_RANDOM}{suffix}\.tmp")
+    folders = re.compile(rf"\.{stem}\.{tag}{_RANDOM}")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    now = time.time()
+    found = []
+    for name in sorted(names):
+        p = path.parent / name
+        if files.fullmatch(name) and not p.is_dir() or folders.fullmatch(name) and p.is_dir() and not p.is_symlink():
+            t = temporary_state(p, now=now, stale_after=stale_after)
+            if t is not None:
+                found.append(t)
+    return found
+
+
+def remove(temporaries: Iterable[Temporary]) -> list[Temporary]:
+    """Delete the stale ones; returns those actually removed (a file that vanished meanwhile is not)."""
+    removed = []
+    for t in temporaries:
+        if not t.stale:
+            continue
+        try:
+            if t.path.is_dir() and not t.path.is_symlink():
+                shutil.rmtree(t.path)
+            else:
+                t.path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not ours to remove (permissions): leave it, a later sweep may
+            continue
+        removed.append(t)
+    return removed

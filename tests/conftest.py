@@ -49,3 +49,94 @@ def images(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
+
+
+def _mount_full_tmpfs(where: Path) -> bool:
+    """A tiny tmpfs at `where`, filled to the last byte; False where mounting is not allowed (not root)."""
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0777", "tmpfs", str(where)], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if r.returncode != 0:
+        return False
+    try:
+        with open(where / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:  # ENOSPC: full
+        pass
+    return True
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A real full filesystem (a 64 KiB tmpfs with no byte free): writes there fail with ENOSPC.
+
+    Needs the right to mount (root); skipped elsewhere.
+    """
+    import subprocess
+
+    where = tmp_path / "full"
+    if not _mount_full_tmpfs(where):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+# A process that dies inside write_atomic (SIGKILL while it writes each path in argv) after it
+# starts an export into the model store of the cache folder in $NST_CACHE_DIR, if argv[1] is
+# "export" (relu1_1 only: a model no test stores).
+_KILLED_WRITER = r"""
+import os, sys, threading, time
+from pathlib import Path
+from nst.engine.files import write_atomic
+
+def block(tmp):
+    tmp.write_bytes(b"x" * 1000)
+    ready.release()
+    time.sleep(600)
+
+ready = threading.Semaphore(0)
+paths = [Path(p) for p in sys.argv[2:]]
+for p in paths:
+    threading.Thread(target=write_atomic, args=(p, block), daemon=True).start()
+for _ in paths:
+    ready.acquire()
+print("writing", flush=True)
+if sys.argv[1] == "export":
+    from nst.engine.weights import random_weights
+    from nst.export import export_to_store
+    export_to_store(Path(os.environ["NST_CACHE_DIR"]), random_weights(seed=0), content_layers=("relu1_1",), style_layers=("relu1_1",))
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def killed_writer():
+    """`kill(*paths, export=False, until=None)`: run a real process that writes `paths` through
+    write_atomic (and, with export, exports into the store), SIGKILL it once `until()` is true,
+    and reap it; returns its pid. Its temporaries stay behind, as a kill -9 leaves them."""
+    import subprocess
+    import sys
+    import time
+
+    def kill(*paths: Path, export: bool = False, until=None) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, "export" if export else "-", *map(str, paths)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+            deadline = time.monotonic() + 120
+            while until is not None and not until():
+                assert proc.poll() is None and time.monotonic() < deadline, "the writer ended before it could be killed"
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait()  # reaped: its pid no longer names a process
+        return proc.pid
+
+    return kill

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,33 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_atomic(out, half)
     assert out.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_temporaries_name_their_writer_and_only_stale_ones_go(tmp_path, killed_writer):
+    """A killed writer's temporary is stale at once; a live writer's (this process's) is kept;
+    an untagged one (an older nst's) goes only once it is old; a user's file is never matched."""
+    import os
+    import tempfile
+    import time
+
+    from nst.engine.files import STALE_AFTER, remove, temp_prefix, temporaries_beside
+
+    out = tmp_path / "out.png"
+    dead = killed_writer(out, tmp_path / "out.0003.png")  # the output and a --save-every snapshot
+    fd, live = tempfile.mkstemp(dir=tmp_path, prefix=temp_prefix("out"), suffix=".png.tmp")
+    os.close(fd)
+    young, old = tmp_path / ".out.0001.abcd1234.png.tmp", tmp_path / ".out.0002.wxyz5678.png.tmp"
+    young.write_bytes(b"y")
+    old.write_bytes(b"o")
+    then = time.time() - STALE_AFTER - 60
+    os.utime(old, (then, then))
+    (tmp_path / ".out.notes.txt").write_text("mine")  # not a temporary's name
+    found = {t.path.name: t for t in temporaries_beside(out)}
+    assert len(found) == 5
+    killed = [t for t in found.values() if t.writer == dead]
+    assert len(killed) == 2 and all(t.stale and t.bytes == 1000 for t in killed)
+    assert found[Path(live).name].writer == os.getpid() and not found[Path(live).name].stale
+    assert not found[young.name].stale and found[old.name].stale and found[old.name].writer is None
+    removed = remove(found.values())
+    assert {t.path.name for t in removed} == {t.path.name for t in killed} | {old.name}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.notes.txt", Path(live).name, young.name])
