@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from nst.engine.cache import TargetCache
+from nst.engine.files import STALE_AFTER
 
 from .common import cache_dir, console, user_errors
 
@@ -19,9 +20,17 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _why(t: dict) -> str:
+    """Why a temporary is stale, or who is writing it."""
+    age = float(t["age_seconds"])
+    if t["stale"]:
+        return f"untouched for {age / 60:.0f} min" if age > STALE_AFTER else f"its writer, process {t['writer']}, is gone"
+    return f"being written by process {t['writer']}" if t["writer"] is not None else f"written {age:.0f} s ago"
+
+
 @cache_app.command("info")
 def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
-    """Cached target entries, their size, and the exported models."""
+    """Cached target entries, their size, the exported models, and temporaries that killed runs left."""
     with user_errors():
         info = TargetCache(cache_dir()).info()
     if as_json:
@@ -34,6 +43,14 @@ def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Pri
     table.add_row("models", f"{len(models)} ({_mb(int(info['model_bytes']))})")  # type: ignore[arg-type, call-overload]
     for m in models:  # type: ignore[attr-defined]
         table.add_row("", f"{m['name']} ({_mb(int(m['bytes']))})")
+    temps = info["temporaries"]
+    stale = sum(1 for t in temps if t["stale"])  # type: ignore[attr-defined, index]
+    line = f"{len(temps)} ({_mb(int(info['temporary_bytes']))})"  # type: ignore[arg-type, call-overload]
+    if temps:
+        line += f", {stale} stale: the next run or `nst cache clear` removes them" if stale else ", all being written now"
+    table.add_row("temporaries", line)
+    for t in temps:  # type: ignore[attr-defined]
+        table.add_row("", f"{t['path']} ({_mb(int(t['bytes']))}, {_why(t)})")  # type: ignore[arg-type]
     console.print(table)
 
 
@@ -42,4 +59,5 @@ def cache_clear_command() -> None:
     """Delete the cached targets, exported models and TensorRT engines (imported weights stay)."""
     with user_errors():
         removed = TargetCache(cache_dir()).clear()
-    console.print(f"removed {removed['entries']} target entries and {removed['models']} models ({_mb(removed['bytes'])}) from {cache_dir()}")
+    temps = f", {removed['temporaries']} temporaries" if removed["temporaries"] else ""
+    console.print(f"removed {removed['entries']} target entries and {removed['models']} models{temps} ({_mb(removed['bytes'])}) from {cache_dir()}")

@@ -4,21 +4,28 @@ One file per key under `<root>/targets/<key[:2]>/<key>.safetensors`. Each carrie
 its tensors' names, dtypes, shapes and bytes; a file that cannot be read or fails the check is
 deleted and reported as a miss, never used and never a crash. Writes go to a unique temporary
 file in the same folder and are renamed into place, so concurrent writers of one key both
-succeed and a reader sees a whole file or none.
+succeed and a reader sees a whole file or none. The cache is an optimisation: a write that fails
+(disk full, read-only folder) is one warning and the run goes on without it.
+
+Temporaries that killed writers left in the cache folder (`.*.tmp` files, the model store's
+private export folders) are swept when a cache is first used, once their writer is gone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from . import onnx_meta
-from .files import write_atomic
+from . import files, onnx_meta
+from .files import Temporary, write_atomic
 from .targets import ImageTargets
 
 CACHE_FORMAT = "1"
@@ -48,6 +55,8 @@ class TargetCache:
         self.namespace = namespace
         # Where a discarded entry is reported: a callback (the CLI prints one line) or warnings.warn.
         self.on_warning = on_warning
+        self._swept = False
+        self._write_failed = False  # a write failure is reported once per cache, not once per entry
 
     def _file_key(self, key: str) -> str:
         if not self.namespace:
@@ -66,6 +75,7 @@ class TargetCache:
 
     def lookup(self, key: str) -> ImageTargets | None:
         """The stored targets, or None (absent, or damaged and now deleted)."""
+        self._sweep_once()
         path = self.path(key)
         if not path.is_file():
             return None
@@ -91,39 +101,81 @@ class TargetCache:
         return ImageTargets.from_tensors(tensors)
 
     def store(self, key: str, targets: ImageTargets) -> None:
-        """Write atomically; a failure to write (disk full, read-only) only costs a later miss."""
+        """Write atomically; a failure to write (disk full, read-only) is one warning, then silence."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        self._sweep_once()
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in targets.tensors().items()}
         meta = {"nst.cache_format": CACHE_FORMAT, "nst.key": self._file_key(key), "nst.sha256": checksum(tensors), "nst.namespace": self.namespace}
         path = self.path(key)
         try:
             write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        except OSError as e:
-            self._warn(f"could not write the target cache entry {path.name}: {e.strerror or e}")
+        except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
+            if not self._write_failed:
+                self._write_failed = True
+                # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else re.sub(r" \(os error \d+\)$", "", str(e).split("I/O error: ")[-1].strip())
+                self._warn(f"cannot write to the target cache in {path.parent} ({reason}); going on without caching")
 
     def entries(self) -> list[Path]:
         d = self.root / TARGETS_DIR
         return sorted(d.glob("*/*.safetensors")) if d.is_dir() else []
 
+    def temporaries(self) -> list[Temporary]:
+        """What writers left in the cache folder: `.*.tmp` files and the model store's `.`-folders."""
+        if not self.root.is_dir():
+            return []
+        now = time.time()
+        store = self.root / onnx_meta.MODELS_DIR
+        found = []
+        # os.walk, not Path.rglob: it shrugs off folders that other processes rename meanwhile.
+        for folder, dirs, names in os.walk(self.root):
+            here = Path(folder)
+            if here == store:  # an export's private folder: counted whole, not walked into
+                found += [here / d for d in dirs if d.startswith(".")]
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [here / n for n in names if n.startswith(".") and n.endswith(".tmp")]
+        states = [files.temporary_state(p, now=now) for p in sorted(found)]
+        return [t for t in states if t is not None]
+
+    def sweep(self) -> list[Temporary]:
+        """Delete stale temporaries (their writer is gone, or long quiet); returns what was removed."""
+        self._swept = True
+        return files.remove(self.temporaries())
+
+    def _sweep_once(self) -> None:
+        if not self._swept:
+            self.sweep()
+
     def info(self) -> dict[str, object]:
-        """Entries, their total size, and the exported models in the store."""
-        files = self.entries()
+        """Entries, their total size, the exported models in the store, and leftover temporaries."""
+        entries = self.entries()
         models = []
         for p in onnx_meta.stored_models(self.root):
             size = sum(f.stat().st_size for f in p.parent.iterdir() if f.is_file())
             models.append({"name": p.parent.name, "path": str(p), "bytes": size})
+        temps = self.temporaries()
         return {
             "folder": str(self.root),
-            "entries": len(files),
-            "bytes": sum(f.stat().st_size for f in files),
+            "entries": len(entries),
+            "bytes": sum(f.stat().st_size for f in entries),
             "models": models,
             "model_bytes": sum(int(m["bytes"]) for m in models),
+            "temporaries": [t.to_dict() for t in temps],
+            "temporary_bytes": sum(t.bytes for t in temps),
         }
 
     def clear(self) -> dict[str, int]:
-        """Delete the cached targets, the exported models and TensorRT's engines (imported weights stay)."""
+        """Delete the cached targets, the exported models, TensorRT's engines and stale temporaries
+        (imported weights stay; so does a live writer's temporary outside those folders)."""
         before = self.info()
-        for name in _CLEARABLE:
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        return {"entries": int(before["entries"]), "models": len(before["models"]), "bytes": int(before["bytes"]) + int(before["model_bytes"])}  # type: ignore[arg-type]
+        clearable = [self.root / name for name in _CLEARABLE]
+        temps = self.temporaries()
+        for d in clearable:
+            shutil.rmtree(d, ignore_errors=True)
+        inside = [t for t in temps if any(d in t.path.parents for d in clearable)]
+        swept = files.remove(t for t in temps if t not in inside)  # e.g. a killed weights import's
+        gone = inside + swept
+        total = int(before["bytes"]) + int(before["model_bytes"]) + sum(t.bytes for t in gone)  # type: ignore[call-overload]
+        return {"entries": int(before["entries"]), "models": len(before["models"]), "temporaries": len(gone), "bytes": total}  # type: ignore[arg-type, call-overload]

@@ -26,4 +26,4 @@ def test_info_and_clear(images, tmp_path: Path, _private_cache: Path):
     cleared = runner.invoke(app, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 2 target entries and 1 models" in cleared.output
     assert json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout) | {"folder": ""} == {
-        "folder": "", "entries": 0, "bytes": 0, "models": [], "model_bytes": 0}  # fmt: skip
+        "folder": "", "entries": 0, "bytes": 0, "models": [], "model_bytes": 0, "temporaries": [], "temporary_bytes": 0}  # fmt: skip

@@ -118,7 +118,7 @@ def test_clear_keeps_imported_weights(tmp_path: Path):
     (tmp_path / "weights" / "vgg19.safetensors").write_bytes(b"w")
     assert cache.info()["models"][0]["name"] == "m"
     removed = cache.clear()
-    assert removed == {"entries": 1, "models": 1, "bytes": removed["bytes"]} and removed["bytes"] > 10
+    assert removed == {"entries": 1, "models": 1, "temporaries": 0, "bytes": removed["bytes"]} and removed["bytes"] > 10
     assert cache.info()["entries"] == 0 and not cache.info()["models"]
     assert (tmp_path / "weights" / "vgg19.safetensors").exists()
 
@@ -141,3 +141,28 @@ def test_stylize_counts_a_damaged_entry_as_a_miss(tmp_path: Path, weights):
         third = stylize(content, [style], cfg, weights=weights, cache=cache)
     assert third.targets["cache"] == "miss" and torch.allclose(third.image, runs[0].image)
     assert stylize(content, [style], cfg, weights=weights, cache=cache).targets["cache"] == "hit"
+
+
+def test_a_full_disk_costs_one_warning_and_no_entries(full_disk: Path):
+    """On a real full filesystem every write fails (safetensors raises its own error type):
+    the first failure is one warning naming the folder, later ones are silent, nothing is raised."""
+    seen: list[str] = []
+    cache = TargetCache(full_disk, on_warning=seen.append)
+    for key in ("a", "b", "c"):
+        cache.store(key, _targets())
+        assert cache.lookup(key) is None
+    assert len(seen) == 1 and "\n" not in seen[0]
+    assert "No space left on device" in seen[0] and str(full_disk / "targets") in seen[0]
+    assert cache.info()["entries"] == 0 and not cache.temporaries()
+
+
+def test_killed_writers_leftovers_are_shown_then_swept_on_first_use(tmp_path: Path, killed_writer):
+    cache = TargetCache(tmp_path)
+    cache.store("kept", _targets())
+    dead = killed_writer(cache.path("a"), tmp_path / "weights" / "vgg19-imagenet-convs.safetensors")
+    temps = cache.info()["temporaries"]
+    assert len(temps) == 2 and all(t["stale"] and t["writer"] == dead and t["bytes"] == 1000 for t in temps)
+    assert cache.info()["temporary_bytes"] == 2000
+    fresh = TargetCache(tmp_path)
+    assert fresh.lookup("kept") is not None  # first use sweeps
+    assert not fresh.info()["temporaries"] and fresh.info()["entries"] == 1
