@@ -63,8 +63,8 @@ def _onnx_missing() -> str | None:
     return None
 
 
-def _model_for(cfg: StyleConfig, weights: Weights, root: Path, *, quiet: bool) -> tuple[Path, dict[str, object]]:
-    """The store's target module for this run, exported (and verified) the first time."""
+def _model_for(cfg: StyleConfig, weights: Weights, root: Path, *, quiet: bool) -> tuple[Path, str, dict[str, object]]:
+    """The store's target module for this run and its checked sha256, exported (and verified) the first time."""
     from nst.export import export_to_store
 
     key = dict(fingerprint=weights.fingerprint, pooling=cfg.pooling.value, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
@@ -77,7 +77,15 @@ def _model_for(cfg: StyleConfig, weights: Weights, root: Path, *, quiet: bool) -
     if res.verification is not None:
         info["export_seconds"] = round(res.seconds, 3)
         info["export_max_rel_error"] = res.verification.worst
-    return res.path, info
+    return res.path, res.sha256, info
+
+
+def _sweep(root: Path, *, quiet: bool) -> None:
+    """Remove what killed runs left in the cache folder (once their writer is gone), and say so."""
+    removed = TargetCache(root).sweep()
+    if removed and not quiet:
+        size = sum(t.bytes for t in removed) / 1e6
+        console.print(f"removed {len(removed)} stale temporaries ({size:.1f} MB) that killed runs left in {root}")
 
 
 def choose_targets(
@@ -91,6 +99,7 @@ def choose_targets(
     """
     mode, provider = TargetsMode(mode), Provider(provider)
     root = cache_dir()
+    _sweep(root, quiet=quiet)
     if mode == TargetsMode.TORCH:
         if onnx_path is not None:
             raise UserError("--onnx needs --targets onnx or auto, not torch")
@@ -106,6 +115,7 @@ def choose_targets(
 
     from nst.engine.onnx_targets import OnnxTargets
 
+    sha256 = None
     if onnx_path is not None:
         path = Path(onnx_path)
         meta = onnx_meta.read_meta(path)
@@ -113,15 +123,16 @@ def choose_targets(
         info["model"] = str(path)
     else:
         try:
-            path, export_info = _model_for(cfg, weights, root, quiet=quiet)
+            path, sha256, export_info = _model_for(cfg, weights, root, quiet=quiet)
         except (ValueError, OSError) as e:
             if mode == TargetsMode.ONNX:
                 raise
             # auto: a model that cannot be made is no reason to stop the run
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             info["fallback"] = f"torch: the export failed ({reason})"
+            _warn(f"the ONNX export failed ({reason}); using PyTorch targets")
             return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), info
         info.update(export_info)
         meta = onnx_meta.read_meta(path)
-    source = OnnxTargets(path, provider=provider.value, device=runtime.device, cache_dir=root, profile=shape_profile(cfg), meta=meta)
+    source = OnnxTargets(path, provider=provider.value, device=runtime.device, cache_dir=root, profile=shape_profile(cfg), meta=meta, sha256=sha256)
     return source, TargetCache(root, namespace=f"onnxruntime-{meta.precision}", on_warning=_warn), info

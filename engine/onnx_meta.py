@@ -7,15 +7,19 @@ here, so the writer and the reader cannot drift apart.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import write_atomic
 
 FORMAT_VERSION = "1"  # bump when names, keys or the module's semantics change
 OPSET = 18  # the torch.export-based exporter's floor; TensorRT 10 parses it
 
 INPUT_NAME = "image"  # (1, 3, H, W) fp32 sRGB in [0, 1]; normalisation is inside the graph
 TARGETS_FILE = "targets.onnx"  # file name of a target module in the model store
+CHECKSUM_FILE = "targets.onnx.sha256"  # beside it in the store: `<sha256>  targets.onnx`, as sha256sum writes
 MODELS_DIR = "models"  # the model store, under the cache folder
 
 
@@ -155,3 +159,61 @@ def stored_models(cache_root: Path) -> list[Path]:
     """Every target module in the store."""
     root = Path(cache_root) / MODELS_DIR
     return sorted(root.glob(f"*/{TARGETS_FILE}")) if root.is_dir() else []
+
+
+class ModelChecksumError(ValueError):
+    """A stored model whose bytes are not the ones its export wrote."""
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces (about 30 ms for the 52 MB Gatys module here)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksum(model: Path) -> str:
+    """Record `model`'s sha256 beside it (`CHECKSUM_FILE`), as the store's export does; returns it."""
+    model = Path(model)
+    digest = file_sha256(model)
+    write_atomic(model.parent / CHECKSUM_FILE, lambda tmp: tmp.write_text(f"{digest}  {model.name}\n"))
+    return digest
+
+
+def recorded_sha256(model: Path) -> str | None:
+    """The sha256 recorded beside `model` at export (`CHECKSUM_FILE`), or None if there is no record.
+
+    ModelChecksumError if the record is there but does not name `model` or is not a sha256.
+    """
+    model = Path(model)
+    try:
+        fields = (model.parent / CHECKSUM_FILE).read_text().split()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ModelChecksumError(f"{model}'s checksum record cannot be read ({e.strerror or e})") from None
+    if len(fields) != 2 or fields[1].lstrip("*") != model.name or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        raise ModelChecksumError(f"{model}'s checksum record is damaged")
+    return fields[0]
+
+
+def check_sha256(model: Path, recorded: str) -> str:
+    """`model`'s sha256, or ModelChecksumError (one line) if it is not `recorded`."""
+    actual = file_sha256(model)
+    if actual != recorded:
+        raise ModelChecksumError(f"{model} fails its checksum (sha256 {actual[:12]}..., recorded {recorded[:12]}...): it is damaged")
+    return actual
+
+
+def check_stored(model: Path) -> str:
+    """The stored model's sha256 after checking it against the one recorded at export.
+
+    ModelChecksumError (one line) when the record is missing or unreadable, or the bytes differ:
+    the caller discards the model and exports it again.
+    """
+    recorded = recorded_sha256(model)
+    if recorded is None:
+        raise ModelChecksumError(f"{model} has no checksum record (exported by an older nst, or damaged)")
+    return check_sha256(model, recorded)

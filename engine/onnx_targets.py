@@ -173,9 +173,18 @@ class OnnxTargets:
         cache_dir: Path | None = None,
         profile: ShapeProfile | None = None,
         meta: M.ModelMeta | None = None,
+        sha256: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.meta = meta or M.read_meta(self.path)
+        # The file's checksum keys the cached targets, so one model file's targets are never
+        # served for another's (a damaged copy, a re-export). Pass it when just checked; else a
+        # model with an export's checksum record beside it (the store's) is checked against it.
+        if sha256 is None:
+            recorded = M.recorded_sha256(self.path)
+            sha256 = M.file_sha256(self.path) if recorded is None else M.check_sha256(self.path, recorded)
+        self.sha256 = sha256
+        self.identity = f"onnx-sha256-{self.sha256}"
         self.device = torch.device(device)
         self.session, self.provider, self.fallbacks = open_session(
             self.path, provider, device=self.device, cache_dir=cache_dir, fp16=self.meta.precision == "fp16", profile=profile
@@ -231,5 +240,6 @@ class OnnxTargets:
             "provider": self.provider,
             "fallbacks": dict(self.fallbacks),
             "model": str(self.path),
+            "model_sha256": self.sha256,
             "precision": self.meta.precision,
         }

@@ -42,6 +42,9 @@ class TargetSource(Protocol):
     """Computes `ImageTargets` for an image; `describe()` feeds the report."""
 
     name: str  # "torch" | "onnxruntime"
+    # What the targets depend on beyond the weights and pooling, e.g. an ONNX file's sha256;
+    # part of every cache key. A source without the attribute counts as "".
+    identity: str
 
     def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets: ...
 
@@ -52,6 +55,7 @@ class TorchTargets:
     """Targets from the PyTorch feature extractor, in fp32, without autograd."""
 
     name = "torch"
+    identity = ""  # the weights' fingerprint and the pooling say it all
 
     def __init__(self, model: VGGFeatures) -> None:
         self.model = model

@@ -107,9 +107,11 @@ def loop_network(model: VGGFeatures, runtime: Runtime) -> VGGFeatures:
     return net
 
 
-def model_id(weights: Weights, cfg: StyleConfig) -> str:
-    """Identifies the network as the targets see it: weights and pooling."""
-    return f"{weights.fingerprint}-{cfg.pooling.value}"
+def model_id(weights: Weights, cfg: StyleConfig, *, source: TargetSource | None = None) -> str:
+    """Identifies the network as the targets see it: weights, pooling, and the source's own
+    identity (an ONNX file's sha256), so targets from one model file never stand in for another's."""
+    identity = getattr(source, "identity", "")
+    return f"{weights.fingerprint}-{cfg.pooling.value}" + (f"-{identity}" if identity else "")
 
 
 def _style_hw(style: Image.Image, out_hw: tuple[int, int], cfg: StyleConfig) -> tuple[int, int]:
@@ -216,7 +218,7 @@ def stylize(
     net = loop_network(model, runtime)  # once for every scale; the targets keep the fp32 model
     phases["model"] = time.perf_counter() - t0
     source = targets or TorchTargets(model)
-    mid = model_id(weights, cfg)
+    mid = model_id(weights, cfg, source=source)
 
     total_steps = cfg.iterations * len(cfg.sizes)
     history: list[torch.Tensor] = []

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nst.engine import files
 from nst.engine import onnx_meta as M
 from nst.engine.config import Pooling
 from nst.engine.features import IMAGENET_MEAN, IMAGENET_STD, LAYER_INDEX, VGGFeatures, layer_stride
@@ -174,6 +175,16 @@ class ExportResult:
     seconds: float
     created: bool = True
     notes: list[str] = field(default_factory=list)
+    sha256: str = ""  # the file's checksum (checked against the store's record when found there)
+
+
+def _cannot_write(path: Path, e: OSError, module: nn.Module | None = None) -> ExportError:
+    """One line naming the file the user will look for (and, for a disk full, what the model needs)."""
+    need = ""
+    if module is not None:
+        size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        need = f" (the model needs about {size / 1e6:.1f} MB)"
+    return ExportError(f"cannot write {path}: {e.strerror or e}{need}")
 
 
 def export_targets(
@@ -184,17 +195,24 @@ def export_targets(
     style_layers: Sequence[str],
     pooling: Pooling | str = Pooling.MAX,
     fp16: bool = False,
+    shown_as: Path | None = None,
 ) -> ExportResult:
-    """Export and verify the target module to `path` (written atomically: a failed export leaves nothing)."""
+    """Export and verify the target module to `path` (written atomically: a failed export leaves nothing).
+
+    A write that fails (disk full, read-only folder) is an ExportError naming `shown_as` (default
+    `path`). Stale private folders that killed exports left beside `path` are removed first.
+    """
     t0 = time.perf_counter()
     path = Path(path)
     meta = model_meta(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
     module = target_module(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
     reference = module if not fp16 else target_module(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A private folder beside the target, so external data files (if any) travel with the model.
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}."))
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.remove(files.temporaries_beside(path))
+        # A private folder beside the target, so external data files (if any) travel with the model.
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=files.temp_prefix(path.stem)))
         tmp_model = tmp / path.name
         _to_onnx(module, tmp_model, meta)
         check = verify(tmp_model, reference, tolerance=TOLERANCE[meta.precision])
@@ -202,8 +220,11 @@ def export_targets(
             if f != tmp_model:
                 os.replace(f, path.parent / f.name)
         os.replace(tmp_model, path)
+    except OSError as e:
+        raise _cannot_write(shown_as or path, e, module) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(path, meta, check, time.perf_counter() - t0)
 
 
@@ -219,35 +240,51 @@ def export_to_store(
     """The store's target module for these weights and layers, exported and verified once.
 
     Concurrent exporters each build a private folder and rename it into place; the first rename
-    wins and the others discard theirs, so a reader never sees a half-written model.
+    wins and the others discard theirs, so a reader never sees a half-written model. The folder
+    holds the model and its sha256 (`M.CHECKSUM_FILE`); a stored model is checked against it on
+    every call (about 30 ms for the Gatys module), and one that fails is discarded and exported
+    again with a note. Stale private folders of killed exports are removed first.
     """
     t0 = time.perf_counter()
     key = dict(fingerprint=weights.fingerprint, pooling=Pooling(pooling).value, content_layers=tuple(content_layers), style_layers=tuple(style_layers), precision="fp16" if fp16 else "fp32")
     final = M.store_path(cache_root, **key)
+    store = final.parent.parent
+    if store.is_dir():
+        files.remove(t for t in map(files.temporary_state, store.glob(".*")) if t is not None)
     note = ""
     if final.is_file():
         try:
+            digest = M.check_stored(final)
             meta = M.read_meta(final)
             meta.check_matches(fingerprint=weights.fingerprint, pooling=key["pooling"], content_layers=content_layers, style_layers=style_layers)  # type: ignore[arg-type]
-            return ExportResult(final, meta, None, time.perf_counter() - t0, created=False)
+            return ExportResult(final, meta, None, time.perf_counter() - t0, created=False, sha256=digest)
         except ValueError as e:  # damaged or foreign: replace it
             shutil.rmtree(final.parent, ignore_errors=True)
-            note = f"discarded the stored model ({e})"
-    store = final.parent.parent
-    store.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=store, prefix=f".{final.parent.name}."))
-    os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the store from other users of the cache
+            reason = str(e).replace(str(final), "it").strip()
+            note = f"discarded the stored model {final.parent.name} ({reason}); exporting it again"
+    staging: Path | None = None
     try:
-        result = export_targets(weights, staging / M.TARGETS_FILE, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
+        store.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=store, prefix=files.temp_prefix(final.parent.name)))
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the store from other users of the cache
+        result = export_targets(weights, staging / M.TARGETS_FILE, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16, shown_as=final)
+        try:
+            result.sha256 = M.write_checksum(staging / M.TARGETS_FILE)
+        except OSError as e:
+            raise _cannot_write(final.parent / M.CHECKSUM_FILE, e) from None
         try:
             os.rename(staging, final.parent)  # atomic; fails if another exporter got there first
         except OSError:
             if not final.is_file():
                 raise
             result.created = False
+            result.sha256 = M.check_stored(final)
         result.path = final
+    except OSError as e:
+        raise _cannot_write(final, e) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
     if note:
         result.notes.append(note)

@@ -110,3 +110,59 @@ def test_metadata_mismatches_are_one_line_errors(gatys_export):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="no nst metadata"):
         M.ModelMeta.from_props({})
+
+
+def _flip_64_bytes(path: Path) -> None:
+    """Damage a model the way a bad disk or copy does: 64 bytes inverted mid-file (the weights), same size."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_store_checks_a_checksum_and_re_exports_a_damaged_model(tmp_path: Path):
+    from nst.engine.onnx_targets import OnnxTargets
+    from nst.engine.targets import TorchTargets
+
+    w = random_weights(seed=0)
+    layers = dict(content_layers=("relu1_2",), style_layers=("relu1_1",))
+    first = export_to_store(tmp_path, w, **layers)
+    record = first.path.parent / M.CHECKSUM_FILE
+    assert record.read_text() == f"{M.file_sha256(first.path)}  {M.TARGETS_FILE}\n" and first.sha256 == M.file_sha256(first.path)
+    assert export_to_store(tmp_path, w, **layers).sha256 == first.sha256  # found and checked
+    size = first.path.stat().st_size
+    _flip_64_bytes(first.path)
+    assert first.path.stat().st_size == size
+    M.read_meta(first.path)  # still a readable model with the right metadata: only the checksum can tell
+    with pytest.raises(M.ModelChecksumError, match="fails its checksum"):
+        M.check_stored(first.path)
+    with pytest.raises(M.ModelChecksumError, match="fails its checksum"):  # opened directly (--onnx)
+        OnnxTargets(first.path)
+    fixed = export_to_store(tmp_path, w, **layers)
+    assert fixed.created and len(fixed.notes) == 1 and "checksum" in fixed.notes[0] and "\n" not in fixed.notes[0]
+    assert M.check_stored(fixed.path) == fixed.sha256
+    # and its targets are right again: ONNX Runtime against PyTorch on the same image
+    feats = VGGFeatures(("relu1_2", "relu1_1"))
+    load_into(feats.features, w)
+    x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    got = OnnxTargets(fixed.path).compute(x, content_layers=("relu1_2",), style_layers=("relu1_1",))
+    ref = TorchTargets(feats.eval()).compute(x, content_layers=("relu1_2",), style_layers=("relu1_1",))
+    for k, v in {**ref.tensors()}.items():
+        assert torch.allclose(got.tensors()[k], v, rtol=1e-4, atol=1e-4 * float(v.abs().max())), k
+    # a model stored by an older nst, with no checksum record, is exported again too
+    record.unlink()
+    again = export_to_store(tmp_path, w, **layers)
+    assert again.created and "no checksum record" in again.notes[0] and record.is_file()
+
+
+def test_a_full_disk_is_one_error_naming_the_path(full_disk: Path):
+    w = random_weights(seed=0)
+    layers = dict(content_layers=("relu1_2",), style_layers=("relu1_1",))
+    with pytest.raises(ExportError) as e:
+        export_to_store(full_disk, w, **layers)
+    final = M.store_path(full_disk, fingerprint=w.fingerprint, pooling="max", **layers)
+    assert str(e.value).startswith(f"cannot write {final}: No space left on device") and "\n" not in str(e.value)
+    assert not list((full_disk / M.MODELS_DIR).iterdir())  # no staging folder left
+    with pytest.raises(ExportError, match=f"cannot write {full_disk / 'x.onnx'}: No space left on device"):
+        export_targets(w, full_disk / "x.onnx", **layers)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", M.MODELS_DIR]
