@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nst.engine import config as C
 from nst.engine.device import Runtime, is_out_of_memory, out_of_memory_message, resolve_device, resolve_precision
-from nst.engine.images import load_image, output_format, save_image
+from nst.engine.files import remove, temporaries_beside
+from nst.engine.images import ImageError, load_image, output_format, save_image
 from nst.engine.transfer import Iterate, StyleResult, check_sizes, stylize
 from nst.engine.weights import Weights, load_weights
 
@@ -75,6 +76,7 @@ class _ProgressSink:
         self.progress, self.task, self.cfg, self.out = progress, task, cfg, out
         self.last_read = 0.0
         self.saved: list[Path] = []
+        self.failed: list[Path] = []  # snapshots that could not be written
         self.latest: Iterate | None = None
 
     def __call__(self, it: Iterate) -> None:
@@ -88,7 +90,17 @@ class _ProgressSink:
                 fields["stage"] = f"{it.size[1]}x{it.size[0]}"
             self.progress.update(self.task, completed=it.step, **fields)
         if self.cfg.save_every and it.step % self.cfg.save_every == 0 and it.step != it.total_steps:
-            self.saved.append(save_image(it.snapshot(), intermediate_path(self.out, it.step)))
+            self.save_snapshot(it)
+
+    def save_snapshot(self, it: Iterate) -> None:
+        """A snapshot is optional: one that cannot be written (disk full) is a warning, not the end."""
+        path = intermediate_path(self.out, it.step)
+        try:
+            self.saved.append(save_image(it.snapshot(), path))
+        except ImageError as e:
+            self.failed.append(path)
+            if len(self.failed) == 1:  # the same cause would repeat at every snapshot
+                console.print(f"[yellow]warning:[/] {e}; the run goes on (later snapshot failures are counted in the report)", soft_wrap=True)
 
 
 def stylize_command(
@@ -141,6 +153,9 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     if isinstance(init, str) and init not in C.INIT_CHOICES:
         inputs.append(Path(init))
     check_output(output, inputs)
+    swept = remove(temporaries_beside(output))  # what killed runs writing this output left
+    if swept and not quiet:
+        console.print(f"removed {len(swept)} stale temporaries beside {output} that killed runs left")
     for extra, what in ((a["report"], "report"), (a["compare"], "comparison sheet")):
         if extra is not None:
             if any(_same_file(Path(extra), p) for p in [*inputs, output]):  # type: ignore[arg-type]
@@ -232,7 +247,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     per = seconds_per_iteration(result.iteration_seconds)
     tinfo = {**result.targets, **targets_info}
     if a["report"] is not None:
-        write_json(Path(a["report"]), _report(result, cfg, runtime, w, phases, per, tinfo, output, sink.saved))  # type: ignore[arg-type]
+        write_json(Path(a["report"]), _report(result, cfg, runtime, w, phases, per, tinfo, output, sink))  # type: ignore[arg-type]
     if not quiet:
         chosen = " (auto)" if str(a["precision"]).strip().lower() == "auto" else ""
         extra = {"device, precision": f"{dev}, {prec.value}{chosen}",
@@ -250,11 +265,12 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
         raise typer.Exit(1)
 
 
-def _report(result: StyleResult, cfg: C.StyleConfig, runtime: Runtime, w: Weights, phases: dict[str, float], per: dict, tinfo: dict, output: Path, saved: list[Path]) -> dict:
+def _report(result: StyleResult, cfg: C.StyleConfig, runtime: Runtime, w: Weights, phases: dict[str, float], per: dict, tinfo: dict, output: Path, sink: _ProgressSink) -> dict:
     hist = result.loss_history
     return {
         "output": str(output),
-        "intermediate": [str(p) for p in saved],
+        "intermediate": [str(p) for p in sink.saved],
+        "intermediate_failed": [str(p) for p in sink.failed],
         "status": result.status,
         "phases": phases,
         "iterations": result.steps,
