@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -37,6 +38,8 @@ def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Pri
         print(json.dumps(info, indent=2))
         return
     table = Table(title="nst cache", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a path is folded onto the next line, never cut
     table.add_row("folder", str(info["folder"]))
     table.add_row("target entries", f"{info['entries']} ({_mb(int(info['bytes']))})")  # type: ignore[call-overload]
     models = info["models"]
@@ -50,7 +53,8 @@ def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Pri
         line += f", {stale} stale: the next run or `nst cache clear` removes them" if stale else ", all being written now"
     table.add_row("temporaries", line)
     for t in temps:  # type: ignore[attr-defined]
-        table.add_row("", f"{t['path']} ({_mb(int(t['bytes']))}, {_why(t)})")  # type: ignore[arg-type]
+        where = Path(t["path"]).relative_to(str(info["folder"]))  # type: ignore[index]
+        table.add_row("", f"{where} ({_mb(int(t['bytes']))}, {_why(t)})")  # type: ignore[index]
     console.print(table)
 
 

@@ -249,8 +249,9 @@ def export_to_store(
     key = dict(fingerprint=weights.fingerprint, pooling=Pooling(pooling).value, content_layers=tuple(content_layers), style_layers=tuple(style_layers), precision="fp16" if fp16 else "fp32")
     final = M.store_path(cache_root, **key)
     store = final.parent.parent
-    if store.is_dir():
-        files.remove(t for t in map(files.temporary_state, store.glob(".*")) if t is not None)
+    if store.is_dir():  # killed exports' private folders
+        leftovers = [p for p in store.glob(".*") if p.is_dir() or p.name.endswith(".tmp")]
+        files.remove(t for t in map(files.temporary_state, leftovers) if t is not None)
     note = ""
     if final.is_file():
         try:
