@@ -166,7 +166,7 @@ class ModelChecksumError(ValueError):
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB pieces (about 30 ms for the 52 MB Gatys module here)."""
+    """sha256 of a file's bytes, read in 1 MiB pieces (tens of ms for the 52 MB Gatys module)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -203,7 +203,7 @@ def check_sha256(model: Path, recorded: str) -> str:
     """`model`'s sha256, or ModelChecksumError (one line) if it is not `recorded`."""
     actual = file_sha256(model)
     if actual != recorded:
-        raise ModelChecksumError(f"{model} fails its checksum (sha256 {actual[:12]}..., recorded {recorded[:12]}...): it is damaged")
+        raise ModelChecksumError(f"{model} fails its checksum, so it is damaged (sha256 {actual[:12]}..., recorded {recorded[:12]}...)")
     return actual
 
 

@@ -242,7 +242,7 @@ def export_to_store(
     Concurrent exporters each build a private folder and rename it into place; the first rename
     wins and the others discard theirs, so a reader never sees a half-written model. The folder
     holds the model and its sha256 (`M.CHECKSUM_FILE`); a stored model is checked against it on
-    every call (about 30 ms for the Gatys module), and one that fails is discarded and exported
+    every call (tens of ms for the 52 MB Gatys module), and one that fails is discarded and exported
     again with a note. Stale private folders of killed exports are removed first.
     """
     t0 = time.perf_counter()
@@ -262,7 +262,7 @@ def export_to_store(
         except ValueError as e:  # damaged or foreign: replace it
             shutil.rmtree(final.parent, ignore_errors=True)
             reason = str(e).replace(str(final), "it").strip()
-            note = f"discarded the stored model {final.parent.name} ({reason}); exporting it again"
+            note = f"discarded the stored model {final.parent.name}: {reason}; exporting it again"
     staging: Path | None = None
     try:
         store.mkdir(parents=True, exist_ok=True)
