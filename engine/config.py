@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from .layers import LAYER_NAMES
+
 
 class Optimizer(str, enum.Enum):
     LBFGS = "lbfgs"
@@ -125,8 +127,6 @@ MIN_SIZE = 32  # VGG19 to conv5 needs at least 16 px after four poolings; 32 kee
 
 def validate(cfg: StyleConfig) -> None:
     """Raise ValueError naming the bad field and the accepted values."""
-    from .features import LAYER_NAMES  # local: features imports torch, config need not
-
     for s in cfg.sizes:
         if not (MIN_SIZE <= s <= MAX_SIZE):
             raise ValueError(f"size {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")

@@ -7,10 +7,8 @@ from torch import nn
 
 from .config import Pooling
 
-# torchvision's VGG19 ("E") `features`, as data: channel counts, "M" for a pooling layer.
-VGG19_CFG: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
-)  # fmt: skip
+# The geometry is torch-free data in `layers`; its names stay importable from here.
+from .layers import _CHANNELS, CONV_INDICES, LAYER_INDEX, LAYER_NAMES, VGG19_CFG, layer_channels, layer_stride  # noqa: F401
 
 # The PyTorch VGG-19 expects sRGB in [0, 1] normalised by ImageNet's mean and std, unlike
 # Simonyan et al.'s Caffe model (BGR, 0-255, mean subtracted only). These are the values of
@@ -18,41 +16,6 @@ VGG19_CFG: tuple[int | str, ...] = (
 # classification and are not used).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _layer_table() -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Names in torchvision's `features` order, and each conv's output channels (0 elsewhere)."""
-    names: list[str] = []
-    channels: list[int] = []
-    block, conv = 1, 0
-    for v in VGG19_CFG:
-        if v == "M":
-            names.append(f"pool{block}")
-            channels.append(0)
-            block, conv = block + 1, 0
-        else:
-            conv += 1
-            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
-            channels += [int(v), int(v)]
-    return tuple(names), tuple(channels)
-
-
-LAYER_NAMES, _CHANNELS = _layer_table()
-LAYER_INDEX: dict[str, int] = {name: i for i, name in enumerate(LAYER_NAMES)}
-CONV_INDICES: tuple[int, ...] = tuple(i for i, n in enumerate(LAYER_NAMES) if n.startswith("conv"))
-
-
-def layer_channels(name: str) -> int:
-    """Channels of a layer's output (a pool keeps the channels of the conv before it)."""
-    i = LAYER_INDEX[name]
-    while _CHANNELS[i] == 0:
-        i -= 1
-    return _CHANNELS[i]
-
-
-def layer_stride(name: str) -> int:
-    """How many times smaller than the input a layer's output is (2 per pooling before it)."""
-    return 2 ** sum(1 for n in LAYER_NAMES[: LAYER_INDEX[name] + 1] if n.startswith("pool"))
 
 
 def build_features(*, depth: int = len(LAYER_NAMES), pooling: Pooling = Pooling.MAX, tapped: frozenset[int] = frozenset()) -> nn.Sequential:
