@@ -3,21 +3,30 @@
 Weights travel as a state_dict under torchvision's `features.N.weight|bias` keys, conv layers
 only (the classifier is never needed). Every set has a fingerprint, a hash of its tensors, that
 keys the model store and the target cache.
+
+torch is imported inside the functions that need it: the paths, the status and the file checks
+run without it (`nst weights status` answers at once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .features import CONV_INDICES, VGG19_CFG, build_features
 from .files import write_atomic
 
+if TYPE_CHECKING:
+    import torch
+
 # torchvision's VGG19_Weights.IMAGENET1K_V1: its URL names the file; the 8 hex digits in the name
-# are the start of the file's SHA-256, which torch.hub checks on download.
+# are the start of the file's SHA-256. torch.hub checks them only when it downloads, so a file
+# found in its folder is checked here before it is trusted.
 IMAGENET_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 IMAGENET_FILENAME = IMAGENET_URL.rsplit("/", 1)[1]
 IMAGENET_HASH_PREFIX = "dcbb9e9d"
@@ -28,6 +37,11 @@ class WeightsError(ValueError):
     """Weights that cannot be found or do not fit VGG19; the message says what to do."""
 
 
+class WeightsUnavailable(WeightsError):
+    """The ImageNet weights are neither on this machine nor downloadable: a missing resource,
+    not a mistake in the input."""
+
+
 @dataclass(frozen=True)
 class Weights:
     """Conv weights ready for `VGGFeatures`, with where they came from."""
@@ -36,17 +50,23 @@ class Weights:
     kind: str  # "imagenet" | "random" | "file"
     description: str  # for reports: a path, or "random (seed 0)"
     fingerprint: str  # 16 hex digits over the tensors' names, shapes and bytes
+    reason: str | None = None  # why these are not what was asked for (a hub file that failed its hash)
 
     @property
     def is_random(self) -> bool:
         return self.kind == "random"
 
     def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "source": self.description, "fingerprint": self.fingerprint}
+        out = {"kind": self.kind, "source": self.description, "fingerprint": self.fingerprint}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
     """`features.N.weight|bias` -> shape for all 16 convs of VGG19."""
+    from .layers import CONV_INDICES, VGG19_CFG
+
     shapes: dict[str, tuple[int, ...]] = {}
     in_ch = 3
     convs = [v for v in VGG19_CFG if v != "M"]
@@ -59,6 +79,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A stable hash of the conv tensors (names, shapes, fp32 bytes)."""
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(state_dict):
         t = state_dict[key].detach().to("cpu", torch.float32).contiguous()
@@ -70,6 +92,8 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 def random_weights(*, seed: int = 0) -> Weights:
     """Seeded random weights, initialised as torchvision initialises VGG (Kaiming, fan-out)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for key, shape in expected_shapes().items():
@@ -83,6 +107,8 @@ def random_weights(*, seed: int = 0) -> Weights:
 
 def conv_state_dict(raw: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
     """Pick VGG19's conv tensors out of a full or features-only state_dict, checking every shape."""
+    import torch
+
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise WeightsError(f"{source}: not a state_dict of tensors")
     # A features-only state_dict has keys "0.weight"...; a whole VGG19 has "features.0.weight"...
@@ -101,19 +127,61 @@ def conv_state_dict(raw: dict[str, torch.Tensor], *, source: str) -> dict[str, t
     return out
 
 
+EXPECTED_FILE = "a VGG19 state_dict saved by torch.save (.pth, .pt) or a .safetensors file"
+
+
+def file_format(head: bytes, size: int) -> str | None:
+    """"zip" (torch.save), "pickle" (torch.save's legacy format), "safetensors", or None, from the
+    first bytes of a file."""
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, protocol 2-5
+        return "pickle"
+    # safetensors: the JSON header's length as a little-endian u64, then the header itself
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    return None
+
+
+def _describe(head: bytes) -> str:
+    if not head:
+        return "it is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at the end of the sample is still text
+        text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else "\0"
+    return "it is text" if "\0" not in text else "it is neither a zip archive, a pickle nor safetensors"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a `.safetensors` file, or a `.pth`/`.pt` file with `weights_only=True` (no pickled code)."""
+    """Read a `.safetensors` file, or a `.pth`/`.pt` file with `weights_only=True` (no pickled code).
+
+    A file that is neither, or a pickle that holds more than tensors, is an error that says so;
+    torch's advice to load it with `weights_only=False` is never passed on.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    kind = file_format(head, path.stat().st_size)
+    if kind is None:
+        raise WeightsError(f"{path} is not a weights file ({_describe(head)}): expected {EXPECTED_FILE}")
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
+        import torch
+
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"{path} is not a plain state_dict (it holds pickled Python objects besides tensors) and was not loaded, for safety: "
+            f"a pickle can run code. Save `model.state_dict()` instead, or convert it to .safetensors"
+        ) from None
     except Exception as e:  # torch and safetensors raise many types for a damaged file
         raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -132,8 +200,13 @@ def imported_path(cache_dir: Path) -> Path:
 
 
 def hub_path(hub_dir: Path | None = None) -> Path:
-    """Where torch.hub keeps torchvision's file: `$TORCH_HOME/hub/checkpoints/` by default."""
-    return Path(hub_dir if hub_dir is not None else torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILENAME
+    """Where torch.hub keeps torchvision's file: `<hub_dir>/checkpoints/`, by default under
+    `torch.hub.get_dir()` (`$TORCH_HOME/hub`)."""
+    if hub_dir is None:
+        import torch.hub
+
+        hub_dir = Path(torch.hub.get_dir())
+    return Path(hub_dir) / "checkpoints" / IMAGENET_FILENAME
 
 
 def file_sha256(path: Path) -> str:
@@ -142,6 +215,11 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def is_torchvision_file(sha256: str) -> bool:
+    """Whether a file's SHA-256 starts with the prefix in torchvision's file name."""
+    return sha256.startswith(IMAGENET_HASH_PREFIX)
 
 
 def save_conv_weights(weights: Weights, path: Path, *, extra: dict[str, str] | None = None) -> Path:
@@ -154,6 +232,11 @@ def save_conv_weights(weights: Weights, path: Path, *, extra: dict[str, str] | N
     return write_atomic(path, lambda tmp: save_file(weights.state_dict, str(tmp), metadata=meta))
 
 
+def _provenance(source: Path, sha256: str, verified: bool) -> dict[str, str]:
+    """What the conv-only copy records about the file it was made from (`nst weights status` shows it)."""
+    return {"imported_from": str(source), "sha256": sha256, "verified": str(verified).lower()}
+
+
 def import_weights(path: Path, *, cache_dir: Path) -> tuple[Weights, bool]:
     """Check a VGG19 file and keep its conv weights in the cache as the `imagenet` weights.
 
@@ -161,8 +244,9 @@ def import_weights(path: Path, *, cache_dir: Path) -> tuple[Weights, bool]:
     (its SHA-256 starts with the hash in torchvision's file name).
     """
     weights = load_file_weights(path, kind="imagenet")
-    verified = Path(path).suffix != ".safetensors" and file_sha256(Path(path)).startswith(IMAGENET_HASH_PREFIX)
-    save_conv_weights(weights, imported_path(cache_dir), extra={"verified": str(verified).lower(), "imported_from": str(path)})
+    digest = file_sha256(Path(path))
+    verified = Path(path).suffix != ".safetensors" and is_torchvision_file(digest)
+    save_conv_weights(weights, imported_path(cache_dir), extra=_provenance(Path(path), digest, verified))
     return weights, verified
 
 
@@ -174,28 +258,51 @@ def offline_message(hub_file: Path, reason: str) -> str:
     )
 
 
+def mismatch_message(hub_file: Path, sha256: str) -> str:
+    return (
+        f"{hub_file} is not torchvision's {IMAGENET_FILENAME} (its sha256 starts with {sha256[:8]}, "
+        f"not {IMAGENET_HASH_PREFIX}), so it is used as a plain weights file, not as the ImageNet weights; "
+        f"delete it to download the real file, or `nst weights import FILE` a file you trust"
+    )
+
+
+def _download(hub_file: Path, *, progress: bool) -> None:
+    """torchvision's file into torch hub's folder, hash-checked; on failure the folders made for
+    it are removed again (an empty `checkpoints/` helps no one)."""
+    import torch.hub
+
+    made = [d for d in (hub_file.parent, *hub_file.parent.parents) if not d.exists()]  # deepest first
+    try:
+        hub_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(IMAGENET_URL, str(hub_file), IMAGENET_HASH_PREFIX, progress=progress)
+    except Exception as e:  # URLError, socket errors, a hash mismatch, a read-only folder: all mean "not here"
+        for d in made:
+            with contextlib.suppress(OSError):  # not empty: someone else is using it
+                d.rmdir()
+        raise WeightsUnavailable(offline_message(hub_file, f"{type(e).__name__}: {e}".splitlines()[0][:200])) from None
+
+
 def load_imagenet(*, cache_dir: Path | None = None, hub_dir: Path | None = None, download: bool = True, progress: bool = False) -> Weights:
     """torchvision's ImageNet VGG19: the imported copy, else the torch hub cache, else a download.
 
-    A file found only in the hub cache is also kept, conv weights only, in `cache_dir`, so later
-    loads read 80 MB instead of 548 MB.
+    A file in torch hub's folder is trusted only if its SHA-256 starts with the prefix in its
+    name; then its conv weights are also kept in `cache_dir`, so later loads read 80 MB instead
+    of 548 MB. A file that fails the check is loaded as a plain file (`kind` "file", `reason`
+    saying why) and no copy is made.
     """
     if cache_dir is not None and imported_path(cache_dir).is_file():
-        w = load_file_weights(imported_path(cache_dir), kind="imagenet")
-        return w
+        return load_file_weights(imported_path(cache_dir), kind="imagenet")
     hub_file = hub_path(hub_dir)
     if not hub_file.is_file():
         if not download:
-            raise WeightsError(offline_message(hub_file, "downloads are turned off"))
-        try:
-            torch.hub.load_state_dict_from_url(
-                IMAGENET_URL, model_dir=str(hub_file.parent), map_location="cpu", progress=progress, check_hash=True
-            )
-        except Exception as e:  # URLError, socket errors, hash mismatch: all mean "not here"
-            raise WeightsError(offline_message(hub_file, f"{type(e).__name__}: {e}".splitlines()[0][:200])) from None
+            raise WeightsUnavailable(offline_message(hub_file, "downloads are turned off"))
+        _download(hub_file, progress=progress)
+    digest = file_sha256(hub_file)
+    if not is_torchvision_file(digest):
+        return dataclasses.replace(load_file_weights(hub_file), reason=mismatch_message(hub_file, digest))
     w = load_file_weights(hub_file, kind="imagenet")
     if cache_dir is not None:
-        save_conv_weights(w, imported_path(cache_dir), extra={"verified": "true", "imported_from": str(hub_file)})
+        save_conv_weights(w, imported_path(cache_dir), extra=_provenance(hub_file, digest, True))
     return w
 
 
@@ -214,24 +321,42 @@ def load_weights(spec: str, *, seed: int = 0, cache_dir: Path | None = None, hub
     return load_file_weights(p)
 
 
+def imported_metadata(path: Path) -> dict[str, str]:
+    """The metadata the conv-only copy was written with (read without torch)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return dict(f.metadata() or {})
+
+
 def weights_status(*, cache_dir: Path | None = None, hub_dir: Path | None = None) -> dict[str, object]:
-    """What is available without a download: the imported copy and the hub file."""
+    """What is available without a download: the imported copy and the hub file.
+
+    The hub file is hashed (about a second) only while there is no imported copy, since only
+    then would `--weights imagenet` read it.
+    """
     hub_file = hub_path(hub_dir)
+    imported = imported_path(cache_dir) if cache_dir is not None else None
     status: dict[str, object] = {
         "hub_file": str(hub_file),
         "hub_file_present": hub_file.is_file(),
-        "imported_file": str(imported_path(cache_dir)) if cache_dir is not None else None,
-        "imported_present": bool(cache_dir is not None and imported_path(cache_dir).is_file()),
+        "hub_file_verified": None,
+        "imported_file": str(imported) if imported is not None else None,
+        "imported_present": bool(imported is not None and imported.is_file()),
     }
     if status["imported_present"]:
-        from safetensors import safe_open
-
-        with safe_open(str(imported_path(cache_dir)), "pt") as f:  # type: ignore[arg-type]
-            meta = f.metadata() or {}
+        try:
+            meta = imported_metadata(imported)  # type: ignore[arg-type]
+        except Exception as e:  # safetensors raises its own types for a damaged file
+            meta = {}
+            status["imported_error"] = f"unreadable ({type(e).__name__}): `nst weights import FILE` again"
         status["imported_fingerprint"] = meta.get("fingerprint")
         status["imported_verified"] = meta.get("verified") == "true"
         status["imported_from"] = meta.get("imported_from")
-    status["imagenet_available"] = bool(status["hub_file_present"] or status["imported_present"])
+        status["imported_sha256"] = meta.get("sha256")
+    elif status["hub_file_present"]:
+        status["hub_file_verified"] = is_torchvision_file(file_sha256(hub_file))
+    status["imagenet_available"] = bool((status["imported_present"] and "imported_error" not in status) or status["hub_file_verified"])
     return status
 
 
@@ -245,7 +370,7 @@ def load_into(module: torch.nn.Module, weights: Weights) -> None:
 __all__ = [
     "Weights",
     "WeightsError",
-    "build_features",
+    "WeightsUnavailable",
     "fingerprint",
     "import_weights",
     "load_file_weights",
