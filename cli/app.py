@@ -4,29 +4,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from nst.engine.device import resolve_precision, supported_precisions
-from nst.engine.features import LAYER_NAMES
+from nst.engine.layers import LAYER_NAMES
 from nst.engine.weights import import_weights, weights_status
 
-from .common import cache_dir, console, user_errors
+from .common import Command, cache_dir, console, torch_hub_dir, user_errors
 from .report import versions
 from .stylize_cmd import stylize_command
 
+# Each command's first docstring line is its summary in `nst --help`: one short sentence with no
+# abbreviation ending in a period (click cuts the summary at the first "word.").
 app = typer.Typer(
     name="nst",
-    help="Neural style transfer (Gatys et al. 2015): stylise, export VGG19 to ONNX, profile the GPU.",
+    help="Neural style transfer (Gatys, Ecker and Bethge, 2015): stylise, export VGG19 to ONNX, profile the GPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,  # usage errors as click prints them: one `Error:` line, no box
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
 )
-app.command("stylize")(stylize_command)
+app.command("stylize", cls=Command)(stylize_command)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("nst")
+        except PackageNotFoundError:  # running from a checkout that is not installed
+            v = "unknown (not installed)"
+        print(f"nst {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[Optional[bool], typer.Option("--version", is_eager=True, callback=_print_version, help="Print nst's version and exit.")] = None,
+) -> None:
+    pass  # the app's help is the Typer's; this callback only carries --version
+
 
 weights_app = typer.Typer(help="The VGG19 weights: what is available, and importing a file.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
@@ -44,24 +65,40 @@ app.command("bench")(bench_command)
 def weights_status_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
     """Show which ImageNet weights are available without a download."""
     with user_errors():
-        st = weights_status(cache_dir=cache_dir())
+        st = weights_status(cache_dir=cache_dir(), hub_dir=torch_hub_dir())
     if as_json:
         print(json.dumps(st, indent=2))
         return
     table = Table(title="VGG19 weights", show_header=False)
-    table.add_row("torch hub file", f"{st['hub_file']} ({'present' if st['hub_file_present'] else 'absent'})")
+    hub = f"{st['hub_file']} ({'present' if st['hub_file_present'] else 'absent'}"
+    if st["hub_file_verified"] is not None:
+        hub += ", sha256 " + ("matches torchvision's" if st["hub_file_verified"] else "does not match torchvision's: used as a plain file")
+    table.add_row("torch hub file", hub + ")")
     imported = f"{st['imported_file']} ({'present' if st['imported_present'] else 'absent'})"
-    if st["imported_present"]:
-        imported += f", fingerprint {st['imported_fingerprint']}, " + ("torchvision's file" if st["imported_verified"] else "not torchvision's file byte for byte")
+    if st.get("imported_error"):
+        imported += f", {st['imported_error']}"
+    elif st["imported_present"]:
+        imported += f", fingerprint {st['imported_fingerprint']}, made from {st['imported_from'] or 'an unrecorded file'}, " + (
+            "verified as torchvision's file (sha256)" if st["imported_verified"] else "not verified: not torchvision's file byte for byte"
+        )
     table.add_row("imported copy", imported)
-    table.add_row("--weights imagenet", "ready" if st["imagenet_available"] else "needs a download or `nst weights import FILE`")
+    if st["imagenet_available"]:
+        ready = "ready"
+    elif st["hub_file_verified"] is False:
+        ready = "not available: the torch hub file is not torchvision's; delete it to download the real one, or `nst weights import FILE`"
+    else:
+        ready = "needs a download or `nst weights import FILE`"
+    table.add_row("--weights imagenet", ready)
     table.add_row("--weights random", "always available (seeded, not pretrained)")
     console.print(table)
 
 
 @weights_app.command("import")
 def weights_import_command(file: Annotated[Path, typer.Argument(help="A VGG19 state_dict: whole model or `features`, .pth or .safetensors.")]) -> None:
-    """Check a VGG19 weights file and keep its conv weights in the cache as `--weights imagenet`."""
+    """Keep a VGG19 file's conv weights as `--weights imagenet`.
+
+    The file is checked (every tensor's shape) and compared with torchvision's file (sha256).
+    """
     with user_errors():
         w, verified = import_weights(file, cache_dir=cache_dir())
     console.print(f"imported {file} as the imagenet weights (fingerprint {w.fingerprint})")
@@ -71,7 +108,15 @@ def weights_import_command(file: Annotated[Path, typer.Argument(help="A VGG19 st
 
 @app.command("info")
 def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
-    """Devices, precisions, ONNX Runtime providers, weights and versions."""
+    """Devices, precisions, providers, weights and versions.
+
+    Lists each device with the precisions it runs, ONNX Runtime's providers, the weights' status,
+    the cache folder, the layer names and the versions of the libraries.
+    """
+    import torch
+
+    from nst.engine.device import resolve_precision, supported_precisions
+
     devices = [torch.device("cpu")] + [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
     info: dict[str, object] = {
         "devices": {
@@ -84,7 +129,7 @@ def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
         },
         "cpu_threads": torch.get_num_threads(),
         "onnxruntime_providers": _ort_providers(),
-        "weights": weights_status(cache_dir=cache_dir()),
+        "weights": weights_status(cache_dir=cache_dir(), hub_dir=torch_hub_dir()),
         "cache_dir": str(cache_dir()),
         "layers": list(LAYER_NAMES),
         "versions": versions(),

@@ -8,24 +8,24 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, ROW_KEYS, BenchCase, BenchRow, bench_case, bench_optimizer, expand_cases, parse_size, skipped_row
-from nst.engine.bench_targets import bench_targets
 from nst.engine.config import Precision, Preset, preset
-from nst.engine.device import resolve_device, resolve_precision
-from nst.engine.features import LAYER_INDEX
-from nst.engine.flops import count_flops
 from nst.engine.files import write_atomic
-from nst.engine.weights import Weights, load_weights
+from nst.engine.layers import LAYER_INDEX
 
-from .common import UserError, cache_dir, console, parse_list, user_errors
+from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors
 from .report import versions, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from nst.engine.bench import BenchRow
+    from nst.engine.weights import Weights
 
 
 def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "") -> list[str]:
@@ -62,7 +62,16 @@ def bench_command(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one CSV row per result here.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: ms/iteration and TFLOP/s against size, a line per precision.")] = None,
 ) -> None:
-    """Measure the loop's throughput: ms/iteration, TFLOP/s, percent of peak, memory."""
+    """Measure the optimisation loop's throughput.
+
+    Per case: ms/iteration, TFLOP/s, percent of peak and peak memory.
+    """
+    import torch
+
+    from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, skipped_row
+    from nst.engine.bench_targets import bench_targets
+    from nst.engine.device import resolve_device, resolve_precision
+
     with user_errors():
         hw = [parse_size(s) for s in parse_list(sizes, what="size")]
         if not hw:
@@ -80,7 +89,7 @@ def bench_command(
         cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
                              ablate=ablate, cuda=dev.type == "cuda")
-        w = load_weights(weights, seed=seed, cache_dir=cache_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
+        w = load_weights_for(weights, seed)
         rows: list[BenchRow] = []
         peaks: dict = {}
         with console.status("benchmarking") as status:
@@ -143,6 +152,8 @@ def _exported(w: Weights, preset_name: str) -> Path | None:
 
 
 def _device_name(dev: torch.device) -> str:
+    import torch
+
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
     import platform
@@ -188,6 +199,8 @@ def _table(rows: list[BenchRow], dev: torch.device) -> Table:
 
 def write_csv(path: Path, rows: list[BenchRow]) -> Path:
     """One row per result, the columns of BenchRow, atomically."""
+    from nst.engine.bench import ROW_KEYS
+
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
@@ -238,6 +251,8 @@ def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") ->
 
 
 def _print_flops(hw: list[tuple[int, int]], presets: list[str]) -> None:
+    from nst.engine.flops import count_flops
+
     for name in presets:
         cfg = preset(name)
         layers = (*cfg.content_layers, *cfg.style_layers)

@@ -60,7 +60,10 @@ def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Pri
 
 @cache_app.command("clear")
 def cache_clear_command() -> None:
-    """Delete the cached targets, exported models and TensorRT engines (imported weights stay)."""
+    """Delete cached targets, models and TensorRT engines.
+
+    Imported weights stay.
+    """
     with user_errors():
         removed = TargetCache(cache_dir()).clear()
     temps = f", {removed['temporaries']} temporaries" if removed["temporaries"] else ""

@@ -5,15 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+import typer.core
 from rich.console import Console
 
-from nst.engine.device import DeviceError, is_out_of_memory, out_of_memory_message
-from nst.engine.images import ImageError
-from nst.engine.weights import WeightsError
+# Only torch-free engine modules at the top of any `nst.cli` module: `nst --help`, `nst --version`,
+# `nst cache info` and `nst weights status` never import torch, onnx or onnxruntime
+# (tests/cli/test_startup.py checks it). The commands that compute import them inside.
+from nst.engine.weights import WeightsUnavailable
+
+if TYPE_CHECKING:
+    from nst.engine.weights import Weights
 
 # stderr for messages and progress, so stdout stays clean for what a script may pipe.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -31,36 +38,86 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("nst", appauthor=False))
 
 
+def torch_hub_dir() -> Path:
+    """torch.hub's folder, found by `torch.hub.get_dir()`'s rule without importing torch:
+    `$TORCH_HOME/hub`, else `$XDG_CACHE_HOME/torch/hub`, else `~/.cache/torch/hub`."""
+    home = os.environ.get("TORCH_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.join(os.path.expanduser(home), "hub"))
+
+
+# Exit codes (the README lists them): 0 done; 1 the run could not finish (out of memory, a loss
+# that is no longer finite); 2 a mistake in the input (click's usage errors use 2 as well);
+# 3 something the run needs is not on this machine; 130 interrupted by Ctrl-C.
+EXIT_FAILED, EXIT_INPUT, EXIT_MISSING, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
 class UserError(Exception):
     """A mistake the user can fix; shown as one line, exit code 2."""
 
 
-# Expected failures: the user's input or this machine's limits. Anything else is a bug and keeps
-# its traceback.
-EXPECTED = (UserError, ValueError, FileNotFoundError, PermissionError, ImageError, WeightsError, DeviceError)
+class ResourceMissing(UserError):
+    """Something the run needs is not on this machine (not a mistake in the input); exit code 3."""
 
 
-def fail(message: str, code: int = 2) -> "typer.Exit":
+# Expected failures: the user's input or this machine's limits. The engine's DeviceError,
+# ImageError, WeightsError and ExportError are ValueErrors. Anything else is a bug and keeps its
+# traceback.
+EXPECTED = (UserError, ValueError, FileNotFoundError, PermissionError)
+MISSING = (ResourceMissing, WeightsUnavailable)
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> "typer.Exit":
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code=code)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn expected errors into `error: <one line>` and exit code 2 (1 for out of memory)."""
+    """Turn expected errors into `error: <one line>` and exit code 2 (3 for a missing resource,
+    1 for out of memory)."""
     try:
         yield
     except typer.Exit:
         raise
     except EXPECTED as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise fail(msg) from None
+        raise fail(msg, code=EXIT_MISSING if isinstance(e, MISSING) else EXIT_INPUT) from None
     except OSError as e:  # disk full, read-only folder...
         raise fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
     except (RuntimeError, MemoryError) as e:
+        from nst.engine.device import is_out_of_memory, out_of_memory_message
+
         if is_out_of_memory(e):
-            raise fail(f"{out_of_memory_message(e)}: try a smaller size", code=1) from None
+            raise fail(f"{out_of_memory_message(e)}: try a smaller size", code=EXIT_FAILED) from None
         raise
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def load_weights_for(spec: str, seed: int) -> Weights:
+    """`--weights` as every command reads it: the cache folder, torch hub's folder, `NST_OFFLINE`;
+    weights that are not what was asked for (a hub file failing its hash check) are one warning."""
+    from nst.engine.weights import load_weights
+
+    w = load_weights(spec, seed=seed, cache_dir=cache_dir(), hub_dir=torch_hub_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
+    if w.reason:
+        warn(w.reason)
+    return w
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose variadic arguments show their element type in the help (`STYLE <path>...`)
+    where typer would show the Python annotation (`<list[Path]>`)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        for p in self.params:
+            if isinstance(p, typer.core.TyperArgument) and p.nargs != 1:
+                (element,) = typing.get_args(p.type_descriptor.annotation) or (str,)
+                label = "path" if isinstance(element, type) and issubclass(element, os.PathLike) else getattr(element, "__name__", "value").lower()
+                p.display_type_rich = lambda ctx, label=label: f"<{label}>..."  # type: ignore[method-assign]
 
 
 def parse_list(text: str | None, *, cast: type = str, what: str = "value") -> tuple:

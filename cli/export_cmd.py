@@ -10,8 +10,7 @@ import typer
 from nst.engine import config as C
 from nst.engine.onnx_meta import OPSET
 
-from .common import UserError, console, cache_dir, parse_list, user_errors
-from .stylize_cmd import load_weights_for
+from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors
 
 
 def export_command(
@@ -24,7 +23,11 @@ def export_command(
     pooling: Annotated[Optional[C.Pooling], typer.Option(help="max or avg [the preset's].", show_default=False)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Convolutions in fp16 (inputs, Grams and outputs stay fp32).")] = False,
 ) -> None:
-    """Export VGG19's target module (content features and style Grams) to ONNX and verify it."""
+    """Export VGG19's target module to ONNX and verify it.
+
+    The module computes the content features and style Gram matrices; the export is checked
+    against PyTorch before it is kept.
+    """
     with user_errors():
         overrides = dict(
             content_layers=parse_list(content_layers, what="layer") or None,

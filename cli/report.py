@@ -6,18 +6,21 @@ import json
 import platform
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image, ImageDraw
 from rich.table import Table
 
 from nst.engine.files import write_atomic
-from nst.engine.images import to_pil
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 
 def versions() -> dict[str, str]:
     """Versions of what produced a result."""
+    import torch
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("torchvision", "onnx", "onnxruntime", "numpy", "PIL", "typer"):
         try:
@@ -65,6 +68,10 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None) -> Image.Image:
     """Content, style(s) and result side by side at the result's height, labelled underneath."""
+    from PIL import Image, ImageDraw
+
+    from nst.engine.images import to_pil
+
     out = to_pil(result)
     h = out.height
     tiles = [content, *styles, out]

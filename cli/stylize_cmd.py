@@ -5,22 +5,29 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nst.engine import config as C
-from nst.engine.device import Runtime, is_out_of_memory, out_of_memory_message, resolve_device, resolve_precision
 from nst.engine.files import remove, temporaries_beside
-from nst.engine.images import ImageError, load_image, output_format, save_image
-from nst.engine.transfer import Iterate, StyleResult, check_sizes, stylize
-from nst.engine.weights import Weights, load_weights
 
-from .common import UserError, cache_dir, console, fail, parse_list, user_errors
+from .common import UserError, console, fail, load_weights_for, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
 from .targets_opt import Provider, TargetsMode, choose_targets
+
+if TYPE_CHECKING:
+    from nst.engine.device import Runtime
+    from nst.engine.transfer import Iterate, StyleResult
+    from nst.engine.weights import Weights
+
+
+def stylize(*args: object, **kwargs: object) -> StyleResult:
+    """`nst.engine.stylize`, imported when a run starts (torch with it); tests replace this name."""
+    from nst.engine.transfer import stylize as run
+
+    return run(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def _default(name: str) -> str:
@@ -44,6 +51,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None:
     """Refuse an output that would overwrite an input, sits in a missing folder, or has no known format."""
+    from nst.engine.images import output_format
+
     output_format(out)
     for p in inputs:
         if _same_file(out, p):
@@ -55,10 +64,6 @@ def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None
 def intermediate_path(out: Path, step: int) -> Path:
     """`out.png` -> `out.0500.png`: where `--save-every` keeps the image at iteration 500."""
     return out.with_name(f"{out.stem}.{step:04d}{out.suffix}")
-
-
-def load_weights_for(spec: str, seed: int) -> Weights:
-    return load_weights(spec, seed=seed, cache_dir=cache_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
 
 
 def build_config(preset: C.Preset, overrides: dict[str, object]) -> C.StyleConfig:
@@ -94,6 +99,8 @@ class _ProgressSink:
 
     def save_snapshot(self, it: Iterate) -> None:
         """A snapshot is optional: one that cannot be written (disk full) is a warning, not the end."""
+        from nst.engine.images import ImageError, save_image
+
         path = intermediate_path(self.out, it.step)
         try:
             self.saved.append(save_image(it.snapshot(), path))
@@ -105,7 +112,7 @@ class _ProgressSink:
 
 def stylize_command(
     content: Annotated[Path, typer.Argument(help="Content image.", show_default=False, metavar="CONTENT")],
-    styles: Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False, metavar="STYLE...")],
+    styles: Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False, metavar="STYLE")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output image; the format comes from the extension.")] = Path("out.png"),
     preset: Annotated[C.Preset, typer.Option(help="Starting settings; options given here override it.")] = C.Preset.GATYS,
     size: Annotated[Optional[int], typer.Option(help=f"Longest side of the output in pixels {_default('size')} (the seed preset measures its 400 px on the height).", show_default=False)] = None,
@@ -136,15 +143,19 @@ def stylize_command(
     compare: Annotated[Optional[Path], typer.Option(help="Write a content | style | result sheet here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or report table.")] = False,
 ) -> None:
-    """Stylise CONTENT with one or more STYLE images (Gatys et al. 2015).
+    """Stylise CONTENT in the manner of one or more STYLE images.
 
-    Any option given here overrides the --preset.
+    The method of Gatys, Ecker and Bethge (2015). Any option given here overrides the --preset.
     """
     with user_errors():
         _run(**locals())
 
 
 def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phases
+    from nst.engine.device import Runtime, is_out_of_memory, out_of_memory_message, resolve_device, resolve_precision
+    from nst.engine.images import load_image, output_format, save_image
+    from nst.engine.transfer import check_sizes
+
     content, styles, output = Path(a["content"]), [Path(p) for p in a["styles"]], Path(a["output"])  # type: ignore[arg-type]
     quiet = bool(a["quiet"])
     phases: dict[str, float] = {}
@@ -266,6 +277,8 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
 
 
 def _report(result: StyleResult, cfg: C.StyleConfig, runtime: Runtime, w: Weights, phases: dict[str, float], per: dict, tinfo: dict, output: Path, sink: _ProgressSink) -> dict:
+    import torch
+
     hist = result.loss_history
     return {
         "output": str(output),

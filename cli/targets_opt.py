@@ -5,17 +5,20 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nst.engine import onnx_meta
 from nst.engine.cache import TargetCache
 from nst.engine.config import MAX_SIZE, SizeEdge, StyleConfig
-from nst.engine.device import Runtime
-from nst.engine.features import LAYER_INDEX, layer_stride
-from nst.engine.targets import TargetSource
-from nst.engine.transfer import TargetCacheLike
-from nst.engine.weights import Weights
+from nst.engine.layers import LAYER_INDEX, layer_stride
 
-from .common import UserError, cache_dir, console
+from .common import ResourceMissing, UserError, cache_dir, console
+
+if TYPE_CHECKING:
+    from nst.engine.device import Runtime
+    from nst.engine.targets import TargetSource
+    from nst.engine.transfer import TargetCacheLike
+    from nst.engine.weights import Weights
 
 
 class TargetsMode(str, enum.Enum):
@@ -109,7 +112,7 @@ def choose_targets(
     missing = _onnx_missing()
     if missing is not None:
         if mode == TargetsMode.ONNX or onnx_path is not None:
-            raise UserError(f"--targets onnx needs ONNX Runtime: {missing}")
+            raise ResourceMissing(f"--targets onnx needs ONNX Runtime: {missing}")
         info["fallback"] = f"torch: {missing}"
         return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), info
 

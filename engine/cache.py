@@ -21,12 +21,15 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import files, onnx_meta
 from .files import Temporary, write_atomic
-from .targets import ImageTargets
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: `nst cache info` runs without it
+    import torch
+
+    from .targets import ImageTargets
 
 CACHE_FORMAT = "1"
 TARGETS_DIR = "targets"
@@ -39,6 +42,8 @@ class TargetCacheWarning(UserWarning):
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes, in name order."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -75,6 +80,8 @@ class TargetCache:
 
     def lookup(self, key: str) -> ImageTargets | None:
         """The stored targets, or None (absent, or damaged and now deleted)."""
+        from .targets import ImageTargets
+
         self._sweep_once()
         path = self.path(key)
         if not path.is_file():
@@ -102,6 +109,7 @@ class TargetCache:
 
     def store(self, key: str, targets: ImageTargets) -> None:
         """Write atomically; a failure to write (disk full, read-only) is one warning, then silence."""
+        import torch
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
