@@ -31,7 +31,11 @@ def _why(t: dict) -> str:
 
 @cache_app.command("info")
 def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False) -> None:
-    """Cached target entries, their size, the exported models, and temporaries that killed runs left."""
+    """Cached targets, exported models and leftover temporaries.
+
+    Shows the target entries and their size, the exported models, and the temporaries that killed
+    runs left (with whether each is stale).
+    """
     with user_errors():
         info = TargetCache(cache_dir()).info()
     if as_json:
