@@ -171,3 +171,8 @@ def remove(temporaries: Iterable[Temporary]) -> list[Temporary]:
             continue
         removed.append(t)
     return removed
+
+
+def intermediate_path(out: Path, step: int) -> Path:
+    """`out.png` -> `out.0500.png`: where `save_every` keeps the image at iteration 500."""
+    return out.with_name(f"{out.stem}.{step:04d}{out.suffix}")

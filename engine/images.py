@@ -11,6 +11,7 @@ How modes become RGB (documented in the README):
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -56,10 +57,20 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise ImageError(f"image not found: {path}")
     if path.is_dir():
         raise ImageError(f"{path} is a folder, not an image")
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(data: bytes, name: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`load_image` for a file's bytes read elsewhere (a batch worker on another machine);
+    `name` is the file it came from, for messages."""
+    return _decode(io.BytesIO(data), Path(name), max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 if im.width * im.height > max_pixels:
                     raise ImageError(f"{path}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit (a decompression bomb?)")
                 im.seek(0)
