@@ -1,0 +1,221 @@
+"""A batch worker: one network per device, kept with its targets, running one job at a time.
+
+The same class runs in the batch's own process and inside each Ray actor. It gets the input
+files' bytes (so a worker on another machine needs no shared storage) and hands back the image;
+it never writes a file: the driver alone writes outputs and the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from ..config import StyleConfig
+from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_memory, resolve_device, resolve_precision
+from ..features import VGGFeatures
+from ..images import ImageError, decode_image
+from ..targets import ImageTargets, TargetSource
+from ..transfer import Iterate, StyleResult, TargetCacheLike, build_model, check_sizes, stylize
+from ..weights import Weights
+from .joblist import Job
+
+if TYPE_CHECKING:
+    from .journal import JobRecord
+
+# (cfg=, weights=, runtime=) -> (source or None for PyTorch's, cache or None, report info)
+TargetsFactory = Callable[..., "tuple[TargetSource | None, TargetCacheLike | None, dict[str, object]]"]
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """A job with its input files' bytes and hashes, as a worker receives it."""
+
+    job: Job
+    content: bytes
+    styles: tuple[bytes, ...]
+    content_sha256: str
+    styles_sha256: tuple[str, ...]
+    init: bytes | None = None
+    init_sha256: str | None = None
+    attempt: int = 1
+
+
+@dataclass
+class JobOutcome:
+    """What a worker hands back: the finished (or partial) image and how it was reached."""
+
+    key: str
+    status: str  # "done" | "failed" | "interrupted"
+    reason: str = ""  # one line; also set when an image was kept despite a problem (nonfinite, oom)
+    result: StyleResult | None = None  # None when nothing was computed
+    snapshots: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, image) for save_every
+    seconds: float = 0.0
+    attempts: int = 1  # how many workers it took (a worker that died mid-job makes it 2 or more)
+    decode_seconds: float = 0.0
+    worker: dict[str, object] = field(default_factory=dict)
+    targets: dict[str, object] = field(default_factory=dict)  # the source's report info
+
+
+@dataclass
+class BatchEvent:
+    """What a batch reports as it goes (through its `on_event` callback)."""
+
+    kind: str  # "plan" | "skipped" | "started" | "iterate" | "snapshot" | "retry" | "finished"
+    job: Job | None = None
+    record: "JobRecord | None" = None  # skipped, finished
+    iterate: Iterate | None = None  # iterate: the job's optimisation step
+    worker: dict[str, object] | None = None  # started: where it runs
+    message: str = ""  # retry: why
+    counts: dict[str, int] | None = None  # plan: jobs, to_run, skipped
+    snapshot: tuple[int, torch.Tensor] | None = None  # snapshot: (step, image) for save_every
+
+
+EventSink = Callable[[BatchEvent], None]
+
+
+class MemoCache:
+    """Targets kept in memory in front of the disk cache, up to `max_bytes`: a style used by many
+    jobs has its targets computed (or read) once per size by each worker."""
+
+    def __init__(self, inner: TargetCacheLike | None, *, max_bytes: int = 512 << 20) -> None:
+        self.inner, self.max_bytes = inner, max_bytes
+        self._memo: OrderedDict[str, ImageTargets] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+
+    @staticmethod
+    def _size(t: ImageTargets) -> int:
+        return sum(v.numel() * v.element_size() for v in t.tensors().values())
+
+    def lookup(self, key: str) -> ImageTargets | None:
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            self.hits += 1
+            return self._memo[key]
+        hit = self.inner.lookup(key) if self.inner is not None else None
+        if hit is not None:
+            self._remember(key, hit)
+        return hit
+
+    def store(self, key: str, targets: ImageTargets) -> None:
+        self._remember(key, targets)
+        if self.inner is not None:
+            self.inner.store(key, targets)
+
+    def _remember(self, key: str, targets: ImageTargets) -> None:
+        size = self._size(targets)
+        if size > self.max_bytes:
+            return
+        self._memo[key] = targets
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._memo.popitem(last=False)
+            self._bytes -= self._size(old)
+
+
+@dataclass
+class _Network:
+    model: VGGFeatures
+    source: TargetSource | None
+    cache: MemoCache
+    info: dict[str, object]
+
+
+class Worker:
+    """Runs jobs on one device. The weights are loaded into a network once per layer set and
+    pooling; each network keeps its target source and a memory of targets."""
+
+    def __init__(
+        self, weights: Weights, *, device: str = "auto", precision: str = "auto", threads: int | None = None, targets: TargetsFactory | None = None
+    ) -> None:
+        if threads is not None:
+            # CPU results depend on the thread count (the order of parallel sums): a batch fixes it
+            # so that every worker computes the same bytes.
+            torch.set_num_threads(threads)
+        self.weights = weights
+        dev = resolve_device(device)
+        self.runtime = Runtime(device=dev, precision=resolve_precision(dev, precision))
+        self.targets_factory = targets
+        self._networks: dict[tuple, _Network] = {}
+        self._styles: OrderedDict[str, Image.Image] = OrderedDict()  # decoded style images by hash
+
+    def describe(self) -> dict[str, object]:
+        """Where this worker runs: host, pid, device (with the GPU's name), precision, threads."""
+        dev = self.runtime.device
+        name = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": f"{dev}{name}", "precision": self.runtime.precision.value, "threads": torch.get_num_threads()}
+
+    def _network(self, cfg: StyleConfig) -> _Network:
+        key = (cfg.pooling, cfg.content_layers, cfg.style_layers)
+        if key not in self._networks:
+            model = build_model(cfg, self.weights, self.runtime)
+            source, cache, info = (None, None, {})
+            if self.targets_factory is not None:
+                source, cache, info = self.targets_factory(cfg=cfg, weights=self.weights, runtime=self.runtime)
+            self._networks[key] = _Network(model, source, MemoCache(cache), dict(info))
+        return self._networks[key]
+
+    def _style(self, digest: str, data: bytes, name: str) -> Image.Image:
+        if digest not in self._styles:
+            self._styles[digest] = decode_image(data, name)
+            while len(self._styles) > 32:
+                self._styles.popitem(last=False)
+        return self._styles[digest]
+
+    def run(
+        self, inp: JobInput, *, on_iterate: Callable[[Iterate], None] | None = None, on_snapshot: Callable[[int, torch.Tensor], None] | None = None
+    ) -> JobOutcome:
+        """Run one job. Bad images, impossible sizes and running out of memory are a failed
+        outcome with a one-line reason; Ctrl-C inside the optimisation is an interrupted one
+        with the latest image. `save_every` images go to `on_snapshot` as they are made, or
+        without it into the outcome."""
+        job, cfg = inp.job, inp.job.cfg
+        t0 = time.perf_counter()
+        out = JobOutcome(job.key, "failed", worker=self.describe(), attempts=inp.attempt)
+        try:
+            content = decode_image(inp.content, job.content)
+            styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
+            init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
+            out.decode_seconds = time.perf_counter() - t0
+            check_sizes(content, styles, cfg)
+            net = self._network(cfg)
+            out.targets = dict(net.info)
+
+            def callback(it: Iterate) -> None:
+                if cfg.save_every and it.step % cfg.save_every == 0 and it.step != it.total_steps:
+                    if on_snapshot is not None:
+                        on_snapshot(it.step, it.snapshot())
+                    else:
+                        out.snapshots.append((it.step, it.snapshot()))
+                if on_iterate is not None:
+                    on_iterate(it)
+
+            result = stylize(
+                content, styles, cfg, weights=self.weights, runtime=self.runtime, targets=net.source, cache=net.cache, init_image=init, callback=callback, model=net.model
+            )
+        except (ImageError, ValueError, OSError) as e:
+            out.reason = _one_line(e)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            release_memory(self.runtime.device)
+            out.reason = f"{out_of_memory_message(e, self.runtime.device)} at size {cfg.sizes[0]}"
+        else:
+            out.result = result
+            out.status = {"done": "done", "interrupted": "interrupted"}.get(result.status, "failed")
+            out.reason = result.message if result.status != "done" else ""
+        out.seconds = time.perf_counter() - t0
+        return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
