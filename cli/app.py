@@ -59,6 +59,9 @@ app.add_typer(cache_app, name="cache")
 from .bench_cmd import bench_command  # noqa: E402
 
 app.command("bench")(bench_command)
+from .batch_cmd import batch_command  # noqa: E402
+
+app.command("batch", cls=Command)(batch_command)
 
 
 @weights_app.command("status")

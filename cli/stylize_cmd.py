@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -11,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nst.engine import config as C
-from nst.engine.files import remove, temporaries_beside
+from nst.engine.files import intermediate_path, remove, temporaries_beside
 
 from .common import UserError, console, fail, load_weights_for, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
@@ -61,17 +62,41 @@ def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None
         raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'out.png'}")
 
 
-def intermediate_path(out: Path, step: int) -> Path:
-    """`out.png` -> `out.0500.png`: where `--save-every` keeps the image at iteration 500."""
-    return out.with_name(f"{out.stem}.{step:04d}{out.suffix}")
-
-
 def build_config(preset: C.Preset, overrides: dict[str, object]) -> C.StyleConfig:
     """The preset with the options actually given on the command line applied over it."""
     given = {k: v for k, v in overrides.items() if v is not None}
     if "size" in given:
         given["size_edge"] = C.SizeEdge.LONGEST  # --size is the longest side, whatever the preset
     return C.preset(preset, **given)
+
+
+# The options that decide a run's StyleConfig (the rest say where and how it runs, or where
+# its results go). `nst batch` takes the same ones, and a --jobs row may override any of them.
+CONFIG_OPTIONS = (
+    "preset", "size", "iterations", "optimizer", "lr", "content_weight", "style_weight", "tv_weight", "content_layers",
+    "style_layers", "style_layer_weights", "style_blend", "style_scale", "init", "preserve_colors", "scales", "pooling",
+    "seed", "save_every",
+)  # fmt: skip
+
+
+def config_from_options(a: Mapping[str, object]) -> C.StyleConfig:
+    """The StyleConfig that the command line's options (by parameter name, None: not given) ask for."""
+    overrides = dict(
+        size=a["size"], iterations=a["iterations"], optimizer=a["optimizer"], lr=a["lr"],
+        content_weight=a["content_weight"], style_weight=a["style_weight"], tv_weight=a["tv_weight"],
+        content_layers=parse_list(a["content_layers"], what="layer") or None,  # type: ignore[arg-type]
+        style_layers=parse_list(a["style_layers"], what="layer") or None,  # type: ignore[arg-type]
+        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight") or None,  # type: ignore[arg-type]
+        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight") or None,  # type: ignore[arg-type]
+        style_scale=a["style_scale"], init=a["init"], preserve_colors=a["preserve_colors"],
+        scales=parse_list(a["scales"], cast=int, what="size") or None,  # type: ignore[arg-type]
+        pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
+    )  # fmt: skip
+    if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:  # type: ignore[index]
+        raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")  # type: ignore[index]
+    if overrides["style_layers"] is not None and a["style_layer_weights"] is None:
+        overrides["style_layer_weights"] = ()  # the preset's per-layer weights were for its layers
+    return build_config(a["preset"], overrides)  # type: ignore[arg-type]
 
 
 class _ProgressSink:
@@ -174,22 +199,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     if a["compare"] is not None:
         output_format(Path(a["compare"]))  # type: ignore[arg-type]
 
-    overrides = dict(
-        size=a["size"], iterations=a["iterations"], optimizer=a["optimizer"], lr=a["lr"],
-        content_weight=a["content_weight"], style_weight=a["style_weight"], tv_weight=a["tv_weight"],
-        content_layers=parse_list(a["content_layers"], what="layer") or None,  # type: ignore[arg-type]
-        style_layers=parse_list(a["style_layers"], what="layer") or None,  # type: ignore[arg-type]
-        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight") or None,  # type: ignore[arg-type]
-        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight") or None,  # type: ignore[arg-type]
-        style_scale=a["style_scale"], init=init, preserve_colors=a["preserve_colors"],
-        scales=parse_list(a["scales"], cast=int, what="size") or None,  # type: ignore[arg-type]
-        pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
-    )  # fmt: skip
-    if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:  # type: ignore[index]
-        raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")  # type: ignore[index]
-    if overrides["style_layers"] is not None and a["style_layer_weights"] is None:
-        overrides["style_layer_weights"] = ()  # the preset's per-layer weights were for its layers
-    cfg = build_config(a["preset"], overrides)  # type: ignore[arg-type]
+    cfg = config_from_options(a)
     if cfg.style_blend and len(cfg.style_blend) != len(styles):
         raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
     dev = resolve_device(str(a["device"]))
@@ -258,7 +268,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     per = seconds_per_iteration(result.iteration_seconds)
     tinfo = {**result.targets, **targets_info}
     if a["report"] is not None:
-        write_json(Path(a["report"]), _report(result, cfg, runtime, w, phases, per, tinfo, output, sink))  # type: ignore[arg-type]
+        write_json(Path(a["report"]), run_report(result, cfg, runtime, w, phases, per, tinfo, output, sink.saved, sink.failed))  # type: ignore[arg-type]
     if not quiet:
         chosen = " (auto)" if str(a["precision"]).strip().lower() == "auto" else ""
         extra = {"device, precision": f"{dev}, {prec.value}{chosen}",
@@ -276,14 +286,16 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
         raise typer.Exit(1)
 
 
-def _report(result: StyleResult, cfg: C.StyleConfig, runtime: Runtime, w: Weights, phases: dict[str, float], per: dict, tinfo: dict, output: Path, sink: _ProgressSink) -> dict:
+def run_report(
+    result: StyleResult, cfg: C.StyleConfig, runtime: Runtime, w: Weights, phases: dict[str, float], per: dict, tinfo: dict, output: Path, saved: list[Path], failed: Sequence[Path] = ()
+) -> dict:
     import torch
 
     hist = result.loss_history
     return {
         "output": str(output),
-        "intermediate": [str(p) for p in sink.saved],
-        "intermediate_failed": [str(p) for p in sink.failed],
+        "intermediate": [str(p) for p in saved],
+        "intermediate_failed": [str(p) for p in failed],
         "status": result.status,
         "phases": phases,
         "iterations": result.steps,

@@ -1,0 +1,349 @@
+"""`nst batch`: the command line over `nst.engine.jobs.run_batch`.
+
+Every `stylize` option that decides the image or where it runs is taken here as it is declared
+there (the signature is reused, not copied), so the two commands cannot drift apart. torch,
+ONNX and Ray are imported inside the command, never when the CLI loads.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import time
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nst.engine.jobs.joblist import DEFAULT_NAME
+
+from .common import UserError, console, user_errors
+from .stylize_cmd import CONFIG_OPTIONS, config_from_options, stylize_command
+
+# stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
+_REPLACED = ("content", "styles", "output", "report", "compare")
+
+
+def batch_command(**a: Any) -> None:
+    """Stylise many CONTENT images with one or more --style each, into an output folder.
+
+    Jobs are every content with every --style (or the rows of --jobs FILE.csv). A journal in the
+    output folder records each finished job; rerunning the same command skips what is done and
+    unchanged and redoes the rest. Exit code 0: every job done; 1: some failed (the closing table
+    says which); 130: stopped by Ctrl-C.
+    """
+    with user_errors():
+        _run(a)
+
+
+def _batch_parameters() -> list[inspect.Parameter]:
+    P = inspect.Parameter
+
+    def opt(name: str, annotation: Any, default: Any = P.empty) -> inspect.Parameter:
+        return P(name, P.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    return [
+        opt("contents", Annotated[Optional[list[str]], typer.Argument(help="Content images: files, folders (their images) or quoted globs ('photos/*.jpg').", show_default=False, metavar="CONTENT...")], None),
+        opt("style", Annotated[Optional[list[str]], typer.Option("--style", help="A style image, folder or quoted glob; repeat for more styles. a.jpg,b.jpg is one blend of both.", show_default=False)], None),
+        opt("output", Annotated[Path, typer.Option("--output", "-o", help="Output folder (created); its journal makes a rerun resume.", show_default=False)]),
+        opt("jobs", Annotated[Optional[Path], typer.Option("--jobs", help="CSV with columns content,style,output (paths relative to the file); other columns (size, style_weight, ...) override options for that row.", show_default=False)], None),
+        opt("name", Annotated[str, typer.Option("--name", help="Output name in the folder: {content} and {style} are file stems (made unique), {ext} the content's extension.")], DEFAULT_NAME),
+        opt("ray", Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster: the one RAY_ADDRESS names, else a local one started for the batch.")], False),
+        opt("ray_address", Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (host:port, or auto).", show_default=False)], None),
+        opt("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [torch's default here; with Ray the same number, one worker per that many CPUs]. Results on a CPU depend on it.", show_default=False)], None),
+        opt("report", Annotated[Optional[Path], typer.Option(help="Write a JSON report of the whole batch here.", show_default=False)], None),
+        opt("compare", Annotated[Optional[Path], typer.Option(help="Write each job's content | style | result sheet into this folder.", show_default=False)], None),
+    ]
+
+
+def _signature() -> inspect.Signature:
+    shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in inspect.signature(stylize_command, eval_str=True).parameters.items() if name not in _REPLACED]
+    return inspect.Signature([*_batch_parameters(), *shared], return_annotation=None)
+
+
+batch_command.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+def _value_type(annotation: Any) -> Any:
+    """`Annotated[Optional[X], ...]` -> X."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = [t for t in typing.get_args(annotation) if t is not type(None)]
+    return args[0] if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else annotation
+
+
+def row_options(overrides: Mapping[str, str], *, where: str) -> dict[str, object]:
+    """A --jobs row's extra columns as option values, converted as the command line converts them."""
+    params = batch_command.__signature__.parameters  # type: ignore[attr-defined]
+    out: dict[str, object] = {}
+    for col, text in overrides.items():
+        if col not in params or col in ("contents", "style", "output", "jobs", "name"):
+            raise UserError(f"{where}: unknown column {col!r}; option columns are {', '.join(CONFIG_OPTIONS)}")
+        if col not in CONFIG_OPTIONS:
+            raise UserError(f"{where}: column {col!r} cannot change per row (it is one setting for the whole batch); give it as --{col.replace('_', '-')}")
+        kind = _value_type(params[col].annotation)
+        try:
+            if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                out[col] = kind(text.strip().lower())
+            elif kind in (int, float):
+                out[col] = kind(text)
+            else:
+                out[col] = text
+        except ValueError:
+            choices = f" (use {', '.join(str(m.value) for m in kind)})" if isinstance(kind, type) and issubclass(kind, enum.Enum) else ""
+            raise UserError(f"{where}: bad {col} {text!r}{choices}") from None
+    return out
+
+
+def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batch's phases
+    from nst.engine.jobs import Job, check_jobs, expand_images, job_grid, read_jobs_csv, run_batch, style_sets
+
+    from .common import load_weights_for
+
+    quiet = bool(a["quiet"])
+    out_dir = Path(a["output"])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out_dir} is a file; nst batch writes into a folder")
+    if a["jobs"] is not None:
+        if a["contents"] or a["style"]:
+            raise UserError("--jobs FILE.csv lists the jobs: give it instead of CONTENT... and --style, not with them")
+        specs = read_jobs_csv(Path(a["jobs"]), name=a["name"])
+    else:
+        if not a["contents"]:
+            raise UserError("give CONTENT images (files, folders or quoted globs), or --jobs FILE.csv")
+        if not a["style"]:
+            raise UserError("give at least one --style image")
+        specs = job_grid(expand_images(a["contents"], exclude=out_dir), style_sets(a["style"], exclude=out_dir), name=a["name"])
+    if a["threads"] is not None and a["threads"] < 1:
+        raise UserError(f"--threads must be 1 or more, got {a['threads']}")
+
+    base = {k: a[k] for k in CONFIG_OPTIONS}
+    configs: dict[tuple, object] = {}
+    jobs = []
+    for spec in specs:
+        where = f"--jobs {a['jobs']}, line {spec.line}" if spec.line else ""
+        opts = {**base, **row_options(spec.overrides, where=where)} if spec.overrides else base
+        key = tuple(sorted((k, str(v)) for k, v in opts.items()))
+        if key not in configs:
+            try:
+                configs[key] = config_from_options(opts)
+            except (UserError, ValueError) as e:
+                raise UserError(f"{where}: {e}" if where else str(e)) from None
+        cfg = configs[key]
+        if cfg.style_blend and len(cfg.style_blend) != len(spec.styles):  # type: ignore[attr-defined]
+            raise UserError(f"{where or spec.name}: --style-blend has {len(cfg.style_blend)} weights for {len(spec.styles)} style images")  # type: ignore[attr-defined]
+        jobs.append(Job(spec.name, spec.content, spec.styles, out_dir / spec.name, cfg))  # type: ignore[arg-type]
+    check_jobs(jobs)
+    for extra, what in ((a["report"], "--report"), (a["compare"], "--compare")):
+        if extra is not None and any(Path(extra).resolve() == p.resolve() for j in jobs for p in (*j.inputs, j.output)):
+            raise UserError(f"{what} {extra} would overwrite an input or an output")
+    if a["compare"] is not None and Path(a["compare"]).is_file():
+        raise UserError(f"--compare {a['compare']} is a file; give a folder for the sheets")
+
+    seed = config_from_options(base).seed
+    w = load_weights_for(str(a["weights"]), seed)
+    if w.is_random and not quiet:
+        console.print(f"[yellow]weights: {w.description}, not pretrained: the results show the method at work, not paintings[/]")
+    settings = {"weights": w.fingerprint, "precision": str(a["precision"]).strip().lower(), "targets": a["targets"].value, "onnx": str(a["onnx"]) if a["onnx"] else None}
+    runner, where = _runner(a, w, quiet=quiet)
+
+    view = _BatchView(quiet=quiet, per_job=a["ray"] is False and a["ray_address"] is None)
+    try:
+        view.start()
+        result = run_batch(jobs, out_dir, runner, settings=settings, on_event=lambda e: view.event(e, compare=a["compare"]))
+    finally:
+        view.stop()
+    if a["report"] is not None:
+        from .report import write_json
+
+        write_json(Path(a["report"]), batch_report(result, w, where, settings))
+    if not quiet:
+        console.print(closing_table(result))
+    _summary(result, out_dir, quiet=quiet)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> tuple[object, dict[str, object]]:
+    """The in-process or Ray runner for these options, and a description for the report."""
+    from .targets_opt import choose_targets
+
+    targets = functools.partial(choose_targets, a["targets"], onnx_path=a["onnx"], provider=a["provider"])
+    if a["ray"] or a["ray_address"] is not None:
+        from nst.engine.config import Precision
+
+        dev = str(a["device"]).strip().lower()
+        if dev not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device {a['device']} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
+        prec = str(a["precision"]).strip().lower()
+        if prec != "auto" and prec not in {p.value for p in Precision}:  # each worker checks it on its own device
+            raise UserError(f"unknown precision {prec!r}: use auto, {', '.join(p.value for p in Precision)}")
+        from nst.engine.jobs.ray_runner import RayRunner
+
+        runner = RayRunner(
+            weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=functools.partial(targets, quiet=True),
+            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True),
+        )
+        return runner, {"runner": "ray", **runner.describe()}
+    from nst.engine.device import resolve_device, resolve_precision
+    from nst.engine.jobs import InProcessRunner, Worker
+
+    dev = resolve_device(str(a["device"]))
+    prec = resolve_precision(dev, str(a["precision"]))
+    worker = Worker(w, device=str(dev), precision=prec.value, threads=a["threads"], targets=functools.partial(targets, quiet=quiet))  # type: ignore[arg-type]
+    return InProcessRunner(worker), {"runner": "in-process", "workers": [worker.describe()]}
+
+
+class _BatchView:
+    """The jobs bar (done, failed, skipped, jobs/min, ETA) above the running job's bar."""
+
+    def __init__(self, *, quiet: bool, per_job: bool) -> None:
+        self.quiet, self.per_job = quiet, per_job
+        self.progress: Progress | None = None
+        self.jobs_task: Any = None
+        self.job_task: Any = None
+        self.counts = {"done": 0, "failed": 0, "skipped": 0}
+        self.started = time.perf_counter()
+        self.last_read = 0.0
+        self.retries = 0
+
+    def start(self) -> None:
+        if self.quiet:
+            return
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )  # fmt: skip
+        self.progress.start()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _jobs_info(self) -> str:
+        n = self.counts["done"] + self.counts["failed"]
+        mins = (time.perf_counter() - self.started) / 60
+        rate = f", {n / mins:.1f} jobs/min" if n and mins > 0 else ""
+        return f"done {self.counts['done']}, failed {self.counts['failed']}, skipped {self.counts['skipped']}{rate}"
+
+    def event(self, e: Any, *, compare: Path | None) -> None:
+        if e.kind == "finished":
+            self.counts["done" if e.record.status == "done" else "failed"] += 1
+            if compare is not None and e.record.status == "done":
+                _sheet(e.job, Path(compare))
+        elif e.kind == "skipped":
+            self.counts["skipped"] += 1
+        elif e.kind == "retry":
+            self.retries += 1
+            console.print(f"[yellow]warning:[/] {e.message}", soft_wrap=True)
+        p = self.progress
+        if p is None:
+            return
+        if e.kind == "plan":
+            self.started = time.perf_counter()
+            self.jobs_task = p.add_task("[bold]batch[/]", total=e.counts["to_run"], info=self._jobs_info())
+        elif e.kind == "started" and self.per_job:
+            total = e.job.cfg.iterations * len(e.job.cfg.sizes)
+            if self.job_task is None:
+                self.job_task = p.add_task("", total=total, info="")
+            p.reset(self.job_task, total=total, description=f"  {e.job.key}", info="")
+        elif e.kind == "iterate" and self.job_task is not None:
+            now = time.perf_counter()
+            fields = {}
+            it = e.iterate
+            if now - self.last_read > 0.25 or it.step == it.total_steps:  # reading the loss syncs a GPU
+                self.last_read = now
+                fields["info"] = f"loss {float(it.loss):.4g} at {it.size[1]}x{it.size[0]}"
+            p.update(self.job_task, completed=it.step, **fields)
+        elif e.kind in ("finished", "skipped") and self.jobs_task is not None:
+            if e.kind == "finished":
+                p.advance(self.jobs_task)
+            p.update(self.jobs_task, info=self._jobs_info())
+
+
+def _sheet(job: Any, folder: Path) -> None:
+    """The content | style | result sheet of a finished job, named as its output."""
+    from nst.engine.images import load_image, save_image, to_tensor
+
+    from .report import comparison_sheet
+
+    try:
+        sheet = comparison_sheet(load_image(job.content), [load_image(p) for p in job.styles], to_tensor(load_image(job.output)))
+        save_image(sheet, folder / job.key)
+    except (ValueError, OSError) as e:
+        console.print(f"[yellow]warning:[/] no comparison sheet for {job.key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", soft_wrap=True)
+
+
+def closing_table(result: Any) -> Table:
+    """One row per job this run finished (done or failed, with the reason); skipped ones counted."""
+    table = Table(title="batch", header_style="bold")
+    for col, just in (("job", "left"), ("status", "left"), ("seconds", "right"), ("loss", "right"), ("reason", "left")):
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for f in result.finished:
+        r = f.record
+        style = None if r.status == "done" else "red"
+        table.add_row(r.job, r.status, f"{r.seconds:.1f}", f"{r.loss:.4g}" if r.loss is not None else "-", r.reason, style=style)
+    if result.interrupted_job is not None:
+        table.add_row(result.interrupted_job.key, "interrupted", "", "", "latest image kept; a rerun does it again", style="yellow")
+    if result.skipped:
+        table.caption = f"{len(result.skipped)} job(s) skipped: done by an earlier run with the same inputs and settings"
+    return table
+
+
+def _summary(result: Any, out_dir: Path, *, quiet: bool) -> None:
+    """One closing line; with --quiet only when something failed or was interrupted."""
+    from nst.engine.jobs import JOURNAL_NAME
+
+    done, failed, skipped = len(result.done), len(result.failed), len(result.skipped)
+    mins = result.seconds / 60
+    rate = f" ({(done + failed) / mins:.1f} jobs/min)" if done + failed and mins > 0 else ""
+    line = f"{done} done, {failed} failed, {skipped} skipped in {result.seconds:.1f} s{rate}; journal {out_dir / JOURNAL_NAME}"
+    if result.interrupted:
+        left = len(result.jobs) - done - failed - skipped
+        console.print(f"[yellow]interrupted:[/] {line}; {left} job(s) not finished: rerun the same command to resume")
+    elif failed:
+        console.print(f"[bold red]error:[/] {failed} of {len(result.jobs)} job(s) failed; {line}")
+    elif not quiet:
+        console.print(line)
+
+
+def batch_report(result: Any, w: Any, where: Mapping[str, object], settings: Mapping[str, object]) -> dict[str, object]:
+    """Per job the keys of `stylize --report` (plus job, attempts, worker, reason), and totals."""
+    from nst.engine.device import Runtime
+
+    from .report import seconds_per_iteration, versions
+    from .stylize_cmd import run_report
+
+    entries = []
+    for f in result.finished:
+        r, o = f.record, f.outcome
+        base = {"job": r.job, "status": r.status, "reason": r.reason, "seconds": r.seconds, "attempts": r.attempts, "worker": r.worker}
+        if o is None or o.result is None:
+            entries.append({"output": r.output, **base})
+            continue
+        res = o.result
+        phases = {"images": o.decode_seconds, "targets": res.phases.get("targets", 0.0), "optimisation": res.phases.get("optimisation", 0.0)}
+        entry = run_report(res, f.job.cfg, Runtime(), w, phases, seconds_per_iteration(res.iteration_seconds), {**res.targets, **o.targets}, f.job.output, f.snapshots)
+        entry.update(base, status=r.status, device=r.worker.get("device"), precision=r.worker.get("precision"))
+        entry.pop("versions", None)
+        entries.append(entry)
+    for job, r in result.skipped:
+        entries.append({"job": r.job, "output": r.output, "status": "skipped", "finished": r.finished})
+    n = len(result.done) + len(result.failed)
+    return {
+        "jobs": entries,
+        "totals": {
+            "jobs": len(result.jobs), "done": len(result.done), "failed": len(result.failed), "skipped": len(result.skipped),
+            "interrupted": result.interrupted, "seconds": result.seconds,
+            "jobs_per_minute": n / (result.seconds / 60) if n and result.seconds > 0 else None,
+        },
+        "settings": dict(settings),
+        "runner": dict(where),
+        "weights": w.to_dict(),
+        "versions": versions(),
+    }  # fmt: skip

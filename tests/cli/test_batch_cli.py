@@ -1,0 +1,170 @@
+"""`nst batch` end to end (in-process): folders, failures, the journal and resuming, CSV jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+from nst.engine.jobs import JOURNAL_NAME
+
+runner = CliRunner()
+FAST = ["--weights", "random", "--size", "32", "--iterations", "2", "--targets", "torch", "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_2"]
+
+
+def _img(path: Path, w: int, h: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def batch_dir(tmp_path: Path) -> dict[str, Path]:
+    d = tmp_path / "photos"
+    d.mkdir()
+    _img(d / "cat.png", 48, 32, 1)
+    _img(d / "dog.jpg", 32, 48, 2)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return {"dir": d, "a": _img(tmp_path / "monet.png", 40, 40, 3), "b": _img(tmp_path / "kahlo.jpg", 40, 32, 4), "tmp": tmp_path}
+
+
+def _journal(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / JOURNAL_NAME).read_text().splitlines()]
+
+
+def test_folder_with_a_broken_file_then_a_rerun_skips_what_is_done(batch_dir):
+    out = batch_dir["tmp"] / "out"
+    args = ["batch", str(batch_dir["dir"]), "--style", str(batch_dir["a"]), "--style", str(batch_dir["b"]), "-o", str(out), *FAST]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    made = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != JOURNAL_NAME)
+    assert made == ["cat--kahlo.png", "cat--monet.png", "dog--kahlo.jpg", "dog--monet.jpg"]
+    recs = _journal(out)
+    assert len(recs) == 6 and len({x["job"] for x in recs}) == 6
+    failed = [x for x in recs if x["status"] == "failed"]
+    assert sorted(x["job"] for x in failed) == ["broken--kahlo.png", "broken--monet.png"]
+    assert all("not an image Pillow can read" in x["reason"] for x in failed)
+    assert "broken--monet.png" in r.output and "2 of 6 job(s) failed" in r.output and "Traceback" not in r.output
+    done = [x for x in recs if x["status"] == "done"]
+    assert all(x["steps"] == 2 and x["loss"] > 0 and len(x["styles_sha256"]) == 1 for x in done)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.*g")}
+
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 1, r2.output
+    assert "4 job(s) skipped" in r2.output and "0 done, 2 failed, 4 skipped" in r2.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.*g")} == stamps  # not recomputed
+    recs2 = _journal(out)
+    assert len(recs2) == 6 and len({x["job"] for x in recs2}) == 6  # each job once
+    assert [x for x in recs2 if x["status"] == "done"] == done  # the skipped jobs' lines untouched
+
+
+def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
+    tmp = batch_dir["tmp"]
+    csv = tmp / "jobs.csv"
+    csv.write_text(
+        "content,style,output,size,style_weight,init\n"
+        "photos/cat.png,monet.png,big/cat.png,40,,\n"
+        'photos/dog.jpg,"monet.png,kahlo.jpg",,,1e3,noise\n'
+    )
+    out, rep, sheets = tmp / "out", tmp / "batch.json", tmp / "sheets"
+    r = runner.invoke(app, ["batch", "--jobs", str(csv), "-o", str(out), *FAST, "--style-blend", "1,1", "--report", str(rep), "--compare", str(sheets), "--save-every", "1"])
+    assert r.exit_code == 2, r.output  # checked before any work: row 1 has one style for two blend weights
+    assert "line 2: --style-blend has 2 weights for 1 style images" in r.output and not out.exists()
+
+    r = runner.invoke(app, ["batch", "--jobs", str(csv), "-o", str(out), *FAST, "--report", str(rep), "--compare", str(sheets), "--save-every", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == ""
+    assert Image.open(out / "big" / "cat.png").size == (40, 27)  # the row's size
+    assert Image.open(out / "dog--monet+kahlo.jpg").size == (21, 32)
+    assert (out / "big" / "cat.0001.png").is_file()  # --save-every per job
+    assert (sheets / "big" / "cat.png").is_file() and (sheets / "dog--monet+kahlo.jpg").is_file()
+    data = json.loads(rep.read_text())
+    assert data["totals"]["jobs"] == 2 and data["totals"]["done"] == 2 and data["totals"]["jobs_per_minute"] > 0
+    by = {j["job"]: j for j in data["jobs"]}
+    cat, dog = by["big/cat.png"], by["dog--monet+kahlo.jpg"]
+    # the keys of stylize --report, per job
+    assert {"output", "status", "phases", "iterations", "seconds_per_iteration", "loss", "device", "precision", "weights", "targets", "config"} <= set(cat)
+    assert cat["config"]["size"] == 40 and dog["config"]["size"] == 32
+    assert dog["config"]["style_weight"] == 1e3 and dog["config"]["init"] == "noise" and cat["config"]["style_weight"] == 1e6
+    assert cat["intermediate"] == [str(out / "big" / "cat.0001.png")]
+    assert data["runner"]["runner"] == "in-process" and data["weights"]["kind"] == "random"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--jobs", "JOBS", "CONTENT"], "not with them"),
+        ([], "at least one --style"),
+        (["--style", "STYLE", "--name", "{style}.png"], "would both write"),
+        (["--style", "STYLE", "--name", "{who}.png"], "unknown field {who}"),
+        (["--style", "STYLE", "--threads", "0"], "--threads must be 1 or more"),
+        (["--style", "STYLE", "--device", "cuda:3", "--ray"], "with Ray"),
+        (["--style", "STYLE", "--size", "5"], "out of range"),
+        (["--jobs", "BADCOL"], "cannot change per row"),
+        (["--jobs", "BADVAL"], "line 2: bad size 'big'"),
+        (["--jobs", "BADENUM"], "bad optimizer 'sgd' (use lbfgs, adam)"),
+    ],
+)
+def test_mistakes_are_one_line(batch_dir, extra, message):
+    tmp = batch_dir["tmp"]
+    for name, text in (("BADCOL", "content,style,device\nphotos/cat.png,monet.png,cpu\n"), ("BADVAL", "content,style,size\nphotos/cat.png,monet.png,big\n"),
+                       ("BADENUM", "content,style,optimizer\nphotos/cat.png,monet.png,sgd\n"), ("JOBS", "content,style\nphotos/cat.png,monet.png\n")):  # fmt: skip
+        (tmp / f"{name}.csv").write_text(text)
+    subst = {"JOBS": str(tmp / "JOBS.csv"), "BADCOL": str(tmp / "BADCOL.csv"), "BADVAL": str(tmp / "BADVAL.csv"), "BADENUM": str(tmp / "BADENUM.csv"),
+             "CONTENT": str(batch_dir["dir"] / "cat.png"), "STYLE": str(batch_dir["a"])}  # fmt: skip
+    args = [subst.get(x, x) for x in extra]
+    contents = [] if "--jobs" in extra else [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
+    r = runner.invoke(app, ["batch", *contents, "-o", str(tmp / "out"), *FAST, *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert r.output.count("error:") == 1
+
+
+def test_output_folder_that_is_a_file(batch_dir):
+    f = batch_dir["tmp"] / "file.png"
+    f.write_bytes(b"x")
+    r = runner.invoke(app, ["batch", str(batch_dir["dir"]), "--style", str(batch_dir["a"]), "-o", str(f), *FAST])
+    assert r.exit_code == 2 and "is a file" in r.output
+
+
+def test_ctrl_c_keeps_finished_jobs_and_the_journal_and_a_rerun_resumes(batch_dir):
+    """SIGINT while the second job runs: exit 130, the first job journalled, the second job's
+    latest image kept but not journalled; the rerun skips the first and does the second."""
+    tmp = batch_dir["tmp"]
+    out = tmp / "out"
+    contents = [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
+    slow = ["--weights", "random", "--size", "32", "--targets", "torch", "--style-layers", "relu1_1", "--content-layers", "relu1_2", "-q"]
+    csv = tmp / "jobs.csv"
+    csv.write_text(f"content,style,output,iterations\n{contents[0]},{batch_dir['a']},first.png,2\n{contents[1]},{batch_dir['a']},second.png,100000\n")
+    p = subprocess.Popen(
+        [sys.executable, "-c", "from nst.cli.app import main; main()", "batch", "--jobs", str(csv), "-o", str(out), *slow, "--save-every", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "second.0001.png").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert (out / "second.0001.png").exists(), "snapshots are written as they are made"
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "rerun the same command" in err and "Traceback" not in err
+    assert [x["job"] for x in _journal(out)] == ["first.png"]
+    assert (out / "first.png").is_file() and (out / "second.png").is_file()  # the latest image kept
+    assert not [q for q in out.iterdir() if q.name.startswith(".") and q.name != ".nst-journal.lock"]
+    stamp = (out / "first.png").stat().st_mtime_ns
+
+    csv.write_text(csv.read_text().replace("100000", "2"))
+    r = runner.invoke(app, ["batch", "--jobs", str(csv), "-o", str(out), *slow])
+    assert r.exit_code == 0, r.output
+    assert sorted(x["job"] for x in _journal(out)) == ["first.png", "second.png"]
+    assert (out / "first.png").stat().st_mtime_ns == stamp
