@@ -150,7 +150,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     if w.is_random and not quiet:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the results show the method at work, not paintings[/]")
     settings = {"weights": w.fingerprint, "precision": str(a["precision"]).strip().lower(), "targets": a["targets"].value, "onnx": str(a["onnx"]) if a["onnx"] else None}
-    runner, where = _runner(a, w, quiet=quiet)
+    runner = _runner(a, w, quiet=quiet)
 
     view = _BatchView(quiet=quiet, per_job=a["ray"] is False and a["ray_address"] is None)
     try:
@@ -161,7 +161,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     if a["report"] is not None:
         from .report import write_json
 
-        write_json(Path(a["report"]), batch_report(result, w, where, settings))
+        write_json(Path(a["report"]), batch_report(result, w, runner.describe(), settings))
     if not quiet:
         console.print(closing_table(result))
     _summary(result, out_dir, quiet=quiet)
@@ -169,8 +169,8 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         raise typer.Exit(result.exit_code)
 
 
-def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> tuple[object, dict[str, object]]:
-    """The in-process or Ray runner for these options, and a description for the report."""
+def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
+    """The in-process or Ray runner for these options."""
     from .targets_opt import choose_targets
 
     targets = functools.partial(choose_targets, a["targets"], onnx_path=a["onnx"], provider=a["provider"])
@@ -189,14 +189,14 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> tuple[object, di
             weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=functools.partial(targets, quiet=True),
             address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True),
         )
-        return runner, {"runner": "ray", **runner.describe()}
+        return runner
     from nst.engine.device import resolve_device, resolve_precision
     from nst.engine.jobs import InProcessRunner, Worker
 
     dev = resolve_device(str(a["device"]))
     prec = resolve_precision(dev, str(a["precision"]))
     worker = Worker(w, device=str(dev), precision=prec.value, threads=a["threads"], targets=functools.partial(targets, quiet=quiet))  # type: ignore[arg-type]
-    return InProcessRunner(worker), {"runner": "in-process", "workers": [worker.describe()]}
+    return InProcessRunner(worker)
 
 
 class _BatchView:

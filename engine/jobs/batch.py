@@ -32,6 +32,8 @@ class Runner(Protocol):
 
     def close(self) -> None: ...
 
+    def describe(self) -> dict[str, object]: ...
+
 
 @dataclass
 class Finished:

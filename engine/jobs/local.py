@@ -25,5 +25,8 @@ class InProcessRunner:
                 on_snapshot=lambda step, image, job=job: emit(BatchEvent("snapshot", job, snapshot=(step, image))),
             )
 
+    def describe(self) -> dict[str, object]:
+        return {"runner": "in-process", "workers": [self.worker.describe()]}
+
     def close(self) -> None:
         pass

@@ -300,3 +300,31 @@ def test_decode_image_from_bytes_matches_load_image(folder):
     assert np.array_equal(np.asarray(a), np.asarray(load_image(folder["b"])))
     with pytest.raises(ImageError, match="x.png: not an image"):
         decode_image(b"garbage", "x.png")
+
+
+def test_ray_is_imported_only_by_the_ray_runner():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nst.engine, nst.engine.jobs, nst.cli.app\n"
+        "from nst.engine.jobs import run_batch, Worker, InProcessRunner\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "import nst.engine.jobs.ray_runner\n"
+        "assert 'ray' in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_readme_batch_example_runs(tmp_path, monkeypatch):
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text()
+    code = re.search(r"## Many images: `nst batch`.*?```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace("size=256, iterations=200", "size=48, iterations=2").replace('Path("out")', f"Path({str(tmp_path / 'out')!r})")
+    monkeypatch.chdir(root)
+    ns: dict = {}
+    exec(compile(code, "README", "exec"), ns)
+    assert ns["result"].exit_code == 0 and (tmp_path / "out" / "chelsea--the_scream.png").is_file()
