@@ -183,7 +183,10 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
         prec = str(a["precision"]).strip().lower()
         if prec != "auto" and prec not in {p.value for p in Precision}:  # each worker checks it on its own device
             raise UserError(f"unknown precision {prec!r}: use auto, {', '.join(p.value for p in Precision)}")
-        from nst.engine.jobs.ray_runner import RayRunner
+        try:
+            from nst.engine.jobs.ray_runner import RayRunner
+        except ImportError as e:
+            raise UserError(f"--ray needs Ray ({e.name or e} is not installed): pip install 'nst[ray]'") from None
 
         runner = RayRunner(
             weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=functools.partial(targets, quiet=True),
