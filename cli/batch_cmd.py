@@ -241,8 +241,8 @@ class _BatchView:
                 _sheet(e.job, Path(compare))
         elif e.kind == "skipped":
             self.counts["skipped"] += 1
-        elif e.kind == "retry":
-            self.retries += 1
+        elif e.kind in ("retry", "warning"):
+            self.retries += e.kind == "retry"
             console.print(f"[yellow]warning:[/] {e.message}", soft_wrap=True)
         p = self.progress
         if p is None:
@@ -331,7 +331,7 @@ def batch_report(result: Any, w: Any, where: Mapping[str, object], settings: Map
             continue
         res = o.result
         phases = {"images": o.decode_seconds, "targets": res.phases.get("targets", 0.0), "optimisation": res.phases.get("optimisation", 0.0)}
-        entry = run_report(res, f.job.cfg, Runtime(), w, phases, seconds_per_iteration(res.iteration_seconds), {**res.targets, **o.targets}, f.job.output, f.snapshots)
+        entry = run_report(res, f.job.cfg, Runtime(), w, phases, seconds_per_iteration(res.iteration_seconds), {**res.targets, **o.targets}, f.job.output, f.snapshots, f.snapshots_failed)
         entry.update(base, status=r.status, device=r.worker.get("device"), precision=r.worker.get("precision"))
         entry.pop("versions", None)
         entries.append(entry)

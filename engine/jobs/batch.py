@@ -42,7 +42,8 @@ class Finished:
     job: Job
     record: JobRecord
     outcome: JobOutcome | None  # None: it failed before reaching a worker (an unreadable file)
-    snapshots: list[Path] = field(default_factory=list)
+    snapshots: list[Path] = field(default_factory=list)  # save_every images written
+    snapshots_failed: list[Path] = field(default_factory=list)  # and those that could not be
 
 
 @dataclass
@@ -124,9 +125,9 @@ def run_batch(
         for job, rec in result.skipped:
             emit(BatchEvent("skipped", job, record=rec))
 
-        def finish(job: Job, rec: JobRecord, outcome: JobOutcome | None, snaps: list[Path]) -> None:
+        def finish(job: Job, rec: JobRecord, outcome: JobOutcome | None, snaps: list[Path], snaps_failed: list[Path]) -> None:
             journal.append(rec)
-            result.finished.append(Finished(job, rec, outcome, snaps))
+            result.finished.append(Finished(job, rec, outcome, snaps, snaps_failed))
             emit(BatchEvent("finished", job, record=rec))
 
         def inputs() -> Iterator[JobInput]:
@@ -137,31 +138,42 @@ def run_batch(
                     bad = next((p for p in job.inputs if p in problems), None)
                     reason = problems[bad] if bad else f"{getattr(e, 'filename', '') or job.content}: {e.strerror or e}"
                     shas = (digests.get(job.content) or "", tuple(digests.get(p) or "" for p in job.styles), digests.get(job.init) if job.init else None)
-                    finish(job, _record(job, settings, shas, reason=reason), None, [])
+                    finish(job, _record(job, settings, shas, reason=reason), None, [], [])
                     continue
                 sent[job.key] = (inp.content_sha256, inp.styles_sha256, inp.init_sha256)
                 yield inp
 
         by_key = {j.key: j for j in to_run}
         sent: dict[str, tuple[str, tuple[str, ...], str | None]] = {}  # the hashes of the bytes each job was given
-        snapshots: dict[str, list[Path]] = {}
+        snapshots: dict[str, tuple[list[Path], list[Path]]] = {}  # job -> (written, failed)
+        snapshot_failures = [0]
+
+        def snapshot(job: Job, step: int, image: torch.Tensor) -> None:
+            """Optional: one that cannot be written is a warning (the first time) and the job goes on."""
+            written, failed = snapshots.setdefault(job.key, ([], []))
+            path = intermediate_path(job.output, step)
+            try:
+                written.append(save_image(image, path))
+            except ImageError as e:
+                failed.append(path)
+                snapshot_failures[0] += 1
+                if snapshot_failures[0] == 1:  # the same cause would repeat at every snapshot
+                    emit(BatchEvent("warning", job, message=f"{e}; the batch goes on (later snapshot failures are counted in the report)"))
 
         def from_runner(e: BatchEvent) -> None:
             if e.kind == "snapshot":  # written here, as it comes: the driver is the only writer
                 assert e.job is not None and e.snapshot is not None
-                step, image = e.snapshot
-                try:
-                    snapshots.setdefault(e.job.key, []).append(save_image(image, intermediate_path(e.job.output, step)))
-                except ImageError:
-                    pass  # the final image's write reports the folder's problem
+                snapshot(e.job, *e.snapshot)
             emit(e)
 
         try:
             for outcome in runner.run(inputs(), from_runner):
                 job = by_key[outcome.key]
                 t_save = time.perf_counter()
-                snaps, write_error = _write(job, outcome)
-                snaps = snapshots.pop(job.key, []) + snaps
+                for step, image in outcome.snapshots:  # a remote worker's, handed back with the image
+                    snapshot(job, step, image)
+                write_error = _write(job, outcome)
+                snaps, snaps_failed = snapshots.pop(job.key, ([], []))
                 outcome.seconds += time.perf_counter() - t_save
                 if outcome.result is not None:  # the image is on disk; keep the numbers only
                     outcome.result = dataclasses.replace(outcome.result, image=torch.empty(0))
@@ -172,7 +184,7 @@ def run_batch(
                 rec = _record(job, settings, sent[job.key], outcome=outcome)
                 if write_error:
                     rec.status, rec.reason = "failed", write_error
-                finish(job, rec, outcome, snaps)
+                finish(job, rec, outcome, snaps, snaps_failed)
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
@@ -200,18 +212,15 @@ def _same(rec: JobRecord, job: Job, ds: list[str | None], settings: Mapping[str,
     return rec.content_sha256 == ds[0] and list(rec.styles_sha256) == ds[1 : 1 + n] and rec.init_sha256 == init and rec.settings == settings_digest(job.cfg, settings)
 
 
-def _write(job: Job, outcome: JobOutcome) -> tuple[list[Path], str]:
-    """Write the outcome's image and snapshots; (snapshot paths, a one-line error or '')."""
-    snaps: list[Path] = []
+def _write(job: Job, outcome: JobOutcome) -> str:
+    """Write the outcome's image; a one-line error, or '' when written (or nothing to write)."""
     if outcome.result is None:
-        return snaps, ""
+        return ""
     try:
-        for step, image in outcome.snapshots:
-            snaps.append(save_image(image, intermediate_path(job.output, step)))
         save_image(outcome.result.image, job.output)
     except (ImageError, OSError) as e:
-        return snaps, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return snaps, ""
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ""
 
 
 def _record(

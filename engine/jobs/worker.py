@@ -68,12 +68,12 @@ class JobOutcome:
 class BatchEvent:
     """What a batch reports as it goes (through its `on_event` callback)."""
 
-    kind: str  # "plan" | "skipped" | "started" | "iterate" | "snapshot" | "retry" | "finished"
+    kind: str  # "plan" | "skipped" | "started" | "iterate" | "snapshot" | "retry" | "warning" | "finished"
     job: Job | None = None
     record: "JobRecord | None" = None  # skipped, finished
     iterate: Iterate | None = None  # iterate: the job's optimisation step
     worker: dict[str, object] | None = None  # started: where it runs
-    message: str = ""  # retry: why
+    message: str = ""  # retry: why; warning: what went wrong (one line)
     counts: dict[str, int] | None = None  # plan: jobs, to_run, skipped
     snapshot: tuple[int, torch.Tensor] | None = None  # snapshot: (step, image) for save_every
 

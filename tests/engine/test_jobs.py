@@ -328,3 +328,21 @@ def test_readme_batch_example_runs(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(code, "README", "exec"), ns)
     assert ns["result"].exit_code == 0 and (tmp_path / "out" / "chelsea--the_scream.png").is_file()
+
+
+def test_a_snapshot_that_cannot_be_written_is_one_warning_and_the_job_goes_on(folder, tmp_path, weights):
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(TINY, iterations=3, save_every=1)
+    specs = job_grid([folder["a"], folder["b"]], [(folder["s1"],)])
+    jobs = [Job(s.name, s.content, s.styles, out / s.name, cfg) for s in specs]
+    out.mkdir()
+    for j in jobs:  # a folder where each job's first snapshot would go
+        (out / f"{j.output.stem}.0001{j.output.suffix}").mkdir()
+    events = []
+    res = run_batch(jobs, out, InProcessRunner(_worker(weights, [])), settings=SETTINGS, on_event=events.append)
+    assert res.exit_code == 0 and len(res.done) == 2
+    warnings = [e for e in events if e.kind == "warning"]
+    assert len(warnings) == 1 and "a--s1.0001.png" in warnings[0].message
+    for f in res.finished:
+        assert [p.name for p in f.snapshots_failed] == [f"{f.job.output.stem}.0001{f.job.output.suffix}"]
+        assert [p.name for p in f.snapshots] == [f"{f.job.output.stem}.0002{f.job.output.suffix}"]
