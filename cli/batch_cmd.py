@@ -30,9 +30,9 @@ _REPLACED = ("content", "styles", "output", "report", "compare")
 
 
 def batch_command(**a: Any) -> None:
-    """Stylise many CONTENT images with one or more --style each, into an output folder.
+    """Stylise many images into a folder, resuming where a run stopped.
 
-    Jobs are every content with every --style (or the rows of --jobs FILE.csv). A journal in the
+    Jobs are every CONTENT with every --style (or the rows of --jobs FILE.csv). A journal in the
     output folder records each finished job; rerunning the same command skips what is done and
     unchanged and redoes the rest. Exit code 0: every job done; 1: some failed (the closing table
     says which); 130: stopped by Ctrl-C.
@@ -49,7 +49,7 @@ def _batch_parameters() -> list[inspect.Parameter]:
 
     return [
         opt("contents", Annotated[Optional[list[str]], typer.Argument(help="Content images: files, folders (their images) or quoted globs ('photos/*.jpg').", show_default=False, metavar="CONTENT...")], None),
-        opt("style", Annotated[Optional[list[str]], typer.Option("--style", help="A style image, folder or quoted glob; repeat for more styles. a.jpg,b.jpg is one blend of both.", show_default=False)], None),
+        opt("style", Annotated[Optional[list[str]], typer.Option("--style", metavar="<str>", help="A style image, folder or quoted glob; repeat for more styles. a.jpg,b.jpg is one blend of both.", show_default=False)], None),
         opt("output", Annotated[Path, typer.Option("--output", "-o", help="Output folder (created); its journal makes a rerun resume.", show_default=False)]),
         opt("jobs", Annotated[Optional[Path], typer.Option("--jobs", help="CSV with columns content,style,output (paths relative to the file); other columns (size, style_weight, ...) override options for that row.", show_default=False)], None),
         opt("name", Annotated[str, typer.Option("--name", help="Output name in the folder: {content} and {style} are file stems (made unique), {ext} the content's extension.")], DEFAULT_NAME),
