@@ -101,7 +101,7 @@ def load_weights_for(spec: str, seed: int) -> Weights:
     weights that are not what was asked for (a hub file failing its hash check) are one warning."""
     from nst.engine.weights import load_weights
 
-    w = load_weights(spec, seed=seed, cache_dir=cache_dir(), hub_dir=torch_hub_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"))
+    w = load_weights(spec, seed=seed, cache_dir=cache_dir(), hub_dir=torch_hub_dir(), download=os.environ.get("NST_OFFLINE", "") not in ("1", "true"), on_warning=warn)
     if w.reason:
         warn(w.reason)
     return w

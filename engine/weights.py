@@ -17,7 +17,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .files import write_atomic
 
@@ -35,6 +35,10 @@ IMPORTED_FILENAME = "vgg19-imagenet-convs.safetensors"  # in `<cache>/weights/`
 
 class WeightsError(ValueError):
     """Weights that cannot be found or do not fit VGG19; the message says what to do."""
+
+
+class WeightsCacheWarning(UserWarning):
+    """The conv-only copy of the ImageNet weights could not be kept; the run goes on without it."""
 
 
 class WeightsUnavailable(WeightsError):
@@ -282,13 +286,21 @@ def _download(hub_file: Path, *, progress: bool) -> None:
         raise WeightsUnavailable(offline_message(hub_file, f"{type(e).__name__}: {e}".splitlines()[0][:200])) from None
 
 
-def load_imagenet(*, cache_dir: Path | None = None, hub_dir: Path | None = None, download: bool = True, progress: bool = False) -> Weights:
+def load_imagenet(
+    *,
+    cache_dir: Path | None = None,
+    hub_dir: Path | None = None,
+    download: bool = True,
+    progress: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+) -> Weights:
     """torchvision's ImageNet VGG19: the imported copy, else the torch hub cache, else a download.
 
     A file in torch hub's folder is trusted only if its SHA-256 starts with the prefix in its
     name; then its conv weights are also kept in `cache_dir`, so later loads read 80 MB instead
     of 548 MB. A file that fails the check is loaded as a plain file (`kind` "file", `reason`
-    saying why) and no copy is made.
+    saying why) and no copy is made. The copy is only a shortcut: failing to write it (a full
+    disk, a read-only cache) goes to `on_warning` (else `warnings.warn`) and the run goes on.
     """
     if cache_dir is not None and imported_path(cache_dir).is_file():
         return load_file_weights(imported_path(cache_dir), kind="imagenet")
@@ -302,19 +314,36 @@ def load_imagenet(*, cache_dir: Path | None = None, hub_dir: Path | None = None,
         return dataclasses.replace(load_file_weights(hub_file), reason=mismatch_message(hub_file, digest))
     w = load_file_weights(hub_file, kind="imagenet")
     if cache_dir is not None:
-        save_conv_weights(w, imported_path(cache_dir), extra=_provenance(hub_file, digest, True))
+        from safetensors import SafetensorError
+
+        try:
+            save_conv_weights(w, imported_path(cache_dir), extra=_provenance(hub_file, digest, True))
+        except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
+            message = f"cannot keep the conv-only copy in {imported_path(cache_dir).parent} ({e}); later runs read {hub_file} again"
+            if on_warning is not None:
+                on_warning(message)
+            else:
+                warnings.warn(message, WeightsCacheWarning, stacklevel=2)
     return w
 
 
 WEIGHTS_CHOICES = ("imagenet", "random")  # or a path
 
 
-def load_weights(spec: str, *, seed: int = 0, cache_dir: Path | None = None, hub_dir: Path | None = None, download: bool = True) -> Weights:
+def load_weights(
+    spec: str,
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    hub_dir: Path | None = None,
+    download: bool = True,
+    on_warning: Callable[[str], None] | None = None,
+) -> Weights:
     """`imagenet`, `random` (seeded with `seed`), or the path of a `.pth`/`.safetensors` file."""
     if spec == "random":
         return random_weights(seed=seed)
     if spec == "imagenet":
-        return load_imagenet(cache_dir=cache_dir, hub_dir=hub_dir, download=download)
+        return load_imagenet(cache_dir=cache_dir, hub_dir=hub_dir, download=download, on_warning=on_warning)
     p = Path(spec)
     if not p.exists():
         raise WeightsError(f"--weights {spec!r}: not imagenet, random, or an existing file")

@@ -223,3 +223,16 @@ def test_load_into_cut_model(weights):
     m = VGGFeatures(["relu2_1"])
     W.load_into(m.features, weights)
     torch.testing.assert_close(m.features[0].weight, weights.state_dict["features.0.weight"])
+
+
+def test_a_conv_only_copy_that_cannot_be_written_is_a_warning(weights, full_disk: Path, monkeypatch: pytest.MonkeyPatch):
+    """The conv-only copy is a shortcut: a full disk under the cache costs one warning, never the run."""
+    _, sha = _fake_hub_file(weights.state_dict)
+    monkeypatch.setattr(W, "IMAGENET_HASH_PREFIX", sha[:8])
+    said: list[str] = []
+    w = W.load_weights("imagenet", cache_dir=full_disk, download=False, on_warning=said.append)
+    assert w.kind == "imagenet" and w.fingerprint == weights.fingerprint
+    assert len(said) == 1 and "conv-only copy" in said[0] and str(full_disk / "weights") in said[0]
+    assert not W.imported_path(full_disk).exists()
+    with pytest.warns(W.WeightsCacheWarning, match="conv-only copy"):  # without a callback: a Python warning
+        W.load_weights("imagenet", cache_dir=full_disk, download=False)
