@@ -26,7 +26,7 @@ import torch
 
 from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
 from .config import Optimizer, Precision, StyleConfig, preset
-from .device import DeviceError, Runtime, autocast_dtype, check_precision, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
+from .device import DeviceError, Runtime, autocast_dtype, check_precision, device_context, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .features import LAYER_NAMES, layer_stride
 from .peaks import peak_for
 from .weights import Weights
@@ -236,9 +236,10 @@ def _timer(device: torch.device, n: int) -> tuple[Callable[[int], None], Callabl
     """(mark(i), read()): marks before iteration i and after the last; read() gives ms per iteration."""
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        stream = torch.cuda.current_stream(device)  # where the steps run (the caller made `device` current)
 
         def mark(i: int) -> None:
-            events[i].record()
+            events[i].record(stream)
 
         def read() -> list[float]:
             events[-1].synchronize()  # the only sync: after the last iteration
@@ -257,7 +258,8 @@ def _timer(device: torch.device, n: int) -> tuple[Callable[[int], None], Callabl
 
 
 def time_steps(step: Callable[[], None], device: torch.device, *, iterations: int, warmup: int) -> list[float]:
-    """Run `warmup` untimed steps, then `iterations` timed ones: ms each, with no sync between them."""
+    """Run `warmup` untimed steps, then `iterations` timed ones: ms each, with no sync between them.
+    On CUDA the caller makes `device` current (`device.device_context`), as the steps need it too."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -356,7 +358,8 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
 
     step = _make_step(dataclasses.replace(case, cuda_graph=False), dataclasses.replace(cfg, lbfgs_history=m, lr=1.0 if case.optimizer != "adam" else 0.01), quadratic, x)
     warmup = max(warmup, m + 1 if "lbfgs" in case.optimizer else warmup)
-    ts = sorted(time_steps(step, device, iterations=iterations, warmup=warmup))
+    with device_context(device):  # the timing events go on `device`'s stream
+        ts = sorted(time_steps(step, device, iterations=iterations, warmup=warmup))
     med = statistics.median(ts)
     return BenchRow(
         size=f"{case.height}x{case.width}", precision="fp32", device=str(device), ms_per_iteration=med,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import LossForm, StyleConfig, content_layer_weights, style_layer_weights
-from .device import Runtime, autocast
+from .device import Runtime, autocast, device_context
 from .features import LAYER_NAMES, VGGFeatures
 from .flops import count_flops
 from .lbfgs import LBFGS
@@ -121,23 +121,27 @@ def _make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Te
 def _graphed(x: torch.Tensor, loss_fn: Callable, opt: torch.optim.Adam) -> Callable[[], None]:
     """Capture forward, backward and a capturable Adam step in one CUDA graph (static shapes).
 
-    Not run on hardware in the session that wrote it: see benchmarks/README.md.
+    Capture and replay act on the current CUDA device: the graph is captured with `x`'s device
+    made current, and the caller replays it with that device current (the bench runs inside
+    `precision_context`, which sees to it). Warm-up takes three real steps before the capture.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm up on a side stream, as the CUDA-graphs docs require
-            opt.zero_grad(set_to_none=False)
+    with device_context(x.device):
+        main = torch.cuda.current_stream(x.device)
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm up on a side stream, as the CUDA-graphs docs require
+                opt.zero_grad(set_to_none=False)
+                loss, _ = loss_fn(x)
+                loss.backward()
+                opt.step()
+        main.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.zero_grad(set_to_none=False)  # inside the graph: each replay starts from a zero grad
             loss, _ = loss_fn(x)
             loss.backward()
             opt.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.zero_grad(set_to_none=False)  # inside the graph: each replay starts from a zero grad
-        loss, _ = loss_fn(x)
-        loss.backward()
-        opt.step()
     return graph.replay
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .bench import BenchCase, BenchRow, _images, _row_from_times, _skipped, bench_config, check_case_size, unless_out_of_memory
 from .config import Precision, StyleConfig
-from .device import Runtime, precision_context, synchronize
+from .device import Runtime, device_context, precision_context, synchronize
 from .features import VGGFeatures
 from .flops import count_flops
 from .losses import gram_matrix
@@ -35,9 +35,13 @@ def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, it
     build takes minutes)."""
     cfg = bench_config(case)
     check_case_size(cfg, case)
+
+    def measure() -> list[BenchRow]:
+        with device_context(device):
+            return _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path)
+
     return unless_out_of_memory(
-        lambda: _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path),
-        device, lambda reason: [_skipped(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")],
+        measure, device, lambda reason: [_skipped(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")],
     )
 
 

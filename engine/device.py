@@ -122,23 +122,64 @@ class Runtime:
         return 1 if self.device.type == "cpu" else 25
 
 
+def _fp32_precision_api() -> bool:
+    """Whether this torch sets TF32 per backend through `fp32_precision` (torch 2.9 and later).
+
+    Its legacy `allow_tf32` flags are to be deprecated, and reading one after the new API set a
+    value the flag cannot express raises, so a torch that has the new API gets only the new API.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision")
+
+
 @contextlib.contextmanager
-def precision_context(runtime: Runtime) -> Iterator[None]:
-    """Set TF32 and cuDNN switches for the run, and put them back afterwards."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.benchmark,
-    )
-    tf32 = runtime.precision == Precision.TF32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    # cuDNN defaults to TF32 convolutions; fp32 must mean fp32.
-    torch.backends.cudnn.allow_tf32 = tf32 or runtime.precision in (Precision.BF16, Precision.FP16)
-    torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
+def tf32_switches(*, matmul: bool, conv: bool) -> Iterator[None]:
+    """TF32 on or off for cuBLAS matrix products and cuDNN convolutions, restored afterwards."""
+    if _fp32_precision_api():
+        mm_prec, conv_prec = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved: tuple[object, object] = (mm_prec.fp32_precision, conv_prec.fp32_precision)
+        mm_prec.fp32_precision = "tf32" if matmul else "ieee"
+        conv_prec.fp32_precision = "tf32" if conv else "ieee"
+        try:
+            yield
+        finally:
+            mm_prec.fp32_precision, conv_prec.fp32_precision = saved
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = conv
     try:
         yield
     finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def precision_context(runtime: Runtime) -> Iterator[None]:
+    """Set TF32 and cuDNN switches for the run and make its device the current CUDA device; put
+    everything back afterwards."""
+    tf32 = runtime.precision == Precision.TF32
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
+    try:
+        # cuDNN defaults to TF32 convolutions; fp32 must mean fp32. bf16/fp16 runs keep TF32 for
+        # the convolutions that stay in fp32 outside autocast.
+        with device_context(runtime.device), tf32_switches(matmul=tf32, conv=tf32 or runtime.precision in (Precision.BF16, Precision.FP16)):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def device_context(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Make `device` the current CUDA device (a no-op elsewhere).
+
+    CUDA events recorded without a stream, `torch.cuda.Stream()`, `torch.cuda.graph` and the
+    caching allocator's `empty_cache` all act on the *current* device, which is cuda:0 unless
+    something sets it: without this, `--device cuda:1` would time and capture on cuda:0.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def autocast(runtime: Runtime) -> contextlib.AbstractContextManager[object]:
@@ -181,4 +222,5 @@ def release_memory(device: torch.device) -> None:
     """Give back what a failed case held: Python's garbage, and on CUDA the allocator's cache."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        with device_context(device):
+            torch.cuda.empty_cache()

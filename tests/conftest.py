@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +142,32 @@ def killed_writer():
         return proc.pid
 
     return kill
+
+
+class DeviceContexts:
+    """Stands in for `nst.engine.device.device_context`: records each device it is entered for and
+    which one is current, so that CPU tests can check code runs under the right CUDA device."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._monkeypatch = monkeypatch
+        self.entered: list[object] = []
+        self.current: object = None
+
+    @contextlib.contextmanager
+    def _context(self, device: object) -> Iterator[None]:
+        self.entered.append(device)
+        outer, self.current = self.current, device
+        try:
+            yield
+        finally:
+            self.current = outer
+
+    def patch(self, *modules: object) -> None:
+        """Replace `device_context` in each module (each imported it by name)."""
+        for m in modules:
+            self._monkeypatch.setattr(m, "device_context", self._context)
+
+
+@pytest.fixture
+def device_contexts(monkeypatch: pytest.MonkeyPatch) -> DeviceContexts:
+    return DeviceContexts(monkeypatch)

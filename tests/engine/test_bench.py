@@ -191,3 +191,30 @@ def test_a_size_that_does_not_fit_is_a_skipped_row(weights, monkeypatch):
     monkeypatch.setattr(bench, "_measure_case", other)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bench.bench_case(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=0)
+
+
+def test_every_phase_times_under_its_device_context(weights, device_contexts, monkeypatch):
+    """CUDA events, streams and graphs act on the current device: each phase must make the
+    bench's device current around its timing (checked here through a stand-in context on the CPU)."""
+    import nst.engine.bench as bench
+    import nst.engine.bench_targets as bench_targets_module
+    import nst.engine.device as device
+
+    device_contexts.patch(device, bench, bench_targets_module)
+    timed_under: list[object] = []
+    real_time_steps, real_time_plain = bench.time_steps, bench_targets_module._time_plain
+
+    def time_steps(*args, **kwargs):
+        timed_under.append(device_contexts.current)
+        return real_time_steps(*args, **kwargs)
+
+    def time_plain(*args, **kwargs):
+        timed_under.append(device_contexts.current)
+        return real_time_plain(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    monkeypatch.setattr(bench_targets_module, "_time_plain", time_plain)
+    assert bench_case(BenchCase(32, 32, optimizer="adam"), weights=weights, device=CPU, iterations=1, warmup=0, peaks=_peaks()).status == "ok"
+    assert bench.bench_optimizer(BenchCase(32, 32, optimizer="lbfgs"), device=CPU, iterations=1, warmup=0, history=2).status == "ok"
+    assert all(r.status == "ok" for r in bench_targets(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=1))
+    assert len(timed_under) >= 3 and timed_under == [CPU] * len(timed_under)

@@ -66,3 +66,62 @@ def test_onnx_runtime_allocation_failures_count_as_out_of_memory():
     assert out_of_memory_message(e, torch.device("cuda:0")) == "ran out of memory on cuda:0 (an allocation of 4.0 GiB failed)"
     assert not is_out_of_memory(Fail("[ONNXRuntimeError] : 1 : FAIL : Load model failed"))
 
+
+
+def test_device_context_makes_the_named_cuda_device_current():
+    import contextlib
+
+    from nst.engine.device import device_context
+
+    ctx = device_context(torch.device("cuda:1"))  # built, not entered: no GPU needed
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(device_context(CPU), contextlib.nullcontext)
+
+
+def test_precision_context_enters_the_run_device(device_contexts):
+    import nst.engine.device as device
+    from nst.engine.device import Runtime, precision_context
+
+    device_contexts.patch(device)
+    with precision_context(Runtime(device=torch.device("cuda:1"), precision=Precision.FP32)):
+        assert device_contexts.current == torch.device("cuda:1")
+    assert device_contexts.current is None and device_contexts.entered == [torch.device("cuda:1")]
+
+
+@pytest.mark.parametrize(("precision", "matmul", "conv"), [(Precision.FP32, "ieee", "ieee"), (Precision.TF32, "tf32", "tf32"), (Precision.BF16, "ieee", "tf32")])
+def test_precision_context_sets_tf32_through_fp32_precision(precision, matmul, conv):
+    """torch 2.9+: only the fp32_precision API, set for the run and restored after it."""
+    from nst.engine.device import Runtime, _fp32_precision_api, precision_context
+
+    assert _fp32_precision_api(), f"torch {torch.__version__} should have torch.backends.*.fp32_precision"
+    mm, cv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (mm.fp32_precision, cv.fp32_precision, torch.backends.cudnn.benchmark)
+    with precision_context(Runtime(device=CPU, precision=precision, cudnn_benchmark=not before[2])):
+        assert (mm.fp32_precision, cv.fp32_precision) == (matmul, conv)
+        assert torch.backends.cudnn.benchmark is (not before[2])
+    assert (mm.fp32_precision, cv.fp32_precision, torch.backends.cudnn.benchmark) == before
+
+
+def test_legacy_allow_tf32_flags_where_torch_has_no_fp32_precision():
+    """Older torch: the allow_tf32 flags. In a fresh process, since reading them after the new API
+    set a value they cannot express raises."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+import nst.engine.device as d
+from nst.engine.config import Precision
+d._fp32_precision_api = lambda: False
+b = torch.backends
+before = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+seen = {}
+for p in (Precision.FP32, Precision.TF32, Precision.BF16):
+    with d.precision_context(d.Runtime(precision=p)):
+        seen[p.value] = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+assert seen == {"fp32": (False, False), "tf32": (True, True), "bf16": (False, True)}, seen
+assert (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32) == before
+print("ok")
+"""
+    run = subprocess.run([sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
