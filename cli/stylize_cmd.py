@@ -272,7 +272,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     if not quiet:
         chosen = " (auto)" if str(a["precision"]).strip().lower() == "auto" else ""
         extra = {"device, precision": f"{dev}, {prec.value}{chosen}",
-                 "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}), cache {tinfo.get('cache')}"}
+                 "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}{', fp32 as TF32' if tinfo.get('tf32') else ''}), cache {tinfo.get('cache')}"}
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
         console.print(f"wrote {output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
     if result.status == "interrupted":

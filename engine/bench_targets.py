@@ -124,6 +124,8 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
         import io
 
         import onnxruntime as ort
+
+        from .onnx_targets import cuda_options
     except ImportError:
         return [_skipped(case, device, "onnxruntime is not installed", **extra)]
     names = list(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
@@ -153,8 +155,9 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
         if provider not in ort.get_available_providers():
             rows.append(_skipped(case, device, f"{provider} is not in this onnxruntime build", provider=provider, **extra))
             continue
+        options = cuda_options(device_id=device.index or 0) if provider == "CUDAExecutionProvider" else {}
         try:
-            sess = ort.InferenceSession(buf.getvalue(), providers=[provider])
+            sess = ort.InferenceSession(buf.getvalue(), providers=[(provider, options)])
         except Exception as e:
             rows.append(_skipped(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=provider, **extra))
             continue

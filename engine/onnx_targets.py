@@ -47,6 +47,24 @@ class ShapeProfile:
         return {"trt_profile_min_shapes": shape(self.min_hw), "trt_profile_opt_shapes": shape(self.opt_hw), "trt_profile_max_shapes": shape(self.max_hw)}
 
 
+def cuda_options(*, device_id: int = 0) -> dict[str, str]:
+    """CUDA provider options: the device, and strict fp32 arithmetic.
+
+    The CUDA provider's `use_tf32` defaults to on, which rounds the inputs of fp32 convolutions
+    and matrix products to TF32's 10-bit mantissa; the PyTorch targets are strict fp32
+    (`device.precision_context`), and an fp32 model must mean fp32 on either side. An fp16 model's
+    fp32 parts (its Grams) get the same.
+    """
+    return {"device_id": str(device_id), "use_tf32": "0"}
+
+
+# TensorRT turns TF32 on for the fp32 layers of every engine it builds (its TF32 builder flag is
+# set by default), and the TensorRT provider of ONNX Runtime 1.31 has no option to clear it (none
+# of its `trt_*` options touches TF32). So `auto` does not pick TensorRT for an fp32 model, and a
+# session that asked for TensorRT by name says its fp32 arithmetic may be TF32 (`describe`).
+TENSORRT_TF32 = "TensorRT runs fp32 layers in TF32 (its default, which ONNX Runtime's TensorRT provider cannot turn off); the CUDA provider keeps this fp32 model in fp32"
+
+
 def tensorrt_options(*, cache_dir: Path, model_tag: str, fp16: bool, profile: ShapeProfile | None, device_id: int = 0) -> dict[str, str]:
     """TensorRT provider options: engine and timing caches per model and version, fp16, shape profile."""
     engines = Path(cache_dir) / "tensorrt" / model_tag
@@ -117,7 +135,7 @@ def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: 
     tag = _model_tag(path)
     fallbacks: dict[str, str] = {}
     for name in order:
-        reason = provider_problem(name)
+        reason = TENSORRT_TF32 if provider == "auto" and name == "tensorrt" and not fp16 else provider_problem(name)
         if reason is None and provider == "auto" and name != "cpu" and device.type != "cuda":
             reason = f"the run is on the {device.type} (--device)"
         if reason is None:
@@ -126,7 +144,7 @@ def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: 
                 assert cache_dir is not None, "TensorRT needs a cache folder for its engines"
                 chain.append((PROVIDERS["tensorrt"], tensorrt_options(cache_dir=cache_dir, model_tag=tag, fp16=fp16, profile=profile, device_id=device_id)))
             if name in ("tensorrt", "cuda"):  # CUDA takes what TensorRT does not
-                chain.append((PROVIDERS["cuda"], {"device_id": str(device_id)}))
+                chain.append((PROVIDERS["cuda"], cuda_options(device_id=device_id)))
             chain.append(PROVIDERS["cpu"])
             try:
                 sess = ort.InferenceSession(str(path), _session_options(), providers=chain)
@@ -242,4 +260,6 @@ class OnnxTargets:
             "model": str(self.path),
             "model_sha256": self.sha256,
             "precision": self.meta.precision,
+            # Whether the model's fp32 arithmetic may have run in TF32 (TensorRT's default).
+            "tf32": self.provider == "tensorrt",
         }

@@ -9,7 +9,7 @@ import torch
 
 from nst.engine import onnx_meta as M
 from nst.engine.features import VGGFeatures
-from nst.engine.onnx_targets import OnnxTargets, ShapeProfile, _feature_hw, open_session, provider_problem, tensorrt_options
+from nst.engine.onnx_targets import TENSORRT_TF32, OnnxTargets, ShapeProfile, _feature_hw, cuda_options, open_session, provider_problem, tensorrt_options
 from nst.engine.targets import TorchTargets
 from nst.engine.weights import load_into
 
@@ -82,6 +82,64 @@ def test_tensorrt_options(tmp_path: Path):
     assert opts["trt_profile_opt_shapes"] == f"{M.INPUT_NAME}:1x3x64x64"
     assert opts["trt_profile_max_shapes"] == f"{M.INPUT_NAME}:1x3x128x96"
     assert tensorrt_options(cache_dir=tmp_path, model_tag="abc", fp16=False, profile=None)["trt_fp16_enable"] == "False"
+
+
+class _FakeSession:
+    """Stands in for `onnxruntime.InferenceSession`: records the provider chain it was given and
+    reports its first entry as loaded, as ONNX Runtime does on a machine where it loads."""
+
+    chains: list[list[object]] = []
+
+    def __init__(self, path: str, options: object, *, providers: list[object]) -> None:
+        _FakeSession.chains.append(list(providers))
+        self._first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+
+    def get_providers(self) -> list[str]:
+        return [self._first, "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def fake_gpu_session(monkeypatch: pytest.MonkeyPatch) -> list[list[object]]:
+    """Every provider loads (as on a GPU machine with its libraries); sessions are `_FakeSession`s."""
+    import onnxruntime as ort
+
+    import nst.engine.onnx_targets as onnx_targets
+
+    monkeypatch.setattr(onnx_targets, "provider_problem", lambda provider: None)
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    _FakeSession.chains = []
+    return _FakeSession.chains
+
+
+def test_cuda_provider_options_turn_tf32_off():
+    assert cuda_options(device_id=1) == {"device_id": "1", "use_tf32": "0"}
+    assert cuda_options()["use_tf32"] == "0" and cuda_options()["device_id"] == "0"
+
+
+def test_cuda_sessions_are_opened_with_tf32_off(model_path: Path, fake_gpu_session, tmp_path: Path):
+    """What the CUDA provider is actually given, for an explicit CUDA session on cuda:1 and for the
+    CUDA provider behind TensorRT."""
+    sess, name, fallbacks = open_session(model_path, "cuda", device=torch.device("cuda:1"), cache_dir=None, fp16=False, profile=None)
+    assert name == "cuda" and fallbacks == {}
+    assert fake_gpu_session[-1] == [("CUDAExecutionProvider", {"device_id": "1", "use_tf32": "0"}), "CPUExecutionProvider"]
+    open_session(model_path, "tensorrt", device=torch.device("cuda:0"), cache_dir=tmp_path, fp16=True, profile=None)
+    trt, cuda, cpu = fake_gpu_session[-1]
+    assert trt[0] == "TensorrtExecutionProvider" and trt[1]["trt_fp16_enable"] == "True"
+    assert cuda == ("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "0"}) and cpu == "CPUExecutionProvider"
+
+
+def test_auto_does_not_pick_tensorrt_for_an_fp32_model(model_path: Path, fake_gpu_session, tmp_path: Path):
+    """TensorRT would run an fp32 model's layers in TF32 and ONNX Runtime cannot turn that off:
+    `auto` takes the CUDA provider for fp32 and says why; an fp16 model still gets TensorRT."""
+    _, name, fallbacks = open_session(model_path, "auto", device=torch.device("cuda"), cache_dir=tmp_path, fp16=False, profile=None)
+    assert name == "cuda" and fallbacks == {"tensorrt": TENSORRT_TF32} and "TF32" in TENSORRT_TF32
+    assert [entry[0] for entry in fake_gpu_session[-1][:-1]] == ["CUDAExecutionProvider"]
+    _, name, fallbacks = open_session(model_path, "auto", device=torch.device("cuda"), cache_dir=tmp_path, fp16=True, profile=None)
+    assert name == "tensorrt" and fallbacks == {}
+
+
+def test_describe_says_whether_fp32_may_have_run_as_tf32(model_path: Path):
+    assert OnnxTargets(model_path, provider="cpu").describe()["tf32"] is False
 
 
 def test_bound_output_shapes_match_the_network(weights):
