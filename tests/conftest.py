@@ -13,6 +13,21 @@ from PIL import Image
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked `gpu` is skipped where no CUDA GPU is visible. The mark is the only switch,
+    so `pytest -m gpu` selects every CUDA-only test; a CUDA test without it fails here, loudly."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own cache folder and no downloads: nothing leaks into ~/.cache."""
