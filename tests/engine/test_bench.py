@@ -202,19 +202,19 @@ def test_every_phase_times_under_its_device_context(weights, device_contexts, mo
 
     device_contexts.patch(device, bench, bench_targets_module)
     timed_under: list[object] = []
-    real_time_steps, real_time_plain = bench.time_steps, bench_targets_module._time_plain
+    real_time_steps = bench.time_steps
 
     def time_steps(*args, **kwargs):
         timed_under.append(device_contexts.current)
         return real_time_steps(*args, **kwargs)
 
-    def time_plain(*args, **kwargs):
+    def measure_targets(*args, **kwargs):  # the targets phase's whole measurement (its timing inside)
         timed_under.append(device_contexts.current)
-        return real_time_plain(*args, **kwargs)
+        return []
 
     monkeypatch.setattr(bench, "time_steps", time_steps)
-    monkeypatch.setattr(bench_targets_module, "_time_plain", time_plain)
+    monkeypatch.setattr(bench_targets_module, "_measure_targets", measure_targets)
     assert bench_case(BenchCase(32, 32, optimizer="adam"), weights=weights, device=CPU, iterations=1, warmup=0, peaks=_peaks()).status == "ok"
     assert bench.bench_optimizer(BenchCase(32, 32, optimizer="lbfgs"), device=CPU, iterations=1, warmup=0, history=2).status == "ok"
-    assert all(r.status == "ok" for r in bench_targets(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=1))
-    assert len(timed_under) >= 3 and timed_under == [CPU] * len(timed_under)
+    assert bench_targets(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=1) == []
+    assert timed_under == [CPU, CPU, CPU]
