@@ -53,7 +53,7 @@ def cuda_options(*, device_id: int = 0) -> dict[str, str]:
     The CUDA provider's `use_tf32` defaults to on, which rounds the inputs of fp32 convolutions
     and matrix products to TF32's 10-bit mantissa; the PyTorch targets are strict fp32
     (`device.precision_context`), and an fp32 model must mean fp32 on either side. An fp16 model's
-    fp32 parts (its Grams) get the same.
+    remaining fp32 operations get the same.
     """
     return {"device_id": str(device_id), "use_tf32": "0"}
 
