@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +134,3 @@ def parse_list(text: str | None, *, cast: type = str, what: str = "value") -> tu
             raise UserError(f"bad {what} {item!r} in {text!r}") from None
     return tuple(out)
 
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -78,7 +78,7 @@ class StyleConfig:
     lr: float = 1.0  # L-BFGS step scale, or Adam's learning rate (in `pixel_scale` units)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    lbfgs_history: int = 20  # a short history: PERFORMANCE.md shows long ones cost more than VGG
+    lbfgs_history: int = 20  # short: the two-loop recursion is O(history) per step (benchmarks/README.md, "L-BFGS")
     content_weight: float = 1.0
     style_weight: float = 1e6
     tv_weight: float = 1e-3

@@ -76,7 +76,3 @@ class VGGFeatures(nn.Module):
             if i in self._taps:
                 out[self._taps[i]] = x
         return out
-
-    def conv_state_dict(self) -> dict[str, torch.Tensor]:
-        """The conv weights and biases under torchvision's `features.N.*` keys."""
-        return {f"features.{k}": v for k, v in self.features.state_dict().items()}

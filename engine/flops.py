@@ -124,8 +124,4 @@ def count_flops(
     return FlopCount(int(hw[0]), int(hw[1]), batch, tuple(out))
 
 
-def format_gflop(flops: int) -> str:
-    return f"{flops / 1e9:.3f}"
-
-
 __all__ = ["FlopCount", "LayerFlops", "count_flops"]

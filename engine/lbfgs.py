@@ -129,6 +129,3 @@ class LBFGS:
         coef[m + order] = gamma * bottom
         hg = gamma.float() * g + self._hist.T @ coef.float()  # (n,)
         return -hg
-
-    def state_dict(self) -> dict[str, object]:
-        return {"accepted": int(self._accepted), "gamma": float(self._gamma)}

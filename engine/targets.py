@@ -35,6 +35,7 @@ class ImageTargets:
         return cls(content, grams)
 
     def to(self, device: torch.device) -> "ImageTargets":
+        """The same targets on `device` (a cache hit arrives on the CPU)."""
         return ImageTargets({k: v.to(device) for k, v in self.content.items()}, {k: v.to(device) for k, v in self.grams.items()})
 
 

@@ -249,7 +249,7 @@ def stylize(
                 s_targets = [_targets(source, cache, mid, st, (), cfg.style_layers, cfg) for st in style_ts]
                 cache_lookups += (1 + len(style_ts)) if cache is not None else 0
                 cache_hits += sum(int(t[1]) for t in [c_targets, *s_targets])
-                content_feats = {k: v.to(dev) for k, v in c_targets[0].content.items()}
+                content_feats = c_targets[0].to(dev).content
                 grams = style_grams(cfg, [t for t, _ in s_targets], style_ts, blend, device=dev)
                 synchronize(dev)
                 target_seconds += time.perf_counter() - tt

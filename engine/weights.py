@@ -327,9 +327,6 @@ def load_imagenet(
     return w
 
 
-WEIGHTS_CHOICES = ("imagenet", "random")  # or a path
-
-
 def load_weights(
     spec: str,
     *,

@@ -1,4 +1,4 @@
-"""FLOP counts against a hand count, PyTorch's own counter, and PERFORMANCE.md's MAC figures."""
+"""FLOP counts against a hand count, PyTorch's own counter, and VGG19's MAC totals."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def test_matches_torch_flop_counter(hw):
     assert counts["aten.mm"] == sum(layer.forward + layer.input_grad for layer in fc.layers if layer.kind == "gram")
 
 
-def test_performance_notes_mac_figures():
-    # PERFORMANCE.md: VGG19 MACs at 512x512 to relu5_1 94.7 G, all 16 convs 101.9 G.
+def test_vgg19_mac_totals():
+    # VGG19 MACs at 512x512 to relu5_1 94.7 G, all 16 convs 101.9 G.
     assert count_flops((512, 512), layers=["relu5_1"]).conv_forward / 2 / 1e9 == pytest.approx(94.7, abs=0.05)
     assert count_flops((512, 512), layers=["relu5_4"]).conv_forward / 2 / 1e9 == pytest.approx(101.9, abs=0.05)
     assert count_flops((1024, 1024), layers=["relu5_1"]).total == 4 * count_flops((512, 512), layers=["relu5_1"]).total
