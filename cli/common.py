@@ -20,6 +20,7 @@ from nst.engine.weights import WeightsUnavailable
 
 if TYPE_CHECKING:
     from nst.engine.weights import Weights
+from nst.engine.errors import EngineError
 
 # stderr for messages and progress, so stdout stays clean for what a script may pipe.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -58,10 +59,19 @@ class ResourceMissing(UserError):
     """Something the run needs is not on this machine (not a mistake in the input); exit code 3."""
 
 
-# Expected failures: the user's input or this machine's limits. The engine's DeviceError,
-# ImageError, WeightsError and ExportError are ValueErrors. Anything else is a bug and keeps its
-# traceback.
-EXPECTED = (UserError, ValueError, FileNotFoundError, PermissionError)
+def flag_message(e: BaseException) -> str:
+    """The error's first line, with the engine's parameter names spelt as this CLI's flags
+    (`style_blend` -> `--style-blend`)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for name in getattr(e, "params", ()):
+        msg = msg.replace(f"`{name}`", "--" + name.replace("_", "-"))
+    return msg
+
+
+# Expected failures: the user's input or this machine's limits: the engine's errors (DeviceError,
+# ImageError, WeightsError, ExportError...) all derive from EngineError. Anything else, a bare
+# ValueError included, is a bug and keeps its traceback.
+EXPECTED = (UserError, EngineError, FileNotFoundError, PermissionError)
 MISSING = (ResourceMissing, WeightsUnavailable)
 
 
@@ -79,8 +89,7 @@ def user_errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except EXPECTED as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise fail(msg, code=EXIT_MISSING if isinstance(e, MISSING) else EXIT_INPUT) from None
+        raise fail(flag_message(e), code=EXIT_MISSING if isinstance(e, MISSING) else EXIT_INPUT) from None
     except OSError as e:  # disk full, read-only folder...
         raise fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
     except (RuntimeError, MemoryError) as e:

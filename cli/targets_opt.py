@@ -12,7 +12,7 @@ from nst.engine.cache import TargetCache
 from nst.engine.config import MAX_SIZE, SizeEdge, StyleConfig
 from nst.engine.layers import LAYER_INDEX, layer_stride
 
-from .common import ResourceMissing, UserError, cache_dir, console
+from .common import ResourceMissing, UserError, cache_dir, console, flag_message
 
 if TYPE_CHECKING:
     from nst.engine.device import Runtime
@@ -131,7 +131,7 @@ def choose_targets(
             if mode == TargetsMode.ONNX:
                 raise
             # auto: a model that cannot be made is no reason to stop the run
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = flag_message(e)
             info["fallback"] = f"torch: the export failed ({reason})"
             _warn(f"the ONNX export failed ({reason}); using PyTorch targets")
             return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), info

@@ -27,6 +27,7 @@ import torch
 from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
 from .config import Optimizer, Precision, StyleConfig, preset
 from .device import DeviceError, Runtime, autocast_dtype, check_precision, device_context, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
+from .errors import ConfigError
 from .features import LAYER_NAMES, layer_stride
 from .peaks import peak_for
 from .weights import Weights
@@ -108,11 +109,11 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         hw = tuple(int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"bad size {text!r}: use N or HxW, e.g. 256 or 128x192") from None
+        raise ConfigError(f"bad size {text!r}: use N or HxW, e.g. 256 or 128x192") from None
     if len(hw) == 1:
         hw = (hw[0], hw[0])
     if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"bad size {text!r}: sizes must be positive, N or HxW")
+        raise ConfigError(f"bad size {text!r}: sizes must be positive, N or HxW")
     return hw  # type: ignore[return-value]
 
 
@@ -149,13 +150,13 @@ def expand_cases(
     low-precision weights flipped, one at a time."""
     for o in optimizers:
         if o not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {o!r}: use {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown optimizer {o!r}: use {', '.join(OPTIMIZERS)}")
     for lp in loops:
         if lp not in LOOPS:
-            raise ValueError(f"unknown loop {lp!r}: use {', '.join(LOOPS)}")
+            raise ConfigError(f"unknown loop {lp!r}: use {', '.join(LOOPS)}")
     for h, w in sizes:
         if min(h, w) < 1:
-            raise ValueError(f"size {h}x{w}: sizes must be positive")
+            raise ConfigError(f"size {h}x{w}: sizes must be positive")
     out = []
     for pr in presets:
         for lp in loops:
@@ -184,7 +185,7 @@ def check_case_size(cfg: StyleConfig, case: BenchCase) -> None:
     deepest = LAYER_NAMES[-1] if case.loop == "reference" else max((*cfg.content_layers, *cfg.style_layers), key=LAYER_NAMES.index)
     need = layer_stride(deepest)
     if min(case.height, case.width) < need:
-        raise ValueError(f"size {case.height}x{case.width} is too small for the {case.preset} preset's {case.loop} loop (layer {deepest} needs at least {need} px a side)")
+        raise ConfigError(f"size {case.height}x{case.width} is too small for the {case.preset} preset's {case.loop} loop (layer {deepest} needs at least {need} px a side)")
 
 
 def _images(case: BenchCase, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,15 +276,15 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
     """Warm up, then time `iterations` real steps of one case; a case that cannot run here is
     returned as a skipped row with the reason."""
     if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
+        raise ConfigError(f"iterations must be at least 1, got {iterations}")
     try:
         check_precision(device, case.precision)
     except DeviceError as e:
         return _skipped(case, device, str(e))
     if case.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {case.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {case.optimizer!r}: use {', '.join(OPTIMIZERS)}")
     if case.loop not in LOOPS:
-        raise ValueError(f"unknown loop {case.loop!r}: use {', '.join(LOOPS)}")
+        raise ConfigError(f"unknown loop {case.loop!r}: use {', '.join(LOOPS)}")
     if case.cuda_graph and device.type != "cuda":
         return _skipped(case, device, "CUDA graphs need a CUDA device; not available on the CPU")
     if case.cuda_graph and (case.optimizer != "adam" or case.loop != "fast" or case.compile):
@@ -343,7 +344,7 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
     history + 1 warm-up steps, so L-BFGS rows time a full history. Shows what the bookkeeping
     costs against the network's rows."""
     if case.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {case.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {case.optimizer!r}: use {', '.join(OPTIMIZERS)}")
     cfg = bench_config(case)
     m = history or cfg.lbfgs_history
     gen = torch.Generator().manual_seed(seed)

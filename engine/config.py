@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
 from .layers import LAYER_NAMES
 
 
@@ -126,45 +127,45 @@ MIN_SIZE = 32  # VGG19 to conv5 needs at least 16 px after four poolings; 32 kee
 
 
 def validate(cfg: StyleConfig) -> None:
-    """Raise ValueError naming the bad field and the accepted values."""
+    """Raise ConfigError naming the bad field and the accepted values."""
     for s in cfg.sizes:
         if not (MIN_SIZE <= s <= MAX_SIZE):
-            raise ValueError(f"size {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
+            raise ConfigError(f"size {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
     if cfg.scales and list(cfg.scales) != sorted(cfg.scales):
-        raise ValueError(f"scales must increase (coarse to fine), got {','.join(map(str, cfg.scales))}")
+        raise ConfigError(f"scales must increase (coarse to fine), got {','.join(map(str, cfg.scales))}")
     if cfg.iterations < 0:
-        raise ValueError(f"iterations must be 0 or more, got {cfg.iterations}")
+        raise ConfigError(f"iterations must be 0 or more, got {cfg.iterations}")
     if not (0 < cfg.lr <= 1e6):
-        raise ValueError(f"lr must be positive and at most 1e6, got {cfg.lr}")
+        raise ConfigError(f"lr must be positive and at most 1e6, got {cfg.lr}")
     if cfg.lbfgs_history < 1:
-        raise ValueError(f"lbfgs_history must be at least 1, got {cfg.lbfgs_history}")
+        raise ConfigError(f"lbfgs_history must be at least 1, got {cfg.lbfgs_history}")
     for name in ("content_weight", "style_weight", "tv_weight"):
         v = getattr(cfg, name)
         if not v >= 0 or v == float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+            raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
     if not cfg.content_layers and not cfg.style_layers:
-        raise ValueError("give at least one content or style layer")
+        raise ConfigError("give at least one content or style layer")
     for layer in cfg.content_layers + cfg.style_layers:
         if layer not in LAYER_NAMES:
-            raise ValueError(f"unknown layer {layer!r}: use names like conv1_1, relu4_2, pool3 (see `nst info`)")
+            raise ConfigError(f"unknown layer {layer!r}: use names like conv1_1, relu4_2, pool3 (see `nst info`)")
     for layers, weights, what in (
         (cfg.content_layers, cfg.content_layer_weights, "content"),
         (cfg.style_layers, cfg.style_layer_weights, "style"),
     ):
         if weights and len(weights) != len(layers):
-            raise ValueError(f"{len(weights)} {what} layer weights given for {len(layers)} {what} layers")
+            raise ConfigError(f"{len(weights)} {what} layer weights given for {len(layers)} {what} layers")
         if any(not w >= 0 for w in weights):
-            raise ValueError(f"{what} layer weights must be >= 0")
+            raise ConfigError(f"{what} layer weights must be >= 0")
     if any(not w >= 0 for w in cfg.style_blend) or (cfg.style_blend and sum(cfg.style_blend) <= 0):
-        raise ValueError("style blend weights must be >= 0 and not all zero")
+        raise ConfigError("style blend weights must be >= 0 and not all zero")
     if not (0.05 <= cfg.style_scale <= 8):
-        raise ValueError(f"style_scale must be between 0.05 and 8, got {cfg.style_scale}")
+        raise ConfigError(f"style_scale must be between 0.05 and 8, got {cfg.style_scale}")
     if cfg.pixel_scale not in (1.0, 255.0):
-        raise ValueError(f"pixel_scale must be 1 or 255, got {cfg.pixel_scale}")
+        raise ConfigError(f"pixel_scale must be 1 or 255, got {cfg.pixel_scale}")
     if cfg.save_every < 0:
-        raise ValueError(f"save_every must be 0 or more, got {cfg.save_every}")
+        raise ConfigError(f"save_every must be 0 or more, got {cfg.save_every}")
     if not cfg.init:
-        raise ValueError(f"init must be one of {', '.join(INIT_CHOICES)} or an image path")
+        raise ConfigError(f"init must be one of {', '.join(INIT_CHOICES)} or an image path")
 
 
 def content_layer_weights(cfg: StyleConfig) -> tuple[float, ...]:
@@ -210,5 +211,5 @@ def preset(name: Preset | str, **overrides: Any) -> StyleConfig:
     try:
         base = PRESETS[Preset(name)]
     except ValueError:
-        raise ValueError(f"unknown preset {name!r}: use {', '.join(p.value for p in Preset)}") from None
+        raise ConfigError(f"unknown preset {name!r}: use {', '.join(p.value for p in Preset)}") from None
     return dataclasses.replace(base, **overrides)

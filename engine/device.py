@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import Precision
+from .errors import EngineError
 
 
-class DeviceError(ValueError):
+class DeviceError(EngineError):
     """A device or precision this machine cannot provide; the message says what is there."""
 
 
@@ -33,9 +34,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     if dev.type != "cuda":
         raise DeviceError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {spec}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
+        raise DeviceError(f"`device` {spec}: no CUDA GPU is available here (torch {torch.__version__}); use `device` cpu", params=("device",))
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)")
+        raise DeviceError(f"`device` {spec}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)", params=("device",))
     return dev
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import Pooling
+from .errors import ConfigError
 
 # The geometry is torch-free data in `layers`; its names stay importable from here.
 from .layers import _CHANNELS, CONV_INDICES, LAYER_INDEX, LAYER_NAMES, VGG19_CFG, layer_channels, layer_stride  # noqa: F401
@@ -52,9 +53,9 @@ class VGGFeatures(nn.Module):
         super().__init__()
         unknown = [n for n in layers if n not in LAYER_INDEX]
         if unknown:
-            raise ValueError(f"unknown layer(s) {', '.join(unknown)}: use names like conv1_1, relu4_2, pool3")
+            raise ConfigError(f"unknown layer(s) {', '.join(unknown)}: use names like conv1_1, relu4_2, pool3")
         if not layers:
-            raise ValueError("give at least one layer")
+            raise ConfigError("give at least one layer")
         self.layers = tuple(dict.fromkeys(layers))  # unique, order kept
         self.pooling = Pooling(pooling)
         self._taps = {LAYER_INDEX[n]: n for n in self.layers}

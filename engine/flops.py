@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import Pooling
+from .errors import ConfigError
 from .features import LAYER_INDEX, LAYER_NAMES, layer_channels
 
 
@@ -86,13 +87,13 @@ def count_flops(
     images the input gradient runs for.
     """
     if not layers:
-        raise ValueError("give at least one layer")
+        raise ConfigError("give at least one layer")
     unknown = [n for n in [*layers, *style_layers, *([forward_to] if forward_to else [])] if n not in LAYER_INDEX]
     if unknown:
-        raise ValueError(f"unknown layer(s) {', '.join(unknown)}: use names like conv1_1, relu4_2, pool3")
+        raise ConfigError(f"unknown layer(s) {', '.join(unknown)}: use names like conv1_1, relu4_2, pool3")
     h, w = int(hw[0]), int(hw[1])
     if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {h}x{w}")
+        raise ConfigError(f"size must be positive, got {h}x{w}")
     pooling = Pooling(pooling)
     back_n = batch if backward_batch is None else backward_batch
     deepest = max(LAYER_INDEX[n] for n in layers)

@@ -20,13 +20,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import SizeEdge
+from .errors import EngineError
 from .files import write_atomic
 
 # Pillow's own bomb guard warns above this and refuses above twice this; we refuse above it.
 MAX_PIXELS = 178_956_970
 
 
-class ImageError(ValueError):
+class ImageError(EngineError):
     """An image that cannot be read, written or used; the message names the file."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EngineError
 from .files import write_atomic
 
 FORMAT_VERSION = "1"  # bump when names, keys or the module's semantics change
@@ -90,12 +91,12 @@ class ModelMeta:
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], *, where: str = "the model") -> "ModelMeta":
-        """Parse metadata_props; ValueError if it was not written by `nst export`."""
+        """Parse metadata_props; EngineError if it was not written by `nst export`."""
         missing = [k for k in (K_FORMAT, K_CONTENT_LAYERS, K_STYLE_LAYERS, K_POOLING, K_FINGERPRINT) if k not in props]
         if missing:
-            raise ValueError(f"{where} has no nst metadata ({', '.join(missing)}): export it with `nst export`")
+            raise EngineError(f"{where} has no nst metadata ({', '.join(missing)}): export it with `nst export`")
         if props[K_FORMAT] != FORMAT_VERSION:
-            raise ValueError(f"{where} is nst export format {props[K_FORMAT]}, this nst reads {FORMAT_VERSION}: export it again")
+            raise EngineError(f"{where} is nst export format {props[K_FORMAT]}, this nst reads {FORMAT_VERSION}: export it again")
 
         def names(key: str) -> tuple[str, ...]:
             return tuple(n for n in props.get(key, "").split(",") if n)
@@ -119,15 +120,15 @@ class ModelMeta:
         )
 
     def check_matches(self, *, fingerprint: str, pooling: str, content_layers: Sequence[str], style_layers: Sequence[str], where: str = "the model") -> None:
-        """ValueError (one line) unless this module serves a run with these weights, pooling and layers."""
+        """EngineError (one line) unless this module serves a run with these weights, pooling and layers."""
         if self.fingerprint != fingerprint:
-            raise ValueError(f"{where} was exported from weights {self.fingerprint}, this run uses {fingerprint}: export it with the same --weights")
+            raise EngineError(f"{where} was exported from weights {self.fingerprint}, this run uses {fingerprint}: export it with the same `weights`", params=("weights",))
         if self.pooling != pooling:
-            raise ValueError(f"{where} uses {self.pooling} pooling, this run uses {pooling}: export it with --pooling {pooling}")
+            raise EngineError(f"{where} uses {self.pooling} pooling, this run uses {pooling}: export it with `pooling` {pooling}", params=("pooling",))
         lacking = [f"content {n}" for n in content_layers if n not in self.content_layers]
         lacking += [f"style {n}" for n in style_layers if n not in self.style_layers]
         if lacking:
-            raise ValueError(f"{where} lacks the run's layers ({', '.join(lacking)}): export it with this run's --content-layers/--style-layers")
+            raise EngineError(f"{where} lacks the run's layers ({', '.join(lacking)}): export it with this run's `content_layers`/`style_layers`", params=("content_layers", "style_layers"))
 
 
 def read_meta(path: Path) -> ModelMeta:
@@ -140,7 +141,7 @@ def read_meta(path: Path) -> ModelMeta:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}): export it again") from None
+        raise EngineError(f"{path} is not a readable ONNX model ({type(e).__name__}): export it again") from None
     return ModelMeta.from_props({p.key: p.value for p in model.metadata_props}, where=str(path))
 
 
@@ -161,7 +162,7 @@ def stored_models(cache_root: Path) -> list[Path]:
     return sorted(root.glob(f"*/{TARGETS_FILE}")) if root.is_dir() else []
 
 
-class ModelChecksumError(ValueError):
+class ModelChecksumError(EngineError):
     """A stored model whose bytes are not the ones its export wrote."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import onnx_meta as M
+from .errors import EngineError
 from .features import LAYER_INDEX, layer_channels
 from .targets import ImageTargets
 
@@ -125,11 +126,11 @@ def _session_options() -> "object":
 
 
 def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: Path | None, fp16: bool, profile: ShapeProfile | None) -> tuple["object", str, dict[str, str]]:
-    """(session, provider that loaded, {skipped provider: reason}). ValueError for an explicit one that cannot load."""
+    """(session, provider that loaded, {skipped provider: reason}). EngineError for an explicit one that cannot load."""
     import onnxruntime as ort
 
     if provider not in ("auto", *PROVIDERS):
-        raise ValueError(f"unknown provider {provider!r}: use auto, {', '.join(PROVIDERS)}")
+        raise EngineError(f"unknown provider {provider!r}: use auto, {', '.join(PROVIDERS)}")
     order = AUTO_ORDER if provider == "auto" else (provider,)
     device_id = (device.index or 0) if device.type == "cuda" else 0
     tag = _model_tag(path)
@@ -137,7 +138,7 @@ def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: 
     for name in order:
         reason = TENSORRT_TF32 if provider == "auto" and name == "tensorrt" and not fp16 else provider_problem(name)
         if reason is None and provider == "auto" and name != "cpu" and device.type != "cuda":
-            reason = f"the run is on the {device.type} (--device)"
+            reason = f"the run is on the {device.type}"
         if reason is None:
             chain: list[object] = []
             if name == "tensorrt":
@@ -155,7 +156,7 @@ def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: 
                     return sess, name, fallbacks
                 reason = f"onnxruntime fell back to the CPU (it needs {_NEEDS.get(name, 'nothing more')})"
         if provider != "auto":
-            raise ValueError(f"ONNX Runtime's {name} provider cannot load: {reason}; use --provider cpu, or --targets torch")
+            raise EngineError(f"ONNX Runtime's {name} provider cannot load: {reason}; use `provider` cpu, or `targets` torch", params=("provider", "targets"))
         fallbacks[name] = reason
     raise AssertionError("the CPU provider always loads")  # pragma: no cover
 
@@ -213,7 +214,7 @@ class OnnxTargets:
         names = [M.content_output(n) for n in content_layers] + [M.gram_output(n) for n in style_layers]
         lacking = [n for n in names if n not in self._outputs]
         if lacking:
-            raise ValueError(f"{self.path} has no output(s) {', '.join(lacking)}: export it with this run's layers")
+            raise EngineError(f"{self.path} has no output(s) {', '.join(lacking)}: export it with this run's layers")
         return names
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import color
 from .config import INIT_CHOICES, LossForm, Optimizer, PreserveColors, StyleConfig, content_layer_weights, style_layer_weights
+from .errors import ConfigError
 from .device import Runtime, autocast, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .features import LAYER_INDEX, VGGFeatures, layer_stride
 from .images import ImageError, load_image, output_shape, resize, to_tensor
@@ -127,7 +128,8 @@ def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig) -> None:
     if min(hw) < need:
         raise ImageError(
             f"the {what} would be {hw[1]}x{hw[0]} px, too small for layer {deepest} "
-            f"(needs at least {need} px on each side); use a larger --size or --style-scale"
+            f"(needs at least {need} px on each side); use a larger `size` or `style_scale`",
+            params=("size", "style_scale"),
         )
 
 
@@ -177,7 +179,7 @@ def _init_image(cfg: StyleConfig, content: torch.Tensor, style: torch.Tensor, in
 def _blend(cfg: StyleConfig, n: int) -> list[float]:
     w = list(cfg.style_blend) if cfg.style_blend else [1.0] * n
     if len(w) != n:
-        raise ValueError(f"--style-blend has {len(w)} weights for {n} style images")
+        raise ConfigError(f"`style_blend` has {len(w)} weights for {n} style images", params=("style_blend",))
     total = sum(w)
     return [x / total for x in w]
 
@@ -199,11 +201,11 @@ def stylize(
 
     Ctrl-C (KeyboardInterrupt) or `StopRun` from the callback ends the run with the latest image
     and status "interrupted"; a non-finite loss ends it with the last finite image and status
-    "nonfinite". Everything else a user can get wrong raises ValueError before any work.
+    "nonfinite". Everything else a user can get wrong raises an `EngineError` before any work.
     """
     runtime = runtime or Runtime()
     if not styles:
-        raise ValueError("give at least one style image")
+        raise ConfigError("give at least one style image")
     blend = _blend(cfg, len(styles))
     check_sizes(content, styles, cfg)
     if cfg.init not in INIT_CHOICES and init_image is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .errors import EngineError
 from .files import write_atomic
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ IMAGENET_HASH_PREFIX = "dcbb9e9d"
 IMPORTED_FILENAME = "vgg19-imagenet-convs.safetensors"  # in `<cache>/weights/`
 
 
-class WeightsError(ValueError):
+class WeightsError(EngineError):
     """Weights that cannot be found or do not fit VGG19; the message says what to do."""
 
 
@@ -343,7 +344,7 @@ def load_weights(
         return load_imagenet(cache_dir=cache_dir, hub_dir=hub_dir, download=download, on_warning=on_warning)
     p = Path(spec)
     if not p.exists():
-        raise WeightsError(f"--weights {spec!r}: not imagenet, random, or an existing file")
+        raise WeightsError(f"`weights` {spec!r}: not imagenet, random, or an existing file", params=("weights",))
     return load_file_weights(p)
 
 

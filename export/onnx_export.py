@@ -23,6 +23,7 @@ from torch import nn
 
 from nst.engine import files
 from nst.engine import onnx_meta as M
+from nst.engine.errors import EngineError
 from nst.engine.config import Pooling
 from nst.engine.features import IMAGENET_MEAN, IMAGENET_STD, LAYER_INDEX, VGGFeatures, layer_stride
 from nst.engine.losses import gram_matrix
@@ -35,7 +36,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 VERIFY_SIZES: tuple[tuple[int, int], ...] = ((48, 64), (64, 40))  # (H, W), deliberately not square
 
 
-class ExportError(ValueError):
+class ExportError(EngineError):
     """An export that failed its verification or could not be written."""
 
 
@@ -63,7 +64,7 @@ class TargetModule(nn.Module):
 def target_module(weights: Weights, *, content_layers: Sequence[str], style_layers: Sequence[str], pooling: Pooling | str = Pooling.MAX, fp16: bool = False) -> TargetModule:
     """The frozen target module for these weights and layers, on the CPU."""
     if not content_layers and not style_layers:
-        raise ValueError("give at least one content or style layer")
+        raise ExportError("give at least one content or style layer")
     feats = VGGFeatures(tuple(content_layers) + tuple(style_layers), pooling=Pooling(pooling))
     load_into(feats.features, weights)
     return TargetModule(feats, content_layers, style_layers, fp16=fp16).eval().requires_grad_(False)

@@ -38,7 +38,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "missing content": (["stylize", str(tmp / "none.png"), s, "-o", out, *BASE], "image not found"),
         "missing style": (["stylize", c, str(tmp / "none.jpg"), "-o", out, *BASE], "image not found"),
         "broken image": (["stylize", str(broken), s, "-o", out, *BASE], "broken.png"),
-        "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "too small for layer"),
+        "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "use a larger --size or --style-scale"),
         "unknown layer": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu9_1"], "unknown layer 'relu9_1'"),
         "bad layer weight": (["stylize", c, s, "-o", out, *BASE, "--style-layer-weights", "1,x"], "bad weight 'x'"),
         "size zero": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "0"], "size 0 is out of range"),
@@ -88,3 +88,24 @@ def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):
     assert {p: p.read_bytes() for p in images.values()} == before
     assert not (tmp_path / "o.png").exists()
     assert "weights_only" not in r.output and "UserWarning" not in r.output
+
+
+def test_a_bug_keeps_its_traceback(images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only the engine's own errors are user mistakes: a bare ValueError from a bug is not hidden."""
+    import nst.cli.stylize_cmd as S
+
+    def broken(*a, **k):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(S, "stylize", broken)
+    r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *BASE, "-q"])
+    assert isinstance(r.exception, ValueError) and str(r.exception) == "boom"
+    assert "error:" not in r.output
+
+
+def test_engine_parameter_names_read_as_flags():
+    from nst.cli.common import flag_message
+    from nst.engine.errors import ConfigError
+
+    e = ConfigError("`style_blend` has 2 weights; the `style_blend` of `size`", params=("style_blend",))
+    assert flag_message(e) == "--style-blend has 2 weights; the --style-blend of `size`"
