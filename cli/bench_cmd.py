@@ -16,7 +16,7 @@ from rich.table import Table
 
 from nst.engine.config import Precision, Preset, preset
 from nst.engine.files import write_atomic
-from nst.engine.layers import LAYER_INDEX
+from nst.engine.layers import deepest_layer
 
 from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors
 from .report import versions, write_json
@@ -258,7 +258,7 @@ def _print_flops(hw: list[tuple[int, int]], presets: list[str]) -> None:
         layers = (*cfg.content_layers, *cfg.style_layers)
         for h, w in hw:
             fc = count_flops((h, w), layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling)
-            deepest = max(layers, key=LAYER_INDEX.__getitem__)
+            deepest = deepest_layer(layers)
             table = Table(title=f"FLOPs per iteration: {name} preset at {h}x{w}, cut after {deepest}", header_style="bold")
             for col in ("layer", "kind", "output C x H x W", "forward GFLOP", "input-grad GFLOP"):
                 table.add_column(col, justify="left" if col in ("layer", "kind") else "right")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from nst.engine import onnx_meta
 from nst.engine.cache import TargetCache
 from nst.engine.config import MAX_SIZE, SizeEdge, StyleConfig
-from nst.engine.layers import LAYER_INDEX, layer_stride
+from nst.engine.layers import min_input_size
 
 from .common import ResourceMissing, UserError, cache_dir, console, flag_message
 
@@ -47,8 +47,7 @@ def shape_profile(cfg: StyleConfig):  # -> ShapeProfile (imported lazily with on
     """
     from nst.engine.onnx_targets import ShapeProfile
 
-    deepest = max(cfg.content_layers + cfg.style_layers, key=lambda n: LAYER_INDEX[n])
-    lo = max(1, layer_stride(deepest))
+    lo = min_input_size(cfg.content_layers + cfg.style_layers)
     top = max(cfg.sizes)
     hi = math.ceil(top * max(1.0, cfg.style_scale)) if not cfg.style_match_output else top
     if cfg.size_edge == SizeEdge.HEIGHT:

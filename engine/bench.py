@@ -28,7 +28,7 @@ from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
 from .config import Optimizer, Precision, StyleConfig, preset
 from .device import DeviceError, Runtime, autocast_dtype, check_precision, device_context, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .errors import ConfigError
-from .features import LAYER_NAMES, layer_stride
+from .layers import LAYER_NAMES, deepest_layer, min_input_size
 from .peaks import peak_for
 from .weights import Weights
 
@@ -182,8 +182,8 @@ def bench_config(case: BenchCase) -> StyleConfig:
 
 def check_case_size(cfg: StyleConfig, case: BenchCase) -> None:
     """Raise ValueError if the image is too small for the deepest layer the case runs."""
-    deepest = LAYER_NAMES[-1] if case.loop == "reference" else max((*cfg.content_layers, *cfg.style_layers), key=LAYER_NAMES.index)
-    need = layer_stride(deepest)
+    deepest = LAYER_NAMES[-1] if case.loop == "reference" else deepest_layer((*cfg.content_layers, *cfg.style_layers))
+    need = min_input_size([deepest])
     if min(case.height, case.width) < need:
         raise ConfigError(f"size {case.height}x{case.width} is too small for the {case.preset} preset's {case.loop} loop (layer {deepest} needs at least {need} px a side)")
 

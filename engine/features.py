@@ -9,7 +9,7 @@ from .config import Pooling
 from .errors import ConfigError
 
 # The geometry is torch-free data in `layers`; its names stay importable from here.
-from .layers import _CHANNELS, CONV_INDICES, LAYER_INDEX, LAYER_NAMES, VGG19_CFG, layer_channels, layer_stride  # noqa: F401
+from .layers import CONV_INDICES, LAYER_INDEX, LAYER_NAMES, VGG19_CFG, layer_channels, layer_stride  # noqa: F401
 
 # The PyTorch VGG-19 expects sRGB in [0, 1] normalised by ImageNet's mean and std, unlike
 # Simonyan et al.'s Caffe model (BGR, 0-255, mean subtracted only). These are the values of
@@ -30,7 +30,7 @@ def build_features(*, depth: int = len(LAYER_NAMES), pooling: Pooling = Pooling.
     for name in LAYER_NAMES[:depth]:
         i = len(layers)
         if name.startswith("conv"):
-            out_ch = _CHANNELS[i]
+            out_ch = layer_channels(name)
             layers.append(nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1))
             in_ch = out_ch
         elif name.startswith("relu"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .config import Pooling
 from .errors import ConfigError
-from .features import LAYER_INDEX, LAYER_NAMES, layer_channels
+from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, layer_channels
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def count_flops(
         raise ConfigError(f"size must be positive, got {h}x{w}")
     pooling = Pooling(pooling)
     back_n = batch if backward_batch is None else backward_batch
-    deepest = max(LAYER_INDEX[n] for n in layers)
+    deepest = LAYER_INDEX[deepest_layer(layers)]
     last = max(deepest, LAYER_INDEX[forward_to]) if forward_to else deepest
     out: list[LayerFlops] = []
     c_in = 3

@@ -1,7 +1,10 @@
-"""VGG19's geometry as data: layer names, channels and strides. No torch, so the configuration
+"""VGG19's geometry as data: layer names, channels, strides, feature sizes, the deepest layer
+and the smallest input it accepts. No torch, so the configuration
 and the command line's help can use it without loading the network's library."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 # torchvision's VGG19 ("E") `features`, as data: channel counts, "M" for a pooling layer.
 VGG19_CFG: tuple[int | str, ...] = (
@@ -39,6 +42,28 @@ def layer_channels(name: str) -> int:
     return _CHANNELS[i]
 
 
+def _poolings_through(name: str) -> int:
+    return sum(1 for n in LAYER_NAMES[: LAYER_INDEX[name] + 1] if n.startswith("pool"))
+
+
 def layer_stride(name: str) -> int:
     """How many times smaller than the input a layer's output is (2 per pooling before it)."""
-    return 2 ** sum(1 for n in LAYER_NAMES[: LAYER_INDEX[name] + 1] if n.startswith("pool"))
+    return 2 ** _poolings_through(name)
+
+
+def feature_hw(hw: Sequence[int], name: str) -> tuple[int, int]:
+    """(h, w) of a layer's output for an (H, W) input: each 2x2 pooling floors a halving."""
+    h, w = int(hw[0]), int(hw[1])
+    for _ in range(_poolings_through(name)):
+        h, w = h // 2, w // 2
+    return h, w
+
+
+def deepest_layer(names: Iterable[str]) -> str:
+    """The layer furthest into the network: where a network that serves `names` can be cut."""
+    return max(names, key=LAYER_INDEX.__getitem__)
+
+
+def min_input_size(names: Iterable[str]) -> int:
+    """The smallest input edge that leaves at least one pixel at the deepest of `names`."""
+    return layer_stride(deepest_layer(names))

@@ -23,7 +23,7 @@ import torch
 
 from . import onnx_meta as M
 from .errors import EngineError
-from .features import LAYER_INDEX, layer_channels
+from .layers import feature_hw, layer_channels
 from .targets import ImageTargets
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -169,15 +169,6 @@ def _model_tag(path: Path) -> str:
     return hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{ort.__version__}".encode()).hexdigest()[:16]
 
 
-def _feature_hw(hw: Sequence[int], layer: str) -> tuple[int, int]:
-    """Spatial size of `layer`'s output (each pooling floors a halving), as ORT will produce it."""
-    h, w = int(hw[0]), int(hw[1])
-    for name in list(LAYER_INDEX)[: LAYER_INDEX[layer] + 1]:
-        if name.startswith("pool"):
-            h, w = h // 2, w // 2
-    return h, w
-
-
 class OnnxTargets:
     """A `TargetSource` running an exported target module through ONNX Runtime."""
 
@@ -239,7 +230,7 @@ class OnnxTargets:
         outs: list[torch.Tensor] = []
         for layer in content_layers:
             c = layer_channels(layer)
-            out = torch.empty((1, c, *_feature_hw(x.shape[-2:], layer)), dtype=torch.float32, device=x.device)
+            out = torch.empty((1, c, *feature_hw(x.shape[-2:], layer)), dtype=torch.float32, device=x.device)
             io.bind_output(M.content_output(layer), "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
             outs.append(out)
         for layer in style_layers:

@@ -21,8 +21,9 @@ from . import color
 from .config import INIT_CHOICES, LossForm, Optimizer, PreserveColors, StyleConfig, content_layer_weights, style_layer_weights
 from .errors import ConfigError
 from .device import Runtime, autocast, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
-from .features import LAYER_INDEX, VGGFeatures, layer_stride
+from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
+from .layers import deepest_layer, feature_hw, min_input_size
 from .lbfgs import LBFGS
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
 from .targets import ImageTargets, TargetSource, TorchTargets
@@ -123,8 +124,8 @@ def _style_hw(style: Image.Image, out_hw: tuple[int, int], cfg: StyleConfig) -> 
 
 
 def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig) -> None:
-    deepest = max(cfg.content_layers + cfg.style_layers, key=lambda n: LAYER_INDEX[n])
-    need = max(layer_stride(deepest), 1)
+    deepest = deepest_layer(cfg.content_layers + cfg.style_layers)
+    need = min_input_size([deepest])
     if min(hw) < need:
         raise ImageError(
             f"the {what} would be {hw[1]}x{hw[0]} px, too small for layer {deepest} "
@@ -361,20 +362,11 @@ def style_grams(
             if cfg.loss_form == LossForm.KERAS:
                 # Targets arrive normalised (divided by C*h*w of the style's layer); the
                 # notebook's loss wants the plain sum F F^T.
-                fh, fw = _feat_hw(st, layer)
+                fh, fw = feature_hw(st.shape[-2:], layer)
                 g = g * (g.shape[-1] * fh * fw)
             parts.append(w * g)
         grams[layer] = torch.stack(parts).sum(0)
     return grams
-
-
-def _feat_hw(image: torch.Tensor, layer: str) -> tuple[int, int]:
-    """Spatial size of `layer`'s output for `image` (each pooling floors a halving)."""
-    h, w = image.shape[-2:]
-    for name in list(LAYER_INDEX)[: LAYER_INDEX[layer] + 1]:
-        if name.startswith("pool"):
-            h, w = h // 2, w // 2
-    return h, w
 
 
 def _targets(source: TargetSource, cache: TargetCacheLike | None, mid: str, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], cfg: StyleConfig) -> tuple[ImageTargets, bool]:

@@ -25,7 +25,8 @@ from nst.engine import files
 from nst.engine import onnx_meta as M
 from nst.engine.errors import EngineError
 from nst.engine.config import Pooling
-from nst.engine.features import IMAGENET_MEAN, IMAGENET_STD, LAYER_INDEX, VGGFeatures, layer_stride
+from nst.engine.features import IMAGENET_MEAN, IMAGENET_STD, VGGFeatures
+from nst.engine.layers import min_input_size
 from nst.engine.losses import gram_matrix
 from nst.engine.weights import Weights, load_into
 
@@ -100,8 +101,7 @@ def model_meta(weights: Weights, *, content_layers: Sequence[str], style_layers:
 
 def _to_onnx(module: TargetModule, path: Path, meta: M.ModelMeta) -> None:
     """torch.export-based export with dynamic H and W, metadata attached, written to `path`."""
-    deepest = max(module.content_layers + module.style_layers, key=lambda n: LAYER_INDEX[n])
-    lo = max(2, layer_stride(deepest))  # smaller inputs have no pixels left at the deepest layer
+    lo = max(2, min_input_size(module.content_layers + module.style_layers))  # smaller: no pixels left at the deepest layer
     h, w = torch.export.Dim("height", min=lo), torch.export.Dim("width", min=lo)
     example = torch.rand(1, 3, 64, 48)
     # The exporter reports progress on stdout and warns about things that do not concern this

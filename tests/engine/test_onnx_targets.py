@@ -9,7 +9,8 @@ import torch
 
 from nst.engine import onnx_meta as M
 from nst.engine.features import VGGFeatures
-from nst.engine.onnx_targets import TENSORRT_TF32, OnnxTargets, ShapeProfile, _feature_hw, cuda_options, open_session, provider_problem, tensorrt_options
+from nst.engine.layers import feature_hw
+from nst.engine.onnx_targets import TENSORRT_TF32, OnnxTargets, ShapeProfile, cuda_options, open_session, provider_problem, tensorrt_options
 from nst.engine.targets import TorchTargets
 from nst.engine.weights import load_into
 
@@ -149,7 +150,7 @@ def test_bound_output_shapes_match_the_network(weights):
     with torch.no_grad():
         out = feats(torch.rand(1, 3, 53, 37))
     for name in layers:
-        assert tuple(out[name].shape[-2:]) == _feature_hw((53, 37), name), name
+        assert tuple(out[name].shape[-2:]) == feature_hw((53, 37), name), name
 
 
 @pytest.mark.gpu
