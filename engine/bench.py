@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import torch
 
-from .bench_loops import _fast_loss, _flops, _make_step, reference_loss
+from .bench_loops import fast_loss, case_flops, make_step, reference_loss
 from .config import Optimizer, Precision, StyleConfig, preset
 from .device import DeviceError, Runtime, autocast_dtype, check_precision, device_context, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .errors import ConfigError
@@ -188,7 +188,7 @@ def check_case_size(cfg: StyleConfig, case: BenchCase) -> None:
         raise ConfigError(f"size {case.height}x{case.width} is too small for the {case.preset} preset's {case.loop} loop (layer {deepest} needs at least {need} px a side)")
 
 
-def _images(case: BenchCase, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def case_images(case: BenchCase, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random content and style images: the cost does not depend on their values."""
     gen = torch.Generator().manual_seed(seed)
     content = torch.rand(1, 3, case.height, case.width, generator=gen).to(device)
@@ -198,10 +198,10 @@ def _images(case: BenchCase, device: torch.device, seed: int) -> tuple[torch.Ten
 
 def skipped_row(case: BenchCase, device: torch.device, reason: str) -> BenchRow:
     """A row for a case that was not run, with the reason."""
-    return _skipped(case, device, reason)
+    return skipped_row(case, device, reason)
 
 
-def _skipped(case: BenchCase, device: torch.device, reason: str, **extra: object) -> BenchRow:
+def skipped_row(case: BenchCase, device: torch.device, reason: str, **extra: object) -> BenchRow:
     fields: dict[str, object] = dict(
         size=f"{case.height}x{case.width}", precision=case.precision.value, device=str(device),
         ms_per_iteration=None, ms_per_iteration_p10=None, ms_per_iteration_p90=None,
@@ -215,7 +215,7 @@ def _skipped(case: BenchCase, device: torch.device, reason: str, **extra: object
     return BenchRow(**fields)  # type: ignore[arg-type]
 
 
-def _row_from_times(case: BenchCase, device: torch.device, times_ms: list[float], flops: int, peak: tuple[float, str], memory: tuple[float | None, str], **extra: object) -> BenchRow:
+def row_from_times(case: BenchCase, device: torch.device, times_ms: list[float], flops: int, peak: tuple[float, str], memory: tuple[float | None, str], **extra: object) -> BenchRow:
     ts = sorted(times_ms)
     med = statistics.median(ts)
     tflops = flops / (med / 1e3) / 1e12
@@ -280,20 +280,20 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
     try:
         check_precision(device, case.precision)
     except DeviceError as e:
-        return _skipped(case, device, str(e))
+        return skipped_row(case, device, str(e))
     if case.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {case.optimizer!r}: use {', '.join(OPTIMIZERS)}")
     if case.loop not in LOOPS:
         raise ConfigError(f"unknown loop {case.loop!r}: use {', '.join(LOOPS)}")
     if case.cuda_graph and device.type != "cuda":
-        return _skipped(case, device, "CUDA graphs need a CUDA device; not available on the CPU")
+        return skipped_row(case, device, "CUDA graphs need a CUDA device; not available on the CPU")
     if case.cuda_graph and (case.optimizer != "adam" or case.loop != "fast" or case.compile):
-        return _skipped(case, device, "CUDA-graph capture is implemented for the fast loop with Adam(capturable=True) only")
+        return skipped_row(case, device, "CUDA-graph capture is implemented for the fast loop with Adam(capturable=True) only")
     cfg = bench_config(case)
     check_case_size(cfg, case)
     return unless_out_of_memory(
         lambda: _measure_case(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks),
-        device, lambda reason: _skipped(case, device, reason),
+        device, lambda reason: skipped_row(case, device, reason),
     )
 
 
@@ -313,8 +313,8 @@ def unless_out_of_memory(measure: Callable[[], T], device: torch.device, skipped
 def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, peaks: dict | None) -> BenchRow:
     runtime = Runtime(device=device, precision=case.precision, channels_last=case.channels_last,
                       cudnn_benchmark=case.cudnn_benchmark, lowp_weights=case.lowp_weights)
-    content, style = _images(case, device, seed)
-    flops = _flops(cfg, case)
+    content, style = case_images(case, device, seed)
+    flops = case_flops(cfg, case)
     peak = peak_for(device, case.precision, peaks)
     layers = ",".join(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
     if device.type == "cuda":
@@ -323,18 +323,18 @@ def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device
         if case.loop == "reference":
             loss_fn = reference_loss(cfg, weights, runtime, content, style)
         else:
-            loss_fn, _ = _fast_loss(cfg, weights, runtime, content, style)
+            loss_fn, _ = fast_loss(cfg, weights, runtime, content, style)
         if case.compile:
             loss_fn = torch.compile(loss_fn)
         x = (content * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
-        step = _make_step(case, cfg, loss_fn, x)
+        step = make_step(case, cfg, loss_fn, x)
         times = time_steps(step, device, iterations=iterations, warmup=warmup)
         synchronize(device)
     if device.type == "cuda":
         memory: tuple[float | None, str] = (torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated during the case")
     else:
         memory = (_rss_mb(), "process peak RSS so far (ru_maxrss): an upper bound, includes earlier cases")
-    return _row_from_times(case, device, times, flops, peak, memory, layers=layers, warmup=warmup)
+    return row_from_times(case, device, times, flops, peak, memory, layers=layers, warmup=warmup)
 
 
 def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 20, warmup: int = 3, seed: int = 0, history: int | None = None) -> BenchRow:
@@ -357,7 +357,7 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
         loss = 0.5 * (weight * (x - target).pow(2)).sum()
         return loss, {}
 
-    step = _make_step(dataclasses.replace(case, cuda_graph=False), dataclasses.replace(cfg, lbfgs_history=m, lr=1.0 if case.optimizer != "adam" else 0.01), quadratic, x)
+    step = make_step(dataclasses.replace(case, cuda_graph=False), dataclasses.replace(cfg, lbfgs_history=m, lr=1.0 if case.optimizer != "adam" else 0.01), quadratic, x)
     warmup = max(warmup, m + 1 if "lbfgs" in case.optimizer else warmup)
     with device_context(device):  # the timing events go on `device`'s stream
         ts = sorted(time_steps(step, device, iterations=iterations, warmup=warmup))
@@ -373,4 +373,4 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
     )
 
 
-__all__ = ["BenchCase", "BenchRow", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_config", "bench_optimizer", "check_case_size", "expand_cases", "parse_size", "skipped_row"]
+__all__ = ["BenchCase", "BenchRow", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "skipped_row"]

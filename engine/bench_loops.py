@@ -22,23 +22,22 @@ from .config import LossForm, StyleConfig, content_layer_weights, style_layer_we
 from .device import Runtime, autocast, device_context
 from .features import LAYER_NAMES, VGGFeatures
 from .flops import count_flops
-from .lbfgs import LBFGS
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
 from .targets import TorchTargets
-from .transfer import _make_loss, build_model, loop_network, style_grams
+from .transfer import build_model, loop_network, make_loss, make_optimizer, style_grams
 from .weights import Weights, load_into
 
 if TYPE_CHECKING:  # bench imports this module; the case type is only named in annotations here
     from .bench import BenchCase
 
 
-def _fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> tuple[Callable, VGGFeatures]:
+def fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> tuple[Callable, VGGFeatures]:
     model = build_model(cfg, weights, runtime)
     source = TorchTargets(model)
     ct = source.compute(content, content_layers=cfg.content_layers, style_layers=())
     st = source.compute(style, content_layers=(), style_layers=cfg.style_layers)
     grams = style_grams(cfg, [st], [style], [1.0], device=content.device)
-    return _make_loss(loop_network(model, runtime), runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
+    return make_loss(loop_network(model, runtime), runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
 
 
 def reference_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> Callable:
@@ -76,7 +75,7 @@ def reference_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content
     return loss_fn
 
 
-def _flops(cfg: StyleConfig, case: BenchCase) -> int:
+def case_flops(cfg: StyleConfig, case: BenchCase) -> int:
     hw = (case.height, case.width)
     layers = (*cfg.content_layers, *cfg.style_layers)
     if case.loop == "reference":
@@ -89,7 +88,7 @@ def _flops(cfg: StyleConfig, case: BenchCase) -> int:
     return count_flops(hw, layers=layers, style_layers=cfg.style_layers, pooling=cfg.pooling).total
 
 
-def _make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Tensor) -> Callable[[], None]:
+def make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Tensor) -> Callable[[], None]:
     """One iteration: loss, gradient with respect to the image, update. Never reads the loss."""
     if case.optimizer == "torch-lbfgs":
         # One gradient per step, as our LBFGS; tolerances off so it never stops early.
@@ -102,10 +101,7 @@ def _make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Te
             return loss
 
         return lambda: topt.step(closure) and None  # type: ignore[func-returns-value]
-    if case.optimizer == "adam":
-        opt: torch.optim.Adam | LBFGS = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=case.cuda_graph)
-    else:
-        opt = LBFGS(x, lr=cfg.lr, history=cfg.lbfgs_history)
+    opt = make_optimizer(cfg, x, capturable=case.cuda_graph)  # bench_config set cfg.optimizer from the case
 
     def step() -> None:
         x.grad = None
@@ -145,4 +141,4 @@ def _graphed(x: torch.Tensor, loss_fn: Callable, opt: torch.optim.Adam) -> Calla
     return graph.replay
 
 
-__all__ = ["reference_loss"]
+__all__ = ["case_flops", "fast_loss", "make_step", "reference_loss"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import BenchCase, BenchRow, _images, _row_from_times, _skipped, bench_config, check_case_size, unless_out_of_memory
+from .bench import BenchCase, BenchRow, case_images, row_from_times, skipped_row, bench_config, check_case_size, unless_out_of_memory
 from .config import Precision, StyleConfig
 from .device import Runtime, device_context, precision_context, synchronize
 from .features import VGGFeatures
@@ -41,13 +41,13 @@ def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, it
             return _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path)
 
     return unless_out_of_memory(
-        measure, device, lambda reason: [_skipped(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")],
+        measure, device, lambda reason: [skipped_row(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")],
     )
 
 
 def _measure_targets(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, onnx_path: Path | None) -> list[BenchRow]:
     runtime = Runtime(device=device, precision=Precision.FP32, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark)
-    content, style = _images(case, device, seed)
+    content, style = case_images(case, device, seed)
     layers = (*cfg.content_layers, *cfg.style_layers)
     flops = count_flops((case.height, case.width), layers=layers, style_layers=cfg.style_layers, backward_batch=0, pooling=cfg.pooling)
     # Forward only, for two images; Grams forward only.
@@ -65,7 +65,7 @@ def _measure_targets(case: BenchCase, cfg: StyleConfig, *, weights: Weights, dev
 
         times = _time_plain(run_torch, device, iterations, warmup)
     peak = peak_for(device, Precision.FP32)
-    rows.append(_row_from_times(dataclasses.replace(base, loop="torch"), device, times, fwd, peak, (None, "not measured for targets rows"), **extra))
+    rows.append(row_from_times(dataclasses.replace(base, loop="torch"), device, times, fwd, peak, (None, "not measured for targets rows"), **extra))
     rows[-1].provider = f"torch {device}"
     if onnx_path is not None:
         rows.extend(_onnx_targets_rows(base, cfg, Path(onnx_path), content, style, device, iterations, warmup, fwd, peak, extra))
@@ -79,17 +79,17 @@ def _onnx_targets_rows(base: BenchCase, cfg: StyleConfig, path: Path, content: t
     try:
         from .onnx_targets import OnnxTargets, provider_problem
     except ImportError as e:
-        return [_skipped(case, device, f"ONNX Runtime targets unavailable ({e})", **extra)]
+        return [skipped_row(case, device, f"ONNX Runtime targets unavailable ({e})", **extra)]
     rows = []
     for provider in ("cpu", "cuda") if device.type == "cuda" else ("cpu",):
         problem = provider_problem(provider)
         if problem is not None:
-            rows.append(_skipped(case, device, f"{provider}: {problem}", provider=f"onnxruntime {provider}", **extra))
+            rows.append(skipped_row(case, device, f"{provider}: {problem}", provider=f"onnxruntime {provider}", **extra))
             continue
         try:
             src = OnnxTargets(path, provider=provider, device=device)
         except Exception as e:  # a provider that fails to load is a row, not a crash
-            rows.append(_skipped(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=f"onnxruntime {provider}", **extra))
+            rows.append(skipped_row(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=f"onnxruntime {provider}", **extra))
             continue
 
         def run_onnx() -> None:
@@ -97,7 +97,7 @@ def _onnx_targets_rows(base: BenchCase, cfg: StyleConfig, path: Path, content: t
             src.compute(style, content_layers=(), style_layers=cfg.style_layers)
 
         times = _time_plain(run_onnx, device, iterations, warmup)
-        row = _row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
+        row = row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
         row.provider = f"onnxruntime {src.provider} (OnnxTargets)"
         rows.append(row)
     return rows
@@ -127,7 +127,7 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
 
         from .onnx_targets import cuda_options
     except ImportError:
-        return [_skipped(case, device, "onnxruntime is not installed", **extra)]
+        return [skipped_row(case, device, "onnxruntime is not installed", **extra)]
     names = list(dict.fromkeys((*cfg.content_layers, *cfg.style_layers)))
 
     class Features(torch.nn.Module):
@@ -147,19 +147,19 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
             torch.onnx.export(cpu_model, (content.cpu(),), buf, input_names=["image"], output_names=names, dynamo=False)
     except Exception as e:  # an exporter failure is a result to report, not a crash
         model.to(device)
-        return [_skipped(case, device, f"ONNX export failed: {str(e).splitlines()[0]}", **extra)]
+        return [skipped_row(case, device, f"ONNX export failed: {str(e).splitlines()[0]}", **extra)]
     model.to(device, memory_format=torch.channels_last if base.channels_last else torch.contiguous_format)
     rows = []
     want = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if device.type == "cuda" else [])
     for provider in want:
         if provider not in ort.get_available_providers():
-            rows.append(_skipped(case, device, f"{provider} is not in this onnxruntime build", provider=provider, **extra))
+            rows.append(skipped_row(case, device, f"{provider} is not in this onnxruntime build", provider=provider, **extra))
             continue
         options = cuda_options(device_id=device.index or 0) if provider == "CUDAExecutionProvider" else {}
         try:
             sess = ort.InferenceSession(buf.getvalue(), providers=[(provider, options)])
         except Exception as e:
-            rows.append(_skipped(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=provider, **extra))
+            rows.append(skipped_row(case, device, f"{provider} failed to load: {str(e).splitlines()[0]}", provider=provider, **extra))
             continue
         c_np, s_np = content.cpu().numpy(), style.cpu().numpy()
 
@@ -171,7 +171,7 @@ def _ort_rows(base: BenchCase, cfg: StyleConfig, model: VGGFeatures, content: to
                     gram_matrix(torch.from_numpy(o))
 
         times = _time_plain(run_ort, torch.device("cpu"), iterations, warmup)
-        row = _row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
+        row = row_from_times(case, device, times, fwd, peak, (None, "not measured for targets rows"), **extra)
         row.provider = f"onnxruntime {provider}"
         rows.append(row)
     return rows

@@ -264,8 +264,8 @@ def stylize(
                     init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
                 x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
                 good = x.detach().clone()
-                loss_fn = _make_loss(net, runtime, cfg, content_feats, grams, hw)
-                opt = _make_optimizer(cfg, x)
+                loss_fn = make_loss(net, runtime, cfg, content_feats, grams, hw)
+                opt = make_optimizer(cfg, x)
 
                 def snapshot(x: torch.Tensor = x) -> torch.Tensor:
                     img = (x.detach() / cfg.pixel_scale).clamp(0, 1)
@@ -383,13 +383,14 @@ def _targets(source: TargetSource, cache: TargetCacheLike | None, mid: str, imag
     return t, False
 
 
-def _make_optimizer(cfg: StyleConfig, x: torch.Tensor) -> "LBFGS | torch.optim.Adam":
+def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False) -> "LBFGS | torch.optim.Adam":
+    """The configuration's optimiser over the image `x` (`capturable`: Adam for a CUDA graph)."""
     if cfg.optimizer == Optimizer.ADAM:
-        return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable)
     return LBFGS(x, lr=cfg.lr, history=cfg.lbfgs_history)
 
 
-def _make_loss(
+def make_loss(
     net: VGGFeatures,
     runtime: Runtime,
     cfg: StyleConfig,
@@ -422,4 +423,4 @@ def _make_loss(
     return loss_fn
 
 
-__all__ = ["Iterate", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network", "stylize", "target_key"]
+__all__ = ["Iterate", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network", "make_loss", "make_optimizer", "stylize", "target_key"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nst.engine.bench import ROW_KEYS, BenchCase, BenchRow, bench_case, bench_config, expand_cases, parse_size
-from nst.engine.bench_loops import _fast_loss, reference_loss
+from nst.engine.bench_loops import fast_loss, reference_loss
 from nst.engine.bench_targets import bench_targets
 from nst.engine.config import Precision
 from nst.engine.device import DeviceError, Runtime, autocast_dtype, check_precision, precision_context
@@ -69,7 +69,7 @@ def test_reduced_precision_matches_fp32_loss(weights, precision):
     for p in (Precision.FP32, precision):
         rt = Runtime(precision=p, channels_last=False)
         with precision_context(rt):
-            loss_fn, _ = _fast_loss(cfg, weights, rt, content, style)
+            loss_fn, _ = fast_loss(cfg, weights, rt, content, style)
             x = (0.5 * content + 0.5 * style).requires_grad_(True)
             loss, _ = loss_fn(x)
             loss.backward()
@@ -98,7 +98,7 @@ def test_lowp_weights_compute_what_autocast_computes(weights, precision):
             assert {p.dtype for p in model.parameters()} == {torch.float32}
             want = autocast_dtype(precision) if lowp else torch.float32
             assert {p.dtype for p in net.parameters()} == {want}
-            loss_fn, _ = _fast_loss(cfg, weights, rt, content, style)
+            loss_fn, _ = fast_loss(cfg, weights, rt, content, style)
             x = (0.5 * content + 0.5 * style).requires_grad_(True)
             loss, _ = loss_fn(x)
             loss.backward()
@@ -117,7 +117,7 @@ def test_reference_loop_computes_the_same_loss_as_the_fast_loop(weights, preset)
     gen = torch.Generator().manual_seed(0)
     content, style = torch.rand(1, 3, 32, 48, generator=gen), torch.rand(1, 3, 32, 48, generator=gen)
     rt = Runtime(channels_last=False)
-    fast, _ = _fast_loss(cfg, weights, rt, content, style)
+    fast, _ = fast_loss(cfg, weights, rt, content, style)
     ref = reference_loss(cfg, weights, rt, content, style)
     x = ((0.7 * content + 0.3 * style) * cfg.pixel_scale).requires_grad_(True)
     lf, tf = fast(x)
