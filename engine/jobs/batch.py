@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import EngineError
 from ..files import intermediate_path
 from ..images import ImageError, output_format, save_image
 from .joblist import Job
@@ -77,11 +78,11 @@ def check_jobs(jobs: Sequence[Job]) -> None:
         output_format(j.output)
         out = j.output.resolve()
         if out in inputs:
-            raise ValueError(f"job {j.key} would overwrite the input {inputs[out]}; inputs are never overwritten, choose another output folder or --name")
+            raise EngineError(f"job {j.key} would overwrite the input {inputs[out]}; inputs are never overwritten, choose another output folder or --name")
         if out in seen:
-            raise ValueError(f"jobs {seen[out].key} and {j.key} would both write {j.output}")
+            raise EngineError(f"jobs {seen[out].key} and {j.key} would both write {j.output}")
         if j.output.exists() and j.output.is_dir():
-            raise ValueError(f"output {j.output} is a folder")
+            raise EngineError(f"output {j.output} is a folder")
         seen[out] = j
 
 

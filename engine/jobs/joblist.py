@@ -17,13 +17,14 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from ..config import StyleConfig
+from ..errors import EngineError
 
 DEFAULT_NAME = "{content}--{style}.{ext}"
 NAME_FIELDS = ("content", "style", "ext")
 _GLOB_CHARS = set("*?[")
 
 
-class JobListError(ValueError):
+class JobListError(EngineError):
     """A job list that cannot be built; the message names the input and what to do."""
 
 

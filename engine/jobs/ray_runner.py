@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
+from ..errors import EngineError
 from ..weights import Weights
 from .worker import BatchEvent, EventSink, JobInput, JobOutcome, TargetsFactory, Worker
 
@@ -58,7 +59,7 @@ class RayRunner:
         on_warning: Callable[[str], None] | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device {device!r} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
+            raise EngineError(f"device {device!r} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
         self.device, self.precision, self.threads, self.targets = device, precision, threads, targets
         self.max_attempts, self.max_workers = max_attempts, max_workers
         self.on_warning = on_warning or (lambda m: None)
@@ -67,7 +68,7 @@ class RayRunner:
             try:
                 ray.init(address=address, include_dashboard=False, logging_level="warning")
             except ConnectionError as e:
-                raise ValueError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS'}: {str(e).splitlines()[0]}") from None
+                raise EngineError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS'}: {str(e).splitlines()[0]}") from None
         self._address = ray.get_runtime_context().gcs_address
         self._weights = ray.put(weights)
         self._actors: list[object] = []
@@ -81,7 +82,7 @@ class RayRunner:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         if self.device == "cuda" and gpus == 0:
-            raise ValueError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
+            raise EngineError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
         if self.device != "cpu" and gpus > 0:
             n, ask = gpus, {"num_gpus": 1, "num_cpus": 1}
         else:
