@@ -31,3 +31,17 @@ def test_readme_documents_every_stylize_option():
     cmd = get_command(app).commands["stylize"]  # type: ignore[attr-defined]
     missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o not in text and o != "--help"]
     assert not missing, f"options not in the README: {missing}"
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout section names each module of the three packages, and no module that is gone."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    on_disk = {p.name for pkg in ("engine", "export", "cli") for p in (root / pkg).glob("*.py") if p.name != "__init__.py"}
+    on_disk |= {p.name + "/" for pkg in ("engine",) for p in (root / pkg).iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    named = set(re.findall(r"`([a-z_]+\.py|[a-z_]+/)`", layout)) - {"tests/"}
+    assert on_disk - named == set(), f"modules the layout does not name: {sorted(on_disk - named)}"
+    assert named - on_disk == set(), f"the layout names modules that are gone: {sorted(named - on_disk)}"
