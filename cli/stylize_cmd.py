@@ -179,7 +179,7 @@ def stylize_command(
 def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phases
     from nst.engine.device import Runtime, is_out_of_memory, out_of_memory_message, resolve_device, resolve_precision
     from nst.engine.images import load_image, output_format, save_image
-    from nst.engine.transfer import check_sizes
+    from nst.engine.transfer import RunStatus, check_sizes
 
     content, styles, output = Path(a["content"]), [Path(p) for p in a["styles"]], Path(a["output"])  # type: ignore[arg-type]
     quiet = bool(a["quiet"])
@@ -275,13 +275,13 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
                  "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}{', fp32 as TF32' if tinfo.get('tf32') else ''}), cache {tinfo.get('cache')}"}
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
         console.print(f"wrote {output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
-    if result.status == "interrupted":
+    if result.status == RunStatus.INTERRUPTED:
         console.print(f"[yellow]interrupted:[/] {result.message}; saved {output}")
         raise typer.Exit(130)
-    if result.status == "nonfinite":
+    if result.status == RunStatus.NONFINITE:
         console.print(f"[bold red]error:[/] {result.message}; saved {output}. Lower --lr or the loss weights.")
         raise typer.Exit(1)
-    if result.status == "oom":
+    if result.status == RunStatus.OOM:
         console.print(f"[bold red]error:[/] {result.message}; saved {output}. Try without the last --scales entry{try_bf16}.")
         raise typer.Exit(1)
 
@@ -296,7 +296,7 @@ def run_report(
         "output": str(output),
         "intermediate": [str(p) for p in saved],
         "intermediate_failed": [str(p) for p in failed],
-        "status": result.status,
+        "status": result.status.value,
         "phases": phases,
         "iterations": result.steps,
         "seconds_per_iteration": per,

@@ -23,8 +23,9 @@ from .device import Runtime, autocast, device_context
 from .features import LAYER_NAMES, VGGFeatures
 from .flops import count_flops
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
+from .objective import make_objective, style_grams
 from .targets import TorchTargets
-from .transfer import build_model, loop_network, make_loss, make_optimizer, style_grams
+from .transfer import build_model, loop_network, make_optimizer
 from .weights import Weights, load_into
 
 if TYPE_CHECKING:  # bench imports this module; the case type is only named in annotations here
@@ -37,7 +38,7 @@ def fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: tor
     ct = source.compute(content, content_layers=cfg.content_layers, style_layers=())
     st = source.compute(style, content_layers=(), style_layers=cfg.style_layers)
     grams = style_grams(cfg, [st], [style], [1.0], device=content.device)
-    return make_loss(loop_network(model, runtime), runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
+    return make_objective(loop_network(model, runtime), runtime, cfg, ct.content, grams, tuple(content.shape[-2:])), model
 
 
 def reference_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> Callable:

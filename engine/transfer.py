@@ -7,6 +7,7 @@ never prints and never touches files; the caller saves what the callback hands i
 from __future__ import annotations
 
 import copy
+import enum
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -18,19 +19,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import color
-from .config import INIT_CHOICES, LossForm, Optimizer, PreserveColors, StyleConfig, content_layer_weights, style_layer_weights
+from .config import INIT_CHOICES, Optimizer, PreserveColors, StyleConfig
+from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .errors import ConfigError
-from .device import Runtime, autocast, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
-from .layers import deepest_layer, feature_hw, min_input_size
+from .layers import deepest_layer, min_input_size
 from .lbfgs import LBFGS
-from .losses import content_loss, gram_matrix, style_loss, tv_loss
+from .losses import gram_matrix
+from .objective import Objective, make_objective, style_grams
+from .stopwatch import Stopwatch
 from .targets import ImageTargets, TargetSource, TorchTargets
 from .weights import Weights, load_into
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Iterate:
     """What the callback sees after each iteration. Tensors stay on the device: reading `loss`
     (`float(it.loss)`) synchronises, so a caller that prints should do it only as often as it
@@ -49,12 +52,21 @@ class Iterate:
     snapshot: Callable[[], torch.Tensor] = field(repr=False)  # current image, (1, 3, H, W) in [0, 1], CPU
 
 
-@dataclass
+class RunStatus(str, enum.Enum):
+    """How a run ended; every status but DONE comes with a `message`."""
+
+    DONE = "done"
+    INTERRUPTED = "interrupted"  # Ctrl-C or StopRun: the latest image kept
+    NONFINITE = "nonfinite"  # the loss became inf/nan: the last image with a finite loss kept
+    OOM = "oom"  # a later scale did not fit: the previous scale's image kept
+
+
+@dataclass(kw_only=True)
 class StyleResult:
     """The output image and how it was reached."""
 
     image: torch.Tensor  # (1, 3, H, W) in [0, 1], CPU
-    status: str  # "done" | "interrupted" | "nonfinite" | "oom" (a later scale did not fit; the previous one's image kept)
+    status: RunStatus
     steps: int  # iterations completed over all stages
     loss_history: list[float]  # total loss per iteration
     loss_terms: dict[str, float]  # the last iteration's weighted terms
@@ -143,14 +155,25 @@ def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleC
             _check_size(_style_hw(s, hw, cfg), "style image", cfg)
 
 
-def _stage_images(
-    content: Image.Image, styles: Sequence[Image.Image], hw: tuple[int, int], cfg: StyleConfig, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(content RGB, content as the network sees it, style images) for one stage, (1, 3, h, w) each.
+@dataclass(frozen=True)
+class Stage:
+    """One scale's inputs, each (1, 3, h, w) on the run's device."""
+
+    index: int  # 0-based into cfg.sizes
+    hw: tuple[int, int]  # (H, W) of the output at this scale
+    content_rgb: torch.Tensor  # the content, resized
+    network_content: torch.Tensor  # the content as the network sees it (luminance for `luminance`)
+    styles: list[torch.Tensor]  # the style images, resized and recoloured
+    luminance_only: bool  # the output's colours come from `content_rgb` at the end
+
+
+def prepare_stage(content: Image.Image, styles: Sequence[Image.Image], index: int, size: int, cfg: StyleConfig, device: torch.device) -> Stage:
+    """Resize the images for one scale and apply colour preservation.
 
     Colour preservation happens here, before any target is computed: `histogram` recolours the
     styles to the content's colour statistics; `luminance` turns everything into luminance.
     """
+    hw = output_shape(content.width, content.height, size, cfg.size_edge)
     content_rgb = to_tensor(resize(content, hw)).to(device)
     luminance_only = cfg.preserve_colors == PreserveColors.LUMINANCE
     style_ts = []
@@ -162,7 +185,7 @@ def _stage_images(
             st = color.match_luminance(st, content_rgb)
         style_ts.append(st)
     content_t = color.luminance(content_rgb) if luminance_only else content_rgb
-    return content_rgb, content_t, style_ts
+    return Stage(index, hw, content_rgb, content_t, style_ts, luminance_only)
 
 
 def _init_image(cfg: StyleConfig, content: torch.Tensor, style: torch.Tensor, init_image: Image.Image | None, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -200,9 +223,11 @@ def stylize(
 ) -> StyleResult:
     """Optimise an image so its VGG19 features match `content`'s and its Grams match `styles`'.
 
-    Ctrl-C (KeyboardInterrupt) or `StopRun` from the callback ends the run with the latest image
-    and status "interrupted"; a non-finite loss ends it with the last finite image and status
-    "nonfinite". Everything else a user can get wrong raises an `EngineError` before any work.
+    Each scale is a stage: its images, its objective (targets and weighted loss terms), then the
+    optimiser's loop from the previous stage's result. Ctrl-C (KeyboardInterrupt) or `StopRun`
+    from the callback ends the run with the latest image and status `interrupted`; a non-finite
+    loss ends it with the last finite image and status `nonfinite`. Everything else a user can
+    get wrong raises an `EngineError` before any work.
     """
     runtime = runtime or Runtime()
     if not styles:
@@ -211,176 +236,165 @@ def stylize(
     check_sizes(content, styles, cfg)
     if cfg.init not in INIT_CHOICES and init_image is None:
         init_image = load_image(cfg.init)
-    phases: dict[str, float] = {}
     dev = runtime.device
-    luminance_only = cfg.preserve_colors == PreserveColors.LUMINANCE
+    clock = Stopwatch(dev)
 
-    t0 = time.perf_counter()
-    if model is None:
-        model = build_model(cfg, weights, runtime)
-    net = loop_network(model, runtime)  # once for every scale; the targets keep the fp32 model
-    phases["model"] = time.perf_counter() - t0
+    with clock.phase("model"):
+        if model is None:
+            model = build_model(cfg, weights, runtime)
+        net = loop_network(model, runtime)  # once for every scale; the targets keep the fp32 model
     source = targets or TorchTargets(model)
-    mid = model_id(weights, cfg, source=source)
-
-    total_steps = cfg.iterations * len(cfg.sizes)
-    history: list[torch.Tensor] = []
-    iter_seconds: list[float] = []
-    terms_last: dict[str, torch.Tensor] = {}
-    target_seconds = 0.0
-    cache_hits, cache_lookups = 0, 0
-    status, message = "done", ""
-    step = 0
-    image_seconds = 0.0
-    optim_start = None
+    lookup = _TargetLookup(source, cache, model_id(weights, cfg, source=source), cfg)
+    loop = _Loop(cfg, runtime, clock, callback)
+    stage: Stage | None = None
+    hw = (0, 0)  # this scale's output size, known before anything of the scale can fail
+    done: tuple[torch.Tensor, Stage] | None = None  # the last finished scale's image and stage
     x_prev: torch.Tensor | None = None  # previous stage's result, [0, 1] units
-    done: tuple | None = None  # (x_prev, content_rgb, hw) of the last finished scale
-    content_rgb = None
 
     with precision_context(runtime):
         try:
-            for stage, size in enumerate(cfg.sizes):
-                # --- images for this stage -------------------------------------------------------
-                ti = time.perf_counter()
+            for index, size in enumerate(cfg.sizes):
                 hw = output_shape(content.width, content.height, size, cfg.size_edge)
-                content_rgb, content_t, style_ts = _stage_images(content, styles, hw, cfg, dev)
-                image_seconds += time.perf_counter() - ti
-
-                # --- targets -------------------------------------------------------------------
-                tt = time.perf_counter()
-                c_targets = _targets(source, cache, mid, content_t, cfg.content_layers, (), cfg)
-                s_targets = [_targets(source, cache, mid, st, (), cfg.style_layers, cfg) for st in style_ts]
-                cache_lookups += (1 + len(style_ts)) if cache is not None else 0
-                cache_hits += sum(int(t[1]) for t in [c_targets, *s_targets])
-                content_feats = c_targets[0].to(dev).content
-                grams = style_grams(cfg, [t for t, _ in s_targets], style_ts, blend, device=dev)
-                synchronize(dev)
-                target_seconds += time.perf_counter() - tt
-
-                # --- the image being optimised ---------------------------------------------------
+                with clock.phase("images"):
+                    stage = prepare_stage(content, styles, index, size, cfg, dev)
+                with clock.phase("targets", sync=True):
+                    content_feats, grams = lookup.stage_targets(stage, blend, dev)
                 if x_prev is None:
-                    init = _init_image(cfg, content_t, style_ts[0], init_image, hw, dev)
+                    init = _init_image(cfg, stage.network_content, stage.styles[0], init_image, stage.hw, dev)
                 else:
-                    init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
-                x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
-                good = x.detach().clone()
-                loss_fn = make_loss(net, runtime, cfg, content_feats, grams, hw)
-                opt = make_optimizer(cfg, x)
-
-                def snapshot(x: torch.Tensor = x) -> torch.Tensor:
-                    img = (x.detach() / cfg.pixel_scale).clamp(0, 1)
-                    if luminance_only:
-                        img = color.combine_luminance(img, content_rgb)
-                    return img.cpu()
-
-                if optim_start is None:
-                    synchronize(dev)
-                    optim_start = time.perf_counter()
-                last_sync = time.perf_counter()
-                last_sync_step = step
-                try:
-                    for it in range(1, cfg.iterations + 1):
-                        if x.grad is not None:
-                            x.grad = None
-                        loss, terms = loss_fn(x)
-                        loss.backward()
-                        history.append(loss.detach())
-                        terms_last = terms
-                        if it % runtime.health_interval == 0 or it == cfg.iterations:
-                            synchronize(dev)
-                            now = time.perf_counter()
-                            if step + 1 > last_sync_step:
-                                per = (now - last_sync) / (step + 1 - last_sync_step)
-                                iter_seconds.extend([per] * (step + 1 - last_sync_step))
-                            last_sync, last_sync_step = now, step + 1
-                            if not torch.isfinite(loss).item():
-                                status = "nonfinite"
-                                message = f"the loss became {float(loss.detach())} at iteration {step + 1}; kept the last image with a finite loss"
-                                x.data.copy_(good)
-                                history.pop()
-                                break
-                            good = x.detach().clone()
-                        opt.step()
-                        step += 1
-                        if callback is not None:
-                            callback(
-                                Iterate(stage, len(cfg.sizes), hw, it, cfg.iterations, step, total_steps,
-                                        loss.detach(), {k: v.detach() for k, v in terms.items()},
-                                        time.perf_counter() - optim_start, snapshot)
-                            )
-                except (KeyboardInterrupt, StopRun):
-                    status = "interrupted"
-                    message = f"stopped at iteration {step} of {total_steps}; kept the latest image"
-                with torch.no_grad():
-                    x_prev = (x.detach() / cfg.pixel_scale).clamp(0, 1)
-                    if not torch.isfinite(x_prev).all():
-                        x_prev = (good / cfg.pixel_scale).clamp(0, 1)
-                done = (x_prev, content_rgb, hw)
-                if status != "done":
+                    init = F.interpolate(x_prev, size=stage.hw, mode="bicubic", align_corners=False).clamp(0, 1)
+                objective = make_objective(net, runtime, cfg, content_feats, grams, stage.hw)
+                x_prev = loop.run_stage(stage, objective, init)
+                done = (x_prev, stage)
+                if loop.status != RunStatus.DONE:
                     break
         except Exception as e:  # only running out of memory in a later scale is handled here
             if done is None or not is_out_of_memory(e):
                 raise
-            x_prev, content_rgb, kept_hw = done
-            status = "oom"
-            message = f"{out_of_memory_message(e, dev)} at {hw[1]}x{hw[0]}; kept the {kept_hw[1]}x{kept_hw[0]} result of the previous scale"
-    if status == "oom":
+            x_prev, kept = done
+            loop.status = RunStatus.OOM
+            loop.message = f"{out_of_memory_message(e, dev)} at {hw[1]}x{hw[0]}; kept the {kept.hw[1]}x{kept.hw[0]} result of the previous scale"
+            stage = kept
+    if loop.status == RunStatus.OOM:
         release_memory(dev)  # the failed scale's tensors, freed with the exception
     synchronize(dev)
-    phases["images"] = image_seconds
-    phases["targets"] = target_seconds
-    phases["optimisation"] = (time.perf_counter() - optim_start) if optim_start else 0.0
-    assert x_prev is not None and content_rgb is not None
-    result_image = color.combine_luminance(x_prev, content_rgb) if luminance_only else x_prev
-    losses = torch.stack(history).float().cpu().tolist() if history else []
+    clock.stop("optimisation")
+    assert x_prev is not None and stage is not None
+    result_image = color.combine_luminance(x_prev, stage.content_rgb) if stage.luminance_only else x_prev
+    phases = {"model": clock.seconds["model"], "images": clock.seconds.get("images", 0.0), "targets": clock.seconds.get("targets", 0.0), "optimisation": clock.seconds["optimisation"]}
     return StyleResult(
         image=result_image.detach().cpu(),
-        status=status,
-        steps=step,
-        loss_history=losses,
-        loss_terms={k: float(v.detach()) for k, v in terms_last.items()},
+        status=loop.status,
+        steps=loop.step,
+        loss_history=torch.stack(loop.history).float().cpu().tolist() if loop.history else [],
+        loss_terms={k: float(v.detach()) for k, v in loop.terms_last.items()},
         phases=phases,
-        iteration_seconds=iter_seconds,
-        targets={
-            **source.describe(),
-            "cache": "off" if cache is None else ("hit" if cache_hits == cache_lookups else "miss"),
-            "seconds": target_seconds,
-        },
-        message=message,
+        iteration_seconds=loop.iteration_seconds,
+        targets={**lookup.source.describe(), "cache": lookup.cache_state(), "seconds": phases["targets"]},
+        message=loop.message,
     )
 
 
-def style_grams(
-    cfg: StyleConfig, targets: Sequence[ImageTargets], styles: Sequence[torch.Tensor], blend: Sequence[float], *, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """The style layers' target Grams in the run's loss form, blended over the style images."""
-    grams = {}
-    for layer in cfg.style_layers:
-        parts = []
-        for w, t, st in zip(blend, targets, styles):
-            g = t.grams[layer].to(device)
-            if cfg.loss_form == LossForm.KERAS:
-                # Targets arrive normalised (divided by C*h*w of the style's layer); the
-                # notebook's loss wants the plain sum F F^T.
-                fh, fw = feature_hw(st.shape[-2:], layer)
-                g = g * (g.shape[-1] * fh * fw)
-            parts.append(w * g)
-        grams[layer] = torch.stack(parts).sum(0)
-    return grams
+class _TargetLookup:
+    """Each stage's targets, from the cache when it has them, counting hits for the report."""
+
+    def __init__(self, source: TargetSource, cache: TargetCacheLike | None, mid: str, cfg: StyleConfig) -> None:
+        self.source, self.cache, self.mid, self.cfg = source, cache, mid, cfg
+        self.hits = self.lookups = 0
+
+    def stage_targets(self, stage: Stage, blend: Sequence[float], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(content features, blended style Grams) for one stage, on `device`."""
+        cfg = self.cfg
+        c_targets = self.image_targets(stage.network_content, cfg.content_layers, ())
+        s_targets = [self.image_targets(st, (), cfg.style_layers) for st in stage.styles]
+        return c_targets.to(device).content, style_grams(cfg, s_targets, stage.styles, blend, device=device)
+
+    def image_targets(self, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str]) -> ImageTargets:
+        key = None
+        if self.cache is not None:
+            self.lookups += 1
+            key = target_key(model=self.mid, image=image, content_layers=content_layers, style_layers=style_layers, style_scale=self.cfg.style_scale)
+            hit = self.cache.lookup(key)
+            if hit is not None:
+                self.hits += 1
+                return hit
+        t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers))
+        if self.cache is not None and key is not None:
+            self.cache.store(key, t)
+        return t
+
+    def cache_state(self) -> str:
+        return "off" if self.cache is None else ("hit" if self.hits == self.lookups else "miss")
 
 
-def _targets(source: TargetSource, cache: TargetCacheLike | None, mid: str, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], cfg: StyleConfig) -> tuple[ImageTargets, bool]:
-    """One image's targets, from the cache when it has them; returns (targets, was_hit)."""
-    key = None
-    if cache is not None:
-        key = target_key(model=mid, image=image, content_layers=content_layers, style_layers=style_layers, style_scale=cfg.style_scale)
-        hit = cache.lookup(key)
-        if hit is not None:
-            return hit, True
-    t = source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers))
-    if cache is not None and key is not None:
-        cache.store(key, t)
-    return t, False
+class _Loop:
+    """The optimiser's iterations over the stages, and what the result reports about them."""
+
+    def __init__(self, cfg: StyleConfig, runtime: Runtime, clock: Stopwatch, callback: Callable[[Iterate], None] | None) -> None:
+        self.cfg, self.runtime, self.clock, self.callback = cfg, runtime, clock, callback
+        self.total_steps = cfg.iterations * len(cfg.sizes)
+        self.step = 0
+        self.history: list[torch.Tensor] = []
+        self.terms_last: dict[str, torch.Tensor] = {}
+        self.iteration_seconds: list[float] = []
+        self.status, self.message = RunStatus.DONE, ""
+
+    def run_stage(self, stage: Stage, objective: Objective, init: torch.Tensor) -> torch.Tensor:
+        """Optimise from `init` ([0, 1]); returns the stage's image in [0, 1] (the last finite one)."""
+        cfg, dev = self.cfg, self.runtime.device
+        x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
+        good = x.detach().clone()
+        opt = make_optimizer(cfg, x)
+
+        def snapshot(x: torch.Tensor = x) -> torch.Tensor:
+            img = (x.detach() / cfg.pixel_scale).clamp(0, 1)
+            if stage.luminance_only:
+                img = color.combine_luminance(img, stage.content_rgb)
+            return img.cpu()
+
+        self.clock.start("optimisation")
+        last_sync, last_sync_step = time.perf_counter(), self.step
+        try:
+            for it in range(1, cfg.iterations + 1):
+                if x.grad is not None:
+                    x.grad = None
+                loss, terms = objective(x)
+                loss.backward()
+                self.history.append(loss.detach())
+                self.terms_last = terms
+                if it % self.runtime.health_interval == 0 or it == cfg.iterations:
+                    # A sync point: time the iterations since the last one, and check the loss.
+                    synchronize(dev)
+                    now = time.perf_counter()
+                    if self.step + 1 > last_sync_step:
+                        n = self.step + 1 - last_sync_step
+                        self.iteration_seconds.extend([(now - last_sync) / n] * n)
+                    last_sync, last_sync_step = now, self.step + 1
+                    if not torch.isfinite(loss).item():
+                        self.status = RunStatus.NONFINITE
+                        self.message = f"the loss became {float(loss.detach())} at iteration {self.step + 1}; kept the last image with a finite loss"
+                        x.data.copy_(good)
+                        self.history.pop()
+                        break
+                    good = x.detach().clone()
+                opt.step()
+                self.step += 1
+                if self.callback is not None:
+                    self.callback(
+                        Iterate(
+                            stage=stage.index, stages=len(cfg.sizes), size=stage.hw, iteration=it, iterations=cfg.iterations,
+                            step=self.step, total_steps=self.total_steps, loss=loss.detach(),
+                            terms={k: v.detach() for k, v in terms.items()}, elapsed=self.clock.since("optimisation"), snapshot=snapshot,
+                        )
+                    )  # fmt: skip
+        except (KeyboardInterrupt, StopRun):
+            self.status = RunStatus.INTERRUPTED
+            self.message = f"stopped at iteration {self.step} of {self.total_steps}; kept the latest image"
+        with torch.no_grad():
+            out = (x.detach() / cfg.pixel_scale).clamp(0, 1)
+            if not torch.isfinite(out).all():
+                out = (good / cfg.pixel_scale).clamp(0, 1)
+        return out
 
 
 def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False) -> "LBFGS | torch.optim.Adam":
@@ -390,37 +404,7 @@ def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = Fals
     return LBFGS(x, lr=cfg.lr, history=cfg.lbfgs_history)
 
 
-def make_loss(
-    net: VGGFeatures,
-    runtime: Runtime,
-    cfg: StyleConfig,
-    content_feats: dict[str, torch.Tensor],
-    grams: dict[str, torch.Tensor],
-    hw: tuple[int, int],
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The weighted loss as a function of the optimised image (in `pixel_scale` units), through
-    `net` (the loop's network: `loop_network(model, runtime)`)."""
-    cw = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
-    sw = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
-    form = cfg.loss_form
-    pixels = hw[0] * hw[1]
-    scale = cfg.pixel_scale
-
-    def loss_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        img = x / scale
-        if runtime.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        with autocast(runtime):
-            feats = net(img)
-        zero = x.new_zeros(())
-        c = sum((w * content_loss(feats[k], content_feats[k], form=form) for k, w in cw.items()), zero)
-        s = sum((w * style_loss(feats[k], grams[k], form=form, image_pixels=pixels) for k, w in sw.items()), zero)
-        # The notebook's TV acts on its 0-255 image; the normalised TV on the [0, 1] image.
-        tv = tv_loss(x if form == LossForm.KERAS else img, form=form)
-        terms = {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv}
-        return terms["content"] + terms["style"] + terms["tv"], terms
-
-    return loss_fn
-
-
-__all__ = ["Iterate", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network", "make_loss", "make_optimizer", "stylize", "target_key"]
+__all__ = [
+    "Iterate", "Objective", "RunStatus", "Stage", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network",
+    "make_objective", "make_optimizer", "prepare_stage", "style_grams", "stylize", "target_key",
+]  # fmt: skip

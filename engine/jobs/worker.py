@@ -23,7 +23,7 @@ from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_m
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
 from ..targets import ImageTargets, TargetSource
-from ..transfer import Iterate, StyleResult, TargetCacheLike, build_model, check_sizes, stylize
+from ..transfer import Iterate, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, stylize
 from ..weights import Weights
 from .joblist import Job
 
@@ -210,8 +210,8 @@ class Worker:
             out.reason = f"{out_of_memory_message(e, self.runtime.device)} at size {cfg.sizes[0]}"
         else:
             out.result = result
-            out.status = {"done": "done", "interrupted": "interrupted"}.get(result.status, "failed")
-            out.reason = result.message if result.status != "done" else ""
+            out.status = {RunStatus.DONE: "done", RunStatus.INTERRUPTED: "interrupted"}.get(result.status, "failed")
+            out.reason = result.message if result.status != RunStatus.DONE else ""
         out.seconds = time.perf_counter() - t0
         return out
 

@@ -10,7 +10,8 @@ from nst.engine.config import Optimizer, preset
 from nst.engine.device import Runtime
 from nst.engine.lbfgs import LBFGS
 from nst.engine.targets import TorchTargets
-from nst.engine.transfer import make_loss, build_model
+from nst.engine.objective import make_objective
+from nst.engine.transfer import build_model
 
 
 def _torch_lbfgs(x: torch.Tensor, m: int, lr: float = 1.0) -> torch.optim.LBFGS:
@@ -70,7 +71,7 @@ def test_matches_torch_on_a_small_style_problem(weights):
     src = TorchTargets(model)
     ct = src.compute(content, content_layers=cfg.content_layers, style_layers=())
     st = src.compute(style, content_layers=(), style_layers=cfg.style_layers)
-    loss_fn = make_loss(model, runtime, cfg, ct.content, st.grams, (32, 32))
+    loss_fn = make_objective(model, runtime, cfg, ct.content, st.grams, (32, 32))
     _, _, fa, fb = _run_both(lambda x: loss_fn(x)[0], content.clone(), m=5, steps=10)
     # Stated tolerance: loss trajectories within 1e-3 relative over 10 iterations (float32
     # through a network; the two implementations round differently).

@@ -1,0 +1,95 @@
+"""The objective: the weighted loss terms of one stage as one object.
+
+It owns what the loss compares against (the content layers' features and the style layers'
+blended Grams) and how the terms are weighted; `stylize` and the profiler call it on the image
+being optimised. Evaluating it on the whole image is the one way today; per tile or under a
+mask is where it is meant to grow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import LossForm, StyleConfig, content_layer_weights, style_layer_weights
+from .device import Runtime, autocast
+from .features import VGGFeatures
+from .layers import feature_hw
+from .losses import content_loss, style_loss, tv_loss
+from .targets import ImageTargets
+
+Terms = dict[str, torch.Tensor]  # weighted "content", "style", "tv", each 0-dim
+
+
+def style_grams(
+    cfg: StyleConfig, targets: Sequence[ImageTargets], styles: Sequence[torch.Tensor], blend: Sequence[float], *, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The style layers' target Grams in the run's loss form, blended over the style images."""
+    grams = {}
+    for layer in cfg.style_layers:
+        parts = []
+        for w, t, st in zip(blend, targets, styles):
+            g = t.grams[layer].to(device)
+            if cfg.loss_form == LossForm.KERAS:
+                # Targets arrive normalised (divided by C*h*w of the style's layer); the
+                # notebook's loss wants the plain sum F F^T.
+                fh, fw = feature_hw(st.shape[-2:], layer)
+                g = g * (g.shape[-1] * fh * fw)
+            parts.append(w * g)
+        grams[layer] = torch.stack(parts).sum(0)
+    return grams
+
+
+class Objective:
+    """The weighted loss of an image (in `pixel_scale` units) at one stage's size, through `net`
+    (the loop's network: `loop_network(model, runtime)`). Call it: `loss, terms = objective(x)`."""
+
+    def __init__(
+        self,
+        net: VGGFeatures,
+        runtime: Runtime,
+        cfg: StyleConfig,
+        content_feats: dict[str, torch.Tensor],
+        grams: dict[str, torch.Tensor],
+        hw: tuple[int, int],
+    ) -> None:
+        self.net, self.runtime, self.cfg = net, runtime, cfg
+        self.content_feats, self.grams = content_feats, grams
+        self.content_weights = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
+        self.style_weights = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
+        self.pixels = hw[0] * hw[1]
+
+    def terms(self, x: torch.Tensor) -> Terms:
+        """Each term, weighted, for the image `x` (1, 3, H, W)."""
+        cfg, form = self.cfg, self.cfg.loss_form
+        img = x / cfg.pixel_scale
+        if self.runtime.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        with autocast(self.runtime):
+            feats = self.net(img)
+        zero = x.new_zeros(())
+        c = sum((w * content_loss(feats[k], self.content_feats[k], form=form) for k, w in self.content_weights.items()), zero)
+        s = sum((w * style_loss(feats[k], self.grams[k], form=form, image_pixels=self.pixels) for k, w in self.style_weights.items()), zero)
+        # The notebook's TV acts on its 0-255 image; the normalised TV on the [0, 1] image.
+        tv = tv_loss(x if form == LossForm.KERAS else img, form=form)
+        return {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv}
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Terms]:
+        terms = self.terms(x)
+        return terms["content"] + terms["style"] + terms["tv"], terms
+
+
+def make_objective(
+    net: VGGFeatures,
+    runtime: Runtime,
+    cfg: StyleConfig,
+    content_feats: dict[str, torch.Tensor],
+    grams: dict[str, torch.Tensor],
+    hw: tuple[int, int],
+) -> Objective:
+    """The stage's objective; see `Objective`."""
+    return Objective(net, runtime, cfg, content_feats, grams, hw)
+
+
+__all__ = ["Objective", "Terms", "make_objective", "style_grams"]
