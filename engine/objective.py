@@ -9,6 +9,7 @@ mask is where it is meant to grow.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -41,24 +42,19 @@ def style_grams(
     return grams
 
 
+@dataclass(frozen=True)
 class Objective:
     """The weighted loss of an image (in `pixel_scale` units) at one stage's size, through `net`
     (the loop's network: `loop_network(model, runtime)`). Call it: `loss, terms = objective(x)`."""
 
-    def __init__(
-        self,
-        net: VGGFeatures,
-        runtime: Runtime,
-        cfg: StyleConfig,
-        content_feats: dict[str, torch.Tensor],
-        grams: dict[str, torch.Tensor],
-        hw: tuple[int, int],
-    ) -> None:
-        self.net, self.runtime, self.cfg = net, runtime, cfg
-        self.content_feats, self.grams = content_feats, grams
-        self.content_weights = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
-        self.style_weights = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
-        self.pixels = hw[0] * hw[1]
+    net: VGGFeatures
+    runtime: Runtime
+    cfg: StyleConfig
+    content_feats: dict[str, torch.Tensor]  # content layer -> target features (1, C, h, w)
+    grams: dict[str, torch.Tensor]  # style layer -> blended target Gram (1, C, C) in the loss form
+    content_weights: dict[str, float]  # per layer, before cfg.content_weight
+    style_weights: dict[str, float]  # per layer, before cfg.style_weight
+    pixels: int  # H*W of the image: the keras form's style normalisation
 
     def terms(self, x: torch.Tensor) -> Terms:
         """Each term, weighted, for the image `x` (1, 3, H, W)."""
@@ -88,8 +84,10 @@ def make_objective(
     grams: dict[str, torch.Tensor],
     hw: tuple[int, int],
 ) -> Objective:
-    """The stage's objective; see `Objective`."""
-    return Objective(net, runtime, cfg, content_feats, grams, hw)
+    """The stage's objective at output size `hw`, with the configuration's per-layer weights."""
+    content_weights = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
+    style_weights = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
+    return Objective(net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1])
 
 
 __all__ = ["Objective", "Terms", "make_objective", "style_grams"]
