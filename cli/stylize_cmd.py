@@ -16,7 +16,7 @@ from nst.engine.files import intermediate_path, remove, temporaries_beside
 
 from .common import UserError, console, fail, load_weights_for, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
-from .targets_opt import Provider, TargetsMode, choose_targets
+from .targets_opt import TargetsMode, choose_targets
 
 if TYPE_CHECKING:
     from nst.engine.device import Runtime
@@ -163,7 +163,7 @@ def stylize_command(
     save_every: Annotated[Optional[int], typer.Option(help=f"Also save OUT.NNNN.ext every N iterations, 0 for never {_default('save_every')}.", show_default=False)] = None,
     targets: Annotated[TargetsMode, typer.Option(help="Where style/content targets come from.")] = TargetsMode.AUTO,
     onnx: Annotated[Optional[Path], typer.Option(help="An exported target module to use for the targets.", show_default=False)] = None,
-    provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider for the targets.")] = Provider.AUTO,
+    provider: Annotated[C.Provider, typer.Option(help="ONNX Runtime execution provider for the targets.")] = C.Provider.AUTO,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON report here.", show_default=False)] = None,
     compare: Annotated[Optional[Path], typer.Option(help="Write a content | style | result sheet here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or report table.")] = False,

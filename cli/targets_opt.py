@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from nst.engine import onnx_meta
 from nst.engine.cache import TargetCache
-from nst.engine.config import MAX_SIZE, SizeEdge, StyleConfig
+from nst.engine.config import MAX_SIZE, Provider, SizeEdge, StyleConfig
 from nst.engine.layers import min_input_size
 
 from .common import ResourceMissing, UserError, cache_dir, console, flag_message
@@ -25,13 +25,6 @@ class TargetsMode(str, enum.Enum):
     AUTO = "auto"
     ONNX = "onnx"
     TORCH = "torch"
-
-
-class Provider(str, enum.Enum):
-    AUTO = "auto"
-    TENSORRT = "tensorrt"
-    CUDA = "cuda"
-    CPU = "cpu"
 
 
 def _warn(message: str) -> None:

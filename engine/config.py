@@ -57,6 +57,15 @@ class SizeEdge(str, enum.Enum):
     HEIGHT = "height"
 
 
+class Provider(str, enum.Enum):
+    """ONNX Runtime execution provider for the targets; `auto` tries them fastest first."""
+
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
 class Preset(str, enum.Enum):
     GATYS = "gatys"
     SEED = "seed"

@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from . import onnx_meta as M
+from .config import Provider
 from .errors import EngineError
 from .layers import feature_hw, layer_channels
 from .targets import ImageTargets
 
-PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+# Provider (config.py) -> ONNX Runtime's name for it.
+PROVIDERS = {Provider.TENSORRT.value: "TensorrtExecutionProvider", Provider.CUDA.value: "CUDAExecutionProvider", Provider.CPU.value: "CPUExecutionProvider"}
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 # What each GPU provider's library needs, for the one-line reason when it cannot load.
 _PROVIDER_LIBS = {"cuda": "libonnxruntime_providers_cuda.so", "tensorrt": "libonnxruntime_providers_tensorrt.so"}
@@ -125,12 +127,14 @@ def _session_options() -> "object":
     return so
 
 
-def open_session(path: Path, provider: str, *, device: torch.device, cache_dir: Path | None, fp16: bool, profile: ShapeProfile | None) -> tuple["object", str, dict[str, str]]:
+def open_session(path: Path, provider: Provider | str, *, device: torch.device, cache_dir: Path | None, fp16: bool, profile: ShapeProfile | None) -> tuple["object", str, dict[str, str]]:
     """(session, provider that loaded, {skipped provider: reason}). EngineError for an explicit one that cannot load."""
     import onnxruntime as ort
 
-    if provider not in ("auto", *PROVIDERS):
-        raise EngineError(f"unknown provider {provider!r}: use auto, {', '.join(PROVIDERS)}")
+    try:
+        provider = Provider(provider).value
+    except ValueError:
+        raise EngineError(f"unknown provider {provider!r}: use {', '.join(p.value for p in Provider)}") from None
     order = AUTO_ORDER if provider == "auto" else (provider,)
     device_id = (device.index or 0) if device.type == "cuda" else 0
     tag = _model_tag(path)

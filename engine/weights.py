@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import pickle
 import warnings
@@ -47,22 +48,30 @@ class WeightsUnavailable(WeightsError):
     not a mistake in the input."""
 
 
+class WeightsKind(str, enum.Enum):
+    """Where a set of weights came from."""
+
+    IMAGENET = "imagenet"  # torchvision's ImageNet file (from the hub folder or imported)
+    RANDOM = "random"  # seeded, for trials and tests
+    FILE = "file"  # a user's .pth/.safetensors file
+
+
 @dataclass(frozen=True)
 class Weights:
     """Conv weights ready for `VGGFeatures`, with where they came from."""
 
     state_dict: dict[str, torch.Tensor] = field(repr=False)
-    kind: str  # "imagenet" | "random" | "file"
+    kind: WeightsKind
     description: str  # for reports: a path, or "random (seed 0)"
     fingerprint: str  # 16 hex digits over the tensors' names, shapes and bytes
     reason: str | None = None  # why these are not what was asked for (a hub file that failed its hash)
 
     @property
     def is_random(self) -> bool:
-        return self.kind == "random"
+        return self.kind == WeightsKind.RANDOM
 
     def to_dict(self) -> dict[str, str]:
-        out = {"kind": self.kind, "source": self.description, "fingerprint": self.fingerprint}
+        out = {"kind": self.kind.value, "source": self.description, "fingerprint": self.fingerprint}
         if self.reason:
             out["reason"] = self.reason
         return out
@@ -107,7 +116,7 @@ def random_weights(*, seed: int = 0) -> Weights:
             sd[key] = torch.randn(shape, generator=gen) * (2.0 / fan_out) ** 0.5
         else:
             sd[key] = torch.zeros(shape)
-    return Weights(sd, "random", f"random (seed {seed})", fingerprint(sd))
+    return Weights(sd, WeightsKind.RANDOM, f"random (seed {seed})", fingerprint(sd))
 
 
 def conv_state_dict(raw: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
@@ -194,10 +203,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_file_weights(path: Path, *, kind: str = "file") -> Weights:
+def load_file_weights(path: Path, *, kind: WeightsKind = WeightsKind.FILE) -> Weights:
     """Weights from a local file, checked against VGG19's shapes."""
     sd = conv_state_dict(read_state_dict(path), source=str(path))
-    return Weights(sd, kind, str(path), fingerprint(sd))
+    return Weights(sd, WeightsKind(kind), str(path), fingerprint(sd))
 
 
 def imported_path(cache_dir: Path) -> Path:
@@ -248,7 +257,7 @@ def import_weights(path: Path, *, cache_dir: Path) -> tuple[Weights, bool]:
     Returns the weights and whether the file is torchvision's ImageNet file byte for byte
     (its SHA-256 starts with the hash in torchvision's file name).
     """
-    weights = load_file_weights(path, kind="imagenet")
+    weights = load_file_weights(path, kind=WeightsKind.IMAGENET)
     digest = file_sha256(Path(path))
     verified = Path(path).suffix != ".safetensors" and is_torchvision_file(digest)
     save_conv_weights(weights, imported_path(cache_dir), extra=_provenance(Path(path), digest, verified))
@@ -304,7 +313,7 @@ def load_imagenet(
     disk, a read-only cache) goes to `on_warning` (else `warnings.warn`) and the run goes on.
     """
     if cache_dir is not None and imported_path(cache_dir).is_file():
-        return load_file_weights(imported_path(cache_dir), kind="imagenet")
+        return load_file_weights(imported_path(cache_dir), kind=WeightsKind.IMAGENET)
     hub_file = hub_path(hub_dir)
     if not hub_file.is_file():
         if not download:
@@ -313,7 +322,7 @@ def load_imagenet(
     digest = file_sha256(hub_file)
     if not is_torchvision_file(digest):
         return dataclasses.replace(load_file_weights(hub_file), reason=mismatch_message(hub_file, digest))
-    w = load_file_weights(hub_file, kind="imagenet")
+    w = load_file_weights(hub_file, kind=WeightsKind.IMAGENET)
     if cache_dir is not None:
         from safetensors import SafetensorError
 

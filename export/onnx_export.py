@@ -90,7 +90,7 @@ def model_meta(weights: Weights, *, content_layers: Sequence[str], style_layers:
         style_layers=tuple(style_layers),
         pooling=Pooling(pooling).value,
         fingerprint=weights.fingerprint,
-        weights_kind=weights.kind,
+        weights_kind=weights.kind.value,
         precision="fp16" if fp16 else "fp32",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,

@@ -166,3 +166,13 @@ def test_cuda_io_binding_matches_cpu(model_path: Path):  # pragma: no cover - GP
         g = got.tensors()[name]
         assert g.is_cuda
         assert (g.cpu() - r).abs().max() <= 1e-4 * r.abs().max(), name
+
+
+def test_providers_are_the_config_enum():
+    """One list of providers: the CLI's choices are config.Provider, and each maps to ONNX Runtime's name."""
+    from nst.engine.config import Provider
+    from nst.engine.onnx_targets import PROVIDERS
+
+    assert {p.value for p in Provider} == {"auto", *PROVIDERS}
+    with pytest.raises(ValueError, match="unknown provider 'rocm': use auto, tensorrt, cuda, cpu"):
+        open_session(Path("x.onnx"), "rocm", device=torch.device("cpu"), cache_dir=None, fp16=False, profile=None)

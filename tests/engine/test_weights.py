@@ -236,3 +236,9 @@ def test_a_conv_only_copy_that_cannot_be_written_is_a_warning(weights, full_disk
     assert not W.imported_path(full_disk).exists()
     with pytest.warns(W.WeightsCacheWarning, match="conv-only copy"):  # without a callback: a Python warning
         W.load_weights("imagenet", cache_dir=full_disk, download=False)
+
+
+def test_kind_is_an_enum_and_reports_its_value():
+    w = W.random_weights(seed=0)
+    assert w.kind is W.WeightsKind.RANDOM and w.is_random
+    assert w.to_dict()["kind"] == "random" and type(w.to_dict()["kind"]) is str
