@@ -146,36 +146,6 @@ def test_out_of_memory_is_one_line_and_a_later_scale_keeps_the_earlier_image(ima
         assert im.size == (32, 21)
 
 
-def test_info_and_weights_commands(tmp_path: Path):
-    r = run("info", "--json")
-    assert r.exit_code == 0
-    info = json.loads(r.stdout)
-    assert "cpu" in info["devices"] and "fp32" in info["devices"]["cpu"]["precisions"]
-    assert info["devices"]["cpu"]["auto_precision"] == resolve_precision(torch.device("cpu"), "auto").value
-    assert "CPUExecutionProvider" in info["onnxruntime_providers"] and "relu4_2" in info["layers"]
-    r = run("weights", "status", "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout)["imagenet_available"] is False
-    r = run("info")
-    assert r.exit_code == 0 and "precisions" in r.output
-
-
-def test_weights_import_then_imagenet_works(weights, images, tmp_path: Path):
-    import torch
-
-    src = tmp_path / "vgg19.pth"
-    torch.save(dict(weights.state_dict), src)
-    r = run("weights", "import", str(src))
-    assert r.exit_code == 0, r.output
-    assert weights.fingerprint in r.output and "not torchvision's" in r.output
-    status = json.loads(run("weights", "status", "--json").stdout)
-    assert status["imported_present"] and status["imagenet_available"]
-    rep = tmp_path / "r.json"
-    args = [a for a in FAST if a not in ("--weights", "random")]
-    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *args, "--report", str(rep), "-q")
-    assert r.exit_code == 0, r.output
-    assert json.loads(rep.read_text())["weights"] == {"kind": "imagenet", "source": str(Path(os.environ["NST_CACHE_DIR"]) / "weights" / "vgg19-imagenet-convs.safetensors"), "fingerprint": weights.fingerprint}
-
-
 def test_cuda_out_of_memory_is_one_line(images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import torch
 

@@ -4,6 +4,7 @@ resource exits with 3, and `nst weights status` says where the conv-only copy ca
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import urllib.error
 from pathlib import Path
@@ -87,3 +88,17 @@ def test_targets_onnx_without_onnx_runtime_exits_3(images, tmp_path: Path, monke
     monkeypatch.setattr(T, "_onnx_missing", lambda: "onnxruntime is not installed (pip install onnx onnxruntime-gpu)")
     r, _ = _stylize(images, tmp_path, "--weights", "random", "--targets", "onnx")
     assert r.exit_code == 3 and "error: --targets onnx needs ONNX Runtime: onnxruntime is not installed" in r.output
+
+
+def test_weights_import_then_imagenet_works(weights, images, tmp_path: Path):
+    src = tmp_path / "vgg19.pth"
+    torch.save(dict(weights.state_dict), src)
+    r = runner.invoke(app, ["weights", "import", str(src)])
+    assert r.exit_code == 0, r.output
+    assert weights.fingerprint in r.output and "not torchvision's" in r.output
+    status = json.loads(runner.invoke(app, ["weights", "status", "--json"]).stdout)
+    assert status["imported_present"] and status["imagenet_available"]
+    rep = tmp_path / "r.json"
+    r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *FAST, "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(rep.read_text())["weights"] == {"kind": "imagenet", "source": str(Path(os.environ["NST_CACHE_DIR"]) / "weights" / "vgg19-imagenet-convs.safetensors"), "fingerprint": weights.fingerprint}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from nst.engine import color
-from nst.engine.config import GATYS, SEED, LossForm, Optimizer, PreserveColors, SizeEdge, preset
+from nst.engine.config import GATYS, SEED, Optimizer, PreserveColors, preset
 from nst.engine.features import VGGFeatures
 from nst.engine.images import ImageError, load_image, to_tensor, resize
 from nst.engine.losses import content_loss, gram_matrix, style_loss, tv_loss
@@ -73,15 +73,6 @@ def test_multiscale_stages_and_upsampling(pics, weights):
     assert r.steps == 6 and r.image.shape[-2:] == (32, 48)
     assert [x[1] for x in seen] == [(21, 32)] * 3 + [(32, 48)] * 3
     assert seen[-1][2] == 6
-
-
-def test_seed_preset_is_the_notebook_term_by_term():
-    assert SEED.size == 400 and SEED.size_edge == SizeEdge.HEIGHT and SEED.iterations == 2000
-    assert SEED.optimizer == Optimizer.ADAM and SEED.lr == 5.0 and SEED.adam_betas == (0.9, 0.999) and SEED.adam_eps == 1e-7
-    assert SEED.content_layers == ("relu5_2",) and SEED.style_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-    assert SEED.content_weight == 1 and SEED.style_weight == 1e6 and SEED.tv_weight == 1e2
-    assert SEED.style_match_output and SEED.init == "content" and SEED.pixel_scale == 255 and SEED.save_every == 500
-    assert SEED.loss_form == LossForm.KERAS
 
 
 def test_seed_loss_matches_hand_formula(pics, weights):
@@ -153,16 +144,6 @@ def test_luminance_keeps_content_colours(pics, weights):
     iq_out = color.rgb_to_yiq(r.image)[:, 1:]
     iq_in = color.rgb_to_yiq(content)[:, 1:]
     assert (iq_out - iq_in).abs().mean() < 0.02  # only clipping at the gamut's edge moves them
-
-
-def test_histogram_matching_moves_style_colours():
-    style = torch.rand(1, 3, 16, 16) * torch.tensor([1.0, 0.2, 0.2]).view(1, 3, 1, 1)  # reddish
-    content = torch.rand(1, 3, 16, 16) * 0.5 + torch.tensor([0.0, 0.0, 0.5]).view(1, 3, 1, 1)  # bluish
-    out = color.match_histogram(style, content)
-    torch.testing.assert_close(out.mean((2, 3)), content.mean((2, 3)), atol=0.03, rtol=0)
-    cov_c = torch.cov(content[0].reshape(3, -1))
-    cov_o = torch.cov(out[0].reshape(3, -1))
-    assert (cov_c - cov_o).abs().max() < 0.01
 
 
 def test_histogram_option_recolours_style_before_targets(pics, weights):
@@ -258,17 +239,3 @@ def test_bf16_close_to_fp32_on_cpu(pics, weights):
     b = stylize(c, [s], cfg, weights=weights, runtime=Runtime(precision="bf16"))
     assert b.loss_history[0] == pytest.approx(a.loss_history[0], rel=0.05)
     assert (a.image - b.image).abs().mean() < 0.02
-
-
-def test_config_validation_messages():
-    with pytest.raises(ValueError, match="unknown layer 'relu6_1'"):
-        dataclasses.replace(GATYS, style_layers=("relu6_1",))
-    with pytest.raises(ValueError, match="size 10 is out of range"):
-        dataclasses.replace(GATYS, size=10)
-    with pytest.raises(ValueError, match="scales must increase"):
-        dataclasses.replace(GATYS, scales=(512, 256))
-    with pytest.raises(ValueError, match="tv_weight must be a finite number"):
-        dataclasses.replace(GATYS, tv_weight=-1)
-    with pytest.raises(ValueError, match="unknown preset"):
-        preset("picasso")
-    assert preset("seed", iterations=5).iterations == 5 and preset("seed").lr == 5.0
