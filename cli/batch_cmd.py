@@ -158,6 +158,8 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         result = run_batch(jobs, out_dir, runner, settings=settings, on_event=lambda e: view.event(e, compare=a["compare"]))
     finally:
         view.stop()
+    if result.swept and not quiet:
+        console.print(f"removed {result.swept} stale temporaries that killed runs left in {out_dir}")
     if a["report"] is not None:
         from .report import write_json
 

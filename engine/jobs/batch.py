@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from ..errors import EngineError
-from ..files import intermediate_path
+from ..files import intermediate_path, remove, temporaries_beside
 from ..images import ImageError, output_format, save_image
 from .joblist import Job
 from .journal import JobRecord, Journal, file_digest, now_iso, settings_digest
@@ -55,6 +55,7 @@ class BatchResult:
     interrupted: bool = False  # Ctrl-C: the batch stopped early
     interrupted_job: Job | None = None  # the job that was running, its latest image written
     seconds: float = 0.0
+    swept: int = 0  # stale temporaries that killed runs had left beside outputs and the journal
 
     @property
     def done(self) -> list[Finished]:
@@ -122,6 +123,8 @@ def run_batch(
             else:
                 to_run.append(job)
         journal.forget(j.key for j in to_run)
+        # What a killed batch left half-written beside the outputs it was writing (and the journal).
+        result.swept = len(remove(temporaries_beside(journal.path))) + sum(len(remove(temporaries_beside(j.output))) for j in to_run)
         emit(BatchEvent("plan", counts={"jobs": len(jobs), "to_run": len(to_run), "skipped": len(result.skipped)}))
         for job, rec in result.skipped:
             emit(BatchEvent("skipped", job, record=rec))

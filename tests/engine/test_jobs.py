@@ -346,3 +346,14 @@ def test_a_snapshot_that_cannot_be_written_is_one_warning_and_the_job_goes_on(fo
     for f in res.finished:
         assert [p.name for p in f.snapshots_failed] == [f"{f.job.output.stem}.0001{f.job.output.suffix}"]
         assert [p.name for p in f.snapshots] == [f"{f.job.output.stem}.0002{f.job.output.suffix}"]
+
+
+def test_a_killed_batchs_temporaries_are_swept_by_the_rerun(folder, tmp_path, weights, killed_writer):
+    out = tmp_path / "out"
+    jobs = _jobs(folder, out)[:1]
+    out.mkdir()
+    killed_writer(jobs[0].output, out / JOURNAL_NAME)  # as a kill -9 of a batch writing both leaves them
+    assert len([p for p in out.iterdir() if p.name.endswith(".tmp")]) == 2
+    res = run_batch(jobs, out, InProcessRunner(_worker(weights, [])), settings=SETTINGS)
+    assert res.exit_code == 0 and res.swept == 2
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
