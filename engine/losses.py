@@ -80,10 +80,19 @@ def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tens
     return g / (c * h * w) if normalize else g
 
 
-def content_loss(features: torch.Tensor, target: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED) -> torch.Tensor:
-    """Squared error of features: the mean (normalized) or the plain sum (keras)."""
+def _reduce(t: torch.Tensor, *, mean: bool, per_image: bool) -> torch.Tensor:
+    """Mean or sum over everything (0-dim), or over each image of the batch (N,)."""
+    if per_image:
+        t = t.flatten(1)
+        return t.mean(1) if mean else t.sum(1)
+    return t.mean() if mean else t.sum()
+
+
+def content_loss(features: torch.Tensor, target: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED, per_image: bool = False) -> torch.Tensor:
+    """Squared error of features: the mean (normalized) or the plain sum (keras). `per_image`:
+    one value per image of an (N, ...) batch, each what the image alone would give."""
     diff = features.float() - target.float()
-    return diff.pow(2).mean() if form == LossForm.NORMALIZED else diff.pow(2).sum()
+    return _reduce(diff.pow(2), mean=form == LossForm.NORMALIZED, per_image=per_image)
 
 
 def style_loss(
@@ -92,8 +101,10 @@ def style_loss(
     *,
     form: LossForm = LossForm.NORMALIZED,
     image_pixels: int | None = None,
+    per_image: bool = False,
 ) -> torch.Tensor:
-    """Squared error of Gram matrices against a target Gram (already in the same form).
+    """Squared error of Gram matrices against a target Gram (already in the same form); with
+    `per_image`, one value per image of the batch (targets (N, C, C), or (1, C, C) for all).
 
     keras: `sum((G_style - G_out)**2) / (4 * 3**2 * (H*W)**2)` with unnormalised Grams, where 3
     and H*W are the *image's* channels and pixel count, not the layer's. That is a quirk of the
@@ -101,15 +112,15 @@ def style_loss(
     weights mean what they meant there.
     """
     if form == LossForm.NORMALIZED:
-        return (gram_matrix(features) - target_gram).pow(2).mean()
+        return _reduce((gram_matrix(features) - target_gram).pow(2), mean=True, per_image=per_image)
     if image_pixels is None:
         raise ValueError("the keras style loss needs image_pixels (the image's H*W)")
     g = gram_matrix(features, normalize=False)
-    return (target_gram - g).pow(2).sum() / (4.0 * 3**2 * float(image_pixels) ** 2)
+    return _reduce((target_gram - g).pow(2), mean=False, per_image=per_image) / (4.0 * 3**2 * float(image_pixels) ** 2)
 
 
-def tv_loss(image: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED) -> torch.Tensor:
-    """Total variation of an (N, 3, H, W) image.
+def tv_loss(image: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED, per_image: bool = False) -> torch.Tensor:
+    """Total variation of an (N, 3, H, W) image (`per_image`: of each image, (N,)).
 
     normalized: mean squared neighbour difference, vertical plus horizontal.
     keras: `sum((a + b)**1.25)` with `a`, `b` the squared vertical and horizontal differences
@@ -119,8 +130,8 @@ def tv_loss(image: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED) -> tor
     if form == LossForm.NORMALIZED:
         dy = x[:, :, 1:, :] - x[:, :, :-1, :]
         dx = x[:, :, :, 1:] - x[:, :, :, :-1]
-        return dy.pow(2).mean() + dx.pow(2).mean()
+        return _reduce(dy.pow(2), mean=True, per_image=per_image) + _reduce(dx.pow(2), mean=True, per_image=per_image)
     a = (x[:, :, :-1, :-1] - x[:, :, 1:, :-1]).pow(2)
     b = (x[:, :, :-1, :-1] - x[:, :, :-1, 1:]).pow(2)
     # (a + b) is 0 on flat areas, where the gradient of t**1.25 is 0 too: no NaN to guard.
-    return (a + b).pow(1.25).sum()
+    return _reduce((a + b).pow(1.25), mean=False, per_image=per_image)

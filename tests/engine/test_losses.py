@@ -148,3 +148,22 @@ def test_tv_normalised_and_flat_image():
     flat = torch.full((1, 3, 6, 6), 0.5, requires_grad=True)
     tv_loss(flat, form=LossForm.KERAS).backward()  # (a+b)**1.25 at 0 must not give NaN
     assert torch.isfinite(flat.grad).all()
+
+
+@pytest.mark.parametrize("form", [LossForm.NORMALIZED, LossForm.KERAS])
+def test_per_image_losses_equal_each_image_alone(form):
+    """A batch's per-image losses are what each image gives by itself (the batched optimisation
+    sums them, so each image's gradient is its own)."""
+    g = torch.Generator().manual_seed(3)
+    feats, target = torch.rand(3, 8, 6, 5, generator=g), torch.rand(3, 8, 6, 5, generator=g)
+    grams = torch.rand(3, 8, 8, generator=g)
+    image = torch.rand(3, 3, 12, 10, generator=g)
+    c = content_loss(feats, target, form=form, per_image=True)
+    s = style_loss(feats, grams, form=form, image_pixels=120, per_image=True)
+    t = tv_loss(image, form=form, per_image=True)
+    assert c.shape == s.shape == t.shape == (3,)
+    for i in range(3):
+        one = slice(i, i + 1)
+        torch.testing.assert_close(c[i], content_loss(feats[one], target[one], form=form), rtol=1e-6, atol=0)
+        torch.testing.assert_close(s[i], style_loss(feats[one], grams[one], form=form, image_pixels=120), rtol=1e-6, atol=0)
+        torch.testing.assert_close(t[i], tv_loss(image[one], form=form), rtol=1e-6, atol=0)
