@@ -55,9 +55,12 @@ class Objective:
     content_weights: dict[str, float]  # per layer, before cfg.content_weight
     style_weights: dict[str, float]  # per layer, before cfg.style_weight
     pixels: int  # H*W of the image: the keras form's style normalisation
+    # Several images in x, each against its own targets ((N, ...) each): (N,) terms, one per image.
+    per_image: bool = False
 
     def terms(self, x: torch.Tensor) -> Terms:
-        """Each term, weighted, for the image `x` (1, 3, H, W)."""
+        """Each term, weighted, for the image `x` (1, 3, H, W), or with `per_image` for each image
+        of `x` (N, 3, H, W)."""
         cfg, form = self.cfg, self.cfg.loss_form
         img = x / cfg.pixel_scale
         if self.runtime.channels_last:
@@ -65,10 +68,11 @@ class Objective:
         with autocast(self.runtime):
             feats = self.net(img)
         zero = x.new_zeros(())
-        c = sum((w * content_loss(feats[k], self.content_feats[k], form=form) for k, w in self.content_weights.items()), zero)
-        s = sum((w * style_loss(feats[k], self.grams[k], form=form, image_pixels=self.pixels) for k, w in self.style_weights.items()), zero)
+        each = self.per_image
+        c = sum((w * content_loss(feats[k], self.content_feats[k], form=form, per_image=each) for k, w in self.content_weights.items()), zero)
+        s = sum((w * style_loss(feats[k], self.grams[k], form=form, image_pixels=self.pixels, per_image=each) for k, w in self.style_weights.items()), zero)
         # The notebook's TV acts on its 0-255 image; the normalised TV on the [0, 1] image.
-        tv = tv_loss(x if form == LossForm.KERAS else img, form=form)
+        tv = tv_loss(x if form == LossForm.KERAS else img, form=form, per_image=each)
         return {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv}
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Terms]:
@@ -83,11 +87,14 @@ def make_objective(
     content_feats: dict[str, torch.Tensor],
     grams: dict[str, torch.Tensor],
     hw: tuple[int, int],
+    *,
+    per_image: bool = False,
 ) -> Objective:
-    """The stage's objective at output size `hw`, with the configuration's per-layer weights."""
+    """The stage's objective at output size `hw`, with the configuration's per-layer weights
+    (`per_image`: for a batch of images, each against its own targets)."""
     content_weights = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
     style_weights = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
-    return Objective(net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1])
+    return Objective(net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1], per_image)
 
 
 __all__ = ["Objective", "Terms", "make_objective", "style_grams"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -229,13 +230,57 @@ def stylize(
     loss ends it with the last finite image and status `nonfinite`. Everything else a user can
     get wrong raises an `EngineError` before any work.
     """
+    each = None if callback is None else (lambda _i, it: callback(it))
+    return stylize_many(
+        [content], [styles], cfg, weights=weights, runtime=runtime, targets=targets, cache=cache, init_images=[init_image], callback=each, model=model
+    )[0]
+
+
+def stage_shapes(width: int, height: int, cfg: StyleConfig) -> tuple[tuple[int, int], ...]:
+    """(H, W) of every stage for a content of this size: contents with equal shapes can be
+    optimised together."""
+    return tuple(output_shape(width, height, size, cfg.size_edge) for size in cfg.sizes)
+
+
+def stylize_many(
+    contents: Sequence[Image.Image],
+    styles: Sequence[Sequence[Image.Image]],
+    cfg: StyleConfig,
+    *,
+    weights: Weights,
+    runtime: Runtime | None = None,
+    targets: TargetSource | None = None,
+    cache: TargetCacheLike | None = None,
+    init_images: Sequence[Image.Image | None] | None = None,
+    callback: Callable[[int, Iterate], None] | None = None,
+    model: VGGFeatures | None = None,
+) -> list[StyleResult]:
+    """`stylize` for several contents at once (each with its own styles), stacked into one
+    (N, 3, H, W) tensor: one forward and backward per iteration for all of them.
+
+    Each image has its own loss terms, and the sum's gradient with respect to an image is its own
+    loss's; Adam is elementwise and L-BFGS keeps one history per image, so each result is what
+    `stylize` gives that image alone, within rounding. Every content must have the same
+    `stage_shapes`. `callback(i, iterate)` is called for each image still running. An image whose
+    loss stops being finite keeps its last finite image (status `nonfinite`) and the others go
+    on; Ctrl-C or `StopRun` ends them all with their latest images.
+    """
     runtime = runtime or Runtime()
-    if not styles:
+    n = len(contents)
+    if n == 0 or len(styles) != n:
+        raise ConfigError(f"give one list of style images per content ({n} contents, {len(styles)} lists)")
+    if not all(styles):
         raise ConfigError("give at least one style image")
-    blend = _blend(cfg, len(styles))
-    check_sizes(content, styles, cfg)
-    if cfg.init not in INIT_CHOICES and init_image is None:
-        init_image = load_image(cfg.init)
+    blends = [_blend(cfg, len(s)) for s in styles]
+    for content, st in zip(contents, styles):
+        check_sizes(content, st, cfg)
+    shapes = stage_shapes(contents[0].width, contents[0].height, cfg)
+    if any(stage_shapes(c.width, c.height, cfg) != shapes for c in contents[1:]):
+        raise ConfigError("images optimised together must have the same size at every stage")
+    inits: list[Image.Image | None] = list(init_images) if init_images is not None else [None] * n
+    if cfg.init not in INIT_CHOICES and any(im is None for im in inits):
+        shared_init = load_image(cfg.init)
+        inits = [shared_init if im is None else im for im in inits]
     dev = runtime.device
     clock = Stopwatch(dev)
 
@@ -244,55 +289,65 @@ def stylize(
             model = build_model(cfg, weights, runtime)
         net = loop_network(model, runtime)  # once for every scale; the targets keep the fp32 model
     source = targets or TorchTargets(model)
-    lookup = _TargetLookup(source, cache, model_id(weights, cfg, source=source), cfg)
-    loop = _Loop(cfg, runtime, clock, callback)
-    stage: Stage | None = None
-    hw = (0, 0)  # this scale's output size, known before anything of the scale can fail
-    done: tuple[torch.Tensor, Stage] | None = None  # the last finished scale's image and stage
-    x_prev: torch.Tensor | None = None  # previous stage's result, [0, 1] units
+    mid = model_id(weights, cfg, source=source)
+    lookups = [_TargetLookup(source, cache, mid, cfg) for _ in range(n)]  # per image: its cache hits
+    loop = _Loop(cfg, runtime, clock, callback, n)
+    stages: list[Stage] = []
+    hw = shapes[0]  # this scale's output size, known before anything of the scale can fail
+    done: tuple[torch.Tensor, list[Stage]] | None = None  # the last finished scale's images and stages
+    x_prev: torch.Tensor | None = None  # previous stage's results, (N, 3, h, w) in [0, 1] units
 
     with precision_context(runtime):
         try:
-            for index, size in enumerate(cfg.sizes):
-                hw = output_shape(content.width, content.height, size, cfg.size_edge)
+            for index, (size, hw) in enumerate(zip(cfg.sizes, shapes)):
                 with clock.phase("images"):
-                    stage = prepare_stage(content, styles, index, size, cfg, dev)
+                    stages = [prepare_stage(c, st, index, size, cfg, dev) for c, st in zip(contents, styles)]
                 with clock.phase("targets", sync=True):
-                    content_feats, grams = lookup.stage_targets(stage, blend, dev)
+                    per_image = [lk.stage_targets(sg, b, dev) for lk, sg, b in zip(lookups, stages, blends)]
+                content_feats = {k: torch.cat([t[0][k] for t in per_image]) for k in cfg.content_layers}  # (N, C, h, w)
+                grams = {k: torch.cat([t[1][k] for t in per_image]) for k in cfg.style_layers}  # (N, C, C)
                 if x_prev is None:
-                    init = _init_image(cfg, stage.network_content, stage.styles[0], init_image, stage.hw, dev)
+                    init = torch.cat([_init_image(cfg, sg.network_content, sg.styles[0], im, sg.hw, dev) for sg, im in zip(stages, inits)])
                 else:
-                    init = F.interpolate(x_prev, size=stage.hw, mode="bicubic", align_corners=False).clamp(0, 1)
-                objective = make_objective(net, runtime, cfg, content_feats, grams, stage.hw)
-                x_prev = loop.run_stage(stage, objective, init)
-                done = (x_prev, stage)
-                if loop.status != RunStatus.DONE:
+                    init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
+                objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1)
+                x_prev = loop.run_stage(stages, objective, init)
+                done = (x_prev, stages)
+                if not loop.running:
                     break
         except Exception as e:  # only running out of memory in a later scale is handled here
             if done is None or not is_out_of_memory(e):
                 raise
-            x_prev, kept = done
-            loop.status = RunStatus.OOM
-            loop.message = f"{out_of_memory_message(e, dev)} at {hw[1]}x{hw[0]}; kept the {kept.hw[1]}x{kept.hw[0]} result of the previous scale"
-            stage = kept
-    if loop.status == RunStatus.OOM:
+            x_prev, stages = done
+            kept = stages[0].hw
+            for i in loop.running:
+                loop.status[i] = RunStatus.OOM
+                loop.message[i] = f"{out_of_memory_message(e, dev)} at {hw[1]}x{hw[0]}; kept the {kept[1]}x{kept[0]} result of the previous scale"
+    if RunStatus.OOM in loop.status:
         release_memory(dev)  # the failed scale's tensors, freed with the exception
     synchronize(dev)
     clock.stop("optimisation")
-    assert x_prev is not None and stage is not None
-    result_image = color.combine_luminance(x_prev, stage.content_rgb) if stage.luminance_only else x_prev
+    assert x_prev is not None and stages
     phases = {"model": clock.seconds["model"], "images": clock.seconds.get("images", 0.0), "targets": clock.seconds.get("targets", 0.0), "optimisation": clock.seconds["optimisation"]}
-    return StyleResult(
-        image=result_image.detach().cpu(),
-        status=loop.status,
-        steps=loop.step,
-        loss_history=torch.stack(loop.history).float().cpu().tolist() if loop.history else [],
-        loss_terms={k: float(v.detach()) for k, v in loop.terms_last.items()},
-        phases=phases,
-        iteration_seconds=loop.iteration_seconds,
-        targets={**lookup.source.describe(), "cache": lookup.cache_state(), "seconds": phases["targets"]},
-        message=loop.message,
-    )
+    history = torch.stack(loop.history).float().cpu() if loop.history else torch.empty(0, n)  # (T, N)
+    results = []
+    for i in range(n):
+        img, stage = loop.stopped.get(i, (x_prev[i : i + 1], stages[i]))
+        image = color.combine_luminance(img, stage.content_rgb) if stage.luminance_only else img
+        results.append(
+            StyleResult(
+                image=image.detach().cpu(),
+                status=loop.status[i],
+                steps=loop.steps[i],
+                loss_history=history[: loop.kept[i], i].tolist(),
+                loss_terms={k: float(v.detach()[i]) for k, v in loop.terms_last.items()},
+                phases=dict(phases),
+                iteration_seconds=loop.iteration_seconds[: loop.steps[i] + (loop.status[i] == RunStatus.NONFINITE)],
+                targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"]},
+                message=loop.message[i],
+            )
+        )
+    return results
 
 
 class _TargetLookup:
@@ -328,83 +383,132 @@ class _TargetLookup:
 
 
 class _Loop:
-    """The optimiser's iterations over the stages, and what the result reports about them."""
+    """The optimiser's iterations over the stages for N images at once, and what each image's
+    result reports about them."""
 
-    def __init__(self, cfg: StyleConfig, runtime: Runtime, clock: Stopwatch, callback: Callable[[Iterate], None] | None) -> None:
-        self.cfg, self.runtime, self.clock, self.callback = cfg, runtime, clock, callback
+    def __init__(self, cfg: StyleConfig, runtime: Runtime, clock: Stopwatch, callback: Callable[[int, Iterate], None] | None, n: int) -> None:
+        self.cfg, self.runtime, self.clock, self.callback, self.n = cfg, runtime, clock, callback, n
         self.total_steps = cfg.iterations * len(cfg.sizes)
-        self.step = 0
-        self.history: list[torch.Tensor] = []
-        self.terms_last: dict[str, torch.Tensor] = {}
+        self.step = 0  # iterations of the batch
+        self.steps = [0] * n  # iterations each image took part in
+        self.history: list[torch.Tensor] = []  # (N,) per iteration
+        self.kept = [0] * n  # how many entries of `history` count for each image
+        self.terms_last: dict[str, torch.Tensor] = {}  # (N,) each
         self.iteration_seconds: list[float] = []
-        self.status, self.message = RunStatus.DONE, ""
+        self.status, self.message = [RunStatus.DONE] * n, [""] * n
+        self.running = list(range(n))  # images still being optimised
+        self.stopped: dict[int, tuple[torch.Tensor, Stage]] = {}  # image -> (its result, its stage) when it stopped early
 
-    def run_stage(self, stage: Stage, objective: Objective, init: torch.Tensor) -> torch.Tensor:
-        """Optimise from `init` ([0, 1]); returns the stage's image in [0, 1] (the last finite one)."""
-        cfg, dev = self.cfg, self.runtime.device
+    def run_stage(self, stages: list[Stage], objective: Objective, init: torch.Tensor) -> torch.Tensor:
+        """Optimise from `init` ((N, 3, H, W) in [0, 1]); returns the stage's images in [0, 1]
+        (for each, the last finite one)."""
+        cfg, dev, n = self.cfg, self.runtime.device, self.n
         x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
         good = x.detach().clone()
-        opt = make_optimizer(cfg, x)
+        opt = make_optimizer(cfg, x, per_image=n > 1)
+        stage = stages[0]
 
-        def snapshot(x: torch.Tensor = x) -> torch.Tensor:
-            img = (x.detach() / cfg.pixel_scale).clamp(0, 1)
-            if stage.luminance_only:
-                img = color.combine_luminance(img, stage.content_rgb)
+        def snapshot(i: int, x: torch.Tensor = x) -> torch.Tensor:
+            img = (x.detach()[i : i + 1] / cfg.pixel_scale).clamp(0, 1)
+            if stages[i].luminance_only:
+                img = color.combine_luminance(img, stages[i].content_rgb)
             return img.cpu()
 
         self.clock.start("optimisation")
         last_sync, last_sync_step = time.perf_counter(), self.step
         try:
             for it in range(1, cfg.iterations + 1):
+                if not self.running:
+                    break
                 if x.grad is not None:
                     x.grad = None
                 loss, terms = objective(x)
-                loss.backward()
+                loss, terms = loss.reshape(n), {k: v.reshape(n) for k, v in terms.items()}  # (N,) each
+                loss.sum().backward()  # each image's gradient is its own loss's
                 self.history.append(loss.detach())
+                for i in self.running:
+                    self.kept[i] += 1
                 self.terms_last = terms
                 if it % self.runtime.health_interval == 0 or it == cfg.iterations:
-                    # A sync point: time the iterations since the last one, and check the loss.
+                    # A sync point: time the iterations since the last one, and check the losses.
                     synchronize(dev)
                     now = time.perf_counter()
                     if self.step + 1 > last_sync_step:
-                        n = self.step + 1 - last_sync_step
-                        self.iteration_seconds.extend([(now - last_sync) / n] * n)
+                        k = self.step + 1 - last_sync_step
+                        self.iteration_seconds.extend([(now - last_sync) / k] * k)
                     last_sync, last_sync_step = now, self.step + 1
-                    if not torch.isfinite(loss).item():
-                        self.status = RunStatus.NONFINITE
-                        self.message = f"the loss became {float(loss.detach())} at iteration {self.step + 1}; kept the last image with a finite loss"
+                    finite = torch.isfinite(loss).tolist()
+                    for i in [i for i in self.running if not finite[i]]:
+                        self.status[i] = RunStatus.NONFINITE
+                        self.message[i] = f"the loss became {float(loss[i].detach())} at iteration {self.steps[i] + 1}; kept the last image with a finite loss"
+                        self.kept[i] -= 1
+                        self.running.remove(i)
+                        self.stopped[i] = ((good[i : i + 1] / cfg.pixel_scale).clamp(0, 1), stages[i])
+                    if not self.running:
                         x.data.copy_(good)
-                        self.history.pop()
                         break
                     good = x.detach().clone()
                 opt.step()
+                if len(self.running) < n:  # images that stopped stay where they stopped
+                    with torch.no_grad():
+                        idle = [i for i in range(n) if i not in self.running]
+                        x[idle] = good[idle]
                 self.step += 1
+                for i in self.running:
+                    self.steps[i] += 1
                 if self.callback is not None:
-                    self.callback(
-                        Iterate(
-                            stage=stage.index, stages=len(cfg.sizes), size=stage.hw, iteration=it, iterations=cfg.iterations,
-                            step=self.step, total_steps=self.total_steps, loss=loss.detach(),
-                            terms={k: v.detach() for k, v in terms.items()}, elapsed=self.clock.since("optimisation"), snapshot=snapshot,
-                        )
-                    )  # fmt: skip
+                    elapsed = self.clock.since("optimisation")
+                    for i in self.running:
+                        self.callback(
+                            i,
+                            Iterate(
+                                stage=stage.index, stages=len(cfg.sizes), size=stage.hw, iteration=it, iterations=cfg.iterations,
+                                step=self.step, total_steps=self.total_steps, loss=loss[i].detach(),
+                                terms={k: v[i].detach() for k, v in terms.items()}, elapsed=elapsed, snapshot=functools.partial(snapshot, i),
+                            ),
+                        )  # fmt: skip
         except (KeyboardInterrupt, StopRun):
-            self.status = RunStatus.INTERRUPTED
-            self.message = f"stopped at iteration {self.step} of {self.total_steps}; kept the latest image"
+            for i in self.running:
+                self.status[i] = RunStatus.INTERRUPTED
+                self.message[i] = f"stopped at iteration {self.steps[i]} of {self.total_steps}; kept the latest image"
+            self.running = []
         with torch.no_grad():
             out = (x.detach() / cfg.pixel_scale).clamp(0, 1)
-            if not torch.isfinite(out).all():
-                out = (good / cfg.pixel_scale).clamp(0, 1)
+            bad = ~torch.isfinite(out).flatten(1).all(1)  # (N,): such an image falls back whole
+            if bad.any():
+                out[bad] = (good[bad] / cfg.pixel_scale).clamp(0, 1)
         return out
 
 
-def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False) -> "LBFGS | torch.optim.Adam":
-    """The configuration's optimiser over the image `x` (`capturable`: Adam for a CUDA graph)."""
+def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False) -> "LBFGS | _EachImage | torch.optim.Adam":
+    """The configuration's optimiser over the image `x` (`capturable`: Adam for a CUDA graph).
+    Adam is elementwise, so one for a batch is one per image; L-BFGS with `per_image` keeps one
+    history per image of the batch."""
     if cfg.optimizer == Optimizer.ADAM:
         return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable)
+    if per_image:
+        return _EachImage(x, lambda view: LBFGS(view, lr=cfg.lr, history=cfg.lbfgs_history))
     return LBFGS(x, lr=cfg.lr, history=cfg.lbfgs_history)
+
+
+class _EachImage:
+    """An L-BFGS per image of an (N, ...) parameter, each on a view of its image: the history,
+    curvature test and step length are per problem, and the images of a batch are separate
+    problems that only share the network's forward and backward pass."""
+
+    def __init__(self, x: torch.Tensor, make: Callable[[torch.Tensor], LBFGS]) -> None:
+        self.x = x
+        self.views = [x.detach()[i : i + 1] for i in range(x.shape[0])]  # share x's storage
+        self.opts = [make(v) for v in self.views]
+
+    def step(self) -> None:
+        assert self.x.grad is not None
+        for i, (view, opt) in enumerate(zip(self.views, self.opts)):
+            view.grad = self.x.grad[i : i + 1]
+            opt.step()
 
 
 __all__ = [
     "Iterate", "Objective", "RunStatus", "Stage", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network",
-    "make_objective", "make_optimizer", "prepare_stage", "style_grams", "stylize", "target_key",
+    "make_objective", "make_optimizer", "prepare_stage", "stage_shapes", "style_grams", "stylize", "stylize_many", "target_key",
 ]  # fmt: skip
