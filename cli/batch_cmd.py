@@ -56,6 +56,7 @@ def _batch_parameters() -> list[inspect.Parameter]:
         opt("ray", Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster: the one RAY_ADDRESS names, else a local one started for the batch.")], False),
         opt("ray_address", Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (host:port, or auto).", show_default=False)], None),
         opt("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [torch's default here; with Ray the same number, one worker per that many CPUs]. Results on a CPU depend on it.", show_default=False)], None),
+        opt("batch_size", Annotated[int, typer.Option("--batch-size", help="Optimise up to N same-size images together on a worker (one forward and backward for all). No memory planner yet: 1 unless given.")], 1),
         opt("report", Annotated[Optional[Path], typer.Option(help="Write a JSON report of the whole batch here.", show_default=False)], None),
         opt("compare", Annotated[Optional[Path], typer.Option(help="Write each job's content | style | result sheet into this folder.", show_default=False)], None),
     ]
@@ -121,6 +122,8 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         specs = job_grid(expand_images(a["contents"], exclude=out_dir), style_sets(a["style"], exclude=out_dir), name=a["name"])
     if a["threads"] is not None and a["threads"] < 1:
         raise UserError(f"--threads must be 1 or more, got {a['threads']}")
+    if a["batch_size"] < 1:
+        raise UserError(f"--batch-size must be 1 or more, got {a['batch_size']}")
 
     base = {k: a[k] for k in CONFIG_OPTIONS}
     configs: dict[tuple, object] = {}
@@ -155,7 +158,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     view = _BatchView(quiet=quiet, per_job=a["ray"] is False and a["ray_address"] is None)
     try:
         view.start()
-        result = run_batch(jobs, out_dir, runner, settings=settings, on_event=lambda e: view.event(e, compare=a["compare"]))
+        result = run_batch(jobs, out_dir, runner, settings=settings, on_event=lambda e: view.event(e, compare=a["compare"]), group_sizes=a["batch_size"] > 1)
     finally:
         view.stop()
     if result.swept and not quiet:
@@ -192,7 +195,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
 
         runner = RayRunner(
             weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=functools.partial(targets, quiet=True),
-            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True),
+            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True), batch_size=a["batch_size"],
         )
         return runner
     from nst.engine.device import resolve_device, resolve_precision
@@ -201,7 +204,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
     dev = resolve_device(str(a["device"]))
     prec = resolve_precision(dev, str(a["precision"]))
     worker = Worker(w, device=str(dev), precision=prec.value, threads=a["threads"], targets=functools.partial(targets, quiet=quiet))  # type: ignore[arg-type]
-    return InProcessRunner(worker)
+    return InProcessRunner(worker, batch_size=a["batch_size"])
 
 
 class _BatchView:
@@ -293,8 +296,8 @@ def closing_table(result: Any) -> Table:
         r = f.record
         style = None if r.status == "done" else "red"
         table.add_row(r.job, r.status, f"{r.seconds:.1f}", f"{r.loss:.4g}" if r.loss is not None else "-", r.reason, style=style)
-    if result.interrupted_job is not None:
-        table.add_row(result.interrupted_job.key, "interrupted", "", "", "latest image kept; a rerun does it again", style="yellow")
+    for job in result.interrupted_jobs:
+        table.add_row(job.key, "interrupted", "", "", "latest image kept; a rerun does it again", style="yellow")
     if result.skipped:
         table.caption = f"{len(result.skipped)} job(s) skipped: done by an earlier run with the same inputs and settings"
     return table

@@ -53,7 +53,7 @@ class BatchResult:
     finished: list[Finished]  # done or failed in this run, in the order they finished
     skipped: list[tuple[Job, JobRecord]]  # done by an earlier run, unchanged since
     interrupted: bool = False  # Ctrl-C: the batch stopped early
-    interrupted_job: Job | None = None  # the job that was running, its latest image written
+    interrupted_jobs: list[Job] = field(default_factory=list)  # those that were running, latest images written
     seconds: float = 0.0
     swept: int = 0  # stale temporaries that killed runs had left beside outputs and the journal
 
@@ -88,7 +88,13 @@ def check_jobs(jobs: Sequence[Job]) -> None:
 
 
 def run_batch(
-    jobs: Sequence[Job], folder: Path, runner: Runner, *, settings: Mapping[str, object], on_event: EventSink | None = None
+    jobs: Sequence[Job],
+    folder: Path,
+    runner: Runner,
+    *,
+    settings: Mapping[str, object],
+    on_event: EventSink | None = None,
+    group_sizes: bool = False,
 ) -> BatchResult:
     """Run `jobs` whose outputs lie in `folder`, skipping those its journal has done with the
     same inputs and settings. `settings`: the batch-wide things that decide an image besides
@@ -96,6 +102,8 @@ def run_batch(
 
     Ctrl-C stops the batch (the runner is closed): finished outputs and journal lines stay, and
     an in-process job's latest image is written but not journalled, so a rerun does it again.
+    `group_sizes`: run the jobs in an order that puts those a runner can optimise together (same
+    settings, same size at every stage) next to each other.
     """
     emit: EventSink = on_event or (lambda e: None)
     check_jobs(jobs)
@@ -123,6 +131,8 @@ def run_batch(
             else:
                 to_run.append(job)
         journal.forget(j.key for j in to_run)
+        if group_sizes:
+            to_run.sort(key=_shape_key)  # stable: the given order within a group
         # What a killed batch left half-written beside the outputs it was writing (and the journal).
         result.swept = len(remove(temporaries_beside(journal.path))) + sum(len(remove(temporaries_beside(j.output))) for j in to_run)
         emit(BatchEvent("plan", counts={"jobs": len(jobs), "to_run": len(to_run), "skipped": len(result.skipped)}))
@@ -182,9 +192,10 @@ def run_batch(
                 if outcome.result is not None:  # the image is on disk; keep the numbers only
                     outcome.result = dataclasses.replace(outcome.result, image=torch.empty(0))
                     outcome.snapshots = []
-                if outcome.status == "interrupted":
-                    result.interrupted, result.interrupted_job = True, job
-                    break
+                if outcome.status == "interrupted":  # the runner stops after the jobs it was running
+                    result.interrupted = True
+                    result.interrupted_jobs.append(job)
+                    continue
                 rec = _record(job, settings, sent[job.key], outcome=outcome)
                 if write_error:
                     rec.status, rec.reason = "failed", write_error
@@ -195,6 +206,23 @@ def run_batch(
             runner.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _shape_key(job: Job) -> tuple:
+    """Jobs with equal keys can be optimised together; read from the content file's header (its
+    EXIF orientation included), without decoding it. Unreadable contents go last."""
+    from PIL import Image
+
+    from ..transfer import stage_shapes
+
+    try:
+        with Image.open(job.content) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn
+                w, h = h, w
+    except Exception:  # noqa: BLE001 - a broken file is the worker's to report
+        return (1, "", ())
+    return (0, settings_digest(job.cfg, {}), stage_shapes(w, h, job.cfg))
 
 
 def read_input(job: Job) -> JobInput:

@@ -37,8 +37,15 @@ class _BatchActor:
     def ready(self) -> dict[str, object]:
         return self.worker.describe()
 
-    def run(self, inp: JobInput, content: bytes, init: bytes | None, *styles: bytes) -> JobOutcome:
-        return self.worker.run(dataclasses.replace(inp, content=content, init=init, styles=tuple(styles)))
+    def run_many(self, packed: list[tuple[JobInput, bytes, object, list[object]]]) -> list[JobOutcome]:
+        """Jobs as (input without bytes, content bytes, init, styles), init and styles either bytes
+        or object-store references (each put there once by the driver, fetched here)."""
+
+        def get(v: object) -> object:
+            return ray.get(v) if isinstance(v, ray.ObjectRef) else v
+
+        inputs = [dataclasses.replace(inp, content=content, init=get(init), styles=tuple(get(s) for s in styles)) for inp, content, init, styles in packed]  # type: ignore[arg-type]
+        return self.worker.run_many(inputs)
 
 
 class RayRunner:
@@ -56,12 +63,16 @@ class RayRunner:
         address: str | None = None,
         max_attempts: int = 3,
         max_workers: int | None = None,
+        batch_size: int = 1,
         on_warning: Callable[[str], None] | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise EngineError(f"device {device!r} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
         self.device, self.precision, self.threads, self.targets = device, precision, threads, targets
         self.max_attempts, self.max_workers = max_attempts, max_workers
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
+        self.batch_size = batch_size  # jobs a worker optimises together
         self.on_warning = on_warning or (lambda m: None)
         self._joined_here = not ray.is_initialized()
         if self._joined_here:
@@ -113,8 +124,8 @@ class RayRunner:
     def run(self, inputs: Iterable[JobInput], emit: EventSink) -> Iterator[JobOutcome]:
         limit = self._plan[0]
         source = iter(inputs)
-        pending: deque[JobInput] = deque()  # read ahead by at most one job per worker
-        inflight: dict[object, tuple[JobInput, int]] = {}  # a job's run() call -> (job, actor)
+        pending: deque[JobInput] = deque()  # read ahead by at most one batch per worker
+        inflight: dict[object, tuple[list[JobInput], int]] = {}  # a run_many() call -> (its jobs, actor)
         starting: dict[object, int] = {}  # an actor's ready() call -> actor
         idle: list[int] = []
         dead: set[int] = set()
@@ -125,7 +136,7 @@ class RayRunner:
 
         def pull() -> None:
             nonlocal exhausted
-            while not exhausted and len(pending) < limit:
+            while not exhausted and len(pending) < limit * self.batch_size:
                 nxt = next(source, None)
                 if nxt is None:
                     exhausted = True
@@ -142,14 +153,18 @@ class RayRunner:
         while True:
             pull()
             while pending and idle:
-                inp, a = pending.popleft(), idle.pop(0)
-                light = dataclasses.replace(inp, content=b"", init=None, styles=())
-                styles = (put(d, b) for d, b in zip(inp.styles_sha256, inp.styles))
-                inflight[self._actors[a].run.remote(light, inp.content, put(inp.init_sha256, inp.init), *styles)] = (inp, a)  # type: ignore[attr-defined]
-                emit(BatchEvent("started", inp.job, worker=info.get(a)))
+                a = idle.pop(0)
+                chunk = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
+                packed = [
+                    (dataclasses.replace(inp, content=b"", init=None, styles=()), inp.content, put(inp.init_sha256, inp.init), [put(d, b) for d, b in zip(inp.styles_sha256, inp.styles)])
+                    for inp in chunk
+                ]  # fmt: skip
+                inflight[self._actors[a].run_many.remote(packed)] = (chunk, a)  # type: ignore[attr-defined]
+                for inp in chunk:
+                    emit(BatchEvent("started", inp.job, worker=info.get(a)))
                 pull()
-            # Start as many workers as there are jobs waiting, up to the cluster's room.
-            while len(pending) > len(starting) and len(self._actors) - len(dead) < limit:
+            # Start as many workers as there are batches waiting, up to the cluster's room.
+            while -(-len(pending) // self.batch_size) > len(starting) and len(self._actors) - len(dead) < limit:
                 self._actors.append(self._new_actor())
                 starting[self._actors[-1].ready.remote()] = len(self._actors) - 1  # type: ignore[attr-defined]
             if not inflight and not starting:
@@ -173,22 +188,23 @@ class RayRunner:
                     continue
                 idle.append(a)
                 continue
-            inp, a = inflight.pop(ref)
+            chunk, a = inflight.pop(ref)
             try:
-                outcome: JobOutcome = ray.get(ref)
+                outcomes: list[JobOutcome] = ray.get(ref)
             except _WORKER_LOST as e:
-                why = f"the worker running {inp.job.key} died ({_first_line(e)})"
-                if inp.attempt >= self.max_attempts:
-                    yield JobOutcome(inp.job.key, "failed", reason=f"{why}, {inp.attempt} times; not tried again", worker=info.get(a, {}), attempts=inp.attempt)
-                else:
-                    pending.appendleft(dataclasses.replace(inp, attempt=inp.attempt + 1))
-                    emit(BatchEvent("retry", inp.job, worker=info.get(a), message=f"{why}; running it again on another worker"))
+                for inp in reversed(chunk):
+                    why = f"the worker running {inp.job.key} died ({_first_line(e)})"
+                    if inp.attempt >= self.max_attempts:
+                        yield JobOutcome(inp.job.key, "failed", reason=f"{why}, {inp.attempt} times; not tried again", worker=info.get(a, {}), attempts=inp.attempt)
+                    else:
+                        pending.appendleft(dataclasses.replace(inp, attempt=inp.attempt + 1))
+                        emit(BatchEvent("retry", inp.job, worker=info.get(a), message=f"{why}; running it again on another worker"))
                 dead.add(a)
                 continue
             except RayTaskError as e:  # an error the worker did not expect: a bug, shown as such
                 raise e.as_instanceof_cause() from None
             idle.append(a)
-            yield outcome
+            yield from outcomes
 
     def close(self) -> None:
         """Stop this batch's actors (running jobs are lost; the journal has the finished ones)."""

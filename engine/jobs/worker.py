@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_m
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
 from ..targets import ImageTargets, TargetSource
-from ..transfer import Iterate, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, stylize
+from ..transfer import Iterate, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, stage_shapes, stylize_many
 from ..weights import Weights
 from .joblist import Job
 
@@ -173,47 +173,89 @@ class Worker:
     def run(
         self, inp: JobInput, *, on_iterate: Callable[[Iterate], None] | None = None, on_snapshot: Callable[[int, torch.Tensor], None] | None = None
     ) -> JobOutcome:
-        """Run one job. Bad images, impossible sizes and running out of memory are a failed
-        outcome with a one-line reason; Ctrl-C inside the optimisation is an interrupted one
-        with the latest image. `save_every` images go to `on_snapshot` as they are made, or
-        without it into the outcome."""
-        job, cfg = inp.job, inp.job.cfg
+        """Run one job: `run_many` of one."""
+        return self.run_many(
+            [inp],
+            on_iterate=None if on_iterate is None else (lambda _job, it: on_iterate(it)),
+            on_snapshot=None if on_snapshot is None else (lambda _job, step, image: on_snapshot(step, image)),
+        )[0]
+
+    def run_many(
+        self,
+        inputs: Sequence[JobInput],
+        *,
+        on_iterate: Callable[[Job, Iterate], None] | None = None,
+        on_snapshot: Callable[[Job, int, torch.Tensor], None] | None = None,
+    ) -> list[JobOutcome]:
+        """Run jobs, those with the same settings and the same size at every stage optimised
+        together (one tensor, one forward and backward per iteration), in input order.
+
+        Bad images, impossible sizes and running out of memory are failed outcomes with a one-line
+        reason; Ctrl-C inside the optimisation makes interrupted ones with the latest images.
+        `save_every` images go to `on_snapshot` as they are made, or without it into the outcomes.
+        """
         t0 = time.perf_counter()
-        out = JobOutcome(job.key, "failed", worker=self.describe(), attempts=inp.attempt)
+        where = self.describe()
+        outs = [JobOutcome(inp.job.key, "failed", worker=where, attempts=inp.attempt) for inp in inputs]
+        groups: dict[tuple, list[tuple[int, Image.Image, list[Image.Image], Image.Image | None]]] = {}
+        for i, inp in enumerate(inputs):
+            job = inp.job
+            try:
+                content = decode_image(inp.content, job.content)
+                styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
+                init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
+                check_sizes(content, styles, job.cfg)
+            except (ImageError, ValueError, OSError) as e:
+                outs[i].reason = _one_line(e)
+                continue
+            outs[i].decode_seconds = time.perf_counter() - t0
+            groups.setdefault((job.cfg, stage_shapes(content.width, content.height, job.cfg)), []).append((i, content, styles, init))
+        for (cfg, _), members in groups.items():
+            tg = time.perf_counter()
+            self._run_group(cfg, [inputs[i].job for i, *_ in members], members, [outs[i] for i, *_ in members], on_iterate, on_snapshot)
+            for i, *_ in members:
+                outs[i].seconds = time.perf_counter() - tg + outs[i].decode_seconds
+                if len(members) > 1:
+                    outs[i].worker = {**where, "batch": len(members)}
+        for o in outs:
+            o.seconds = o.seconds or time.perf_counter() - t0
+        return outs
+
+    def _run_group(self, cfg: StyleConfig, jobs: list[Job], members: list, outs: list[JobOutcome], on_iterate, on_snapshot) -> None:  # noqa: ANN001
+        def callback(k: int, it: Iterate) -> None:
+            job = jobs[k]
+            if cfg.save_every and it.step % cfg.save_every == 0 and it.step != it.total_steps:
+                if on_snapshot is not None:
+                    on_snapshot(job, it.step, it.snapshot())
+                else:
+                    outs[k].snapshots.append((it.step, it.snapshot()))
+            if on_iterate is not None:
+                on_iterate(job, it)
+
         try:
-            content = decode_image(inp.content, job.content)
-            styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
-            init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
-            out.decode_seconds = time.perf_counter() - t0
-            check_sizes(content, styles, cfg)
             net = self._network(cfg)
-            out.targets = dict(net.info)
-
-            def callback(it: Iterate) -> None:
-                if cfg.save_every and it.step % cfg.save_every == 0 and it.step != it.total_steps:
-                    if on_snapshot is not None:
-                        on_snapshot(it.step, it.snapshot())
-                    else:
-                        out.snapshots.append((it.step, it.snapshot()))
-                if on_iterate is not None:
-                    on_iterate(it)
-
-            result = stylize(
-                content, styles, cfg, weights=self.weights, runtime=self.runtime, targets=net.source, cache=net.cache, init_image=init, callback=callback, model=net.model
-            )
+            for o in outs:
+                o.targets = dict(net.info)
+            results = stylize_many(
+                [m[1] for m in members], [m[2] for m in members], cfg, weights=self.weights, runtime=self.runtime, targets=net.source,
+                cache=net.cache, init_images=[m[3] for m in members], callback=callback, model=net.model,
+            )  # fmt: skip
         except (ImageError, ValueError, OSError) as e:
-            out.reason = _one_line(e)
+            for o in outs:
+                o.reason = _one_line(e)
+            return
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
             release_memory(self.runtime.device)
-            out.reason = f"{out_of_memory_message(e, self.runtime.device)} at size {cfg.sizes[0]}"
-        else:
-            out.result = result
-            out.status = {RunStatus.DONE: "done", RunStatus.INTERRUPTED: "interrupted"}.get(result.status, "failed")
-            out.reason = result.message if result.status != RunStatus.DONE else ""
-        out.seconds = time.perf_counter() - t0
-        return out
+            together = f" with {len(outs)} images together (try a smaller --batch-size)" if len(outs) > 1 else ""
+            for o in outs:
+                o.reason = f"{out_of_memory_message(e, self.runtime.device)} at size {cfg.sizes[0]}{together}"
+            return
+        for o, result in zip(outs, results):
+            o.result = result
+            o.status = {RunStatus.DONE: "done", RunStatus.INTERRUPTED: "interrupted"}.get(result.status, "failed")
+            o.reason = result.message if result.status != RunStatus.DONE else ""
 
 
 def _one_line(e: BaseException) -> str:

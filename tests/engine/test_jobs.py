@@ -357,3 +357,33 @@ def test_a_killed_batchs_temporaries_are_swept_by_the_rerun(folder, tmp_path, we
     res = run_batch(jobs, out, InProcessRunner(_worker(weights, [])), settings=SETTINGS)
     assert res.exit_code == 0 and res.swept == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_batch_size_optimises_same_size_jobs_together_with_the_same_results(folder, tmp_path, weights):
+    """--batch-size 2: jobs are ordered so that same-size contents meet; each pair runs as one
+    tensor; the images are those of one job at a time, within rounding."""
+    twin = _img(folder["dir"] / "twin.png", 48, 32, 7)  # the same size as a.png; b.jpg is not
+    specs = job_grid([folder["a"], folder["b"], twin], [(folder["s1"],)])
+    cfg = dataclasses.replace(TINY, iterations=3)
+    results = {}
+    for size in (1, 2):
+        out = tmp_path / f"out{size}"
+        jobs = [Job(s.name, s.content, s.styles, out / s.name, cfg) for s in specs]
+        worker = Worker(weights, device="cpu", precision="fp32")
+        events = []
+        res = run_batch(jobs, out, InProcessRunner(worker, batch_size=size), settings=SETTINGS, on_event=events.append, group_sizes=size > 1)
+        assert res.exit_code == 0 and len(res.done) == 3
+        results[size] = {j.key: np.asarray(Image.open(j.output), dtype=np.int16) for j in jobs}
+        if size == 2:
+            recs = read_journal(out / JOURNAL_NAME)
+            assert recs["a--s1.png"].worker["batch"] == 2 and recs["twin--s1.png"].worker["batch"] == 2
+            assert "batch" not in recs["b--s1.jpg"].worker
+            started = [e.job.key for e in events if e.kind == "started"]
+            assert started[:2] == ["a--s1.png", "twin--s1.png"]  # the same-size pair first
+    for key in results[1]:
+        assert np.abs(results[1][key] - results[2][key]).max() <= 1, key
+
+
+def test_batch_size_must_be_positive(weights):
+    with pytest.raises(ValueError, match="batch_size must be 1 or more"):
+        InProcessRunner(Worker(weights, device="cpu", precision="fp32"), batch_size=0)

@@ -148,3 +148,16 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command(cluster, files):
     assert sorted(x["job"] for x in after) == ["p0--style.png", "p1--style.png", "p2--style.png"]
     assert after[: len(before)] == before  # the finished jobs were skipped, their lines untouched
     assert len(_images(out)) == 3
+
+
+def test_ray_workers_optimise_batches_too(cluster, files):
+    """--batch-size 2 on the cluster: the same bytes as --batch-size 2 in this process."""
+    _img(files["dir"] / "p3.png", 48, 32, 3)  # p0 and p3 have the same size
+    local, remote = files["tmp"] / "local", files["tmp"] / "ray"
+    args = ["batch", str(files["dir"]), "--style", str(files["style"]), *FAST, "--batch-size", "2", "-q"]
+    assert runner.invoke(app, [*args, "-o", str(local)]).exit_code == 0
+    r = runner.invoke(app, [*args, "-o", str(remote), "--ray"])
+    assert r.exit_code == 0, r.output
+    assert _images(local) == _images(remote) and len(_images(remote)) == 4
+    recs = {x["job"]: x for x in _lines(remote)}
+    assert len(recs) == 4 and any(x["worker"].get("batch") == 2 for x in recs.values())
