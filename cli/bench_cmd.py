@@ -57,6 +57,7 @@ def bench_command(
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
     optimizer_phase: Annotated[bool, typer.Option("--optimizer-phase/--no-optimizer-phase", help="Also time each optimiser's step alone (no network) at each size.")] = True,
     targets_phase: Annotated[bool, typer.Option("--targets-phase/--no-targets-phase", help="Also time the targets: PyTorch against ONNX Runtime.")] = True,
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Comma list, e.g. 1,2,4: also time whole jobs with that many images optimised together (rows with batch_size and jobs_per_minute).", show_default=False)] = None,
     flops: Annotated[bool, typer.Option("--flops", help="Print the per-layer FLOP count for the sizes and presets, and exit.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one CSV row per result here.")] = None,
@@ -89,6 +90,9 @@ def bench_command(
         cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
                              ablate=ablate, cuda=dev.type == "cuda")
+        batch_sizes = parse_list(batch_size, cast=int, what="batch size")
+        if any(b < 1 for b in batch_sizes):
+            raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
         w = load_weights_for(weights, seed)
         rows: list[BenchRow] = []
         peaks: dict = {}
@@ -104,6 +108,14 @@ def bench_command(
                     for h, wd in hw:
                         status.update(f"optimizer phase {o} {h}x{wd}")
                         rows.append(bench_optimizer(BenchCase(h, wd, optimizer=o, preset=presets[0]), device=dev, iterations=iterations, warmup=warmup, seed=seed))
+            if batch_sizes:
+                from nst.engine.bench_batch import bench_batch
+
+                for h, wd in hw:
+                    for p in precs:
+                        status.update(f"batch phase {h}x{wd} {p.value}: batch sizes {','.join(map(str, batch_sizes))}")
+                        rows.extend(bench_batch(BenchCase(h, wd, precision=p, optimizer=opts[0], preset=presets[0]), weights=w, device=dev,
+                                                batch_sizes=batch_sizes, iterations=iterations, seed=seed))
             if targets_phase:
                 for pr in presets:
                     status.update(f"targets phase {pr}: exporting the target module (once per weights and layers)")
@@ -185,10 +197,12 @@ def _table(rows: list[BenchRow], dev: torch.device) -> Table:
     for r in rows:
         ok = r.status == "ok"
         ms = f"{r.ms_per_iteration:.2f}" if ok else "skipped"
-        spread = f"{r.ms_per_iteration_p10:.2f}-{r.ms_per_iteration_p90:.2f}" if ok else "-"
+        spread = f"{r.ms_per_iteration_p10:.2f}-{r.ms_per_iteration_p90:.2f}" if ok and r.ms_per_iteration_p10 is not None else "-"
         note = "skipped (below)" if not ok else (r.provider if r.phase == "targets" else _case_note(r))
         if r.phase == "optimizer":
             note = r.layers
+        if r.phase == "batch" and ok:
+            note = f"batch {r.batch_size}: {r.jobs_per_minute:.2f} jobs/min"
         table.add_row(r.phase, r.loop, r.preset, r.optimizer if r.phase != "targets" else "-", r.precision, r.size,
                       "y" if r.channels_last else "n", ms, spread, _fmt(r.iterations_per_second, 1), _fmt(r.megapixel_iterations_per_second, 3),
                       _fmt(r.tflops, 3), _fmt(r.percent_of_peak, 1), _fmt(r.peak_memory_mb, 0), note)

@@ -57,7 +57,7 @@ class BenchRow:
     percent_of_peak: float | None
     peak_memory_mb: float | None
     # What the case was.
-    phase: str = "optimisation"  # optimisation | targets
+    phase: str = "optimisation"  # optimisation | targets | optimizer | batch
     loop: str = "fast"  # fast | reference | torch (targets) | onnxruntime (targets)
     optimizer: str = ""
     preset: str = ""
@@ -78,6 +78,9 @@ class BenchRow:
     memory_source: str = ""  # what `peak_memory_mb` measures
     status: str = "ok"  # ok | skipped
     reason: str = ""  # why a row was skipped
+    # The batch phase (`--batch-size`): images optimised together, and whole jobs finished per minute.
+    batch_size: int | None = None
+    jobs_per_minute: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
