@@ -111,7 +111,7 @@ class RayRunner:
 
     def describe(self) -> dict[str, object]:
         n, ask = self._plan
-        return {"runner": "ray", "address": self._address, "max_workers": n, "per_worker": ask, "workers": list(self._info.values())}
+        return {"runner": "ray", "address": self._address, "max_workers": n, "per_worker": ask, "batch_size": self.batch_size, "workers": list(self._info.values())}
 
     def _new_actor(self) -> object:
         n, ask = self._plan

@@ -200,6 +200,7 @@ class Worker:
         groups: dict[tuple, list[tuple[int, Image.Image, list[Image.Image], Image.Image | None]]] = {}
         for i, inp in enumerate(inputs):
             job = inp.job
+            ti = time.perf_counter()
             try:
                 content = decode_image(inp.content, job.content)
                 styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
@@ -208,9 +209,13 @@ class Worker:
             except (ImageError, ValueError, OSError) as e:
                 outs[i].reason = _one_line(e)
                 continue
-            outs[i].decode_seconds = time.perf_counter() - t0
+            outs[i].decode_seconds = time.perf_counter() - ti
             groups.setdefault((job.cfg, stage_shapes(content.width, content.height, job.cfg)), []).append((i, content, styles, init))
         for (cfg, _), members in groups.items():
+            if any(o.status == "interrupted" for o in outs):  # Ctrl-C: the rest are not started
+                for i, *_ in members:
+                    outs[i].status, outs[i].reason = "interrupted", "not started"
+                continue
             tg = time.perf_counter()
             self._run_group(cfg, [inputs[i].job for i, *_ in members], members, [outs[i] for i, *_ in members], on_iterate, on_snapshot)
             for i, *_ in members:

@@ -387,3 +387,23 @@ def test_batch_size_optimises_same_size_jobs_together_with_the_same_results(fold
 def test_batch_size_must_be_positive(weights):
     with pytest.raises(ValueError, match="batch_size must be 1 or more"):
         InProcessRunner(Worker(weights, device="cpu", precision="fp32"), batch_size=0)
+
+
+def test_stopping_a_batched_run_keeps_latest_images_and_starts_nothing_more(folder, weights):
+    """StopRun (what Ctrl-C does) in the first group: its jobs are interrupted with their latest
+    images; a second group (another size) is not started."""
+    from nst.engine.jobs import read_input
+    from nst.engine.transfer import StopRun
+
+    twin = _img(folder["dir"] / "twin.png", 48, 32, 7)
+    cfg = dataclasses.replace(TINY, iterations=50)
+    jobs = [Job(f"{p.stem}.png", p, (folder["s1"],), p, cfg) for p in (folder["a"], twin, folder["b"])]
+
+    def stop(job, it):
+        if it.step == 2:
+            raise StopRun
+
+    outs = Worker(weights, device="cpu", precision="fp32").run_many([read_input(j) for j in jobs], on_iterate=stop)
+    assert [o.status for o in outs] == ["interrupted", "interrupted", "interrupted"]
+    assert [o.result.steps for o in outs[:2]] == [2, 2] and outs[0].result.image.shape == (1, 3, 32, 48)
+    assert outs[2].result is None and outs[2].reason == "not started"
