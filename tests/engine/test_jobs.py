@@ -405,5 +405,5 @@ def test_stopping_a_batched_run_keeps_latest_images_and_starts_nothing_more(fold
 
     outs = Worker(weights, device="cpu", precision="fp32").run_many([read_input(j) for j in jobs], on_iterate=stop)
     assert [o.status for o in outs] == ["interrupted", "interrupted", "interrupted"]
-    assert [o.result.steps for o in outs[:2]] == [2, 2] and outs[0].result.image.shape == (1, 3, 32, 48)
+    assert [o.result.steps for o in outs[:2]] == [2, 2] and outs[0].result.image.shape == (1, 3, 21, 32)
     assert outs[2].result is None and outs[2].reason == "not started"
