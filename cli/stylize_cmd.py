@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -19,6 +20,8 @@ from .report import comparison_sheet, seconds_per_iteration, timing_table, versi
 from .targets_opt import TargetsMode, choose_targets
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from nst.engine.device import Runtime
     from nst.engine.transfer import Iterate, StyleResult
     from nst.engine.weights import Weights
@@ -79,24 +82,24 @@ CONFIG_OPTIONS = (
 )  # fmt: skip
 
 
-def config_from_options(a: Mapping[str, object]) -> C.StyleConfig:
+def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
     """The StyleConfig that the command line's options (by parameter name, None: not given) ask for."""
     overrides = dict(
         size=a["size"], iterations=a["iterations"], optimizer=a["optimizer"], lr=a["lr"],
         content_weight=a["content_weight"], style_weight=a["style_weight"], tv_weight=a["tv_weight"],
-        content_layers=parse_list(a["content_layers"], what="layer") or None,  # type: ignore[arg-type]
-        style_layers=parse_list(a["style_layers"], what="layer") or None,  # type: ignore[arg-type]
-        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight") or None,  # type: ignore[arg-type]
-        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight") or None,  # type: ignore[arg-type]
+        content_layers=parse_list(a["content_layers"], what="layer") or None,
+        style_layers=parse_list(a["style_layers"], what="layer") or None,
+        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight") or None,
+        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight") or None,
         style_scale=a["style_scale"], init=a["init"], preserve_colors=a["preserve_colors"],
-        scales=parse_list(a["scales"], cast=int, what="size") or None,  # type: ignore[arg-type]
+        scales=parse_list(a["scales"], cast=int, what="size") or None,
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
     )  # fmt: skip
-    if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:  # type: ignore[index]
-        raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")  # type: ignore[index]
+    if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:
+        raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")
     if overrides["style_layers"] is not None and a["style_layer_weights"] is None:
         overrides["style_layer_weights"] = ()  # the preset's per-layer weights were for its layers
-    return build_config(a["preset"], overrides)  # type: ignore[arg-type]
+    return build_config(a["preset"], overrides)
 
 
 class _ProgressSink:
@@ -173,69 +176,139 @@ def stylize_command(
     The method of Gatys, Ecker and Bethge (2015). Any option given here overrides the --preset.
     """
     with user_errors():
-        _run(**locals())
+        _run(StylizeOptions(**locals()))
 
 
-def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phases
-    from nst.engine.device import Runtime, is_out_of_memory, out_of_memory_message, resolve_device, resolve_precision
-    from nst.engine.images import load_image, output_format, save_image
-    from nst.engine.transfer import RunStatus, check_sizes
+@dataclass(frozen=True)
+class StylizeOptions:
+    """`nst stylize`'s options by parameter name, as Typer parsed them (None: not given, so the
+    preset's value holds)."""
 
-    content, styles, output = Path(a["content"]), [Path(p) for p in a["styles"]], Path(a["output"])  # type: ignore[arg-type]
-    quiet = bool(a["quiet"])
+    content: Path
+    styles: list[Path]
+    output: Path
+    preset: C.Preset
+    size: int | None
+    iterations: int | None
+    optimizer: C.Optimizer | None
+    lr: float | None
+    content_weight: float | None
+    style_weight: float | None
+    tv_weight: float | None
+    content_layers: str | None
+    style_layers: str | None
+    style_layer_weights: str | None
+    style_blend: str | None
+    style_scale: float | None
+    init: str | None
+    preserve_colors: C.PreserveColors | None
+    scales: str | None
+    pooling: C.Pooling | None
+    weights: str
+    seed: int | None
+    device: str
+    precision: str
+    save_every: int | None
+    targets: TargetsMode
+    onnx: Path | None
+    provider: C.Provider
+    report: Path | None
+    compare: Path | None
+    quiet: bool
+
+    @property
+    def init_path(self) -> Path | None:
+        """The image `--init` names, if it names one rather than a choice."""
+        return Path(self.init) if self.init is not None and self.init not in C.INIT_CHOICES else None
+
+    def config(self) -> C.StyleConfig:
+        return config_from_options(vars(self))
+
+
+def _run(o: StylizeOptions) -> None:
+    """Check the paths, configure, run, finish: each a step of its own."""
+    _check_paths(o)
+    cfg, runtime = _configure(o)
+    run = _execute(o, cfg, runtime)
+    _finish(o, cfg, runtime, run)
+
+
+def _check_paths(o: StylizeOptions) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or cannot be written."""
+    from nst.engine.images import output_format
+
+    inputs = [o.content, *o.styles, *([o.init_path] if o.init_path else [])]
+    check_output(o.output, inputs)
+    swept = remove(temporaries_beside(o.output))  # what killed runs writing this output left
+    if swept and not o.quiet:
+        console.print(f"removed {len(swept)} stale temporaries beside {o.output} that killed runs left")
+    for extra, what in ((o.report, "report"), (o.compare, "comparison sheet")):
+        if extra is not None and any(_same_file(extra, p) for p in [*inputs, o.output]):
+            raise UserError(f"the {what} path {extra} would overwrite an input or the output")
+    if o.compare is not None:
+        output_format(o.compare)
+
+
+def _configure(o: StylizeOptions) -> tuple[C.StyleConfig, Runtime]:
+    """The run's configuration (preset and options) and where it runs."""
+    from nst.engine.device import Runtime, resolve_device, resolve_precision
+
+    cfg = o.config()
+    if cfg.style_blend and len(cfg.style_blend) != len(o.styles):
+        raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(o.styles)} style images")
+    dev = resolve_device(o.device)
+    return cfg, Runtime(device=dev, precision=resolve_precision(dev, o.precision))
+
+
+@dataclass
+class _Run:
+    """What `_execute` hands to `_finish`."""
+
+    result: StyleResult
+    content: Image.Image  # for the comparison sheet
+    styles: list[Image.Image]
+    weights: Weights
+    phases: dict[str, float]
+    targets_info: dict[str, object]
+    sink: _ProgressSink
+
+
+def _oom_advice(runtime: Runtime) -> str:
+    return ", --precision bf16" if runtime.precision in (C.Precision.FP32, C.Precision.TF32) else ""
+
+
+def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
+    """Load the images and weights, choose the targets, and run `stylize` under a progress bar."""
+    from nst.engine.device import is_out_of_memory, out_of_memory_message
+    from nst.engine.images import load_image
+    from nst.engine.transfer import check_sizes
+
     phases: dict[str, float] = {}
-    inputs = [content, *styles]
-    init = a["init"]
-    if isinstance(init, str) and init not in C.INIT_CHOICES:
-        inputs.append(Path(init))
-    check_output(output, inputs)
-    swept = remove(temporaries_beside(output))  # what killed runs writing this output left
-    if swept and not quiet:
-        console.print(f"removed {len(swept)} stale temporaries beside {output} that killed runs left")
-    for extra, what in ((a["report"], "report"), (a["compare"], "comparison sheet")):
-        if extra is not None:
-            if any(_same_file(Path(extra), p) for p in [*inputs, output]):  # type: ignore[arg-type]
-                raise UserError(f"the {what} path {extra} would overwrite an input or the output")
-    if a["compare"] is not None:
-        output_format(Path(a["compare"]))  # type: ignore[arg-type]
-
-    cfg = config_from_options(a)
-    if cfg.style_blend and len(cfg.style_blend) != len(styles):
-        raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
-    dev = resolve_device(str(a["device"]))
-    prec = resolve_precision(dev, str(a["precision"]))
-    runtime = Runtime(device=dev, precision=prec)
-    try_bf16 = ", --precision bf16" if prec in (C.Precision.FP32, C.Precision.TF32) else ""  # for out-of-memory advice
-
     t = time.perf_counter()
-    content_im = load_image(content)
-    style_ims = [load_image(p) for p in styles]
-    init_im = load_image(Path(init)) if isinstance(init, str) and init not in C.INIT_CHOICES else None
+    content_im = load_image(o.content)
+    style_ims = [load_image(p) for p in o.styles]
+    init_im = load_image(o.init_path) if o.init_path else None
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
 
     t = time.perf_counter()
-    w = load_weights_for(str(a["weights"]), cfg.seed)
+    w = load_weights_for(o.weights, cfg.seed)
     phases["weights"] = time.perf_counter() - t
-    if w.is_random and not quiet:
+    if w.is_random and not o.quiet:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the result shows the method at work, not a painting[/]")
 
     t = time.perf_counter()
-    source, cache, targets_info = choose_targets(
-        a["targets"], cfg=cfg, weights=w, runtime=runtime, onnx_path=a["onnx"], provider=a["provider"], quiet=quiet  # type: ignore[arg-type]
-    )
+    source, cache, targets_info = choose_targets(o.targets, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet)
     phases["target setup"] = time.perf_counter() - t
 
     progress: Progress | None = None
-    task = None
-    if not quiet:
+    if not o.quiet:
         progress = Progress(
             TextColumn("[bold]stylize[/] {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )  # fmt: skip
-    total = cfg.iterations * len(cfg.sizes)
-    sink = _ProgressSink(progress, None, cfg, output)
+    sink = _ProgressSink(progress, None, cfg, o.output)
     rate_start = time.perf_counter()
 
     def callback(it: Iterate) -> None:
@@ -244,45 +317,55 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
             progress.update(sink.task, rate=f"{it.step / el:5.1f} it/s" if el > 0 else "")
         sink(it)
 
+    dev = runtime.device
     try:
         if progress is not None:
             progress.start()
-            sink.task = progress.add_task("stylize", total=total, loss="-", stage="", rate="")
+            sink.task = progress.add_task("stylize", total=cfg.iterations * len(cfg.sizes), loss="-", stage="", rate="")
         result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback)
     except Exception as e:  # running out of memory in the first scale: nothing to keep
         if not is_out_of_memory(e):
             raise
-        hint = f"try a smaller --size{try_bf16} or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
+        hint = f"try a smaller --size{_oom_advice(runtime)} or fewer --scales" + (", or --device cpu" if dev.type == "cuda" else "")
         raise fail(f"{out_of_memory_message(e, dev)} at size {cfg.sizes[0]}; {hint}", code=1) from None
     finally:
         if progress is not None:
             progress.stop()
     phases["targets"] = result.phases["targets"]
     phases["optimisation"] = result.phases["optimisation"]
+    return _Run(result, content_im, style_ims, w, phases, targets_info, sink)
+
+
+def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) -> None:
+    """Write the image, the sheet and the report; print the table; exit by how the run ended."""
+    from nst.engine.images import save_image
+    from nst.engine.transfer import RunStatus
+
+    result, phases = run.result, run.phases
     t = time.perf_counter()
-    save_image(result.image, output)
-    if a["compare"] is not None:
-        save_image(comparison_sheet(content_im, style_ims, result.image), Path(a["compare"]))  # type: ignore[arg-type]
+    save_image(result.image, o.output)
+    if o.compare is not None:
+        save_image(comparison_sheet(run.content, run.styles, result.image), o.compare)
     phases["save"] = time.perf_counter() - t
 
     per = seconds_per_iteration(result.iteration_seconds)
-    tinfo = {**result.targets, **targets_info}
-    if a["report"] is not None:
-        write_json(Path(a["report"]), run_report(result, cfg, runtime, w, phases, per, tinfo, output, sink.saved, sink.failed))  # type: ignore[arg-type]
-    if not quiet:
-        chosen = " (auto)" if str(a["precision"]).strip().lower() == "auto" else ""
-        extra = {"device, precision": f"{dev}, {prec.value}{chosen}",
-                 "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}{', fp32 as TF32' if tinfo.get('tf32') else ''}), cache {tinfo.get('cache')}"}
+    tinfo = {**result.targets, **run.targets_info}
+    if o.report is not None:
+        write_json(o.report, run_report(result, cfg, runtime, run.weights, phases, per, tinfo, o.output, run.sink.saved, run.sink.failed))
+    if not o.quiet:
+        chosen = " (auto)" if o.precision.strip().lower() == "auto" else ""
+        extra = {"device, precision": f"{runtime.device}, {runtime.precision.value}{chosen}",
+                 "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}{', fp32 as TF32' if tinfo.get('tf32') else ''}), cache {tinfo.get('cache')}"}  # fmt: skip
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
-        console.print(f"wrote {output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
+        console.print(f"wrote {o.output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
     if result.status == RunStatus.INTERRUPTED:
-        console.print(f"[yellow]interrupted:[/] {result.message}; saved {output}")
+        console.print(f"[yellow]interrupted:[/] {result.message}; saved {o.output}")
         raise typer.Exit(130)
     if result.status == RunStatus.NONFINITE:
-        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Lower --lr or the loss weights.")
+        console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. Lower --lr or the loss weights.")
         raise typer.Exit(1)
     if result.status == RunStatus.OOM:
-        console.print(f"[bold red]error:[/] {result.message}; saved {output}. Try without the last --scales entry{try_bf16}.")
+        console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. Try without the last --scales entry{_oom_advice(runtime)}.")
         raise typer.Exit(1)
 
 

@@ -158,3 +158,15 @@ def test_cuda_out_of_memory_is_one_line(images, tmp_path: Path, monkeypatch: pyt
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *FAST, "-q")
     # Exit 1, as for any failed allocation (2 is for usage mistakes).
     assert r.exit_code == 1 and "(an allocation of 20.00 GiB failed) at size 48" in r.output and "--size" in r.output
+
+
+def test_options_object_has_every_parameter_of_the_command():
+    """`stylize_command` hands its parameters to `StylizeOptions` by name: the two cannot drift."""
+    import dataclasses
+    import inspect
+
+    from nst.cli.stylize_cmd import StylizeOptions, stylize_command
+
+    assert [f.name for f in dataclasses.fields(StylizeOptions)] == list(inspect.signature(stylize_command).parameters)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        StylizeOptions(**dict.fromkeys(inspect.signature(stylize_command).parameters)).size = 3  # type: ignore[misc]
