@@ -207,16 +207,41 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(k in text for k in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
-def out_of_memory_message(e: BaseException, device: torch.device | None = None) -> str:
-    """One line: where memory ran out, and how much the failed allocation asked for if it says."""
+def format_bytes(n: float) -> str:
+    """`9437184` -> `9.0 MiB`, `157286400` -> `150 MiB`: binary units, never rounded to zero."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            break
+        n /= 1024
+    else:
+        unit = "TiB"
+    return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
+
+
+def failed_allocation_bytes(e: BaseException) -> int | None:
+    """How many bytes the failed allocation asked for, when the error says (None otherwise).
+
+    The formats met: CUDA's caching allocator ("Tried to allocate 2.00 GiB"), PyTorch's CPU
+    allocator ("you tried to allocate 9437184 bytes"), ONNX Runtime's arena ("requested buffer of
+    size 150994944") and NumPy ("Unable to allocate 2.00 GiB for an array"). A bare
+    `std::bad_alloc` carries no size.
+    """
     text = str(e)
-    amount = ""
-    if m := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA's caching allocator
-        amount = m.group(1)
-    elif m := re.search(r"allocate (\d+) bytes|requested buffer of size (\d+)", text):  # the CPU allocator; ONNX Runtime's arena
-        amount = f"{int(m.group(1) or m.group(2)) / 2**30:.1f} GiB"
+    if m := re.search(r"allocate (\d+) bytes|requested buffer of size (\d+)", text):
+        return int(m.group(1) or m.group(2))
+    if m := re.search(r"[Tt]ried to allocate ([\d.]+) ([KMGT]?i?B)|[Uu]nable to allocate ([\d.]+) ([KMGT]?i?B)", text):
+        value, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        power = {"B": 0, "KiB": 1, "MiB": 2, "GiB": 3, "TiB": 4, "KB": 1, "MB": 2, "GB": 3, "TB": 4}.get(unit, 0)
+        return round(float(value) * 1024**power)
+    return None
+
+
+def out_of_memory_message(e: BaseException, device: torch.device | None = None) -> str:
+    """One line: where memory ran out, and how much the failed allocation asked for."""
+    n = failed_allocation_bytes(e)
     where = f" on {device}" if device is not None else (" on the GPU" if isinstance(e, torch.OutOfMemoryError) else "")
-    return f"ran out of memory{where}" + (f" (an allocation of {amount} failed)" if amount else "")
+    size = f"an allocation of {format_bytes(n)} failed" if n is not None else "the failed allocation's size was not reported"
+    return f"ran out of memory{where} ({size})"
 
 
 def release_memory(device: torch.device) -> None:

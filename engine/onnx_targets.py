@@ -123,7 +123,10 @@ def _session_options() -> "object":
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3  # errors only: ORT's warnings about node placement are noise here
+    # Fatal only. Its warnings about node placement are noise here, and its errors (a failed
+    # allocation, say) also come back as the exception the caller turns into one `error:` line;
+    # logged too, they would print a coloured multi-line copy of it first.
+    so.log_severity_level = 4
     return so
 
 

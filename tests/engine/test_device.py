@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nst.engine.config import Precision
-from nst.engine.device import DeviceError, has_fast_bf16, is_out_of_memory, out_of_memory_message, resolve_precision
+from nst.engine.device import DeviceError, format_bytes, has_fast_bf16, is_out_of_memory, out_of_memory_message, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -53,8 +53,20 @@ def test_out_of_memory_is_recognised_in_either_wording():
     assert is_out_of_memory(cpu) and is_out_of_memory(cuda) and is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) and not is_out_of_memory(ValueError("out of memory"))
     assert out_of_memory_message(cpu, CPU) == "ran out of memory on cpu (an allocation of 3.0 GiB failed)"
-    assert out_of_memory_message(cuda) == "ran out of memory on the GPU (an allocation of 2.00 GiB failed)"
-    assert out_of_memory_message(MemoryError()) == "ran out of memory"
+    assert out_of_memory_message(cuda) == "ran out of memory on the GPU (an allocation of 2.0 GiB failed)"
+    assert out_of_memory_message(MemoryError()) == "ran out of memory (the failed allocation's size was not reported)"
+
+
+def test_out_of_memory_names_small_allocations_in_their_own_unit():
+    # Measured on this CPU under `ulimit -v`: most failed allocations are tens of MiB, which the
+    # message once rounded to "0.0 GiB" (no size at all, in effect).
+    small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9437184 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory_message(small, CPU) == "ran out of memory on cpu (an allocation of 9.0 MiB failed)"
+    arena = Exception("Failed to allocate memory for requested buffer of size 150994944")
+    assert "an allocation of 144 MiB failed" in out_of_memory_message(arena, CPU)
+    numpy_error = MemoryError("Unable to allocate 1.50 GiB for an array with shape (402653184,) and data type float32")
+    assert out_of_memory_message(numpy_error) == "ran out of memory (an allocation of 1.5 GiB failed)"
+    assert [format_bytes(n) for n in (512, 1536, 22282240, 401866752, 45742080000)] == ["512 B", "1.5 KiB", "21.2 MiB", "383 MiB", "42.6 GiB"]
 
 
 def test_onnx_runtime_allocation_failures_count_as_out_of_memory():
