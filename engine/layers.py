@@ -64,6 +64,12 @@ def deepest_layer(names: Iterable[str]) -> str:
     return max(names, key=LAYER_INDEX.__getitem__)
 
 
+def deepest_layer_within(side: int) -> str | None:
+    """The deepest ReLU whose output keeps a pixel for an input `side` px across (None if none)."""
+    fits = [n for n in LAYER_NAMES if n.startswith("relu") and layer_stride(n) <= side]
+    return fits[-1] if fits else None
+
+
 def min_input_size(names: Iterable[str]) -> int:
     """The smallest input edge that leaves at least one pixel at the deepest of `names`."""
     return layer_stride(deepest_layer(names))

@@ -25,7 +25,7 @@ from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_mes
 from .errors import ConfigError
 from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
-from .layers import deepest_layer, min_input_size
+from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import LBFGS
 from .losses import gram_matrix
 from .objective import Objective, make_objective, style_grams
@@ -136,14 +136,23 @@ def _style_hw(style: Image.Image, out_hw: tuple[int, int], cfg: StyleConfig) -> 
     return output_shape(style.width, style.height, longest)
 
 
-def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig) -> None:
+def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig, *, size: int) -> None:
     deepest = deepest_layer(cfg.content_layers + cfg.style_layers)
     need = min_input_size([deepest])
     if min(hw) < need:
+        # What can help: a larger image at this stage (the output's `size` or this `scales`
+        # entry; for a style image that is not resized to the output also `style_scale`), or
+        # layers that need fewer pixels. Not `style_scale` for the output: it does not change it.
+        first = len(cfg.sizes) > 1 and size != cfg.sizes[-1]
+        bigger = f"`scales` entry than {size}" if first else "`size`"
+        if what != "output" and not cfg.style_match_output:
+            bigger = f"`style_scale` or {bigger}"
+        shallow = deepest_layer_within(min(hw))
+        layers = f"layers no deeper than {shallow} (`style_layers`, `content_layers`)" if shallow else "a wider image"
         raise ImageError(
             f"the {what} would be {hw[1]}x{hw[0]} px, too small for layer {deepest} "
-            f"(needs at least {need} px on each side); use a larger `size` or `style_scale`",
-            params=("size", "style_scale"),
+            f"(needs at least {need} px on each side); use a larger {bigger}, or {layers}",
+            params=("size", "scales", "style_scale", "style_layers", "content_layers"),
         )
 
 
@@ -151,9 +160,9 @@ def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleC
     """Raise ImageError before any work if a stage's output or style image is too small."""
     for size in cfg.sizes:
         hw = output_shape(content.width, content.height, size, cfg.size_edge)
-        _check_size(hw, "output", cfg)
+        _check_size(hw, "output", cfg, size=size)
         for s in styles:
-            _check_size(_style_hw(s, hw, cfg), "style image", cfg)
+            _check_size(_style_hw(s, hw, cfg), "style image", cfg, size=size)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "missing content": (["stylize", str(tmp / "none.png"), s, "-o", out, *BASE], "image not found"),
         "missing style": (["stylize", c, str(tmp / "none.jpg"), "-o", out, *BASE], "image not found"),
         "broken image": (["stylize", str(broken), s, "-o", out, *BASE], "broken.png"),
-        "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "use a larger --size or --style-scale"),
+        "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "use a larger --size, or layers no deeper than"),
         "unknown layer": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu9_1"], "unknown layer 'relu9_1'"),
         "bad layer weight": (["stylize", c, s, "-o", out, *BASE, "--style-layer-weights", "1,x"], "bad weight 'x'"),
         "size zero": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "0"], "size 0 is out of range"),
@@ -109,3 +109,25 @@ def test_engine_parameter_names_read_as_flags():
 
     e = ConfigError("`style_blend` has 2 weights; the `style_blend` of `size`", params=("style_blend",))
     assert flag_message(e) == "--style-blend has 2 weights; the --style-blend of `size`"
+
+
+def test_too_thin_names_what_can_help_and_the_advice_works(images: dict[str, Path], tmp_path: Path):
+    """A content image too thin for the deepest layer: the error names a larger --size or
+    shallower layers (not --style-scale, which does not change the output), and both work."""
+    from PIL import Image
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (600, 20), "gray").save(thin)
+    out, s = tmp_path / "o.png", str(images["style"])
+    r = runner.invoke(app, ["stylize", str(thin), s, "-o", str(out), *BASE])  # 48x2 px: relu1_x fits at most
+    assert r.exit_code == 2, r.output
+    msg = " ".join(r.output.split())
+    assert "the output would be 48x2 px, too small for layer relu5_1 (needs at least 16 px on each side)" in msg
+    assert "--style-scale" not in msg and "a larger --size" in msg and "layers no deeper than relu2_2" in msg, msg
+    r = runner.invoke(app, ["stylize", str(thin), s, "-o", str(out), *BASE, "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_2", "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["stylize", str(thin), s, "-o", str(out), *BASE[:2], "--size", "480", "--iterations", "1", "--targets", "torch", "-q"])
+    assert r.exit_code == 0, r.output  # 480x16: relu5_1 fits
+    # A style image too small: there --style-scale does help, and is named.
+    r = runner.invoke(app, ["stylize", str(images["content"]), s, "-o", str(out), *BASE, "--style-scale", "0.1"])
+    assert r.exit_code == 2 and "a larger --style-scale" in " ".join(r.output.split()), r.output
