@@ -128,9 +128,17 @@ class Command(typer.core.TyperCommand):
                 p.display_type_rich = lambda ctx, label=label: f"<{label}>..."  # type: ignore[method-assign]
 
 
-def parse_list(text: str | None, *, cast: type = str, what: str = "value") -> tuple:
-    """`a,b,c` -> (a, b, c) with each item cast; a clear error for a bad item."""
-    if text is None or text.strip() == "":
+def parse_list(text: str | None, *, cast: type = str, what: str = "value", option: str | None = None) -> tuple:
+    """`a,b,c` -> (a, b, c) with each item cast; a clear error for a bad item.
+
+    With `option` (its flag, e.g. `--style-layers`), a value given but holding no item (`""`,
+    `,`) is an error naming the flag, rather than silently meaning "the default".
+    """
+    if text is None:
+        return ()
+    if option is not None and not [i for i in text.split(",") if i.strip()]:
+        raise UserError(f"{option} {text!r} names no {what}: give at least one, e.g. {option} {_EXAMPLES.get(option, 'a,b')}")
+    if text.strip() == "":
         return ()
     out = []
     for item in text.split(","):
@@ -143,3 +151,11 @@ def parse_list(text: str | None, *, cast: type = str, what: str = "value") -> tu
             raise UserError(f"bad {what} {item!r} in {text!r}") from None
     return tuple(out)
 
+
+_EXAMPLES = {
+    "--style-layers": "relu1_1,relu2_1,relu3_1",
+    "--content-layers": "relu4_2 (or --content-weight 0 for no content loss)",
+    "--style-layer-weights": "1,1,1,2,4",
+    "--style-blend": "3,7",
+    "--scales": "256,512",
+}

@@ -30,8 +30,8 @@ def export_command(
     """
     with user_errors():
         overrides = dict(
-            content_layers=parse_list(content_layers, what="layer") or None,
-            style_layers=parse_list(style_layers, what="layer") or None,
+            content_layers=parse_list(content_layers, what="layer", option="--content-layers") or None,
+            style_layers=parse_list(style_layers, what="layer", option="--style-layers") or None,
             pooling=pooling,
             seed=seed,
         )

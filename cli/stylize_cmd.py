@@ -87,12 +87,12 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
     overrides = dict(
         size=a["size"], iterations=a["iterations"], optimizer=a["optimizer"], lr=a["lr"],
         content_weight=a["content_weight"], style_weight=a["style_weight"], tv_weight=a["tv_weight"],
-        content_layers=parse_list(a["content_layers"], what="layer") or None,
-        style_layers=parse_list(a["style_layers"], what="layer") or None,
-        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight") or None,
-        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight") or None,
+        content_layers=parse_list(a["content_layers"], what="layer", option="--content-layers") or None,
+        style_layers=parse_list(a["style_layers"], what="layer", option="--style-layers") or None,
+        style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight", option="--style-layer-weights") or None,
+        style_blend=parse_list(a["style_blend"], cast=float, what="blend weight", option="--style-blend") or None,
         style_scale=a["style_scale"], init=a["init"], preserve_colors=a["preserve_colors"],
-        scales=parse_list(a["scales"], cast=int, what="size") or None,
+        scales=parse_list(a["scales"], cast=int, what="size", option="--scales") or None,
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
     )  # fmt: skip
     if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:

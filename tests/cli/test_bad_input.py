@@ -40,6 +40,11 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "broken image": (["stylize", str(broken), s, "-o", out, *BASE], "broken.png"),
         "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "use a larger --size, or layers no deeper than"),
         "unknown layer": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu9_1"], "unknown layer 'relu9_1'"),
+        # An empty list is a mistake, not "the default" (for no content loss: --content-weight 0).
+        "style layers empty": (["stylize", c, s, "-o", out, *BASE, "--style-layers", ""], "--style-layers '' names no layer"),
+        "style layers comma": (["stylize", c, s, "-o", out, *BASE, "--style-layers", ","], "--style-layers ',' names no layer"),
+        "content layers empty": (["stylize", c, s, "-o", out, *BASE, "--content-layers", ""], "or --content-weight 0 for no content loss"),
+        "scales comma": (["stylize", c, s, "-o", out, *BASE, "--scales", " , "], "--scales ' , ' names no size"),
         "bad layer weight": (["stylize", c, s, "-o", out, *BASE, "--style-layer-weights", "1,x"], "bad weight 'x'"),
         "size zero": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "0"], "size 0 is out of range"),
         "size absurd": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "1000000"], "out of range"),
@@ -69,7 +74,8 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
 
 
 @pytest.mark.parametrize("case", [
-    "missing content", "missing style", "broken image", "too thin", "unknown layer", "bad layer weight", "size zero",
+    "missing content", "missing style", "broken image", "too thin", "unknown layer", "style layers empty", "style layers comma",
+    "content layers empty", "scales comma", "bad layer weight", "size zero",
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "style scale", "init missing",
     "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "bad enum",
