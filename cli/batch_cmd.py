@@ -195,7 +195,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
 
         runner = RayRunner(
             weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=functools.partial(targets, quiet=True),
-            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True), batch_size=a["batch_size"],
+            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}"), batch_size=a["batch_size"],
         )
         return runner
     from nst.engine.device import resolve_device, resolve_precision
@@ -248,7 +248,7 @@ class _BatchView:
             self.counts["skipped"] += 1
         elif e.kind in ("retry", "warning"):
             self.retries += e.kind == "retry"
-            console.print(f"[yellow]warning:[/] {e.message}", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {e.message}")
         p = self.progress
         if p is None:
             return
@@ -284,7 +284,7 @@ def _sheet(job: Any, folder: Path) -> None:
         sheet = comparison_sheet(load_image(job.content), [load_image(p) for p in job.styles], to_tensor(load_image(job.output)))
         save_image(sheet, folder / job.key)
     except (ValueError, OSError) as e:
-        console.print(f"[yellow]warning:[/] no comparison sheet for {job.key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] no comparison sheet for {job.key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def closing_table(result: Any) -> Table:

@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from nst.engine.weights import Weights
 from nst.engine.errors import EngineError
 
-# stderr for messages and progress, so stdout stays clean for what a script may pipe.
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# stderr for messages and progress, so stdout stays clean for what a script may pipe. Rich takes
+# its width from the terminal (or $COLUMNS). In a terminal a long message wraps between words;
+# into a pipe or a file every message stays on one line (soft wrap), so `grep error:` finds it whole.
+console = Console(stderr=True, highlight=False)
+console.soft_wrap = not console.is_terminal
 
 CACHE_ENV = "NST_CACHE_DIR"
 
@@ -76,7 +79,7 @@ MISSING = (ResourceMissing, WeightsUnavailable)
 
 
 def fail(message: str, code: int = EXIT_INPUT) -> "typer.Exit":
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code=code)
 
 
@@ -101,7 +104,7 @@ def user_errors() -> Iterator[None]:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/] {message}")
 
 
 def load_weights_for(spec: str, seed: int) -> Weights:

@@ -51,10 +51,13 @@ def timing_table(phases: dict[str, float], per_iter: dict[str, float | None], *,
         table.add_row(name, f"{secs:.3f}")
     table.add_row("total", f"{sum(phases.values()):.3f}", style="bold")
     if per_iter["mean"] is not None:
-        table.caption = (
-            f"{iterations} iterations; s/iteration mean {per_iter['mean']:.4f}, median {per_iter['median']:.4f}"
-            + (f" ({1 / per_iter['median']:.1f} it/s)" if per_iter["median"] else "")
-        )
+        # Two rates, labelled: the overall one (iterations over the optimisation phase, what the
+        # progress bar ends on) counts the slow first iterations and any per-scale setup; the
+        # median iteration's does not.
+        optim = phases.get("optimisation", 0.0)
+        overall = f"{iterations / optim:.1f} it/s overall (as the bar)" if optim > 0 else "no time measured"
+        median = f"median {per_iter['median']:.4f} s" + (f" ({1 / per_iter['median']:.1f} it/s)" if per_iter["median"] else "")
+        table.caption = f"{iterations} iterations: {overall}; per iteration {median}, mean {per_iter['mean']:.4f} s"
     for k, v in (extra or {}).items():
         table.add_row(k, v, style="dim")
     return table
@@ -66,8 +69,9 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
 
 
-def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None) -> Image.Image:
-    """Content, style(s) and result side by side at the result's height, labelled underneath."""
+def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None, note: str | None = None) -> Image.Image:
+    """Content, style(s) and result side by side at the result's height, labelled underneath;
+    `note` (e.g. that the weights were random) on a line of its own below the labels."""
     from PIL import Image, ImageDraw
 
     from nst.engine.images import to_pil
@@ -78,12 +82,17 @@ def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: to
     names = labels or (["content"] + [f"style {i + 1}" if len(styles) > 1 else "style" for i in range(len(styles))] + ["result"])
     scaled = [t.resize((max(1, round(t.width * h / t.height)), h), Image.Resampling.LANCZOS) for t in tiles]
     gap, band = 8, 18
+    note_band = band if note else 0
     width = sum(t.width for t in scaled) + gap * (len(scaled) + 1)
-    sheet = Image.new("RGB", (width, h + 2 * gap + band), "white")
+    if note:  # wide enough for the note (Pillow's default font: about 6 px a character)
+        width = max(width, 2 * gap + round(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(note)))
+    sheet = Image.new("RGB", (width, h + 2 * gap + band + note_band), "white")
     draw = ImageDraw.Draw(sheet)
     x = gap
     for tile, name in zip(scaled, names):
         sheet.paste(tile, (x, gap))
         draw.text((x, h + gap + 3), name, fill="black")
         x += tile.width + gap
+    if note:
+        draw.text((gap, h + gap + band + 3), note, fill=(180, 0, 0))
     return sheet

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nst.engine import config as C
@@ -102,6 +103,18 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
     return build_config(a["preset"], overrides)
 
 
+def _rate(steps: int, seconds: float) -> str:
+    """Iterations per second since the optimisation began: the bar's figure and the summary's."""
+    return f"{steps / seconds:5.1f} it/s" if seconds > 0 else ""
+
+
+def _bar_console() -> Console:
+    """The progress bar's console: the terminal's width less 3 columns. A bar that fills the last
+    column leaves the cursor on the edge, where the `^C` a terminal echoes on Ctrl-C wraps onto a
+    new line and the bar is then drawn a second time."""
+    return Console(file=console.file, width=max(20, console.width - 3), highlight=False)
+
+
 class _ProgressSink:
     """Feeds the Rich bar and `--save-every`. Reads the loss (a GPU sync) at most 4 times a second."""
 
@@ -135,7 +148,7 @@ class _ProgressSink:
         except ImageError as e:
             self.failed.append(path)
             if len(self.failed) == 1:  # the same cause would repeat at every snapshot
-                console.print(f"[yellow]warning:[/] {e}; the run goes on (later snapshot failures are counted in the report)", soft_wrap=True)
+                console.print(f"[yellow]warning:[/] {e}; the run goes on (later snapshot failures are counted in the report)")
 
 
 def stylize_command(
@@ -306,15 +319,13 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         progress = Progress(
             TextColumn("[bold]stylize[/] {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=_bar_console(), transient=False,
         )  # fmt: skip
     sink = _ProgressSink(progress, None, cfg, o.output)
-    rate_start = time.perf_counter()
 
     def callback(it: Iterate) -> None:
         if progress is not None and sink.task is not None:
-            el = time.perf_counter() - rate_start
-            progress.update(sink.task, rate=f"{it.step / el:5.1f} it/s" if el > 0 else "")
+            progress.update(sink.task, rate=_rate(it.step, it.elapsed))
         sink(it)
 
     dev = runtime.device
@@ -323,6 +334,8 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
             progress.start()
             sink.task = progress.add_task("stylize", total=cfg.iterations * len(cfg.sizes), loss="-", stage="", rate="")
         result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback)
+        if progress is not None and sink.task is not None:  # the bar's last figure is the summary's
+            progress.update(sink.task, rate=_rate(result.steps, result.phases["optimisation"]))
     except Exception as e:  # running out of memory in the first scale: nothing to keep
         if not is_out_of_memory(e):
             raise
@@ -345,7 +358,8 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
     t = time.perf_counter()
     save_image(result.image, o.output)
     if o.compare is not None:
-        save_image(comparison_sheet(run.content, run.styles, result.image), o.compare)
+        note = f"weights: {run.weights.description}, not pretrained" if run.weights.is_random else None
+        save_image(comparison_sheet(run.content, run.styles, result.image, note=note), o.compare)
     phases["save"] = time.perf_counter() - t
 
     per = seconds_per_iteration(result.iteration_seconds)
@@ -357,7 +371,11 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
         extra = {"device, precision": f"{runtime.device}, {runtime.precision.value}{chosen}",
                  "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}{', fp32 as TF32' if tinfo.get('tf32') else ''}), cache {tinfo.get('cache')}"}  # fmt: skip
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
-        console.print(f"wrote {o.output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
+        if result.status == RunStatus.DONE:  # otherwise the status line below says where the image went
+            console.print(f"wrote {o.output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
+        for extra_path, what in ((o.compare, "comparison sheet"), (o.report, "report")):
+            if extra_path is not None:
+                console.print(f"wrote {extra_path} ({what})")
     if result.status == RunStatus.INTERRUPTED:
         console.print(f"[yellow]interrupted:[/] {result.message}; saved {o.output}")
         raise typer.Exit(130)

@@ -28,7 +28,7 @@ class TargetsMode(str, enum.Enum):
 
 
 def _warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/] {message}")
 
 
 def shape_profile(cfg: StyleConfig):  # -> ShapeProfile (imported lazily with onnxruntime)
