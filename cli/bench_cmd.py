@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -62,6 +63,7 @@ def bench_command(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one CSV row per result here.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: ms/iteration and TFLOP/s against size, a line per precision.")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Print every column (about 190 wide) instead of the table that fits the terminal.")] = False,
 ) -> None:
     """Measure the optimisation loop's throughput.
 
@@ -69,7 +71,7 @@ def bench_command(
     """
     import torch
 
-    from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, skipped_row
+    from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
     from nst.engine.bench_targets import bench_targets
     from nst.engine.device import resolve_device, resolve_precision
 
@@ -123,10 +125,12 @@ def bench_command(
                     for h, wd in hw:
                         status.update(f"targets phase {pr} {h}x{wd}")
                         rows.extend(bench_targets(BenchCase(h, wd, preset=pr, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark),
-                                                  weights=w, device=dev, iterations=iterations, warmup=min(warmup, 1) or 1, seed=seed, onnx_path=onnx_path))
-        # A wide table: on a narrow or redirected terminal let it run past the edge, not wrap cells.
-        wide = Console(file=console.file, width=max(console.width, 200), highlight=False)
-        wide.print(_table(rows, dev))
+                                                  weights=w, device=dev, iterations=iterations, warmup=min(warmup, 1) or 1, seed=seed, onnx_path=onnx_path, peaks=peaks))
+        rows = settle_peaks(rows)
+        if wide:  # every column: let it run past the terminal's edge rather than wrap its cells
+            Console(file=console.file, width=max(console.width, 200), highlight=False).print(_table(rows, dev))
+        else:
+            console.print(_narrow_table(rows, dev))
         for reason in dict.fromkeys(f"{r.precision} {r.loop}: {r.reason}" for r in rows if r.status != "ok"):
             console.print(f"[yellow]skipped[/] {reason}")
         meta = {
@@ -188,6 +192,51 @@ def _case_note(r: BenchRow) -> str:
     if r.precision in ("bf16", "fp16") and not r.lowp_weights:
         notes.append("weights cast per call")
     return ", ".join(notes)
+
+
+def _case_label(r: BenchRow, *, presets_vary: bool) -> tuple[str, str]:
+    """What a row timed, in a few words (`fast lbfgs`, `adam step alone`, `targets onnxruntime
+    cpu`), and its flags that differ from the defaults (`weights cast per call`), or ""."""
+    if r.phase == "optimisation":
+        parts = [r.loop, r.optimizer]
+    elif r.phase == "optimizer":
+        parts = [r.optimizer, "step alone"]
+    elif r.phase == "targets":
+        parts = ["targets", r.provider.removesuffix(" (OnnxTargets)")]
+    elif r.phase == "batch":
+        parts = [f"batch of {r.batch_size}", r.optimizer]
+    else:
+        parts = [r.phase, r.loop, r.optimizer]
+    if presets_vary:
+        parts.append(r.preset)
+    if not r.channels_last:
+        parts.append("NCHW")
+    note = _case_note(r)
+    if r.phase == "batch" and r.status == "ok" and r.jobs_per_minute is not None:
+        note = ", ".join(x for x in (f"{r.jobs_per_minute:.2f} jobs/min", note) if x)
+    return " ".join(p for p in parts if p and p not in ("-", "none")), note
+
+
+def _narrow_table(rows: list[BenchRow], dev: torch.device) -> Table:
+    """The columns that fit 80: what ran, precision, size, ms/it, TFLOP/s, % of peak, memory.
+    `--wide`, `--json` and `--csv` have the rest (p10-p90, it/s, MP-it/s, each flag)."""
+    presets_vary = len({r.preset for r in rows}) > 1
+    table = Table(title=f"nst bench: {_device_name(dev)}", header_style="bold", box=box.SIMPLE_HEAD)
+    table.add_column("case", overflow="fold")
+    table.add_column("prec")
+    for col in ("size", "ms/it", "TFLOP/s", "% peak", "MB"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        ok = r.status == "ok"
+        label, note = _case_label(r, presets_vary=presets_vary)
+        table.add_row(label, r.precision, r.size, f"{r.ms_per_iteration:.2f}" if ok else "skipped",
+                      _fmt(r.tflops, 3), _fmt(r.percent_of_peak, 1), _fmt(r.peak_memory_mb, 0))
+        if note:  # on a line of its own, so the case column stays narrow
+            table.add_row(f"  {note}", style="dim")
+    sources = sorted({r.peak_source for r in rows if r.peak_source})
+    notes = (["preset " + rows[0].preset] if rows and not presets_vary else []) + (["peak: " + "; ".join(sources)] if sources else [])
+    table.caption = "; ".join(notes) + ("; more columns: --wide, --json, --csv" if rows else "")
+    return table
 
 
 def _table(rows: list[BenchRow], dev: torch.device) -> Table:

@@ -24,7 +24,7 @@ from .weights import Weights
 
 
 @torch.no_grad()
-def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 5, warmup: int = 1, seed: int = 0, onnx_path: Path | None = None) -> list[BenchRow]:
+def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, iterations: int = 5, warmup: int = 1, seed: int = 0, onnx_path: Path | None = None, peaks: dict | None = None) -> list[BenchRow]:
     """The targets phase: content features and style Grams for one image pair, PyTorch against
     ONNX Runtime, in ms per pair.
 
@@ -32,20 +32,20 @@ def bench_targets(case: BenchCase, *, weights: Weights, device: torch.device, it
     `onnx_targets.OnnxTargets`, what `stylize --targets onnx` runs, on its CPU and CUDA providers.
     Without it they run a minimal in-memory export of the cut network on ONNX Runtime's CPU (and
     CUDA) provider, Grams taken in PyTorch on the host. TensorRT is not benchmarked (its engine
-    build takes minutes)."""
+    build takes minutes). `peaks` is the sweep's cache of peaks (see `peaks.peak_for`)."""
     cfg = bench_config(case)
     check_case_size(cfg, case)
 
     def measure() -> list[BenchRow]:
         with device_context(device):
-            return _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path)
+            return _measure_targets(case, cfg, weights=weights, device=device, iterations=iterations, warmup=warmup, seed=seed, onnx_path=onnx_path, peaks=peaks)
 
     return unless_out_of_memory(
         measure, device, lambda reason: [skipped_row(dataclasses.replace(case, precision=Precision.FP32, loop="torch"), device, reason, phase="targets")],
     )
 
 
-def _measure_targets(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, onnx_path: Path | None) -> list[BenchRow]:
+def _measure_targets(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device: torch.device, iterations: int, warmup: int, seed: int, onnx_path: Path | None, peaks: dict | None) -> list[BenchRow]:
     runtime = Runtime(device=device, precision=Precision.FP32, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark)
     content, style = case_images(case, device, seed)
     layers = (*cfg.content_layers, *cfg.style_layers)
@@ -64,7 +64,7 @@ def _measure_targets(case: BenchCase, cfg: StyleConfig, *, weights: Weights, dev
             torch_src.compute(style, content_layers=(), style_layers=cfg.style_layers)
 
         times = _time_plain(run_torch, device, iterations, warmup)
-    peak = peak_for(device, Precision.FP32)
+    peak = peak_for(device, Precision.FP32, peaks)
     rows.append(row_from_times(dataclasses.replace(base, loop="torch"), device, times, fwd, peak, (None, "not measured for targets rows"), **extra))
     rows[-1].provider = f"torch {device}"
     if onnx_path is not None:

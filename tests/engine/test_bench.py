@@ -218,3 +218,21 @@ def test_every_phase_times_under_its_device_context(weights, device_contexts, mo
     assert bench.bench_optimizer(BenchCase(32, 32, optimizer="lbfgs"), device=CPU, iterations=1, warmup=0, history=2).status == "ok"
     assert bench_targets(BenchCase(32, 32), weights=weights, device=CPU, iterations=1, warmup=1) == []
     assert timed_under == [CPU, CPU, CPU]
+
+
+def test_settle_peaks_caps_every_row_at_100_percent():
+    from nst.engine.bench import BenchRow, settle_peaks
+
+    def row(tflops, peak, source, precision="fp32", device="cpu"):
+        return BenchRow(size="32x32", precision=precision, device=device, ms_per_iteration=1.0, ms_per_iteration_p10=1.0,
+                        ms_per_iteration_p90=1.0, iterations_per_second=1e3, megapixel_iterations_per_second=1.0, tflops=tflops,
+                        percent_of_peak=100 * tflops / peak, peak_memory_mb=None, peak_tflops=peak, peak_source=source)  # fmt: skip
+
+    rows = [row(0.2, 0.1, "measured a"), row(0.05, 0.08, "measured b"), row(0.3, 1.0, "measured c", precision="bf16"),
+            row(80.0, 67.0, "NVIDIA H100 SXM datasheet", device="cuda:0"), BenchRow(**{**row(1, 1, "").to_dict(), "tflops": None, "percent_of_peak": None})]
+    out = settle_peaks(rows)
+    assert [r.percent_of_peak for r in out[:4]] == pytest.approx([100.0, 25.0, 30.0, 100.0])
+    assert out[0].peak_tflops == out[1].peak_tflops == 0.2 and "above measured a at 0.1 TFLOP/s" in out[0].peak_source
+    assert out[2].peak_source == "measured c"  # a peak no row beat is kept as it was
+    assert "check its FLOP count" in out[3].peak_source  # beating a datasheet is a bug somewhere
+    assert out[4].percent_of_peak is None
