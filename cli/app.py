@@ -72,28 +72,33 @@ def weights_status_command(as_json: Annotated[bool, typer.Option("--json", help=
     if as_json:
         print(json.dumps(st, indent=2))
         return
-    table = Table(title="VGG19 weights", show_header=False)
-    hub = f"{st['hub_file']} ({'present' if st['hub_file_present'] else 'absent'}"
+    # No table: each path goes on a line of its own, whole (an 80-column table cut them), to copy.
+    hub = "present" if st["hub_file_present"] else "absent"
     if st["hub_file_verified"] is not None:
         hub += ", sha256 " + ("matches torchvision's" if st["hub_file_verified"] else "does not match torchvision's: used as a plain file")
-    table.add_row("torch hub file", hub + ")")
-    imported = f"{st['imported_file']} ({'present' if st['imported_present'] else 'absent'})"
+    imported = "present" if st["imported_present"] else "absent"
     if st.get("imported_error"):
         imported += f", {st['imported_error']}"
     elif st["imported_present"]:
         imported += f", fingerprint {st['imported_fingerprint']}, made from {st['imported_from'] or 'an unrecorded file'}, " + (
             "verified as torchvision's file (sha256)" if st["imported_verified"] else "not verified: not torchvision's file byte for byte"
         )
-    table.add_row("imported copy", imported)
     if st["imagenet_available"]:
         ready = "ready"
     elif st["hub_file_verified"] is False:
         ready = "not available: the torch hub file is not torchvision's; delete it to download the real one, or `nst weights import FILE`"
     else:
         ready = "needs a download or `nst weights import FILE`"
-    table.add_row("--weights imagenet", ready)
-    table.add_row("--weights random", "always available (seeded, not pretrained)")
-    console.print(table)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row("--weights imagenet", ready)
+    grid.add_row("--weights random", "always available (seeded, not pretrained)")
+    console.print("[bold]VGG19 weights[/]")
+    console.print(grid)
+    for what, state, path in (("torch hub file", hub, st["hub_file"]), ("imported copy", imported, st["imported_file"])):
+        console.print(f"{what}: {state}", markup=False)
+        console.print(f"  {path}", markup=False, soft_wrap=True)
 
 
 @weights_app.command("import")
@@ -121,7 +126,9 @@ def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     from nst.engine.device import resolve_precision, supported_precisions
 
     devices = [torch.device("cpu")] + [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    usable, unusable = _ort_provider_check()
     info: dict[str, object] = {
+        "gpus": [torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"],
         "devices": {
             str(d): {
                 "name": torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU",
@@ -131,7 +138,9 @@ def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
             for d in devices
         },
         "cpu_threads": torch.get_num_threads(),
-        "onnxruntime_providers": _ort_providers(),
+        "onnxruntime_providers": _ort_providers(),  # built in; the two below: usable here, and why not
+        "onnxruntime_providers_usable": usable,
+        "onnxruntime_providers_unusable": unusable,
         "weights": weights_status(cache_dir=cache_dir(), hub_dir=torch_hub_dir()),
         "cache_dir": str(cache_dir()),
         "layers": list(LAYER_NAMES),
@@ -141,16 +150,46 @@ def info_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
         print(json.dumps(info, indent=2))
         return
     table = Table(title="nst info", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a long path folds; it is never cut short
+    gpus = info["gpus"]
+    table.add_row("GPU", ", ".join(gpus) if gpus else f"no GPU: torch {torch.__version__} sees no CUDA device, everything runs on the CPU")  # type: ignore[arg-type]
     for dev, d in info["devices"].items():  # type: ignore[union-attr]
         table.add_row(f"device {dev}", f"{d['name']}; precisions {', '.join(d['precisions'])}; --precision auto runs {d['auto_precision']}")
     table.add_row("cpu threads", str(info["cpu_threads"]))
-    table.add_row("onnxruntime providers", ", ".join(info["onnxruntime_providers"]) or "onnxruntime not installed")  # type: ignore[arg-type]
+    if not info["onnxruntime_providers"]:
+        table.add_row("onnxruntime", "not installed")
+    else:
+        short = lambda ep: {"TensorrtExecutionProvider": "TensorRT"}.get(ep, ep.removesuffix("ExecutionProvider"))  # noqa: E731
+        table.add_row("onnxruntime providers", ", ".join(map(short, usable)) or "none usable")
+        for why in dict.fromkeys(unusable.values()):  # grouped by reason: one line for "no GPU"
+            names = [short(ep) for ep, w in unusable.items() if w == why]
+            table.add_row("", f"{', '.join(names)}: built in, not usable here ({why})", style="dim")
     w = info["weights"]
     table.add_row("imagenet weights", "ready" if w["imagenet_available"] else "not available (see `nst weights status`)")  # type: ignore[index]
     table.add_row("cache folder", str(info["cache_dir"]))
     table.add_row("layers", " ".join(LAYER_NAMES))
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))  # type: ignore[union-attr]
     console.print(table)
+
+
+def _ort_provider_check() -> tuple[list[str], dict[str, str]]:
+    """(providers that can run here, {built-in provider that cannot: why}), e.g. no GPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return [], {}
+    from nst.engine.onnx_targets import PROVIDERS, provider_problem
+
+    usable, unusable = [], {}
+    for short, ep in PROVIDERS.items():
+        if ep in ort.get_available_providers():
+            why = provider_problem(short)
+            if why is None:
+                usable.append(ep)
+            else:
+                unusable[ep] = why
+    return usable, unusable
 
 
 def _ort_providers() -> list[str]:

@@ -90,11 +90,14 @@ def provider_problem(provider: str) -> str | None:
     import onnxruntime as ort
 
     ep = PROVIDERS[provider]
+    if provider != "cpu" and not torch.cuda.is_available():
+        # First: without a GPU, a missing CUDA library or onnxruntime-gpu is beside the point.
+        return "no CUDA GPU is visible"
     if ep not in ort.get_available_providers():
         return f"this onnxruntime build has no {ep} (install onnxruntime-gpu)"
     if provider == "cpu":
         return None
-    if torch.cuda.is_available() and hasattr(ort, "preload_dlls"):
+    if hasattr(ort, "preload_dlls"):
         try:  # CUDA/cuDNN from PyTorch's wheels, where the system has none
             ort.preload_dlls()
         except Exception:
@@ -114,8 +117,6 @@ def provider_problem(provider: str) -> str | None:
                 continue
         else:
             return f"libnvinfer not found: it needs {_NEEDS['tensorrt']}"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
     return None
 
 
@@ -143,7 +144,9 @@ def open_session(path: Path, provider: Provider | str, *, device: torch.device, 
     tag = _model_tag(path)
     fallbacks: dict[str, str] = {}
     for name in order:
-        reason = TENSORRT_TF32 if provider == "auto" and name == "tensorrt" and not fp16 else provider_problem(name)
+        reason = provider_problem(name)  # first: "no CUDA GPU is visible" says the most on a GPU-less machine
+        if reason is None and provider == "auto" and name == "tensorrt" and not fp16:
+            reason = TENSORRT_TF32
         if reason is None and provider == "auto" and name != "cpu" and device.type != "cuda":
             reason = f"the run is on the {device.type}"
         if reason is None:
