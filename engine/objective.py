@@ -8,19 +8,26 @@ mask is where it is meant to grow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import LossForm, StyleConfig, content_layer_weights, style_layer_weights
 from .device import Runtime, autocast
+from .errors import ConfigError
 from .features import VGGFeatures
 from .layers import feature_hw
 from .losses import content_loss, style_loss, tv_loss
 from .targets import ImageTargets
 
-Terms = dict[str, torch.Tensor]  # weighted "content", "style", "tv", each 0-dim
+Terms = dict[str, torch.Tensor]  # weighted "content", "style", "tv" (and any extra terms), each 0-dim
+
+# An extra loss term: the image being optimised, (1, 3, h, w) in [0, 1] units (not clamped) at the
+# stage's size (the luminance image under `PreserveColors.LUMINANCE`), to a 0-dim weighted loss.
+# Video's temporal term is one; it is added to content + style + TV and reported under its name.
+ExtraTerm = Callable[[torch.Tensor], torch.Tensor]
+BASE_TERMS = ("content", "style", "tv")
 
 
 def style_grams(
@@ -57,12 +64,14 @@ class Objective:
     pixels: int  # H*W of the image: the keras form's style normalisation
     # Several images in x, each against its own targets ((N, ...) each): (N,) terms, one per image.
     per_image: bool = False
+    extra: Mapping[str, ExtraTerm] = field(default_factory=dict)  # name -> term, after the three (one image only)
 
     def terms(self, x: torch.Tensor) -> Terms:
         """Each term, weighted, for the image `x` (1, 3, H, W), or with `per_image` for each image
         of `x` (N, 3, H, W)."""
         cfg, form = self.cfg, self.cfg.loss_form
         img = x / cfg.pixel_scale
+        extra = {name: term(img).float() for name, term in self.extra.items()}
         if self.runtime.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         with autocast(self.runtime):
@@ -73,11 +82,14 @@ class Objective:
         s = sum((w * style_loss(feats[k], self.grams[k], form=form, image_pixels=self.pixels, per_image=each) for k, w in self.style_weights.items()), zero)
         # The notebook's TV acts on its 0-255 image; the normalised TV on the [0, 1] image.
         tv = tv_loss(x if form == LossForm.KERAS else img, form=form, per_image=each)
-        return {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv}
+        return {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv, **extra}
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Terms]:
         terms = self.terms(x)
-        return terms["content"] + terms["style"] + terms["tv"], terms
+        total = terms["content"] + terms["style"] + terms["tv"]
+        for name in self.extra:
+            total = total + terms[name]
+        return total, terms
 
 
 def make_objective(
@@ -89,12 +101,25 @@ def make_objective(
     hw: tuple[int, int],
     *,
     per_image: bool = False,
+    extra_terms: Mapping[str, ExtraTerm] | None = None,
 ) -> Objective:
     """The stage's objective at output size `hw`, with the configuration's per-layer weights
-    (`per_image`: for a batch of images, each against its own targets)."""
+    (`per_image`: for a batch of images, each against its own targets) and any `extra_terms`
+    added to the three (for one image)."""
     content_weights = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
     style_weights = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
-    return Objective(net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1], per_image)
+    extra = check_extra_terms(extra_terms)
+    if extra and per_image:
+        raise ConfigError("extra loss terms are for one image at a time, not a batch", params=("extra_terms",))
+    return Objective(net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1], per_image, extra)
 
 
-__all__ = ["Objective", "Terms", "make_objective", "style_grams"]
+def check_extra_terms(extra_terms: Mapping[str, ExtraTerm] | None) -> dict[str, ExtraTerm]:
+    """The extra terms as a dict, or ConfigError for a name that would hide one of the three."""
+    extra = dict(extra_terms or {})
+    if clash := sorted(set(extra) & set(BASE_TERMS)):
+        raise ConfigError(f"extra loss terms need names other than content, style and tv: {', '.join(clash)}", params=("extra_terms",))
+    return extra
+
+
+__all__ = ["ExtraTerm", "Objective", "Terms", "check_extra_terms", "make_objective", "style_grams"]

@@ -11,7 +11,7 @@ import enum
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,7 +28,7 @@ from .images import ImageError, load_image, output_shape, resize, to_tensor
 from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import LBFGS
 from .losses import gram_matrix
-from .objective import Objective, make_objective, style_grams
+from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
 from .stopwatch import Stopwatch
 from .targets import ImageTargets, TargetSource, TorchTargets
 from .weights import Weights, load_into
@@ -230,8 +230,15 @@ def stylize(
     init_image: Image.Image | None = None,
     callback: Callable[[Iterate], None] | None = None,
     model: VGGFeatures | None = None,
+    loop_model: VGGFeatures | None = None,
+    extra_terms: Mapping[str, ExtraTerm] | None = None,
 ) -> StyleResult:
     """Optimise an image so its VGG19 features match `content`'s and its Grams match `styles`'.
+
+    `model` (from `build_model`) and `loop_model` (`loop_network(model, runtime)`) let a caller
+    that stylises many images build the network once. `extra_terms` adds named loss terms of the
+    image to every stage's objective (video's temporal term is one); without them the objective
+    is content + style + TV, unchanged.
 
     Each scale is a stage: its images, its objective (targets and weighted loss terms), then the
     optimiser's loop from the previous stage's result. Ctrl-C (KeyboardInterrupt) or `StopRun`
@@ -241,7 +248,8 @@ def stylize(
     """
     each = None if callback is None else (lambda _i, it: callback(it))
     return stylize_many(
-        [content], [styles], cfg, weights=weights, runtime=runtime, targets=targets, cache=cache, init_images=[init_image], callback=each, model=model
+        [content], [styles], cfg, weights=weights, runtime=runtime, targets=targets, cache=cache, init_images=[init_image], callback=each, model=model,
+        loop_model=loop_model, extra_terms=extra_terms,
     )[0]
 
 
@@ -263,6 +271,8 @@ def stylize_many(
     init_images: Sequence[Image.Image | None] | None = None,
     callback: Callable[[int, Iterate], None] | None = None,
     model: VGGFeatures | None = None,
+    loop_model: VGGFeatures | None = None,
+    extra_terms: Mapping[str, ExtraTerm] | None = None,
 ) -> list[StyleResult]:
     """`stylize` for several contents at once (each with its own styles), stacked into one
     (N, 3, H, W) tensor: one forward and backward per iteration for all of them.
@@ -281,6 +291,8 @@ def stylize_many(
     if not all(styles):
         raise ConfigError("give at least one style image")
     blends = [_blend(cfg, len(s)) for s in styles]
+    if check_extra_terms(extra_terms) and n > 1:
+        raise ConfigError("extra loss terms are for one image at a time, not a batch", params=("extra_terms",))
     for content, st in zip(contents, styles):
         check_sizes(content, st, cfg)
     shapes = stage_shapes(contents[0].width, contents[0].height, cfg)
@@ -296,7 +308,8 @@ def stylize_many(
     with clock.phase("model"):
         if model is None:
             model = build_model(cfg, weights, runtime)
-        net = loop_network(model, runtime)  # once for every scale; the targets keep the fp32 model
+        # Once for every scale; the targets keep the fp32 model.
+        net = loop_model if loop_model is not None else loop_network(model, runtime)
     source = targets or TorchTargets(model)
     mid = model_id(weights, cfg, source=source)
     lookups = [_TargetLookup(source, cache, mid, cfg) for _ in range(n)]  # per image: its cache hits
@@ -319,7 +332,7 @@ def stylize_many(
                     init = torch.cat([_init_image(cfg, sg.network_content, sg.styles[0], im, sg.hw, dev) for sg, im in zip(stages, inits)])
                 else:
                     init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
-                objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1)
+                objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms)
                 x_prev = loop.run_stage(stages, objective, init)
                 done = (x_prev, stages)
                 if not loop.running:

@@ -15,7 +15,7 @@ from nst.engine.images import ImageError, load_image, to_tensor, resize
 from nst.engine.losses import content_loss, gram_matrix, style_loss, tv_loss
 from nst.engine.targets import ImageTargets, TorchTargets
 from nst.engine.transfer import StopRun, build_model, stylize
-from nst.engine.device import Runtime
+from nst.engine.device import Runtime, resolve_precision
 from nst.engine.weights import load_into
 
 SMALL = dataclasses.replace(GATYS, size=48, iterations=6, style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu3_2",))
@@ -290,3 +290,43 @@ def test_images_optimised_together_must_share_their_sizes(pics, weights):
     c, s, _ = pics
     with pytest.raises(ValueError, match="same size"):
         stylize_many([c, c.rotate(90, expand=True)], [[s], [s]], SMALL, weights=weights)
+
+
+def test_extra_terms_join_the_objective_and_leave_it_alone_when_absent(pics, weights):
+    c, s, _ = pics
+    cfg = dataclasses.replace(SMALL, iterations=4)
+    base = stylize(c, [s], cfg, weights=weights)
+    # A term that is always zero changes nothing, byte for byte, and is reported.
+    zero = stylize(c, [s], cfg, weights=weights, extra_terms={"nothing": lambda img: img.sum() * 0})
+    assert torch.equal(zero.image, base.image) and zero.loss_history == base.loss_history
+    assert zero.loss_terms["nothing"] == 0 and set(base.loss_terms) == {"content", "style", "tv"}
+    # A heavy pull towards a flat grey wins over content and style; the loss is the sum of the terms.
+    grey = torch.full((1, 3, 32, 48), 0.5)
+    seen = []
+    pulled = stylize(c, [s], cfg, weights=weights, extra_terms={"grey": lambda img: 1e3 * (img - grey).pow(2).mean()},
+                     callback=lambda it: seen.append((float(it.loss), {k: float(v) for k, v in it.terms.items()})))
+    assert (pulled.image - 0.5).abs().mean() < 0.5 * (base.image - 0.5).abs().mean()
+    loss, terms = seen[-1]
+    assert set(terms) == {"content", "style", "tv", "grey"} and loss == pytest.approx(sum(terms.values()), rel=1e-5)
+    # With coarse-to-fine scales the term sees each stage's image.
+    sizes = []
+    stylize(c, [s], dataclasses.replace(cfg, scales=(32, 48), iterations=1), weights=weights,
+            extra_terms={"size": lambda img: sizes.append(tuple(img.shape[-2:])) or img.sum() * 0})
+    assert (21, 32) in sizes and (32, 48) in sizes
+    with pytest.raises(ValueError, match="names other than content, style and tv"):
+        stylize(c, [s], cfg, weights=weights, extra_terms={"style": lambda img: img.sum()})
+    from nst.engine.transfer import stylize_many
+
+    with pytest.raises(ValueError, match="one image at a time"):
+        stylize_many([c, c], [[s], [s]], cfg, weights=weights, extra_terms={"grey": lambda img: img.sum()})
+
+
+def test_a_caller_built_network_gives_the_same_image(pics, weights):
+    from nst.engine.transfer import loop_network
+
+    c, s, _ = pics
+    rt = Runtime(precision=resolve_precision(torch.device("cpu"), "auto"))
+    model = build_model(SMALL, weights, rt)
+    a = stylize(c, [s], SMALL, weights=weights, runtime=rt)
+    b = stylize(c, [s], SMALL, weights=weights, runtime=rt, model=model, loop_model=loop_network(model, rt))
+    assert torch.equal(a.image, b.image)
