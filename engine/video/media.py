@@ -1,0 +1,357 @@
+"""Frames in and out: video files through PyAV (FFmpeg), folders or globs of frames through Pillow.
+
+PyAV is imported only here and only when a video is opened or written, so `import nst.engine`
+never pays for it.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from PIL import Image
+
+from ..files import write_atomic
+from ..images import load_image
+
+# Containers we write, by extension, with FFmpeg's muxer name and the encoders to try in order:
+# H.264 first (plays everywhere), then what the installed FFmpeg has that the container holds.
+CONTAINERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    ".mp4": ("mp4", ("libx264", "libopenh264", "h264_videotoolbox", "mpeg4")),
+    ".m4v": ("mp4", ("libx264", "libopenh264", "h264_videotoolbox", "mpeg4")),
+    ".mov": ("mov", ("libx264", "libopenh264", "h264_videotoolbox", "mpeg4")),
+    ".mkv": ("matroska", ("libx264", "libopenh264", "libvpx-vp9", "mpeg4")),
+    ".webm": ("webm", ("libvpx-vp9", "libvpx", "libaom-av1")),
+    ".avi": ("avi", ("libx264", "mpeg4")),
+}
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_FPS = Fraction(25)  # for a folder of frames, which carries no frame rate
+
+
+class VideoError(ValueError):
+    """A video or frame folder that cannot be read or written; the message names the file."""
+
+
+def is_video_path(path: Path) -> bool:
+    """Whether `path` names a video file by its extension (else it is a folder of frames)."""
+    return Path(path).suffix.lower() in CONTAINERS
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """`--frames A:B` and `--every N`: source frames A (from 0) up to B (excluded), every Nth."""
+
+    start: int = 0
+    stop: int | None = None  # None: to the end
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+            raise ValueError(f"frame range {self.start}:{'' if self.stop is None else self.stop} is empty or negative: use A:B with 0 <= A < B")
+        if self.every < 1:
+            raise ValueError(f"every must be 1 or more, got {self.every}")
+
+    @classmethod
+    def parse(cls, text: str | None, every: int = 1) -> "FrameSelection":
+        """`A:B`, `A:` or `:B` (a Python slice of frame numbers from 0)."""
+        if text is None or text.strip() in ("", ":"):
+            return cls(every=every)
+        m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
+        if not m:
+            raise ValueError(f"bad frame range {text!r}: use A:B (frames A to B-1, counting from 0), A: or :B")
+        return cls(int(m.group(1) or 0), int(m.group(2)) if m.group(2) else None, every)
+
+    def picks(self, index: int) -> bool:
+        return index >= self.start and (self.stop is None or index < self.stop) and (index - self.start) % self.every == 0
+
+    def count(self, total: int | None) -> int | None:
+        """How many frames a source of `total` frames gives (None if unknown)."""
+        if total is None:
+            return None
+        end = total if self.stop is None else min(total, self.stop)
+        return max(0, -(-(end - self.start) // self.every))
+
+    def fps(self, fps: Fraction) -> Fraction:
+        """The output's frame rate: every Nth frame at 1/N the rate keeps the clip's duration."""
+        return fps / self.every
+
+    def to_dict(self) -> dict[str, object]:
+        return {"start": self.start, "stop": self.stop, "every": self.every}
+
+
+@dataclass
+class Clip:
+    """An opened input: a video file, or an ordered list of frame files."""
+
+    path: Path
+    kind: str  # "video" | "frames"
+    fps: Fraction | None  # None for frames (they carry none)
+    frames: int | None  # frames in the source; None when the container does not say
+    width: int
+    height: int
+    audio: bool = False
+    codec: str = ""
+    files: list[Path] = field(default_factory=list)
+
+    def describe(self) -> dict[str, object]:
+        return {"path": str(self.path), "kind": self.kind, "fps": str(self.fps) if self.fps else None, "frames": self.frames,
+                "size": f"{self.width}x{self.height}", "codec": self.codec or None, "audio": self.audio}  # fmt: skip
+
+    def identity(self) -> dict[str, object]:
+        """What tells this input apart from an edited one (for resuming): names, sizes, times."""
+        files = [self.path] if self.kind == "video" else self.files
+        return {"kind": self.kind, "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def _av_message(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return str(text).splitlines()[0] if text else type(e).__name__
+
+
+def _natural_key(path: Path) -> list[object]:
+    """frame2 before frame10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def _frame_files(source: str) -> list[Path]:
+    p = Path(source)
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FRAME_EXTENSIONS and not f.name.startswith(".")]
+        if not files:
+            raise VideoError(f"{p}: a folder without frames ({', '.join(FRAME_EXTENSIONS)})")
+    elif any(ch in source for ch in "*?["):
+        files = [Path(f) for f in glob.glob(source) if Path(f).is_file()]
+        if not files:
+            raise VideoError(f"{source}: no files match this pattern")
+    else:
+        raise VideoError(f"input not found: {source}")
+    return sorted(files, key=_natural_key)
+
+
+def open_clip(source: str | Path) -> Clip:
+    """Open a video file (anything FFmpeg decodes), a folder of frames or a glob of frame files."""
+    text = str(source)
+    p = Path(text)
+    if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS:
+        raise VideoError(f"{p} is a still image; give a video, a folder of frames or a glob of them (nst stylize takes one image)")
+    if not p.is_file():
+        files = _frame_files(text)
+        first = load_image(files[0])
+        return Clip(p, "frames", None, len(files), first.width, first.height, files=files)
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{p}: no video stream in this file")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            if not ctx.width or not ctx.height:
+                raise VideoError(f"{p}: the video stream has no frame size")
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            return Clip(p, "video", Fraction(rate) if rate else None, stream.frames or None, ctx.width, ctx.height,
+                        audio=bool(container.streams.audio), codec=ctx.name)  # fmt: skip
+    except VideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{p}: not a video FFmpeg can read ({_av_message(e)})") from None
+
+
+def read_frames(clip: Clip, selection: FrameSelection = FrameSelection()) -> Iterator[Image.Image]:
+    """The selected frames in order, as RGB Pillow images of the first frame's size."""
+    if clip.kind == "frames":
+        for i, f in enumerate(clip.files):
+            if selection.stop is not None and i >= selection.stop:
+                return
+            if selection.picks(i):
+                im = load_image(f)
+                if im.size != (clip.width, clip.height):
+                    raise VideoError(f"{f} is {im.width}x{im.height} but the first frame is {clip.width}x{clip.height}; frames must share one size")
+                yield im
+        return
+    import av
+
+    try:
+        with av.open(str(clip.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if selection.stop is not None and i >= selection.stop:
+                    return
+                if selection.picks(i):
+                    im = frame.to_image()  # RGB, in the stream's own size
+                    if im.size != (clip.width, clip.height):
+                        im = im.resize((clip.width, clip.height), Image.Resampling.LANCZOS)  # a mid-stream size change
+                    yield im
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"{clip.path}: decoding failed ({_av_message(e)})") from None
+
+
+def count_frames(clip: Clip) -> int:
+    """The source's frame count, by demuxing (no decoding) when the container does not store it."""
+    if clip.frames is not None:
+        return clip.frames
+    import av
+
+    try:
+        with av.open(str(clip.path)) as container:
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"{clip.path}: cannot count frames ({_av_message(e)})") from None
+
+
+def choose_encoder(path: Path) -> tuple[str, str]:
+    """(muxer, encoder) for an output file: the first encoder of the container's list that the
+    installed FFmpeg has."""
+    import av
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONTAINERS:
+        raise VideoError(f"cannot write {Path(path).name!r}: unknown video extension {suffix or '(none)'!r}; use {', '.join(CONTAINERS)} or a folder")
+    muxer, encoders = CONTAINERS[suffix]
+    for name in encoders:
+        try:
+            av.codec.Codec(name, "w")
+        except Exception:  # not built into this FFmpeg
+            continue
+        return muxer, name
+    raise VideoError(f"this FFmpeg build has none of the encoders {', '.join(encoders)} for {suffix}; write a folder of frames instead")
+
+
+@dataclass
+class Encoded:
+    """What `write_video` wrote."""
+
+    path: Path
+    encoder: str
+    frames: int
+    fps: Fraction
+    size: tuple[int, int]  # (W, H) in the file
+    audio: bool  # the audio stream was copied
+    note: str = ""  # why audio was not copied, if it was asked for
+
+
+def _encode(tmp: Path, muxer: str, encoder: str, frames: Sequence[Path], fps: Fraction, audio_from: Path | None, window: tuple[Fraction, Fraction | None]) -> tuple[int, tuple[int, int]]:
+    import av
+
+    first = Image.open(frames[0])
+    # 4:2:0 chroma needs even sides: drop a last odd row or column rather than stretch the frame.
+    w, h = first.width - first.width % 2, first.height - first.height % 2
+    if w < 2 or h < 2:
+        raise VideoError(f"frames of {first.width}x{first.height} are too small to encode")
+    with av.open(str(tmp), "w", format=muxer) as out:
+        stream = out.add_stream(encoder, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1) / fps
+        if encoder == "libx264":
+            stream.options = {"crf": "18", "preset": "medium"}
+        elif encoder.startswith("libvpx"):
+            stream.options = {"crf": "24", "b": "0"}
+        else:
+            stream.bit_rate = max(1_000_000, w * h * 8)
+        audio_in = audio_out = None
+        src = None
+        if audio_from is not None:
+            src = av.open(str(audio_from))
+            if src.streams.audio:
+                audio_in = src.streams.audio[0]
+                audio_out = out.add_stream_from_template(audio_in)
+        for i, f in enumerate(frames):
+            with Image.open(f) as im:
+                frame = av.VideoFrame.from_image(im.convert("RGB").crop((0, 0, w, h)))
+            frame.pts = i
+            frame.time_base = stream.time_base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+        if audio_in is not None and src is not None:
+            start, end = window
+            shift = int(start / audio_in.time_base)
+            for packet in src.demux(audio_in):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                t = packet.pts * audio_in.time_base
+                if t < start or (end is not None and t >= end):
+                    continue
+                packet.pts -= shift
+                if packet.dts is not None:
+                    packet.dts -= shift
+                packet.stream = audio_out
+                out.mux(packet)
+            src.close()
+    return len(frames), (w, h)
+
+
+def write_video(frames: Sequence[Path], out: Path, *, fps: Fraction, audio_from: Path | None = None, window: tuple[Fraction, Fraction | None] = (Fraction(0), None)) -> Encoded:
+    """Encode frame files into `out` atomically, copying `audio_from`'s first audio stream (its
+    packets within `window`, in seconds) when there is one. An audio stream the container cannot
+    hold is left out with a note rather than failing the video."""
+    import av
+
+    if not frames:
+        raise VideoError("no frames to encode")
+    muxer, encoder = choose_encoder(out)
+    note = ""
+    try:
+        n, size = 0, (0, 0)
+
+        def write(tmp: Path) -> None:
+            nonlocal n, size
+            n, size = _encode(tmp, muxer, encoder, frames, fps, audio_from, window)
+
+        try:
+            write_atomic(out, write)
+        except (av.FFmpegError, ValueError) as e:
+            if audio_from is None or isinstance(e, VideoError):
+                raise
+            note = f"the audio stream could not be copied into {out.suffix} ({_av_message(e)})"
+            audio_from = None
+            write_atomic(out, write)
+    except VideoError:
+        raise
+    except av.FFmpegError as e:
+        raise VideoError(f"cannot write {out}: {_av_message(e)}") from None
+    return Encoded(out, encoder, n, fps, size, audio=audio_from is not None and _has_audio(audio_from), note=note)
+
+
+def _has_audio(path: Path) -> bool:
+    import av
+
+    with av.open(str(path)) as c:
+        return bool(c.streams.audio)
+
+
+def write_frame_folder(frames: Sequence[Path], out: Path) -> Path:
+    """Put the frame files into the folder `out` (made, or empty) as 000001.png, 000002.png...
+
+    They are copied into a hidden folder beside `out` first and moved into place together, so
+    `out` never holds half a clip."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VideoError(f"output folder {out} is not empty; choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for i, f in enumerate(frames, 1):
+            shutil.copyfile(f, tmp / f"{i:06d}{f.suffix}")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["CONTAINERS", "Clip", "Encoded", "FrameSelection", "VideoError", "choose_encoder", "count_frames", "is_video_path",
+           "open_clip", "read_frames", "write_frame_folder", "write_video"]  # fmt: skip
