@@ -62,6 +62,9 @@ app.command("bench")(bench_command)
 from .batch_cmd import batch_command  # noqa: E402
 
 app.command("batch", cls=Command)(batch_command)
+from .video_cmd import video_command  # noqa: E402
+
+app.command("video", cls=Command)(video_command)
 
 
 @weights_app.command("status")

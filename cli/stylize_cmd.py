@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -47,7 +48,7 @@ def _default(name: str) -> str:
     return f"[{next(iter(vals.values()))}]" if len(set(vals.values())) == 1 else "[" + ", ".join(f"{k} {v}" for k, v in vals.items()) + "]"
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
@@ -60,7 +61,7 @@ def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None
 
     output_format(out)
     for p in inputs:
-        if _same_file(out, p):
+        if same_file(out, p):
             raise UserError(f"{what} {out} is one of the input images; inputs are never overwritten, choose another name")
     if out.exists() and out.is_dir():
         raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'out.png'}")
@@ -256,7 +257,7 @@ def _check_paths(o: StylizeOptions) -> None:
     if swept and not o.quiet:
         console.print(f"removed {len(swept)} stale temporaries beside {o.output} that killed runs left")
     for extra, what in ((o.report, "report"), (o.compare, "comparison sheet")):
-        if extra is not None and any(_same_file(extra, p) for p in [*inputs, o.output]):
+        if extra is not None and any(same_file(extra, p) for p in [*inputs, o.output]):
             raise UserError(f"the {what} path {extra} would overwrite an input or the output")
     if o.compare is not None:
         output_format(o.compare)
@@ -385,6 +386,13 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
     if result.status == RunStatus.OOM:
         console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. Try without the last --scales entry{_oom_advice(runtime)}.")
         raise typer.Exit(1)
+
+
+def stylize_parameters(*, without: Collection[str]) -> list[inspect.Parameter]:
+    """`stylize`'s options as keyword-only parameters, less `without`: a command that takes them
+    as they are declares them through this (in its `__signature__`), so none is copied."""
+    params = inspect.signature(stylize_command, eval_str=True).parameters.values()
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if p.name not in without]
 
 
 def run_report(

@@ -1,0 +1,225 @@
+"""`nst video` end to end on real files: a synthetic pan encoded with PyAV, random weights.
+
+The pan is a photo moved 3 px per frame (2.25 px at the 64 px output), so the flow is known and
+a flicker measure can tell temporally consistent output from independent frames.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+
+runner = CliRunner()
+CLI = Path(__file__).resolve().parents[2] / "cli" / "video_cmd.py"
+# Fast settings for the tests that are not about flicker: a network cut at relu3_2.
+FAST = ["--weights", "random", "--targets", "torch", "--style-layers", "relu1_1,relu2_1,relu3_1", "--content-layers", "relu3_2"]
+
+
+def make_pan(path: Path, examples: Path, *, frames: int = 12, step: int = 3, w: int = 96, h: int = 72, fps: int = 24, audio: bool = False) -> Path:
+    """A photo panned `step` px per frame, H.264 at near-lossless quality (and a 440 Hz tone)."""
+    photo = Image.open(examples / "chelsea.png").convert("RGB")
+    wide = w + step * frames
+    photo = photo.resize((wide, round(photo.height * wide / photo.width)), Image.Resampling.LANCZOS)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = w, h, "yuv420p"
+        video.options = {"crf": "10"}
+        sound = out.add_stream("aac", rate=8000) if audio else None
+        for i in range(frames):
+            for packet in video.encode(av.VideoFrame.from_image(photo.crop((step * i, 4, step * i + w, 4 + h)))):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        if sound is not None:
+            t = np.arange(8000 * frames // fps) / 8000
+            tone = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], format="fltp", layout="mono")
+            tone.sample_rate = 8000
+            for packet in [*sound.encode(tone), *sound.encode()]:
+                out.mux(packet)
+    return path
+
+
+def probe(path: Path) -> tuple[int, Fraction, tuple[int, int], bool, str]:
+    """(decoded frames, frame rate, (W, H), has audio, codec) of a video file."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        n = sum(1 for _ in c.decode(s))
+        return n, Fraction(s.average_rate), (s.codec_context.width, s.codec_context.height), bool(c.streams.audio), s.codec_context.name
+
+
+@pytest.fixture(scope="module")
+def pan(tmp_path_factory, examples_dir) -> Path:
+    return make_pan(tmp_path_factory.mktemp("pan") / "pan.mp4", examples_dir)
+
+
+@pytest.fixture(scope="module")
+def examples_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "examples"
+
+
+def style(examples_dir: Path) -> str:
+    return str(examples_dir / "starry_night.jpeg")
+
+
+def test_temporal_loss_at_least_halves_the_flicker_of_independent_frames(pan, examples_dir, tmp_path):
+    """The issue's acceptance command, against the same command with --temporal-weight 0."""
+    assert probe(pan)[:2] == (12, Fraction(24))
+    runs = {}
+    for name, extra in (("consistent", []), ("independent", ["--temporal-weight", "0"])):
+        out, rep = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "64", "--iterations", "10", "--weights", "random", "--report", str(rep), *extra])
+        assert r.exit_code == 0, r.output
+        n, rate, size, _, codec = probe(out)
+        assert (n, rate, size, codec) == (12, Fraction(24), (64, 48), "h264")
+        runs[name] = json.loads(rep.read_text())
+        assert not (tmp_path / f"{name}.mp4.nst-work").exists()  # the work folder goes once the video is written
+    c, i = runs["consistent"], runs["independent"]
+    for rep in (c, i):
+        per = rep["temporal"]["warping_error_per_frame"]
+        assert len(per) == 12 and per[0] is None and all(v >= 0 for v in per[1:])
+        assert rep["temporal"]["warping_error_mean"] == pytest.approx(np.mean(per[1:]))
+        assert rep["frames"] == {"total": 12, "computed": 12, "resumed": 0}
+        assert rep["output"]["encoder"] == "libx264" and rep["output"]["fps"] == "24"
+        assert rep["targets"]["content_computed"] == 12
+    # The style targets once for the clip; the second run finds them in the target cache.
+    assert c["targets"]["style_computed"] == 1 and i["targets"]["style_computed"] == 0
+    assert c["temporal"]["weight"] > 0 and i["temporal"]["weight"] == 0 and not i["temporal"]["warm_start"]
+    assert c["temporal"]["warping_error_mean"] <= 0.5 * i["temporal"]["warping_error_mean"], (c["temporal"], i["temporal"])
+    assert "warping error" in r.output and "mean" in r.output  # the closing table of the last run
+
+
+def _journalled(work: Path) -> int:
+    try:
+        return len((work / "journal.jsonl").read_text().splitlines()) - 1
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_then_rerun_resumes_without_redoing_finished_frames(pan, examples_dir, tmp_path):
+    out = tmp_path / "frames"  # a folder of frames: the resumed ones can be compared byte for byte
+    args = [sys.executable, "-m", "nst.cli.app", "video", str(pan), style(examples_dir), "-o", str(out), "--size", "48", "--iterations", "3", *FAST, "-q"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    work = tmp_path / "frames.nst-work"
+    deadline = time.monotonic() + 240
+    while _journalled(work) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _journalled(work)
+    assert 3 <= done < 12 and not out.exists()
+    before = {i: (work / "frames" / f"{i:06d}.png").read_bytes() for i in range(1, done + 1)}
+
+    rep = tmp_path / "r.json"
+    r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "48", "--iterations", "3", *FAST, "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert f"resumed: {done} frame(s)" in r.output
+    data = json.loads(rep.read_text())
+    assert data["frames"] == {"total": 12, "computed": 12 - done, "resumed": done}
+    assert [f["resumed"] for f in data["per_frame"]] == [True] * done + [False] * (12 - done)
+    assert data["targets"]["content_computed"] == 12 - done  # the finished frames were not redone
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"{i:06d}.png" for i in range(1, 13)]
+    assert all((out / f"{i:06d}.png").read_bytes() == b for i, b in before.items())
+    assert data["temporal"]["warping_error_per_frame"][done] is not None  # re-warped from the last finished frame
+    assert not work.exists()
+
+
+def test_frames_folder_in_range_every_and_audio_copied(examples_dir, tmp_path):
+    clip = make_pan(tmp_path / "tone.mp4", examples_dir, frames=8, w=64, h=48, audio=True)
+    out, rep = tmp_path / "preview.mkv", tmp_path / "r.json"
+    r = runner.invoke(app, ["video", str(clip), style(examples_dir), "-o", str(out), "--size", "40", "--iterations", "2", *FAST,
+                            "--frames", "2:8", "--every", "2", "--flow", "farneback", "--report", str(rep), "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == ""  # -q
+    n, rate, size, audio, _ = probe(out)
+    assert (n, rate, size, audio) == (3, Fraction(12), (40, 30), True)  # frames 2, 4, 6 at half the rate, with the tone
+    data = json.loads(rep.read_text())
+    assert data["selection"] == {"start": 2, "stop": 8, "every": 2} and data["temporal"]["flow"] == "farneback"
+    assert data["output"]["audio"] is True
+
+    # The same clip as a folder of PNG frames in, a folder of frames out.
+    frames = tmp_path / "in"
+    frames.mkdir()
+    with av.open(str(clip)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            f.to_image().save(frames / f"f{i}.png")  # f10 sorts after f9: natural order
+    out_dir = tmp_path / "outframes"
+    r = runner.invoke(app, ["video", str(frames), style(examples_dir), "-o", str(out_dir), "--size", "40", "--iterations", "2", *FAST, "--frames", ":3", "-q"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out_dir.iterdir()) == ["000001.png", "000002.png", "000003.png"]
+    assert Image.open(out_dir / "000001.png").size == (40, 30)
+    # A glob of frames written as a video at --fps.
+    out2 = tmp_path / "g.mp4"
+    r = runner.invoke(app, ["video", str(frames / "f[0-2].png"), style(examples_dir), "-o", str(out2), "--size", "40", "--iterations", "1", *FAST, "--fps", "10", "-q"])
+    assert r.exit_code == 0, r.output
+    assert probe(out2)[:2] == (3, Fraction(10))
+
+
+def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list[str], str]]:
+    s = style(examples_dir)
+    text = tmp / "notes.mp4"
+    text.write_text("not a video\n" * 20)
+    cut = tmp / "cut.mp4"
+    cut.write_bytes(pan.read_bytes()[:1500])  # the header without the rest
+    empty = tmp / "empty"
+    empty.mkdir()
+    still = tmp / "still.png"
+    Image.new("RGB", (64, 48)).save(still)
+    out = str(tmp / "o.mp4")
+    return {
+        "text file": ([str(text), s, "-o", out], "not a video FFmpeg can read"),
+        "truncated": ([str(cut), s, "-o", out], "cut.mp4"),
+        "missing": ([str(tmp / "none.mp4"), s, "-o", out], "input not found"),
+        "empty folder": ([str(empty), s, "-o", out], "a folder without frames"),
+        "glob no match": ([str(tmp / "*.jpg"), s, "-o", out], "no files match"),
+        "a still image": ([str(still), s, "-o", out], "a still image"),
+        "output is input": ([str(pan), s, "-o", str(pan)], "inputs are never overwritten"),
+        "output extension": ([str(pan), s, "-o", str(tmp / "o.png")], "use a video file"),
+        "bad range": ([str(pan), s, "-o", out, "--frames", "5:2"], "frame range"),
+        "range past end": ([str(pan), s, "-o", out, "--frames", "40:50"], "none in --frames"),
+        "every zero": ([str(pan), s, "-o", out, "--every", "0"], "every must be"),
+        "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "temporal weight"),
+        "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here"),
+        "missing style": ([str(pan), str(tmp / "none.jpg"), "-o", out], "image not found"),
+    }
+
+
+@pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
+                                  "output extension", "bad range", "range past end", "every zero", "negative weight", "raft without weights", "missing style"])  # fmt: skip
+def test_bad_input_is_one_error_line_and_exit_2(case, pan, examples_dir, tmp_path):
+    args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]
+    before = pan.read_bytes()
+    r = runner.invoke(app, ["video", *args, "--size", "48", "--iterations", "1", *FAST])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.output and expect in r.output, r.output
+    assert [line for line in r.output.splitlines() if line.strip()] == [next(line for line in r.output.splitlines() if line.startswith("error:"))]
+    assert pan.read_bytes() == before and not (tmp_path / "o.mp4").exists()
+
+
+def test_video_cmd_imports_nothing_heavy_at_module_level():
+    heavy = {"torch", "onnx", "onnxruntime", "av", "cv2"}
+    tree = ast.parse(CLI.read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top.add(node.module.split(".")[0])
+    assert not top & heavy, top & heavy
