@@ -17,7 +17,7 @@ import typer
 from nst.engine import config as C
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, console, fail, load_weights_for, user_errors
+from .common import ResourceMissing, UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, same_file, stylize_parameters
 
 WORK_SUFFIX = ".nst-work"  # the work folder beside OUTPUT: OUTPUT.nst-work/
@@ -101,9 +101,10 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from nst.engine.device import Runtime, resolve_device, resolve_precision
+    from nst.engine.files import remove, temporaries_beside
     from nst.engine.images import load_image
     from nst.engine.transfer import Iterate, check_sizes
-    from nst.engine.video.flow import RaftFlow, find_raft_weights
+    from nst.engine.video.flow import RaftFlow, RaftWeightsMissing, find_raft_weights
     from nst.engine.video.journal import FrameJournal
     from nst.engine.video.media import DEFAULT_FPS, FrameSelection, count_frames, open_clip, read_frames, write_frame_folder, write_video
     from nst.engine.video.run import FrameEvent, stylize_video
@@ -116,6 +117,9 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     quiet = bool(a["quiet"])
     init = Path(a["init"]) if isinstance(a["init"], str) and a["init"] not in C.INIT_CHOICES else None
     to_video = _check_paths(source, styles, output, report, init)
+    swept = remove(temporaries_beside(output))  # what killed runs writing this output left
+    if swept and not quiet:
+        console.print(f"removed {len(swept)} stale temporaries beside {output} that killed runs left")
     cfg = config_from_options({**a, "save_every": None})
     if cfg.style_blend and len(cfg.style_blend) != len(styles):
         raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
@@ -139,7 +143,11 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     check_sizes(first, style_ims, cfg)
     raft = None
     if vcfg.flow == FlowMethod.RAFT:
-        raft = RaftFlow(find_raft_weights(path=a["flow_weights"]), device=runtime.device)  # type: ignore[arg-type]
+        try:
+            found = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])  # type: ignore[arg-type]
+        except RaftWeightsMissing as e:
+            raise ResourceMissing(str(e)) from None
+        raft = RaftFlow(found, device=runtime.device)
     elif a["flow_weights"] is not None:
         raise UserError("--flow-weights is for --flow raft")
 

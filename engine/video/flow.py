@@ -20,6 +20,10 @@ class FlowError(ValueError):
     """A flow method that cannot run here; the message says what to do."""
 
 
+class RaftWeightsMissing(FlowError):
+    """RAFT's weights are not on this machine (a missing resource, not a mistake in the input)."""
+
+
 def _grey_u8(image: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) in [0, 1] -> (H, W) uint8 luma, what OpenCV's flow methods take."""
     rgb = image[0].detach().float().cpu().clamp(0, 1)
@@ -61,7 +65,7 @@ def find_raft_weights(*, hub_dir: Path | None = None, path: Path | None = None) 
     for name in RAFT_FILES.values():
         if (folder / name).is_file():
             return folder / name
-    raise FlowError(
+    raise RaftWeightsMissing(
         f"--flow raft needs torchvision's RAFT weights ({RAFT_FILES['large']} or {RAFT_FILES['small']}) in {folder} "
         "or a file given with --flow-weights, and they cannot be downloaded here; use --flow dis"
     )

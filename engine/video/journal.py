@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..files import write_atomic
+from ..files import remove, temporary_state, write_atomic
 from ..images import save_image
 
 JOURNAL = "journal.jsonl"
@@ -78,6 +78,8 @@ class FrameJournal:
             shutil.rmtree(self.folder / FRAMES, ignore_errors=True)
         self.entries = done
         (self.folder / FRAMES).mkdir(parents=True, exist_ok=True)
+        # A frame being saved when the run was killed left its temporary (named by write_atomic).
+        remove(t for f in (self.folder / FRAMES).iterdir() if f.name.startswith(".") and (t := temporary_state(f)) is not None)
         # Rewrite the journal with only what counts, so later appends follow a whole line.
         text = "".join(_canonical(r) + "\n" for r in [{"version": VERSION, "identity": self.identity}, *done])
         write_atomic(self.path, lambda tmp: tmp.write_text(text))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..files import write_atomic
+from ..files import temp_prefix, write_atomic
 from ..images import load_image
 
 # Containers we write, by extension, with FFmpeg's muxer name and the encoders to try in order:
@@ -338,9 +339,7 @@ def write_frame_folder(frames: Sequence[Path], out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VideoError(f"output folder {out} is not empty; choose a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name)))  # named for sweeps to find
     try:
         for i, f in enumerate(frames, 1):
             shutil.copyfile(f, tmp / f"{i:06d}{f.suffix}")

@@ -32,6 +32,7 @@ from .media import VideoError
 from .temporal import TemporalTerm, warping_error
 from .warping import reliability, warp
 
+IMAGE_WARP = "bilinear"
 WARPED_INIT = "warped previous output"  # cfg.init of frames that start from the previous output
 
 
@@ -180,7 +181,8 @@ def stylize_video(
                 backward = optical_flow(content, prev_content, method=vcfg.flow, raft=raft)
                 rel = reliability(forward.cpu(), backward.cpu())
                 previous = to_tensor(load_image(journal.frame_path(index - 1)))  # as saved: a resumed run sees the same
-                warped, _ = warp(previous, backward.cpu())
+                warped, _ = warp(previous, backward.cpu(), mode=IMAGE_WARP)
+                warped = warped.clamp(0, 1)
                 phases["flow"] += time.perf_counter() - tf
                 if vcfg.starts_warm:
                     init = torch.where(rel.disoccluded, content, warped)

@@ -27,13 +27,14 @@ def _sample_grid(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([gx, gy], dim=-1), inside.unsqueeze(1)
 
 
-def warp(image: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`image` sampled at p + flow(p) (bilinear), and the (N, 1, H, W) mask where that position
-    lies inside the frame (outside it the edge pixels are repeated, and nothing is known)."""
+def warp(image: torch.Tensor, flow: torch.Tensor, *, mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """`image` sampled at p + flow(p) (`mode`: bilinear or bicubic), and the (N, 1, H, W) mask
+    where that position lies inside the frame (outside it the edge pixels are repeated, and
+    nothing is known)."""
     if image.shape[0] != flow.shape[0] or image.shape[-2:] != flow.shape[-2:]:
         raise ValueError(f"warp: image {tuple(image.shape)} and flow {tuple(flow.shape)} differ in size")
     grid, inside = _sample_grid(flow.float())
-    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    out = F.grid_sample(image.float(), grid, mode=mode, padding_mode="border", align_corners=True)
     return out.to(image.dtype), inside
 
 

@@ -202,11 +202,12 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
 
 @pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
                                   "output extension", "bad range", "range past end", "every zero", "negative weight", "raft without weights", "missing style"])  # fmt: skip
-def test_bad_input_is_one_error_line_and_exit_2(case, pan, examples_dir, tmp_path):
+def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]
     before = pan.read_bytes()
     r = runner.invoke(app, ["video", *args, "--size", "48", "--iterations", "1", *FAST])
-    assert r.exit_code == 2, r.output
+    # 2 for a mistake in the input, 3 for what this machine lacks (RAFT's weights), as in stylize
+    assert r.exit_code == (3 if case == "raft without weights" else 2), r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
     assert "Traceback" not in r.output and expect in r.output, r.output
     assert [line for line in r.output.splitlines() if line.strip()] == [next(line for line in r.output.splitlines() if line.startswith("error:"))]
