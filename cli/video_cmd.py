@@ -17,7 +17,7 @@ import typer
 from nst.engine import config as C
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import ResourceMissing, UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
+from .common import UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, same_file, stylize_parameters
 
 WORK_SUFFIX = ".nst-work"  # the work folder beside OUTPUT: OUTPUT.nst-work/
@@ -104,7 +104,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     from nst.engine.files import remove, temporaries_beside
     from nst.engine.images import load_image
     from nst.engine.transfer import Iterate, check_sizes
-    from nst.engine.video.flow import RaftFlow, RaftWeightsMissing, find_raft_weights
+    from nst.engine.video.flow import RaftFlow, find_raft_weights
     from nst.engine.video.journal import FrameJournal
     from nst.engine.video.media import DEFAULT_FPS, FrameSelection, count_frames, open_clip, read_frames, write_frame_folder, write_video
     from nst.engine.video.run import FrameEvent, stylize_video
@@ -143,11 +143,7 @@ def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phas
     check_sizes(first, style_ims, cfg)
     raft = None
     if vcfg.flow == FlowMethod.RAFT:
-        try:
-            found = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])  # type: ignore[arg-type]
-        except RaftWeightsMissing as e:
-            raise ResourceMissing(str(e)) from None
-        raft = RaftFlow(found, device=runtime.device)
+        raft = RaftFlow(find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"]), device=runtime.device)  # type: ignore[arg-type]
     elif a["flow_weights"] is not None:
         raise UserError("--flow-weights is for --flow raft")
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from ..config import StyleConfig
+from ..errors import ConfigError
 
 
 class FlowMethod(str, enum.Enum):
@@ -33,13 +34,13 @@ class VideoConfig:
 
     def __post_init__(self) -> None:
         if not self.temporal_weight >= 0 or self.temporal_weight == float("inf"):
-            raise ValueError(f"temporal weight must be a finite number >= 0, got {self.temporal_weight}")
+            raise ConfigError(f"`temporal_weight` must be a finite number >= 0, got {self.temporal_weight}", params=("temporal_weight",))
         if self.iterations_first is not None and self.iterations_first < 0:
-            raise ValueError(f"iterations for the first frame must be 0 or more, got {self.iterations_first}")
+            raise ConfigError(f"`iterations_first` must be 0 or more, got {self.iterations_first}", params=("iterations_first",))
         try:
             object.__setattr__(self, "flow", FlowMethod(self.flow))
         except ValueError:
-            raise ValueError(f"unknown flow method {self.flow!r}: use {', '.join(m.value for m in FlowMethod)}") from None
+            raise ConfigError(f"unknown `flow` method {self.flow!r}: use {', '.join(m.value for m in FlowMethod)}", params=("flow",)) from None
 
     @property
     def starts_warm(self) -> bool:

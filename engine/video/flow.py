@@ -13,15 +13,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import EngineError
+from ..weights import WeightsUnavailable
 from .config import FlowMethod
 
 
-class FlowError(ValueError):
+class FlowError(EngineError):
     """A flow method that cannot run here; the message says what to do."""
 
 
-class RaftWeightsMissing(FlowError):
-    """RAFT's weights are not on this machine (a missing resource, not a mistake in the input)."""
+class RaftWeightsMissing(FlowError, WeightsUnavailable):
+    """RAFT's weights are not on this machine: a missing resource (as the ImageNet weights
+    are), not a mistake in the input."""
 
 
 def _grey_u8(image: torch.Tensor) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import ConfigError, EngineError
 from ..files import temp_prefix, write_atomic
 from ..images import load_image
 
@@ -34,7 +35,7 @@ FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_FPS = Fraction(25)  # for a folder of frames, which carries no frame rate
 
 
-class VideoError(ValueError):
+class VideoError(EngineError):
     """A video or frame folder that cannot be read or written; the message names the file."""
 
 
@@ -53,9 +54,9 @@ class FrameSelection:
 
     def __post_init__(self) -> None:
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
-            raise ValueError(f"frame range {self.start}:{'' if self.stop is None else self.stop} is empty or negative: use A:B with 0 <= A < B")
+            raise ConfigError(f"`frames` range {self.start}:{'' if self.stop is None else self.stop} is empty: use A:B with 0 <= A < B", params=("frames",))
         if self.every < 1:
-            raise ValueError(f"every must be 1 or more, got {self.every}")
+            raise ConfigError(f"`every` must be 1 or more, got {self.every}", params=("every",))
 
     @classmethod
     def parse(cls, text: str | None, every: int = 1) -> "FrameSelection":
@@ -64,7 +65,7 @@ class FrameSelection:
             return cls(every=every)
         m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
         if not m:
-            raise ValueError(f"bad frame range {text!r}: use A:B (frames A to B-1, counting from 0), A: or :B")
+            raise ConfigError(f"bad `frames` range {text!r}: use A:B (frames A to B-1, counting from 0), A: or :B", params=("frames",))
         return cls(int(m.group(1) or 0), int(m.group(2)) if m.group(2) else None, every)
 
     def picks(self, index: int) -> bool:

@@ -21,9 +21,10 @@ from PIL import Image
 from .. import color
 from ..config import PreserveColors, StyleConfig
 from ..device import Runtime
+from ..errors import ConfigError
 from ..images import load_image, output_shape, resize, to_pil, to_tensor
 from ..targets import ImageTargets, TargetSource, TorchTargets
-from ..transfer import Iterate, TargetCacheLike, build_model, check_sizes, loop_network, stylize
+from ..transfer import Iterate, RunStatus, TargetCacheLike, build_model, check_sizes, loop_network, stylize
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
 from .flow import RaftFlow, optical_flow
@@ -142,7 +143,7 @@ def stylize_video(
     """
     runtime = runtime or Runtime()
     if vcfg.flow == FlowMethod.RAFT and raft is None:
-        raise ValueError("flow raft needs a loaded RaftFlow")
+        raise ConfigError("`flow` raft needs a loaded RaftFlow (see find_raft_weights)", params=("flow",))
     phases = {"model": 0.0, "flow": 0.0, "targets": 0.0, "optimisation": 0.0, "save": 0.0}
     resumed = journal.open()
     records: list[dict[str, object]] = [{**e, "resumed": True} for e in journal.entries]
@@ -197,7 +198,7 @@ def stylize_video(
             phases["targets"] += result.phases.get("targets", 0.0)
             phases["optimisation"] += result.phases.get("optimisation", 0.0)
             if result.status != "done":
-                status, message = result.status, f"frame {index + 1}: {result.message}"
+                status, message = RunStatus(result.status).value, f"frame {index + 1}: {result.message}"
                 break
             ts = time.perf_counter()
             err = warping_error(result.image, warped, rel.weights) if warped is not None and rel is not None else None

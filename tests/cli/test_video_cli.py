@@ -191,10 +191,10 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "a still image": ([str(still), s, "-o", out], "a still image"),
         "output is input": ([str(pan), s, "-o", str(pan)], "inputs are never overwritten"),
         "output extension": ([str(pan), s, "-o", str(tmp / "o.png")], "use a video file"),
-        "bad range": ([str(pan), s, "-o", out, "--frames", "5:2"], "frame range"),
+        "bad range": ([str(pan), s, "-o", out, "--frames", "5:2"], "--frames range 5:2 is empty"),
         "range past end": ([str(pan), s, "-o", out, "--frames", "40:50"], "none in --frames"),
         "every zero": ([str(pan), s, "-o", out, "--every", "0"], "every must be"),
-        "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "temporal weight"),
+        "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "--temporal-weight must be"),
         "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here"),
         "missing style": ([str(pan), str(tmp / "none.jpg"), "-o", out], "image not found"),
     }
