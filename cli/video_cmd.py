@@ -1,13 +1,15 @@
-"""`nst video`: a clip stylised frame by frame with temporal consistency, resumable.
+"""`nst video`: clips stylised frame by frame with temporal consistency, resumable.
 
-torch, PyAV and OpenCV are imported inside the command, so `nst --help` pays for none of them.
+torch, PyAV, OpenCV and Ray are imported inside the command, so `nst --help` pays for none of
+them.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import inspect
 import time
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -20,24 +22,21 @@ from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoCo
 from .common import UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, same_file, stylize_parameters
 
-WORK_SUFFIX = ".nst-work"  # the work folder beside OUTPUT: OUTPUT.nst-work/
-
-
-def work_folder(output: Path) -> Path:
-    """Where the finished frames and the journal of a run writing `output` live."""
-    return output.with_name(output.name + WORK_SUFFIX)
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")  # what a written video may be named
+STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
 
 
 def video_command(**a: Any) -> None:
-    """Stylise a video or a sequence of frames with temporal consistency (Ruder et al. 2016).
+    """Stylise videos or sequences of frames with temporal consistency (Ruder et al. 2016).
 
     Each frame starts from the previous output warped by the optical flow and is held to it where
     the flow is reliable. Finished frames are kept in OUTPUT.nst-work beside the output: run the
     same command again after an interruption and it continues from the last finished frame.
+    INPUTs come first (video files, folders of frames, quoted globs), then the STYLE images.
     Every stylize option applies to each frame; any given here overrides the --preset.
     """
     with user_errors():
-        _run(**a)
+        _run(a)
 
 
 def _video_parameters() -> list[inspect.Parameter]:
@@ -47,9 +46,8 @@ def _video_parameters() -> list[inspect.Parameter]:
         return P(name, P.KEYWORD_ONLY, annotation=annotation, default=default)
 
     return [
-        opt("source", Annotated[str, typer.Argument(help="A video file (anything FFmpeg decodes), a folder of frames, or a quoted glob such as 'shots/*.png'.", show_default=False, metavar="INPUT")]),
-        opt("styles", Annotated[list[Path], typer.Argument(help="One or more style images.", show_default=False, metavar="STYLE...")]),
-        opt("output", Annotated[Path, typer.Option("--output", "-o", help="A video file (.mp4, .mkv, .mov, .webm, .avi; H.264 where the container takes it) or a folder for numbered PNG frames.", show_default=False)]),
+        opt("paths", Annotated[list[str], typer.Argument(help="INPUT... then STYLE...: video files (anything FFmpeg decodes), folders of frames or quoted globs ('shots/*.png'), then one or more style images.", show_default=False, metavar="INPUT... STYLE...")]),
+        opt("output", Annotated[Path, typer.Option("--output", "-o", help="A video file (.mp4, .mkv, .mov, .webm, .avi; H.264 where the container takes it) or a folder for numbered PNG frames; with several INPUTs, a folder for their videos.", show_default=False)]),
         opt("frames", Annotated[Optional[str], typer.Option(help="Source frames A:B, counting from 0, B excluded (also A: or :B) [all].", show_default=False)], None),
         opt("every", Annotated[int, typer.Option(help="Take every Nth frame, a quick preview; the output's frame rate is divided by N.")], 1),
         opt("flow", Annotated[FlowMethod, typer.Option(help="Optical flow: dis or farneback (OpenCV, CPU), raft (torchvision's, needs its weights).")], FlowMethod.DIS),
@@ -57,6 +55,9 @@ def _video_parameters() -> list[inspect.Parameter]:
         opt("temporal_weight", Annotated[float, typer.Option(help="Weight of the temporal loss (the warped previous output); 0 stylises every frame independently.")], DEFAULT_TEMPORAL_WEIGHT),
         opt("iterations_first", Annotated[Optional[int], typer.Option(help="Iterations per scale for the first frame [2 x --iterations].", show_default=False)], None),
         opt("fps", Annotated[Optional[float], typer.Option(help="Frame rate of a folder of frames written as a video [25]; a video keeps its own.", show_default=False)], None),
+        opt("ray", Annotated[bool, typer.Option("--ray", help="Several INPUTs on a Ray cluster, one video per worker: the one RAY_ADDRESS names, else a local one.")], False),
+        opt("ray_address", Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (host:port, or auto).", show_default=False)], None),
+        opt("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads per Ray worker [torch's default here]; one worker per that many CPUs.", show_default=False)], None),
     ]
 
 
@@ -67,19 +68,42 @@ video_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 )
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def split_paths(paths: Sequence[str]) -> tuple[list[str], list[Path]]:
+    """INPUT... STYLE...: the styles begin at the first image file name (a glob is an input)."""
+    first_style = next((i for i, p in enumerate(paths) if Path(p).suffix.lower() in STYLE_SUFFIXES and not any(c in p for c in "*?[")), None)
+    if first_style is None:
+        raise UserError("give one or more STYLE images after the INPUT (image files such as style.jpg)")
+    if first_style == 0:
+        raise UserError(f"{paths[0]} is a still image; give a video, a folder of frames or a quoted glob of them first, then the STYLE images (nst stylize takes one image)")
+    inputs, styles = list(paths[:first_style]), [Path(p) for p in paths[first_style:]]
+    if bad := [p for p in styles if Path(p).suffix.lower() not in STYLE_SUFFIXES]:
+        raise UserError(f"{bad[0]} comes after the STYLE images; give every INPUT before them")
+    return inputs, styles
 
 
-def _check_paths(source: str, styles: list[Path], output: Path, report: Path | None, init: Path | None) -> bool:
-    """Refuse outputs that would overwrite an input; returns whether OUTPUT is a video file."""
-    from nst.engine.video.media import FRAME_EXTENSIONS, choose_encoder, is_video_path
+def _outputs(inputs: list[str], output: Path) -> list[Path]:
+    """One output per input: OUTPUT itself, or with several inputs OUTPUT/<input's name>.mp4."""
+    from nst.engine.video.media import is_video_path
 
-    inputs = [Path(source), *styles, *([init] if init is not None else [])]
+    if len(inputs) == 1:
+        return [output]
+    if output.suffix or (output.exists() and not output.is_dir()):
+        raise UserError(f"with {len(inputs)} INPUTs, -o is a folder for their videos, not {output}")
+    names: dict[Path, str] = {}
+    for src in inputs:
+        p = Path(src)
+        stem = p.parent.name if any(c in src for c in "*?[") else (p.stem if p.suffix else p.name)
+        out = output / (stem + (p.suffix.lower() if is_video_path(p) and p.suffix.lower() in VIDEO_SUFFIXES else ".mp4"))
+        if out in names:
+            raise UserError(f"{names[out]} and {src} would both write {out}; give them different names or run them apart")
+        names[out] = src
+    return list(names)
+
+
+def _check_output(output: Path, inputs: list[Path], report: Path | None) -> None:
+    """Refuse an output that would overwrite an input or is neither a video name nor a folder."""
+    from nst.engine.video.media import choose_encoder, is_video_path
+
     for p in inputs:
         if same_file(output, p):
             raise UserError(f"output {output} is one of the inputs; inputs are never overwritten, choose another name")
@@ -89,180 +113,196 @@ def _check_paths(source: str, styles: list[Path], output: Path, report: Path | N
         if output.is_dir():
             raise UserError(f"output {output} is a folder; give a file name or a folder without a video extension")
         choose_encoder(output)  # an FFmpeg without a fitting encoder fails here, before any work
-        return True
-    if output.suffix.lower() in FRAME_EXTENSIONS or (output.suffix and not output.is_dir()):
+    elif output.suffix or (output.exists() and not output.is_dir()):
         raise UserError(f"output {output}: use a video file (.mp4, .mkv, .mov, .webm, .avi) or a folder for the frames")
-    if output.is_dir() and any(output.iterdir()):
+    elif output.is_dir() and any(output.iterdir()):
         raise UserError(f"output folder {output} is not empty; choose a new or empty folder for the frames")
-    return False
 
 
-def _run(**a: object) -> None:  # noqa: C901 - a linear script of the run's phases
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from nst.engine.device import Runtime, resolve_device, resolve_precision
+def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the run's phases
     from nst.engine.files import remove, temporaries_beside
     from nst.engine.images import load_image
-    from nst.engine.transfer import Iterate, check_sizes
-    from nst.engine.video.flow import RaftFlow, find_raft_weights
-    from nst.engine.video.journal import FrameJournal
-    from nst.engine.video.media import DEFAULT_FPS, FrameSelection, count_frames, open_clip, read_frames, write_frame_folder, write_video
-    from nst.engine.video.run import FrameEvent, stylize_video
+    from nst.engine.video.flow import find_raft_weights
+    from nst.engine.video.media import FrameSelection
+    from nst.engine.video.pipeline import ClipJob, file_digest, open_job
 
-    from .report import versions, write_json
-    from .targets_opt import choose_targets
-
-    source, styles, output = str(a["source"]), [Path(p) for p in a["styles"]], Path(a["output"])  # type: ignore[union-attr]
-    report = Path(a["report"]) if a["report"] is not None else None  # type: ignore[arg-type]
-    quiet = bool(a["quiet"])
+    inputs, styles = split_paths(a["paths"])
+    output = Path(a["output"])
+    report = Path(a["report"]) if a["report"] is not None else None
+    quiet, on_ray = bool(a["quiet"]), bool(a["ray"]) or a["ray_address"] is not None
     init = Path(a["init"]) if isinstance(a["init"], str) and a["init"] not in C.INIT_CHOICES else None
-    to_video = _check_paths(source, styles, output, report, init)
-    swept = remove(temporaries_beside(output))  # what killed runs writing this output left
-    if swept and not quiet:
-        console.print(f"removed {len(swept)} stale temporaries beside {output} that killed runs left")
+    outputs = _outputs(inputs, output)
+    for out in outputs:
+        _check_output(out, [Path(p) for p in inputs] + styles + ([init] if init else []), report)
+        swept = remove(temporaries_beside(out))  # what killed runs writing this output left
+        if swept and not quiet:
+            console.print(f"removed {len(swept)} stale temporaries beside {out} that killed runs left")
     cfg = config_from_options({**a, "save_every": None})
     if cfg.style_blend and len(cfg.style_blend) != len(styles):
         raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
-    vcfg = VideoConfig(temporal_weight=float(a["temporal_weight"]), iterations_first=a["iterations_first"], flow=a["flow"])  # type: ignore[arg-type]
-    selection = FrameSelection.parse(a["frames"], int(a["every"]))  # type: ignore[arg-type]
-    if a["fps"] is not None and not (0 < float(a["fps"]) <= 1000):  # type: ignore[arg-type]
+    vcfg = VideoConfig(temporal_weight=float(a["temporal_weight"]), iterations_first=a["iterations_first"], flow=a["flow"])
+    selection = FrameSelection.parse(a["frames"], int(a["every"]))
+    if a["fps"] is not None and not (0 < float(a["fps"]) <= 1000):
         raise UserError(f"--fps must be above 0 and at most 1000, got {a['fps']}")
-    dev = resolve_device(str(a["device"]))
-    runtime = Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
-    phases: dict[str, float] = {}
+    if a["threads"] is not None and a["threads"] < 1:
+        raise UserError(f"--threads must be 1 or more, got {a['threads']}")
+    fps = Fraction(str(a["fps"])).limit_denominator(1001) if a["fps"] is not None else None
+    jobs = [ClipJob(src, out, selection, fps) for src, out in zip(inputs, outputs)]
 
-    t = time.perf_counter()
-    clip = open_clip(source)
     style_ims = [load_image(p) for p in styles]
     init_im = load_image(init) if init is not None else None
-    total = selection.count(count_frames(clip))
-    if total == 0:
-        raise UserError(f"{source} has {count_frames(clip)} frames: none in --frames {a['frames']}")
-    phases["open"] = time.perf_counter() - t
-    first = next(read_frames(clip, selection))
-    check_sizes(first, style_ims, cfg)
-    raft = None
+    raft_file = None
     if vcfg.flow == FlowMethod.RAFT:
-        raft = RaftFlow(find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"]), device=runtime.device)  # type: ignore[arg-type]
+        raft_file = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])
     elif a["flow_weights"] is not None:
         raise UserError("--flow-weights is for --flow raft")
+    identity = {"styles": [file_digest(p) for p in styles], "init": file_digest(init) if init is not None else None}
+    if len(jobs) == 1 and not on_ray:
+        open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
+        _run_one(a, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet)
+    else:
+        _run_many(a, jobs, style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, on_ray=on_ray)
 
+
+def _setup(a: Mapping[str, Any], cfg: C.StyleConfig, *, quiet: bool) -> tuple[Any, Any, Any, Any, dict[str, object], dict[str, float]]:
+    """(runtime, weights, target source, cache, target info, phases) for a run in this process."""
+    from nst.engine.device import Runtime, resolve_device, resolve_precision
+
+    from .targets_opt import choose_targets
+
+    phases: dict[str, float] = {}
+    dev = resolve_device(str(a["device"]))
+    runtime = Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
     t = time.perf_counter()
     w = load_weights_for(str(a["weights"]), cfg.seed)
     phases["weights"] = time.perf_counter() - t
     if w.is_random and not quiet:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the result shows the method at work, not a painting[/]")
     t = time.perf_counter()
-    target_source, cache, targets_info = choose_targets(
-        a["targets"], cfg=cfg, weights=w, runtime=runtime, onnx_path=a["onnx"], provider=a["provider"], quiet=quiet  # type: ignore[arg-type]
-    )
+    source, cache, info = choose_targets(a["targets"], cfg=cfg, weights=w, runtime=runtime, onnx_path=a["onnx"], provider=a["provider"], quiet=quiet)
     phases["target setup"] = time.perf_counter() - t
+    return runtime, w, source, cache, info, phases
 
-    identity = {
-        "input": clip.identity(), "styles": [_digest(p) for p in styles], "init": _digest(init) if init is not None else None,
-        "config": cfg.to_dict(), "video": vcfg.to_dict(), "frames": selection.to_dict(), "weights": w.fingerprint,
-    }  # fmt: skip
-    journal = FrameJournal(work_folder(output), identity)
 
-    progress: Progress | None = None
-    tasks: dict[str, int] = {}
-    if not quiet:
-        progress = Progress(
+class _Bars:
+    """The clip's bar (frames, s/frame, ETA) above the frame's (iterations, loss)."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = None if quiet else Progress(
             TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )  # fmt: skip
-    last_read = [0.0]
+        self.tasks: dict[str, Any] = {}
+        self.last_read = 0.0
 
-    def on_frame(ev: FrameEvent) -> None:
-        if progress is None:
+    def start(self, name: str, total: int | None) -> None:
+        if self.progress is None:
             return
-        if not tasks:  # the clip's bar above the frame's
-            tasks["video"] = progress.add_task("video", total=ev.total, completed=ev.index, info="")
-            tasks["frame"] = progress.add_task("frame", total=ev.iterations, info="")
+        for t in self.tasks.values():
+            self.progress.remove_task(t)
+        self.tasks = {"video": self.progress.add_task(name, total=total, info=""), "frame": self.progress.add_task("frame", total=None, info="")}
+
+    def on_frame(self, ev: Any) -> None:  # FrameEvent
+        if self.progress is None or not self.tasks:
+            return
         if ev.kind == "start":
-            progress.reset(tasks["frame"], total=ev.iterations, description=f"frame {ev.index + 1}", info="")
+            self.progress.update(self.tasks["video"], completed=ev.index)
+            self.progress.reset(self.tasks["frame"], total=ev.iterations, description=f"frame {ev.index + 1}", info="")
         else:
             err = "" if ev.warping_error is None else f", warping error {ev.warping_error:.2f}"
-            progress.update(tasks["video"], completed=ev.index + 1, info=f"{ev.seconds:.1f} s/frame{err}")
+            self.progress.update(self.tasks["video"], completed=ev.index + 1, info=f"{ev.seconds:.1f} s/frame{err}")
 
-    def on_iterate(it: Iterate) -> None:
-        if progress is None or "frame" not in tasks:
+    def on_iterate(self, it: Any) -> None:  # Iterate
+        if self.progress is None or not self.tasks:
             return
         now = time.perf_counter()
         fields = {}
-        if now - last_read[0] > 0.25 or it.step == it.total_steps:
-            last_read[0] = now
-            fields["info"] = f"loss {float(it.loss):.4g}"
-        progress.update(tasks["frame"], total=it.total_steps, completed=it.step, **fields)
+        if now - self.last_read > 0.25 or it.step == it.total_steps:
+            self.last_read = now
+            fields["info"] = f"loss {float(it.loss):.4g}"  # a device sync: at most 4 times a second
+        self.progress.update(self.tasks["frame"], total=it.total_steps, completed=it.step, **fields)
 
-    frames_iter = read_frames(clip, selection)
+
+def _run_one(a: Mapping[str, Any], job: Any, styles: list, init_im: Any, cfg: C.StyleConfig, vcfg: VideoConfig, identity: dict, raft_file: Path | None, *, report: Path | None, quiet: bool) -> None:
+    from nst.engine.video.flow import RaftFlow
+    from nst.engine.video.pipeline import run_clip
+
+    runtime, w, source, cache, tinfo, phases = _setup(a, cfg, quiet=quiet)
+    raft = RaftFlow(raft_file, device=runtime.device) if raft_file is not None else None
+    bars = _Bars(quiet)
     try:
-        if progress is not None:
-            progress.start()
-        result = stylize_video(
-            frames_iter, style_ims, cfg, vcfg, weights=w, journal=journal, runtime=runtime, targets=target_source, cache=cache,
-            total=total, raft=raft, init_image=init_im, frame_callback=on_frame, callback=on_iterate,
+        if bars.progress is not None:
+            bars.progress.start()
+        out = run_clip(
+            job, styles, cfg, vcfg, weights=w, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft, init_image=init_im,
+            on_start=lambda clip, total: bars.start("video", total), frame_callback=bars.on_frame, callback=bars.on_iterate,
         )  # fmt: skip
     finally:
-        if progress is not None:
-            progress.stop()
-    for k in ("model", "flow", "targets", "optimisation", "save"):
-        phases[k] = result.phases[k]
-    if journal.restarted and not quiet:
-        console.print(f"[yellow]note:[/] {journal.restarted}")
-    if result.resumed and not quiet:
-        console.print(f"resumed: {result.resumed} frame(s) finished by an earlier run were kept, not redone")
-
-    if result.status != "done":
-        kept = len(journal.entries)
-        if result.status == "interrupted":
-            console.print(f"[yellow]interrupted:[/] {result.message}; {kept} finished frame(s) are kept in {journal.folder}: run the same command again to continue")
+        if bars.progress is not None:
+            bars.progress.stop()
+    phases.update(out.phases)
+    _notes(out, quiet=quiet)
+    if out.status != "done":
+        kept = len(out.journal.entries)
+        if out.status == "interrupted":
+            console.print(f"[yellow]interrupted:[/] {out.message}; {kept} finished frame(s) are kept in {out.journal.folder}: run the same command again to continue")
             raise typer.Exit(130)
-        raise fail(f"{result.message}; {kept} finished frame(s) are kept in {journal.folder}", code=1)
-
-    t = time.perf_counter()
-    fps = clip.fps if clip.kind == "video" and clip.fps else (Fraction(str(a["fps"])).limit_denominator(1001) if a["fps"] is not None else DEFAULT_FPS)
-    paths = journal.frame_paths()
-    encoded = None
-    if to_video:
-        audio_from = clip.path if clip.kind == "video" and clip.audio else None
-        window = (selection.start / fps, selection.stop / fps if selection.stop is not None else None)
-        encoded = write_video(paths, output, fps=selection.fps(fps), audio_from=audio_from, window=window)
-        if encoded.note:
-            console.print(f"[yellow]warning:[/] {encoded.note}; wrote the video without it")
-    else:
-        write_frame_folder(paths, output)
-    phases["write"] = time.perf_counter() - t
-    journal.remove()
-
-    errors = result.warping_errors
-    mean_err = result.warping_error_mean
-    spf = result.seconds_per_frame
-    out_desc: dict[str, object] = {"path": str(output), "kind": "video" if to_video else "frames", "frames": len(paths), "fps": str(selection.fps(fps))}
-    if encoded is not None:
-        out_desc.update(encoder=encoded.encoder, size=f"{encoded.size[0]}x{encoded.size[1]}", audio=encoded.audio)
+        raise fail(f"{out.message}; {kept} finished frame(s) are kept in {out.journal.folder}", code=1)
+    data = clip_report(out, phases, runtime, w, tinfo, cfg, vcfg)
     if report is not None:
-        write_json(report, {
-            "output": out_desc, "input": clip.describe(), "status": result.status,
-            "frames": {"total": len(paths), "computed": len(paths) - result.resumed, "resumed": result.resumed},
-            "phases": phases, "seconds_per_frame": spf,
-            "temporal": {"weight": vcfg.temporal_weight, "flow": vcfg.flow.value, "warm_start": vcfg.starts_warm,
-                         "warping_error_mean": mean_err, "warping_error_per_frame": errors,
-                         "reliable_fraction_per_frame": [f.get("reliable") for f in result.frames]},
-            "per_frame": result.frames,
-            "device": str(runtime.device), "precision": runtime.precision.value, "weights": w.to_dict(),
-            "targets": {**result.targets, **targets_info}, "config": cfg.to_dict(), "video": vcfg.to_dict(),
-            "selection": selection.to_dict(), "versions": {**versions(), **_media_versions()},
-        })  # fmt: skip
+        from .report import write_json
+
+        write_json(report, {**data, "versions": _versions()})
     if not quiet:
-        console.print(_closing_table(result, phases, runtime, out_desc, mean_err, spf))
-        audio = ", audio copied" if encoded is not None and encoded.audio else ""
-        how = f"{encoded.encoder}, {encoded.size[0]}x{encoded.size[1]}, " if encoded is not None else "PNG frames, "
-        console.print(f"wrote {output} ({len(paths)} frames, {how}{out_desc['fps']} fps{audio})")
+        console.print(_frames_table(out, phases, runtime))
+        console.print(_wrote(out))
 
 
-def _media_versions() -> dict[str, str]:
-    out = {}
+def _notes(out: Any, *, quiet: bool) -> None:
+    if quiet:
+        return
+    if out.journal.restarted:
+        console.print(f"[yellow]note:[/] {out.journal.restarted}")
+    if out.result.resumed:
+        console.print(f"resumed: {out.result.resumed} frame(s) of {out.job.source} finished by an earlier run were kept, not redone")
+    if out.encoded is not None and out.encoded.note:
+        console.print(f"[yellow]warning:[/] {out.encoded.note}; wrote the video without it")
+
+
+def _wrote(out: Any) -> str:
+    n = len(out.result.frames)
+    if out.encoded is None:
+        return f"wrote {out.job.output} ({n} PNG frames)"
+    e = out.encoded
+    return f"wrote {out.job.output} ({n} frames, {e.encoder}, {e.size[0]}x{e.size[1]}, {out.fps} fps{', audio copied' if e.audio else ''})"
+
+
+def clip_report(out: Any, phases: Mapping[str, float], runtime: Any, w: Any, tinfo: Mapping[str, object], cfg: C.StyleConfig, vcfg: VideoConfig) -> dict[str, object]:
+    """One clip's `--report` JSON (without `versions`)."""
+    res = out.result
+    desc: dict[str, object] = {"path": str(out.job.output), "kind": "video" if out.job.to_video else "frames", "frames": len(res.frames), "fps": str(out.fps)}
+    if out.encoded is not None:
+        desc.update(encoder=out.encoded.encoder, size=f"{out.encoded.size[0]}x{out.encoded.size[1]}", audio=out.encoded.audio)
+    return {
+        "output": desc, "input": out.clip.describe(), "status": out.status,
+        "frames": {"total": len(res.frames), "computed": len(res.frames) - res.resumed, "resumed": res.resumed},
+        "phases": dict(phases), "seconds_per_frame": res.seconds_per_frame,
+        "temporal": {"weight": vcfg.temporal_weight, "flow": vcfg.flow.value, "warm_start": vcfg.starts_warm,
+                     "warping_error_mean": res.warping_error_mean, "warping_error_per_frame": res.warping_errors,
+                     "reliable_fraction_per_frame": [f.get("reliable") for f in res.frames]},
+        "per_frame": res.frames, "device": str(runtime.device) if runtime is not None else out.worker.get("device"),
+        "precision": runtime.precision.value if runtime is not None else out.worker.get("precision"), "weights": w.to_dict(),
+        "targets": {**res.targets, **tinfo}, "config": cfg.to_dict(), "video": vcfg.to_dict(), "selection": out.job.selection.to_dict(),
+        "worker": out.worker,
+    }  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    from .report import versions
+
+    out = versions()
     for mod, name in (("av", "av"), ("cv2", "opencv")):
         try:
             out[name] = __import__(mod).__version__
@@ -271,32 +311,153 @@ def _media_versions() -> dict[str, str]:
     return out
 
 
-def _closing_table(result, phases: dict[str, float], runtime, out_desc: dict, mean_err: float | None, spf: float | None):  # -> rich Table
+def _frames_table(out: Any, phases: Mapping[str, float], runtime: Any) -> Any:
     from rich.table import Table
 
+    res = out.result
     table = Table(title="video", show_header=True, header_style="bold")
-    table.add_column("frame", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("iterations", justify="right")
-    table.add_column("reliable", justify="right")
-    table.add_column("warping error", justify="right")
-    rows = result.frames
-    shown = rows if len(rows) <= 24 else rows[:10] + [None] + rows[-10:]
-    for i, f in enumerate(shown):
+    for col in ("frame", "seconds", "iterations", "reliable", "warping error"):
+        table.add_column(col, justify="right")
+    rows = res.frames if len(res.frames) <= 24 else [*res.frames[:10], None, *res.frames[-10:]]
+    for f in rows:
         if f is None:
             table.add_row("...", "", "", "", "")
             continue
-        n = f["index"] + 1
         err = "-" if f.get("warping_error") is None else f"{f['warping_error']:.2f}"
         rel = "-" if f.get("reliable") is None else f"{100 * f['reliable']:.0f}%"
-        table.add_row(str(n), "resumed" if f.get("resumed") else f"{f['seconds']:.2f}", str(f["iterations"]), rel, err)
+        table.add_row(str(f["index"] + 1), "resumed" if f.get("resumed") else f"{f['seconds']:.2f}", str(f["iterations"]), rel, err)
     table.add_section()
-    table.add_row("mean", "-" if spf is None else f"{spf:.2f}", "", "", "-" if mean_err is None else f"{mean_err:.2f}", style="bold")
-    total = sum(phases.values())
+    spf, mean = res.seconds_per_frame, res.warping_error_mean
+    table.add_row("mean", "-" if spf is None else f"{spf:.2f}", "", "", "-" if mean is None else f"{mean:.2f}", style="bold")
     table.caption = (
-        f"warping error: mean |output t - warped output t-1| over reliable pixels, 8-bit levels. "
-        f"{result.resumed} frame(s) resumed. Phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + f"; total {total:.2f}. "
-        f"{runtime.device}, {runtime.precision.value}; targets {result.targets.get('source')}: style computed {result.targets.get('style_computed')}x, "
-        f"content {result.targets.get('content_computed')}x"
+        "warping error: mean |output t - output t-1 warped onto t| over reliable pixels, in 8-bit levels. "
+        f"{res.resumed} frame(s) resumed. Phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + f"; total {sum(phases.values()):.2f}. "
+        f"{runtime.device}, {runtime.precision.value}; targets {res.targets.get('source')}: style computed {res.targets.get('style_computed')}x, "
+        f"content {res.targets.get('content_computed')}x"
     )
+    return table
+
+
+def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg: C.StyleConfig, vcfg: VideoConfig, identity: dict, raft_file: Path | None, *, report: Path | None, quiet: bool, on_ray: bool) -> None:
+    """Several clips: one after another here, or one per worker on Ray; a clip that fails is a
+    line in the closing table and the others go on (exit code 1 if any failed)."""
+    from nst.engine.errors import EngineError
+
+    from .common import flag_message
+    from .targets_opt import choose_targets
+
+    t0 = time.perf_counter()
+    results: list[tuple[Any, Any, str]] = []  # (job, outcome or None, reason)
+    reports: list[dict[str, object]] = []
+    interrupted = False
+    if on_ray:
+        from nst.engine.config import Precision
+
+        dev = str(a["device"]).strip().lower()
+        if dev not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device {a['device']} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
+        prec = str(a["precision"]).strip().lower()
+        if prec != "auto" and prec not in {p.value for p in Precision}:
+            raise UserError(f"unknown precision {prec!r}: use auto, {', '.join(p.value for p in Precision)}")
+        try:
+            from nst.engine.video.ray_runner import ClipRayRunner
+        except ImportError as e:
+            raise UserError(f"--ray needs Ray ({e.name or e} is not installed): pip install 'nst[ray]'") from None
+        w = load_weights_for(str(a["weights"]), cfg.seed)
+        targets = functools.partial(choose_targets, a["targets"], onnx_path=a["onnx"], provider=a["provider"], quiet=True)
+        runner = ClipRayRunner(weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=targets, address=a["ray_address"])
+        if not quiet:
+            console.print(f"ray: {len(jobs)} clip(s) on up to {runner.workers} worker(s), each {runner.ask}")
+        bars = _Bars(quiet)
+        try:
+            if bars.progress is not None:
+                bars.progress.start()
+                task = bars.progress.add_task("videos", total=len(jobs), info="")
+            for job, out, tinfo, err in runner.run(jobs, styles, cfg, vcfg, identity=identity, init_image=init_im, raft_file=str(raft_file) if raft_file else None):
+                if bars.progress is not None:
+                    bars.progress.advance(task)
+                if err is not None:
+                    if not isinstance(err, EngineError):
+                        raise err
+                    results.append((job, None, flag_message(err)))
+                    continue
+                results.append((job, out, "" if out.status == "done" else out.message))
+                if out.status == "done":
+                    reports.append(clip_report(out, out.phases, None, w, tinfo, cfg, vcfg))
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bars.progress is not None:
+                bars.progress.stop()
+            runner.close()
+    else:
+        from nst.engine.transfer import build_model
+        from nst.engine.video.flow import RaftFlow
+        from nst.engine.video.pipeline import run_clip
+
+        import torch
+
+        if a["threads"] is not None:
+            torch.set_num_threads(a["threads"])  # as a Ray worker would: the same sums, the same bytes
+        runtime, w, source, cache, tinfo, phases = _setup(a, cfg, quiet=quiet)
+        raft = RaftFlow(raft_file, device=runtime.device) if raft_file is not None else None
+        model = build_model(cfg, w, runtime)  # one network for every clip
+        bars = _Bars(quiet)
+        try:
+            if bars.progress is not None:
+                bars.progress.start()
+            for i, job in enumerate(jobs):
+                try:
+                    out = run_clip(
+                        job, styles, cfg, vcfg, weights=w, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft,
+                        init_image=init_im, model=model, on_start=lambda clip, total, i=i: bars.start(f"video {i + 1}/{len(jobs)}", total),
+                        frame_callback=bars.on_frame, callback=bars.on_iterate,
+                    )  # fmt: skip
+                except EngineError as e:
+                    results.append((job, None, flag_message(e)))
+                    continue
+                results.append((job, out, "" if out.status == "done" else out.message))
+                if out.status == "interrupted":
+                    interrupted = True
+                    break
+                if out.status == "done":
+                    reports.append(clip_report(out, {**phases, **out.phases}, runtime, w, tinfo, cfg, vcfg))
+        finally:
+            if bars.progress is not None:
+                bars.progress.stop()
+    for job, out, _ in results:
+        if out is not None:
+            _notes(out, quiet=quiet)
+    failed = [(job, reason) for job, out, reason in results if out is None or out.status not in ("done", "interrupted")]
+    if report is not None:
+        from .report import write_json
+
+        write_json(report, {
+            "videos": reports, "failed": [{"input": j.source, "output": str(j.output), "reason": r} for j, r in failed],
+            "totals": {"videos": len(jobs), "done": len(reports), "failed": len(failed), "seconds": round(time.perf_counter() - t0, 3)},
+            "runner": "ray" if on_ray else "in-process", "versions": _versions(),
+        })  # fmt: skip
+    if not quiet:
+        console.print(_videos_table(results))
+    if interrupted:
+        console.print("[yellow]interrupted:[/] finished frames are kept in each OUTPUT.nst-work: run the same command again to continue")
+        raise typer.Exit(130)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _videos_table(results: list[tuple[Any, Any, str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="videos", show_header=True, header_style="bold")
+    for col, just in (("input", "left"), ("output", "left"), ("frames", "right"), ("resumed", "right"), ("s/frame", "right"), ("warping error", "right"), ("status", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for job, out, reason in results:
+        if out is None:
+            table.add_row(job.source, str(job.output), "", "", "", "", f"failed: {reason}")
+            continue
+        res = out.result
+        spf, err = res.seconds_per_frame, res.warping_error_mean
+        table.add_row(job.source, str(job.output), str(len(res.frames)), str(res.resumed), "-" if spf is None else f"{spf:.2f}",
+                      "-" if err is None else f"{err:.2f}", out.status if not reason else f"{out.status}: {reason}")  # fmt: skip
     return table

@@ -16,6 +16,7 @@ _LAZY = {
     "flow": ("FlowError", "RaftFlow", "RaftWeightsMissing", "find_raft_weights", "optical_flow"),
     "journal": ("FrameJournal",),
     "media": ("Clip", "Encoded", "FrameSelection", "VideoError", "count_frames", "is_video_path", "open_clip", "read_frames", "write_frame_folder", "write_video"),
+    "pipeline": ("WORK_SUFFIX", "ClipJob", "ClipOutcome", "file_digest", "open_job", "run_clip", "work_folder"),
     "run": ("FrameEvent", "VideoResult", "stylize_video"),
     "temporal": ("TemporalTerm", "temporal_loss", "warping_error"),
     "warping": ("Reliability", "reliability", "warp"),

@@ -21,6 +21,7 @@ from PIL import Image
 from .. import color
 from ..config import PreserveColors, StyleConfig
 from ..device import Runtime
+from ..features import VGGFeatures
 from ..errors import ConfigError
 from ..images import load_image, output_shape, resize, to_pil, to_tensor
 from ..targets import ImageTargets, TargetSource, TorchTargets
@@ -132,6 +133,7 @@ def stylize_video(
     total: int | None = None,
     raft: RaftFlow | None = None,
     init_image: Image.Image | None = None,
+    model: VGGFeatures | None = None,
     frame_callback: Callable[[FrameEvent], None] | None = None,
     callback: Callable[[Iterate], None] | None = None,
 ) -> VideoResult:
@@ -139,7 +141,8 @@ def stylize_video(
     frames it already holds. Ctrl-C ends the run with status "interrupted", finished frames kept.
 
     `init_image` is the start of frames that do not start from the previous output (with
-    `cfg.init` naming an image file); `total` (the number of frames, if known) is for progress.
+    `cfg.init` naming an image file); `total` (the number of frames, if known) is for progress;
+    `model` (from `build_model`) lets a caller with several clips build the network once.
     """
     runtime = runtime or Runtime()
     if vcfg.flow == FlowMethod.RAFT and raft is None:
@@ -149,7 +152,7 @@ def stylize_video(
     records: list[dict[str, object]] = [{**e, "resumed": True} for e in journal.entries]
 
     t = time.perf_counter()
-    model = build_model(cfg, weights, runtime)
+    model = model if model is not None else build_model(cfg, weights, runtime)
     net = loop_network(model, runtime)
     source = _CountingSource(targets or TorchTargets(model))
     memo = _StyleMemo(cache)

@@ -192,7 +192,7 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "output is input": ([str(pan), s, "-o", str(pan)], "inputs are never overwritten"),
         "output extension": ([str(pan), s, "-o", str(tmp / "o.png")], "use a video file"),
         "bad range": ([str(pan), s, "-o", out, "--frames", "5:2"], "--frames range 5:2 is empty"),
-        "range past end": ([str(pan), s, "-o", out, "--frames", "40:50"], "none in --frames"),
+        "range past end": ([str(pan), s, "-o", out, "--frames", "40:50"], "none of them in the range 40:50"),
         "every zero": ([str(pan), s, "-o", out, "--every", "0"], "every must be"),
         "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "--temporal-weight must be"),
         "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here"),
@@ -224,3 +224,49 @@ def test_video_cmd_imports_nothing_heavy_at_module_level():
         elif isinstance(node, ast.ImportFrom) and node.module:
             top.add(node.module.split(".")[0])
     assert not top & heavy, top & heavy
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray cluster of two CPUs; its workers get a private cache folder and no downloads."""
+    ray = pytest.importorskip("ray")
+    cache = tmp_path_factory.mktemp("ray-cache")
+    env = {"NST_CACHE_DIR": str(cache), "NST_OFFLINE": "1", "TORCH_HOME": str(cache / "torch-home")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_several_videos_here_and_on_ray_one_per_worker_give_the_same_frames(cluster, examples_dir, tmp_path):
+    a = make_pan(tmp_path / "a.mp4", examples_dir, frames=4, w=64, h=48)
+    b = make_pan(tmp_path / "b.mp4", examples_dir, frames=3, step=2, w=64, h=48)
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("not a video")
+    args = ["video", str(a), str(b), str(broken), style(examples_dir), "--size", "40", "--iterations", "2", *FAST, "--threads", "1"]
+    reports = {}
+    for name, extra in (("here", []), ("ray", ["--ray"])):
+        out, rep = tmp_path / name, tmp_path / f"{name}.json"
+        r = runner.invoke(app, [*args, "-o", str(out), "--report", str(rep), *extra])
+        assert r.exit_code == 1, r.output  # one input failed, the others were done
+        assert "videos" in r.output and "failed:" in r.output  # the closing table
+        assert probe(out / "a.mp4")[:2] == (4, Fraction(24)) and probe(out / "b.mp4")[:2] == (3, Fraction(24))
+        reports[name] = json.loads(rep.read_text())
+    here, ray_ = reports["here"], reports["ray"]
+    assert here["runner"] == "in-process" and ray_["runner"] == "ray"
+    for rep in (here, ray_):
+        assert rep["totals"]["done"] == 2 and [f["input"] for f in rep["failed"]] == [str(broken)]
+        assert "not a video FFmpeg can read" in rep["failed"][0]["reason"]
+    # One video per worker process, each its own clip's frames in order, the same numbers as here.
+    assert all(v["worker"]["pid"] != os.getpid() and v["worker"]["threads"] == 1 for v in ray_["videos"])
+    by_input = {v["input"]["path"]: v["temporal"]["warping_error_per_frame"] for v in here["videos"]}
+    assert {v["input"]["path"]: v["temporal"]["warping_error_per_frame"] for v in ray_["videos"]} == by_input

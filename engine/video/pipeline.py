@@ -1,0 +1,151 @@
+"""One clip end to end: open it, stylise its frames into the work folder, write the output.
+
+`run_clip` is what `nst video` does for each input, in its own process or on a Ray worker; it
+never prints (progress leaves through the callbacks) and writes only the clip's work folder and
+output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from PIL import Image
+
+from ..config import StyleConfig
+from ..device import Runtime
+from ..features import VGGFeatures
+from ..targets import TargetSource
+from ..transfer import Iterate, TargetCacheLike, check_sizes
+from ..weights import Weights
+from .config import VideoConfig
+from .flow import RaftFlow
+from .journal import FrameJournal
+from .media import DEFAULT_FPS, Clip, Encoded, FrameSelection, VideoError, count_frames, is_video_path, open_clip, read_frames, write_frame_folder, write_video
+from .run import FrameEvent, VideoResult, stylize_video
+
+WORK_SUFFIX = ".nst-work"  # the work folder beside the output: OUTPUT.nst-work/
+
+
+def work_folder(output: Path) -> Path:
+    """Where the finished frames and the journal of a run writing `output` live."""
+    output = Path(output)
+    return output.with_name(output.name + WORK_SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    """16 hex digits of a file's sha256: how the journal tells an edited style or init apart."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    """One input and where its result goes."""
+
+    source: str  # a video file, a folder of frames, or a glob of frame files
+    output: Path  # a video file (by its extension) or a folder for numbered PNG frames
+    selection: FrameSelection = FrameSelection()
+    fps: Fraction | None = None  # the frame rate of frames written as a video (None: 25); a video keeps its own
+
+    @property
+    def to_video(self) -> bool:
+        return is_video_path(self.output)
+
+
+@dataclass
+class ClipOutcome:
+    """What became of one clip."""
+
+    job: ClipJob
+    status: str  # "done" | "interrupted" | "nonfinite" | "oom"
+    clip: Clip
+    result: VideoResult
+    journal: FrameJournal
+    total: int | None  # output frames expected
+    fps: Fraction  # the output's frame rate
+    phases: dict[str, float] = field(default_factory=dict)
+    encoded: Encoded | None = None  # a video written
+    worker: dict[str, object] = field(default_factory=dict)  # where it ran (Ray)
+
+    @property
+    def message(self) -> str:
+        return self.result.message
+
+
+def open_job(job: ClipJob, styles: Sequence[Image.Image], cfg: StyleConfig) -> tuple[Clip, int | None]:
+    """Open the job's input and check it before any work: (clip, frames to write). VideoError for
+    a broken input or an empty selection, ImageError for frames too small for the layers."""
+    clip = open_clip(job.source)
+    total = job.selection.count(count_frames(clip))
+    if total == 0:
+        raise VideoError(f"{job.source} has {count_frames(clip)} frames, none of them in the range {job.selection.start}:{job.selection.stop or ''}")
+    first = next(read_frames(clip, job.selection), None)
+    if first is None:
+        raise VideoError(f"{job.source}: no frame could be decoded in the range {job.selection.start}:{job.selection.stop or ''}")
+    check_sizes(first, styles, cfg)
+    return clip, total
+
+
+def run_clip(
+    job: ClipJob,
+    styles: Sequence[Image.Image],
+    cfg: StyleConfig,
+    vcfg: VideoConfig,
+    *,
+    weights: Weights,
+    identity: dict[str, object],
+    runtime: Runtime | None = None,
+    targets: TargetSource | None = None,
+    cache: TargetCacheLike | None = None,
+    raft: RaftFlow | None = None,
+    init_image: Image.Image | None = None,
+    model: VGGFeatures | None = None,
+    on_start: Callable[[Clip, int | None], None] | None = None,
+    frame_callback: Callable[[FrameEvent], None] | None = None,
+    callback: Callable[[Iterate], None] | None = None,
+) -> ClipOutcome:
+    """Stylise one clip, resuming from its work folder, and write its output (then drop the work
+    folder). `identity` names what else decides the frames (style and init digests): the
+    journal resumes only a run with the same input, settings and identity."""
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    clip, total = open_job(job, styles, cfg)
+    phases["open"] = time.perf_counter() - t
+    full_identity = {
+        "input": clip.identity(), **identity, "config": cfg.to_dict(), "video": vcfg.to_dict(), "frames": job.selection.to_dict(),
+        "weights": weights.fingerprint,
+    }  # fmt: skip
+    journal = FrameJournal(work_folder(job.output), full_identity)
+    if on_start is not None:
+        on_start(clip, total)
+    result = stylize_video(
+        read_frames(clip, job.selection), styles, cfg, vcfg, weights=weights, journal=journal, runtime=runtime, targets=targets,
+        cache=cache, total=total, raft=raft, init_image=init_image, model=model, frame_callback=frame_callback, callback=callback,
+    )  # fmt: skip
+    phases.update(result.phases)
+    rate = clip.fps if clip.kind == "video" and clip.fps else (job.fps or DEFAULT_FPS)
+    out = ClipOutcome(job, result.status, clip, result, journal, total, job.selection.fps(rate), phases)
+    if result.status != "done":
+        return out
+    t = time.perf_counter()
+    frames = journal.frame_paths()
+    if job.to_video:
+        audio_from = clip.path if clip.kind == "video" and clip.audio else None
+        window = (job.selection.start / rate, job.selection.stop / rate if job.selection.stop is not None else None)
+        out.encoded = write_video(frames, job.output, fps=out.fps, audio_from=audio_from, window=window)
+    else:
+        write_frame_folder(frames, job.output)
+    phases["write"] = time.perf_counter() - t
+    journal.remove()
+    return out
+
+
+__all__ = ["WORK_SUFFIX", "ClipJob", "ClipOutcome", "file_digest", "open_job", "run_clip", "work_folder"]
