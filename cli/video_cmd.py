@@ -27,7 +27,9 @@ STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # 
 
 
 def video_command(**a: Any) -> None:
-    """Stylise videos or sequences of frames with temporal consistency (Ruder et al. 2016).
+    """Stylise videos with temporal consistency, resumably.
+
+    The method is Ruder, Dosovitskiy and Brox 2016, "Artistic style transfer for videos".
 
     Each frame starts from the previous output warped by the optical flow and is held to it where
     the flow is reliable. Finished frames are kept in OUTPUT.nst-work beside the output: run the

@@ -270,3 +270,29 @@ def test_several_videos_here_and_on_ray_one_per_worker_give_the_same_frames(clus
     assert all(v["worker"]["pid"] != os.getpid() and v["worker"]["threads"] == 1 for v in ray_["videos"])
     by_input = {v["input"]["path"]: v["temporal"]["warping_error_per_frame"] for v in here["videos"]}
     assert {v["input"]["path"]: v["temporal"]["warping_error_per_frame"] for v in ray_["videos"]} == by_input
+
+
+def test_readme_video_example_runs(examples_dir, tmp_path):
+    """The README's Python example for video, on a 4-frame pan at a smaller size."""
+    import re
+
+    readme = (examples_dir.parent / "README.md").read_text()
+    section = readme[readme.index("## Video: `nst video`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    pan = make_pan(tmp_path / "pan.mp4", examples_dir, frames=4, w=64, h=48)
+    code = code.replace('"pan.mp4"', repr(str(pan))).replace('Path("out.mp4")', f"Path({str(tmp_path / 'out.mp4')!r})")
+    code = code.replace('"examples/', repr(str(examples_dir))[:-1] + '/').replace("size=64, iterations=10", "size=40, iterations=2")
+    ns: dict = {}
+    exec(compile(code, "README", "exec"), ns)
+    assert ns["out"].status == "done" and probe(tmp_path / "out.mp4")[0] == 4
+    assert not (tmp_path / "out.mp4.nst-work").exists()
+
+
+def test_readme_documents_every_video_option():
+    from typer.main import get_command
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    cmd = get_command(app).commands["video"]  # type: ignore[attr-defined]
+    stylize_opts = {o for p in get_command(app).commands["stylize"].params for o in p.opts}  # type: ignore[attr-defined]
+    missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o not in text and o not in stylize_opts and o != "--help"]
+    assert not missing, f"video options not in the README: {missing}"
