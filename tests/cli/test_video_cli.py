@@ -281,7 +281,7 @@ def test_readme_video_example_runs(examples_dir, tmp_path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     pan = make_pan(tmp_path / "pan.mp4", examples_dir, frames=4, w=64, h=48)
     code = code.replace('"pan.mp4"', repr(str(pan))).replace('Path("out.mp4")', f"Path({str(tmp_path / 'out.mp4')!r})")
-    code = code.replace('"examples/', repr(str(examples_dir))[:-1] + '/').replace("size=64, iterations=10", "size=40, iterations=2")
+    code = code.replace('"examples/', '"' + str(examples_dir) + '/').replace("size=64, iterations=10", "size=40, iterations=2")
     ns: dict = {}
     exec(compile(code, "README", "exec"), ns)
     assert ns["out"].status == "done" and probe(tmp_path / "out.mp4")[0] == 4
