@@ -23,7 +23,7 @@ from rich.table import Table
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
 from .common import UserError, console, user_errors
-from .stylize_cmd import CONFIG_OPTIONS, config_from_options, stylize_command
+from .stylize_cmd import CONFIG_OPTIONS, config_from_options, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
 _REPLACED = ("content", "styles", "output", "report", "compare")
@@ -63,8 +63,7 @@ def _batch_parameters() -> list[inspect.Parameter]:
 
 
 def _signature() -> inspect.Signature:
-    shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in inspect.signature(stylize_command, eval_str=True).parameters.items() if name not in _REPLACED]
-    return inspect.Signature([*_batch_parameters(), *shared], return_annotation=None)
+    return inspect.Signature([*_batch_parameters(), *stylize_parameters(without=_REPLACED)], return_annotation=None)
 
 
 batch_command.__signature__ = _signature()  # type: ignore[attr-defined]
