@@ -255,7 +255,7 @@ class _BatchView:
             self.started = time.perf_counter()
             self.jobs_task = p.add_task("[bold]batch[/]", total=e.counts["to_run"], info=self._jobs_info())
         elif e.kind == "started" and self.per_job:
-            total = e.job.cfg.iterations * len(e.job.cfg.sizes)
+            total = sum(e.job.cfg.stage_iterations)
             if self.job_task is None:
                 self.job_task = p.add_task("", total=total, info="")
             p.reset(self.job_task, total=total, description=f"  {e.job.key}", info="")

@@ -60,6 +60,11 @@ def bench_command(
     targets_phase: Annotated[bool, typer.Option("--targets-phase/--no-targets-phase", help="Also time the targets: PyTorch against ONNX Runtime.")] = True,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", help="Comma list, e.g. 1,2,4: also time whole jobs with that many images optimised together (rows with batch_size and jobs_per_minute).", show_default=False)] = None,
     flops: Annotated[bool, typer.Option("--flops", help="Print the per-layer FLOP count for the sizes and presets, and exit.")] = False,
+    to_result: Annotated[bool, typer.Option("--to-result", help="Instead of throughput: seconds until each setting's loss is within 1% of a reference (500 single-scale fp32 L-BFGS iterations, computed once and cached).")] = False,
+    result_scales: Annotated[Optional[list[str]], typer.Option("--result-scales", metavar="SCALES", help="--to-result: a scales setting to time, repeatable: single, auto, or sizes with iterations such as 64:100,128:50,256 [single, auto].", show_default=False)] = None,
+    result_iterations: Annotated[int, typer.Option("--result-iterations", min=1, help="--to-result: most iterations at the output size before a setting counts as not reached.")] = 500,
+    content: Annotated[Optional[Path], typer.Option("--content", help="--to-result: content image [seeded synthetic images].", show_default=False)] = None,
+    style: Annotated[Optional[Path], typer.Option("--style", help="--to-result: style image.", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one CSV row per result here.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: ms/iteration and TFLOP/s against size, a line per precision.")] = None,
@@ -95,7 +100,15 @@ def bench_command(
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")
         if any(b < 1 for b in batch_sizes):
             raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
+        if to_result:
+            from .bench_result import result_cases
+
+            result_case_list = result_cases(hw, presets=presets, optimizers=opts, precisions=precs, scales=result_scales or ["single", "auto"])
         w = load_weights_for(weights, seed)
+        if to_result:
+            _to_result(result_case_list, w, dev, content=content, style=style, seed=seed, max_iterations=result_iterations,
+                       json_path=json_path, csv_path=csv_path, plot_path=plot_path, wide=wide)
+            return
         rows: list[BenchRow] = []
         peaks: dict = {}
         with console.status("benchmarking") as status:
@@ -133,14 +146,7 @@ def bench_command(
             console.print(_narrow_table(rows, dev))
         for reason in dict.fromkeys(f"{r.precision} {r.loop}: {r.reason}" for r in rows if r.status != "ok"):
             console.print(f"[yellow]skipped[/] {reason}")
-        meta = {
-            "device": _device_name(dev),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_threads": torch.get_num_threads(),
-            "weights": w.to_dict(),
-            "versions": versions(),
-            "command": "nst " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "nst" in Path(sys.argv[0]).name else "nst bench",
-        }
+        meta = _meta(dev, w)
         if json_path is not None:
             write_json(json_path, {"results": [r.to_dict() for r in rows], **meta})
             console.print(f"wrote {json_path}")
@@ -150,6 +156,38 @@ def bench_command(
         if plot_path is not None:
             write_plot(plot_path, rows, title=f"nst bench on {meta['device']}")
             console.print(f"wrote {plot_path}")
+
+
+def _meta(dev: torch.device, w: Weights) -> dict[str, object]:
+    return {
+        "device": _device_name(dev),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(),
+        "weights": w.to_dict(),
+        "versions": versions(),
+        "command": "nst " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "nst" in Path(sys.argv[0]).name else "nst bench",
+    }
+
+
+def _to_result(cases: list, w: Weights, dev: torch.device, *, content: Path | None, style: Path | None, seed: int, max_iterations: int,
+               json_path: Path | None, csv_path: Path | None, plot_path: Path | None, wide: bool) -> None:
+    """The --to-result phase: rows, table, JSON/CSV like the other phases, and a loss-against-seconds plot."""
+    from .bench_result import result_table, run_result_phase, write_result_plot
+
+    with console.status("to result") as status:
+        rows, curves, extra = run_result_phase(cases, weights=w, device=dev, content=content, style=style, seed=seed, max_iterations=max_iterations, status=status)
+    table = result_table(rows, f"nst bench --to-result: {_device_name(dev)}", wide=wide)
+    (Console(file=console.file, width=max(console.width, 160), highlight=False) if wide else console).print(table)
+    meta = {**_meta(dev, w), **extra}
+    if json_path is not None:
+        write_json(json_path, {"results": [r.to_dict() for r in rows], "curves": [c.__dict__ for c in curves], **meta})
+        console.print(f"wrote {json_path}")
+    if csv_path is not None:
+        write_csv(csv_path, rows)
+        console.print(f"wrote {csv_path}")
+    if plot_path is not None:
+        write_result_plot(plot_path, curves, rows, title=f"nst bench --to-result on {meta['device']}")
+        console.print(f"wrote {plot_path}")
 
 
 def _exported(w: Weights, preset_name: str) -> Path | None:

@@ -84,6 +84,13 @@ CONFIG_OPTIONS = (
 )  # fmt: skip
 
 
+def _parse_scales(text: str | None) -> tuple[int, ...] | str | None:
+    """`--scales`: `auto`, or a comma list of sizes; None when not given."""
+    if text is not None and text.strip().lower() == C.AUTO:
+        return C.AUTO
+    return parse_list(text, cast=int, what="size", option="--scales") or None
+
+
 def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
     """The StyleConfig that the command line's options (by parameter name, None: not given) ask for."""
     overrides = dict(
@@ -94,10 +101,10 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
         style_layer_weights=parse_list(a["style_layer_weights"], cast=float, what="weight", option="--style-layer-weights") or None,
         style_blend=parse_list(a["style_blend"], cast=float, what="blend weight", option="--style-blend") or None,
         style_scale=a["style_scale"], init=a["init"], preserve_colors=a["preserve_colors"],
-        scales=parse_list(a["scales"], cast=int, what="size", option="--scales") or None,
+        scales=_parse_scales(a["scales"]),
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
     )  # fmt: skip
-    if overrides["scales"] is not None and a["size"] is not None and overrides["scales"][-1] != a["size"]:
+    if isinstance(overrides["scales"], tuple) and a["size"] is not None and overrides["scales"][-1] != a["size"]:
         raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")
     if overrides["style_layers"] is not None and a["style_layer_weights"] is None:
         overrides["style_layer_weights"] = ()  # the preset's per-layer weights were for its layers
@@ -158,9 +165,9 @@ def stylize_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output image; the format comes from the extension.")] = Path("out.png"),
     preset: Annotated[C.Preset, typer.Option(help="Starting settings; options given here override it.")] = C.Preset.GATYS,
     size: Annotated[Optional[int], typer.Option(help=f"Longest side of the output in pixels {_default('size')} (the seed preset measures its 400 px on the height).", show_default=False)] = None,
-    iterations: Annotated[Optional[int], typer.Option(help=f"Iterations per scale {_default('iterations')}.", show_default=False)] = None,
+    iterations: Annotated[Optional[int], typer.Option(help=f"Iterations per scale; with --scales auto, the total split across the scales {_default('iterations')}.", show_default=False)] = None,
     optimizer: Annotated[Optional[C.Optimizer], typer.Option(help=_default("optimizer"), show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Step size: L-BFGS scale or Adam learning rate {_default('lr')}.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Step size: L-BFGS scale or Adam learning rate {_default('lr')}; with the other --optimizer, L-BFGS 1 or Adam 0.05 in [0, 1] units.", show_default=False)] = None,
     content_weight: Annotated[Optional[float], typer.Option(help=_default("content_weight"), show_default=False)] = None,
     style_weight: Annotated[Optional[float], typer.Option(help=_default("style_weight"), show_default=False)] = None,
     tv_weight: Annotated[Optional[float], typer.Option(help=_default("tv_weight"), show_default=False)] = None,
@@ -171,7 +178,7 @@ def stylize_command(
     style_scale: Annotated[Optional[float], typer.Option(help=f"Style image size relative to the output {_default('style_scale')}.", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option(help=f"content, noise, style, or an image path {_default('init')}.", show_default=False)] = None,
     preserve_colors: Annotated[Optional[C.PreserveColors], typer.Option(help=f"Keep the content's colours {_default('preserve_colors')}.", show_default=False)] = None,
-    scales: Annotated[Optional[str], typer.Option(help="Coarse-to-fine sizes, e.g. 256,512,1024 (the last is the output's).", show_default=False)] = None,
+    scales: Annotated[Optional[str], typer.Option(help=f"Coarse-to-fine sizes, e.g. 256,512,1024 (the last is the output's), or auto (halving from --size to about a quarter of it, the --iterations split across them) {_default('scales')}.", show_default=False)] = None,
     pooling: Annotated[Optional[C.Pooling], typer.Option(help=_default("pooling"), show_default=False)] = None,
     weights: Annotated[str, typer.Option(help="imagenet, random, or a .pth/.safetensors file.")] = "imagenet",
     seed: Annotated[Optional[int], typer.Option(help=f"Seed for noise init and random weights {_default('seed')}.", show_default=False)] = None,
@@ -333,7 +340,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     try:
         if progress is not None:
             progress.start()
-            sink.task = progress.add_task("stylize", total=cfg.iterations * len(cfg.sizes), loss="-", stage="", rate="")
+            sink.task = progress.add_task("stylize", total=sum(cfg.stage_iterations), loss="-", stage="", rate="")
         result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback)
         if progress is not None and sink.task is not None:  # the bar's last figure is the summary's
             progress.update(sink.task, rate=_rate(result.steps, result.phases["optimisation"]))
@@ -409,7 +416,7 @@ def run_report(
         "phases": phases,
         "iterations": result.steps,
         "seconds_per_iteration": per,
-        "loss": {"initial": hist[0] if hist else None, "final": hist[-1] if hist else None, "terms": result.loss_terms, "history": hist},
+        "loss": {"initial": hist[0] if hist else None, "final": result.final_loss, "terms": result.loss_terms, "history": hist},
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""),
         "precision": runtime.precision.value,
         "weights": w.to_dict(),

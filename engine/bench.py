@@ -81,6 +81,18 @@ class BenchRow:
     # The batch phase (`--batch-size`): images optimised together, and whole jobs finished per minute.
     batch_size: int | None = None
     jobs_per_minute: float | None = None
+    # The to-result phase (phase "result", `bench_result`): how long until a finished image.
+    scales: str = ""  # single | auto | sizes with their iterations
+    stage_iterations: str = ""  # what ran: size:iterations per stage
+    reference_loss: float | None = None  # lowest loss of 500 single-scale fp32 L-BFGS iterations
+    seconds_to_result: float | None = None  # from the stylize call to the first loss within 1% of it
+    # The same in this process's CPU time, all threads: steadier than wall time on a shared CPU;
+    # meaningless for GPU work.
+    cpu_seconds_to_result: float | None = None
+    iterations_to_result: int | None = None  # over all stages
+    reached: bool | None = None
+    final_loss: float | None = None  # the lowest output-size loss seen
+    seconds_run: float | None = None  # the whole run, to the result or to the iteration limit
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

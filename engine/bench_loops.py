@@ -22,6 +22,7 @@ from .config import LossForm, StyleConfig, content_layer_weights, style_layer_we
 from .device import Runtime, autocast, device_context
 from .features import LAYER_NAMES, VGGFeatures
 from .flops import count_flops
+from .lbfgs import LBFGS
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
 from .objective import make_objective, style_grams
 from .targets import TorchTargets
@@ -108,7 +109,10 @@ def make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Ten
         x.grad = None
         loss, _ = loss_fn(x)
         loss.backward()
-        opt.step()
+        if isinstance(opt, LBFGS):
+            opt.step(loss.detach())  # as stylize calls it: with the loss, to take back a step that rose
+        else:
+            opt.step()
 
     if not case.cuda_graph:
         return step

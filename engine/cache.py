@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `nst cache inf
 
 CACHE_FORMAT = "1"
 TARGETS_DIR = "targets"
-_CLEARABLE = (TARGETS_DIR, onnx_meta.MODELS_DIR, "tensorrt")  # never the imported weights
+REFERENCES_DIR = "references"  # `nst bench --to-result`'s reference losses (bench_result)
+_CLEARABLE = (TARGETS_DIR, onnx_meta.MODELS_DIR, "tensorrt", REFERENCES_DIR)  # never the imported weights
 
 
 class TargetCacheWarning(UserWarning):

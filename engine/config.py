@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .layers import LAYER_NAMES
@@ -72,6 +72,7 @@ class Preset(str, enum.Enum):
 
 
 INIT_CHOICES = ("content", "noise", "style")  # or a path to an image file
+AUTO = "auto"  # `scales`: coarse to fine, sizes from `auto_sizes`
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,33 @@ class StyleConfig:
 
     size: int = 512  # pixels along `size_edge` of the final output
     size_edge: SizeEdge = SizeEdge.LONGEST
-    # Coarse-to-fine sizes (same edge as `size`); empty means a single pass at `size`. Each stage
-    # starts from the previous stage's result, upsampled.
-    scales: tuple[int, ...] = ()
-    iterations: int = 500  # per scale
+    # Coarse-to-fine sizes (same edge as `size`); empty means a single pass at `size`, "auto" the
+    # sizes of `auto_sizes(size)`. Each stage starts from the previous stage's result, upsampled.
+    # "auto" by default: it reached the result sooner than one pass, with L-BFGS and with Adam
+    # (`nst bench --to-result`, benchmarks/README.md).
+    scales: tuple[int, ...] | Literal["auto"] = AUTO
+    # Per scale for explicit `scales`; with "auto", the total that `auto_iterations` splits.
+    iterations: int = 500
+    # Explicit iterations per stage (one per entry of `sizes`), overriding `iterations`.
+    scale_iterations: tuple[int, ...] = ()
     optimizer: Optimizer = Optimizer.LBFGS
     lr: float = 1.0  # L-BFGS step scale, or Adam's learning rate (in `pixel_scale` units)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
+    # Adam ignores the loss's scale only while a pixel's gradient is well above eps. The normalised
+    # losses' gradients are about 0.15 * weights / (3*H*W) per pixel (measured, random weights):
+    # 2e-7 at 512 px, near torch's 1e-8 at 2048 px. 1e-12 keeps the floor far below.
+    adam_eps: float = 1e-12
     lbfgs_history: int = 20  # short: the two-loop recursion is O(history) per step (benchmarks/README.md, "L-BFGS")
+    # L-BFGS's first step moves the pixel with the largest gradient by this much (image units,
+    # [0, 1] of the pixel range), whatever the loss's scale; torch's min(1, 1/|g|_1) depends on it.
+    lbfgs_first_step: float = 1e-2
+    # No step moves a pixel by more than this (image units). Without a line search, a curvature
+    # pair of tiny positive curvature in a non-convex region sends one step hundreds of ranges away.
+    lbfgs_max_step: float = 0.5
+    # Across a coarse-to-fine stage change, start Adam from the previous stage's moments, resampled
+    # (L-BFGS always restarts). Off: measured at 128 px (64 -> 128), a fresh Adam was lower at every
+    # point (loss/reference 2.36 against 2.97 after 10 iterations, 0.76 against 0.84 after 300).
+    carry_adam_moments: bool = False
     content_weight: float = 1.0
     style_weight: float = 1e6
     tv_weight: float = 1e-3
@@ -120,7 +139,18 @@ class StyleConfig:
     @property
     def sizes(self) -> tuple[int, ...]:
         """The size of each stage, the last being the output's."""
+        if self.scales == AUTO:
+            return auto_sizes(self.size)
         return self.scales if self.scales else (self.size,)
+
+    @property
+    def stage_iterations(self) -> tuple[int, ...]:
+        """Iterations of each stage of `sizes`."""
+        if self.scale_iterations:
+            return self.scale_iterations
+        if self.scales == AUTO:
+            return auto_iterations(self.iterations, len(self.sizes))
+        return tuple(self.iterations for _ in self.sizes)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (enums as their values)."""
@@ -128,7 +158,37 @@ class StyleConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.value if isinstance(v, enum.Enum) else (list(v) if isinstance(v, tuple) else v)
+        out["sizes"] = list(self.sizes)
+        out["stage_iterations"] = list(self.stage_iterations)
         return out
+
+
+# Where `--scales auto` starts: the output size divided by this, but never below AUTO_MIN_START
+# px. Chosen by `nst bench --to-result` (see benchmarks/README.md).
+AUTO_START_DIVISOR = 4
+AUTO_MIN_START = 64
+# Share of an "auto" run's iteration budget that each coarser stage gets (at least one); the
+# output size gets the rest. Measured (benchmarks/README.md): 30, 100 or 250 iterations at the
+# coarser stage left the same ~270 to do at the output size, so the coarse stages stay short.
+AUTO_COARSE_SHARE = 0.1
+
+
+def auto_sizes(size: int) -> tuple[int, ...]:
+    """Coarse-to-fine sizes ending at `size`: halving from it down to about size / AUTO_START_DIVISOR
+    (not below AUTO_MIN_START, nor below MIN_SIZE). A size at or under the start is one stage."""
+    start = max(size / AUTO_START_DIVISOR, AUTO_MIN_START, MIN_SIZE)
+    sizes = [size]
+    while sizes[-1] / 2 >= start * 0.99:
+        sizes.append(round(sizes[-1] / 2))
+    return tuple(reversed(sizes))
+
+
+def auto_iterations(budget: int, stages: int) -> tuple[int, ...]:
+    """Split `budget` iterations over `stages`: AUTO_COARSE_SHARE of it (at least 1) to each
+    coarser stage, the rest to the last."""
+    each = max(1, round(budget * AUTO_COARSE_SHARE)) if budget >= stages else 0
+    coarse = (each,) * (stages - 1)
+    return (*coarse, budget - sum(coarse))
 
 
 MAX_SIZE = 16384  # pixels on an edge; larger is almost certainly a typo and would not fit anyway
@@ -137,17 +197,26 @@ MIN_SIZE = 32  # VGG19 to conv5 needs at least 16 px after four poolings; 32 kee
 
 def validate(cfg: StyleConfig) -> None:
     """Raise ConfigError naming the bad field and the accepted values."""
+    if isinstance(cfg.scales, str) and cfg.scales != AUTO:
+        raise ConfigError(f"scales must be sizes such as 256,512 or {AUTO!r}, got {cfg.scales!r}")
+    if not (MIN_SIZE <= cfg.size <= MAX_SIZE):
+        raise ConfigError(f"size {cfg.size} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
     for s in cfg.sizes:
         if not (MIN_SIZE <= s <= MAX_SIZE):
             raise ConfigError(f"size {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
-    if cfg.scales and list(cfg.scales) != sorted(cfg.scales):
+    if cfg.scales != AUTO and cfg.scales and list(cfg.scales) != sorted(cfg.scales):
         raise ConfigError(f"scales must increase (coarse to fine), got {','.join(map(str, cfg.scales))}")
     if cfg.iterations < 0:
         raise ConfigError(f"iterations must be 0 or more, got {cfg.iterations}")
+    if cfg.scale_iterations and (len(cfg.scale_iterations) != len(cfg.sizes) or min(cfg.scale_iterations) < 0):
+        raise ConfigError(f"scale_iterations needs one count (0 or more) per stage ({len(cfg.sizes)}), got {list(cfg.scale_iterations)}")
     if not (0 < cfg.lr <= 1e6):
         raise ConfigError(f"lr must be positive and at most 1e6, got {cfg.lr}")
     if cfg.lbfgs_history < 1:
         raise ConfigError(f"lbfgs_history must be at least 1, got {cfg.lbfgs_history}")
+    for name in ("lbfgs_first_step", "lbfgs_max_step"):
+        if not (0 < getattr(cfg, name) <= 1e3):
+            raise ConfigError(f"{name} must be positive (image units, [0, 1] of the pixel range), got {getattr(cfg, name)}")
     for name in ("content_weight", "style_weight", "tv_weight"):
         v = getattr(cfg, name)
         if not v >= 0 or v == float("inf"):
@@ -203,6 +272,7 @@ SEED = StyleConfig(
     style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
     style_match_output=True,
     init="content",
+    scales=(),  # one pass, as the notebook
     loss_form=LossForm.KERAS,
     pixel_scale=255.0,
     save_every=500,
@@ -215,10 +285,23 @@ GATYS = StyleConfig()
 PRESETS: dict[Preset, StyleConfig] = {Preset.GATYS: GATYS, Preset.SEED: SEED}
 
 
+# Each optimiser's lr where a preset runs the other one: L-BFGS's scales its quasi-Newton step (no
+# unit); Adam's is a step in image units ([0, 1], times `pixel_scale`). Adam's 0.05 was measured
+# with `nst bench --to-result` at 128 px: 0.05 and 0.1 within 5% of each other from 100
+# iterations on, 0.02 and 0.01 behind (benchmarks/README.md).
+OTHER_OPTIMIZER_LR = {Optimizer.LBFGS: 1.0, Optimizer.ADAM: 0.05}
+
+
 def preset(name: Preset | str, **overrides: Any) -> StyleConfig:
-    """The preset's configuration with `overrides` (fields given explicitly) applied."""
+    """The preset's configuration with `overrides` (fields given explicitly) applied. Switching
+    the optimiser without giving `lr` takes that optimiser's lr (OTHER_OPTIMIZER_LR), not the
+    preset's, which was meant for the other one."""
     try:
         base = PRESETS[Preset(name)]
     except ValueError:
         raise ConfigError(f"unknown preset {name!r}: use {', '.join(p.value for p in Preset)}") from None
+    if "optimizer" in overrides and "lr" not in overrides and Optimizer(overrides["optimizer"]) != base.optimizer:
+        opt = Optimizer(overrides["optimizer"])
+        units = overrides.get("pixel_scale", base.pixel_scale) if opt == Optimizer.ADAM else 1.0
+        overrides = {**overrides, "lr": OTHER_OPTIMIZER_LR[opt] * units}
     return dataclasses.replace(base, **overrides)

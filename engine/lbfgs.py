@@ -12,29 +12,61 @@ axpy per history pair and loop) and a host read of every scalar. At m = 20 and 5
 with R the upper triangle of S^T Y and D its diagonal. Per iteration that is one (2m, n) x (n, 3)
 product (history against g, s, y), a (2m x 2m) solve, and one (2m, n)^T x (2m) product: two
 passes over the history instead of four, and no Python loop over it. All scalars stay on the
-device; the curvature test (`y.s > 1e-10`, as in torch) is a `where`, not an `if`. Which slot
-the next pair goes to and the pairs' age order are device tensors too, so a rejected pair leaves
-the history exactly as torch leaves it (the oldest pair stays the oldest).
+device; the curvature test is a `where`, not an `if`. Which slot the next pair goes to and the
+pairs' age order are device tensors too, so a rejected pair leaves the history as it was (the
+oldest pair stays the oldest).
 
-Same iterates as `torch.optim.LBFGS(lr, history_size, line_search_fn=None)` stepped once per
-gradient (`max_iter=1`), up to rounding; the convergence tests of torch's version are left to the
-caller, which reads the loss only when it chooses to.
+Where it departs from `torch.optim.LBFGS` (without line search), so that multiplying the loss by
+any positive constant gives the same iterates, up to rounding:
+
+- The curvature test is relative, L-BFGS-B's (Byrd, Lu, Nocedal & Zhu 1995, `mainlb`): keep a
+  pair when `y.s > eps * (-g.s)`, g the gradient the step was taken from. torch's absolute
+  `y.s > 1e-10` rejects every pair of a small loss (measured: 96 px, random weights, fp32, y.s
+  about 2e-11), leaving plain gradient steps that barely move.
+- The first step moves the entry with the largest gradient by `first_step` (parameter units);
+  torch's `min(1, 1/|g|_1) * lr` shrinks with the loss and can fall below fp32's resolution.
+- `max_step` caps the largest entry's move in every step (a device-side `clamp`, no sync). With
+  no line search, a pair of tiny positive curvature from a non-convex region makes H huge along
+  it: measured, one step moved pixels by 389 (of a [0, 1] range) and the loss rose 8e9-fold.
+- Given the loss (`step(loss)`, a device tensor), a trial whose loss rose is taken back and
+  retried shorter from the last accepted point, its pair unused; `point()` is that point, what
+  a run keeps. Decided with `where`, so still no host read.
+
+Where torch and this version both accept every pair (a convex problem, first step aside), the
+iterates are the same (no cap, no loss given). The caller keeps torch's convergence tests, reading the loss only when it
+chooses to. No line search: a strong-Wolfe search measured no gain here (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import torch
 
+FIRST_STEP = 1e-2  # parameter units: the largest entry's move on the first step
+# Relative curvature threshold: about fp32's rounding (L-BFGS-B uses float64's epsilon; the
+# gradients here are fp32, so a smaller change in the directional derivative is noise).
+CURVATURE_EPS = 1e-7
+
 
 class LBFGS:
-    """Compact-form L-BFGS on a single tensor; call `step()` after `backward()` filled its grad."""
+    """Compact-form L-BFGS on a single tensor; call `step()` after `backward()` filled its grad.
 
-    def __init__(self, param: torch.Tensor, *, lr: float = 1.0, history: int = 20) -> None:
+    `lr` scales every step; `first_step` and `max_step` (None: no cap) are in the parameter's
+    units, independent of the loss's scale; `curvature_eps` is the relative curvature test's eps.
+    """
+
+    def __init__(self, param: torch.Tensor, *, lr: float = 1.0, history: int = 20, first_step: float = FIRST_STEP, curvature_eps: float = CURVATURE_EPS, max_step: float | None = None) -> None:
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
+        if not first_step > 0:
+            raise ValueError(f"first_step must be positive, got {first_step}")
+        if max_step is not None and not max_step > 0:
+            raise ValueError(f"max_step must be positive or None, got {max_step}")
         self.param = param
         self.lr = float(lr)
         self.m = int(history)
+        self.first_step = float(first_step)
+        self.curvature_eps = float(curvature_eps)
+        self.max_step = None if max_step is None else float(max_step)
         n = param.numel()
         dev = param.device
         self._hist = torch.zeros(2 * self.m, n, device=dev, dtype=torch.float32)  # rows: S then Y
@@ -47,7 +79,9 @@ class LBFGS:
         self._gamma = torch.ones((), device=dev, dtype=torch.float64)
         self._slots = torch.arange(self.m, device=dev)
         self._prev_g: torch.Tensor | None = None
-        self._prev_s: torch.Tensor | None = None  # the last step taken, t * d
+        self._prev_s: torch.Tensor | None = None  # the trial step from the base point, t * d
+        self._base_x: torch.Tensor | None = None  # the last accepted point, flat fp32
+        self._base_f: torch.Tensor | None = None  # its loss (float64, on the device), if given
 
     @property
     def _valid(self) -> torch.Tensor:  # (m,) bool: slot holds an accepted pair
@@ -62,32 +96,76 @@ class LBFGS:
         return self._hist[self.m :]
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Move the parameter along the quasi-Newton direction for its current gradient."""
+    def step(self, loss: torch.Tensor | None = None) -> None:
+        """Move the parameter along the quasi-Newton direction for its current gradient.
+
+        Given the loss at the current point (a 0-dim tensor, never read on the host), a trial
+        whose loss rose above the last accepted point's, or is not finite, is taken back and
+        retried shorter from that point (a backtracking line search spread over iterations),
+        its gradient unused.
+        """
         if self.param.grad is None:
             raise RuntimeError("LBFGS.step() needs a gradient: call backward() first")
         g = self.param.grad.reshape(-1).float()
+        x = self.param.detach().reshape(-1).float()
+        f = None if loss is None else loss.detach().reshape(()).double()
         if self._prev_g is None:
-            # First step: steepest descent scaled as torch does, min(1, 1/|g|_1) * lr.
-            t = torch.clamp(g.abs().sum().reciprocal(), max=1.0) * self.lr
-            s = -g * t
+            tiny = torch.finfo(torch.float32).tiny  # a zero gradient gives a zero step, not a NaN
+            s = self._capped(-g * (self.first_step * self.lr / g.abs().amax().clamp_min(tiny)))
+            self._prev_g, self._prev_s, self._base_x, self._base_f = g.clone(), s, x.clone(), f
+            self.param.add_(s.view_as(self.param).to(self.param.dtype))
+            return
+        assert self._prev_s is not None and self._base_x is not None
+        if f is None or self._base_f is None:  # no loss: every step is accepted
+            accept = torch.ones((), dtype=torch.bool, device=g.device)
         else:
-            assert self._prev_s is not None
-            ab = self._remember(g - self._prev_g, self._prev_s, g)
-            s = self._direction(g, ab) * self.lr
-        self._prev_g = g.clone()
+            # Not Armijo's sufficient decrease: a loss computed in bf16 can repeat exactly, and a
+            # step that leaves it unchanged must not be shortened for ever.
+            accept = torch.isfinite(f) & (f <= self._base_f)
+        ab = self._remember(g - self._prev_g, self._prev_s, g, accept)
+        s = self._capped(self._direction(g, ab) * self.lr)
+        if f is not None and self._base_f is not None:
+            # Rejected: the minimum of the quadratic through f0, f0' = g0.s and f along the trial,
+            # kept within [0.1, 0.5] of it (Nocedal & Wright, sec. 3.5); 0.1 if f is not finite.
+            gs = torch.dot(self._prev_g, self._prev_s).double()
+            excess = f - self._base_f - gs
+            shrink = torch.where(excess > 0, -gs / excess.clamp_min(1e-300) / 2, torch.zeros_like(gs)).clamp(0.1, 0.5)
+            shrink = torch.where(torch.isfinite(shrink), shrink, torch.full_like(shrink, 0.1))
+            s = torch.where(accept, s, self._prev_s * shrink.float())
+            self._base_f = torch.where(accept, f, self._base_f)
+        self._base_x = torch.where(accept, x, self._base_x)
+        self._prev_g = torch.where(accept, g, self._prev_g)
         self._prev_s = s
-        self.param.add_(s.view_as(self.param).to(self.param.dtype))
+        self.param.copy_((self._base_x + s).view_as(self.param).to(self.param.dtype))
 
-    def _remember(self, y: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Store (s, y) if it has positive curvature (y.s > 1e-10); return the history against g.
+    def _capped(self, s: torch.Tensor) -> torch.Tensor:
+        if self.max_step is None:
+            return s
+        return s * torch.clamp(self.max_step / s.abs().amax().clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+
+    def point(self) -> torch.Tensor:
+        """The last accepted point (the best evaluated one) when step() was given losses, else the
+        parameter itself: the image to show or keep, rather than a trial not yet evaluated."""
+        if self._base_x is None or self._base_f is None:
+            return self.param.detach()
+        return self._base_x.view_as(self.param).to(self.param.dtype)
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Put the parameter on `point()`."""
+        self.param.copy_(self.point())
+
+    def _remember(self, y: torch.Tensor, s: torch.Tensor, g: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
+        """Store (s, y) if the trial was accepted and passes the relative curvature test; return
+        the history against g.
 
         One pass over the history gives the new pair's row and column of S^T Y and Y^T Y and the
         products S g, Y g that the direction needs.
         """
         m = self.m
-        ys = torch.dot(y, s).double()
-        ok = ys > 1e-10  # 0-dim bool on the device
+        assert self._prev_g is not None
+        ys, gs = (torch.stack([y, self._prev_g]) @ s).double().unbind()  # y.s, and g.s < 0 for a descent step
+        ok = (ys > self.curvature_eps * -gs) & accept  # 0-dim bool on the device; scales with the loss on both sides
         p = (self._accepted % m).view(1)  # the slot of the oldest pair (or an empty one)
         s_new = torch.where(ok, s, self.S.index_select(0, p).squeeze(0))
         y_new = torch.where(ok, y, self.Y.index_select(0, p).squeeze(0))

@@ -44,7 +44,7 @@ class Iterate:
     stages: int
     size: tuple[int, int]  # (H, W) of this stage
     iteration: int  # 1-based within the stage
-    iterations: int  # per stage
+    iterations: int  # of this stage
     step: int  # 1-based over all stages
     total_steps: int
     loss: torch.Tensor  # 0-dim, total weighted loss at the image before this iteration's update
@@ -75,6 +75,10 @@ class StyleResult:
     iteration_seconds: list[float]  # per-iteration wall time, measured at sync points
     targets: dict[str, object]  # source, provider, cache, seconds
     message: str = ""
+    # The loss of the image kept, where the run knows it: L-BFGS keeps its last accepted point, the
+    # lowest loss of the last stage; Adam's last update is not evaluated, so its last loss is the
+    # step before. None without iterations.
+    final_loss: float | None = None
 
 
 class TargetCacheLike(Protocol):
@@ -367,6 +371,7 @@ def stylize_many(
                 iteration_seconds=loop.iteration_seconds[: loop.steps[i] + (loop.status[i] == RunStatus.NONFINITE)],
                 targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"]},
                 message=loop.message[i],
+                final_loss=loop.final_loss(history, i),
             )
         )
     return results
@@ -410,7 +415,8 @@ class _Loop:
 
     def __init__(self, cfg: StyleConfig, runtime: Runtime, clock: Stopwatch, callback: Callable[[int, Iterate], None] | None, n: int) -> None:
         self.cfg, self.runtime, self.clock, self.callback, self.n = cfg, runtime, clock, callback, n
-        self.total_steps = cfg.iterations * len(cfg.sizes)
+        self.stage_iterations = cfg.stage_iterations
+        self.total_steps = sum(self.stage_iterations)
         self.step = 0  # iterations of the batch
         self.steps = [0] * n  # iterations each image took part in
         self.history: list[torch.Tensor] = []  # (N,) per iteration
@@ -420,6 +426,17 @@ class _Loop:
         self.status, self.message = [RunStatus.DONE] * n, [""] * n
         self.running = list(range(n))  # images still being optimised
         self.stopped: dict[int, tuple[torch.Tensor, Stage]] = {}  # image -> (its result, its stage) when it stopped early
+        self.stage_start = [0] * n  # where each image's current stage begins in its `history` entries
+        self.prev_opt: object | None = None  # the last stage's optimiser (for `carry_adam_moments`)
+
+    def final_loss(self, history: torch.Tensor, i: int) -> float | None:
+        """The loss of image i's kept image (see `StyleResult.final_loss`)."""
+        losses = history[: self.kept[i], i]
+        if len(losses) == 0:
+            return None
+        if self.cfg.optimizer == Optimizer.LBFGS and self.status[i] != RunStatus.NONFINITE and self.stage_start[i] < len(losses):
+            return float(losses[self.stage_start[i] :].min())
+        return float(losses[-1])
 
     def run_stage(self, stages: list[Stage], objective: Objective, init: torch.Tensor) -> torch.Tensor:
         """Optimise from `init` ((N, 3, H, W) in [0, 1]); returns the stage's images in [0, 1]
@@ -429,9 +446,12 @@ class _Loop:
         good = x.detach().clone()
         opt = make_optimizer(cfg, x, per_image=n > 1)
         stage = stages[0]
+        stage_its = self.stage_iterations[stage.index]
+        self.stage_start = list(self.kept)
 
         def snapshot(i: int, x: torch.Tensor = x) -> torch.Tensor:
-            img = (x.detach()[i : i + 1] / cfg.pixel_scale).clamp(0, 1)
+            # L-BFGS: its last accepted point, what the run keeps, not an untried step.
+            img = (kept_point(opt, x)[i : i + 1] / cfg.pixel_scale).clamp(0, 1)
             if stages[i].luminance_only:
                 img = color.combine_luminance(img, stages[i].content_rgb)
             return img.cpu()
@@ -439,7 +459,7 @@ class _Loop:
         self.clock.start("optimisation")
         last_sync, last_sync_step = time.perf_counter(), self.step
         try:
-            for it in range(1, cfg.iterations + 1):
+            for it in range(1, stage_its + 1):
                 if not self.running:
                     break
                 if x.grad is not None:
@@ -451,7 +471,7 @@ class _Loop:
                 for i in self.running:
                     self.kept[i] += 1
                 self.terms_last = terms
-                if it % self.runtime.health_interval == 0 or it == cfg.iterations:
+                if it % self.runtime.health_interval == 0 or it == stage_its:
                     # A sync point: time the iterations since the last one, and check the losses.
                     synchronize(dev)
                     now = time.perf_counter()
@@ -470,7 +490,12 @@ class _Loop:
                         x.data.copy_(good)
                         break
                     good = x.detach().clone()
-                opt.step()
+                if it == 1 and cfg.carry_adam_moments:
+                    carry_adam_moments(self.prev_opt, opt)
+                if isinstance(opt, (LBFGS, _EachImage)):
+                    opt.step(loss.detach())  # the loss lets it take back a step that went uphill
+                else:
+                    opt.step()
                 if len(self.running) < n:  # images that stopped stay where they stopped
                     with torch.no_grad():
                         idle = [i for i in range(n) if i not in self.running]
@@ -484,7 +509,7 @@ class _Loop:
                         self.callback(
                             i,
                             Iterate(
-                                stage=stage.index, stages=len(cfg.sizes), size=stage.hw, iteration=it, iterations=cfg.iterations,
+                                stage=stage.index, stages=len(cfg.sizes), size=stage.hw, iteration=it, iterations=stage_its,
                                 step=self.step, total_steps=self.total_steps, loss=loss[i].detach(),
                                 terms={k: v[i].detach() for k, v in terms.items()}, elapsed=elapsed, snapshot=functools.partial(snapshot, i),
                             ),
@@ -494,8 +519,9 @@ class _Loop:
                 self.status[i] = RunStatus.INTERRUPTED
                 self.message[i] = f"stopped at iteration {self.steps[i]} of {self.total_steps}; kept the latest image"
             self.running = []
+        self.prev_opt = opt
         with torch.no_grad():
-            out = (x.detach() / cfg.pixel_scale).clamp(0, 1)
+            out = (kept_point(opt, x) / cfg.pixel_scale).clamp(0, 1)  # L-BFGS: its last accepted point
             bad = ~torch.isfinite(out).flatten(1).all(1)  # (N,): such an image falls back whole
             if bad.any():
                 out[bad] = (good[bad] / cfg.pixel_scale).clamp(0, 1)
@@ -508,9 +534,48 @@ def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = Fals
     history per image of the batch."""
     if cfg.optimizer == Optimizer.ADAM:
         return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable)
-    if per_image:
-        return _EachImage(x, lambda view: LBFGS(view, lr=cfg.lr, history=cfg.lbfgs_history))
-    return LBFGS(x, lr=cfg.lr, history=cfg.lbfgs_history)
+    # The first step and the step cap are in image units ([0, 1] of the pixel range).
+    make = functools.partial(LBFGS, lr=cfg.lr, history=cfg.lbfgs_history, first_step=cfg.lbfgs_first_step * cfg.pixel_scale,
+                             max_step=cfg.lbfgs_max_step * cfg.pixel_scale)
+    return _EachImage(x, make) if per_image else make(x)
+
+
+def kept_point(opt: object, x: torch.Tensor) -> torch.Tensor:
+    """What a run keeps of `x`: L-BFGS's last accepted points (not a trial still to be
+    evaluated), else `x` itself. Detached, (N, 3, H, W)."""
+    if isinstance(opt, (LBFGS, _EachImage)):
+        return opt.point()
+    return x.detach()
+
+
+@torch.no_grad()
+def carry_adam_moments(old: object, new: object) -> None:
+    """Start `new` Adam (this stage's images, their gradient already computed) from `old`'s
+    moments (the previous, smaller stage), resampled to the new size.
+
+    Bilinear resampling keeps the second moment non-negative. A pixel's gradient does not keep
+    its size across a stage change (a normalised loss spreads over four times the pixels), so
+    each image's moments are rescaled by the ratio of its new gradient's RMS to the old moments'
+    RMS gradient estimate, sqrt(mean(v)): the steps keep the shape the old stage learnt and take
+    the new gradient's scale. Anything other than two Adams is left alone (L-BFGS restarts: its
+    pairs belong to the old size's coordinates).
+    """
+    if not (isinstance(old, torch.optim.Adam) and isinstance(new, torch.optim.Adam)):
+        return
+    (p_old,) = old.param_groups[0]["params"]
+    (p_new,) = new.param_groups[0]["params"]
+    state = old.state.get(p_old)
+    if not state or p_new.grad is None:
+        return
+    size = p_new.shape[-2:]
+    m = F.interpolate(state["exp_avg"], size=size, mode="bilinear", align_corners=False)
+    v = F.interpolate(state["exp_avg_sq"], size=size, mode="bilinear", align_corners=False)
+    bias2 = 1 - old.param_groups[0]["betas"][1] ** state["step"]  # v's bias correction (step: a tensor)
+    per_image = (1, 2, 3)
+    rms_new = p_new.grad.float().pow(2).mean(per_image, keepdim=True).sqrt()
+    rms_old = (v.mean(per_image, keepdim=True) / bias2).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    k = rms_new / rms_old  # (N, 1, 1, 1)
+    new.state[p_new] = {"step": state["step"].clone(), "exp_avg": (m * k).to(p_new.dtype), "exp_avg_sq": (v * k * k).to(p_new.dtype)}
 
 
 class _EachImage:
@@ -523,14 +588,20 @@ class _EachImage:
         self.views = [x.detach()[i : i + 1] for i in range(x.shape[0])]  # share x's storage
         self.opts = [make(v) for v in self.views]
 
-    def step(self) -> None:
+    def step(self, loss: torch.Tensor | None = None) -> None:
+        """Each image's step; `loss` (N,) lets each take back a step that went uphill."""
         assert self.x.grad is not None
         for i, (view, opt) in enumerate(zip(self.views, self.opts)):
             view.grad = self.x.grad[i : i + 1]
-            opt.step()
+            opt.step(None if loss is None else loss[i])
+
+    def point(self) -> torch.Tensor:
+        """Each image's last accepted point, (N, ...)."""
+        return torch.cat([opt.point() for opt in self.opts])
 
 
 __all__ = [
     "Iterate", "Objective", "RunStatus", "Stage", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network",
-    "make_objective", "make_optimizer", "prepare_stage", "stage_shapes", "style_grams", "stylize", "stylize_many", "target_key",
+    "carry_adam_moments", "kept_point", "make_objective", "make_optimizer", "prepare_stage", "stage_shapes", "style_grams", "stylize",
+    "stylize_many", "target_key",
 ]  # fmt: skip

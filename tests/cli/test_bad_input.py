@@ -58,6 +58,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "negative weight": (["stylize", c, s, "-o", out, *BASE, "--style-weight", "-5"], "style_weight must be"),
         "scales down": (["stylize", c, s, "-o", out, *BASE[:2], "--scales", "64,32"], "scales must increase"),
         "scales vs size": (["stylize", c, s, "-o", out, *BASE, "--scales", "32,64"], "last scale is the output size"),
+        "scales word": (["stylize", c, s, "-o", out, *BASE, "--scales", "automatic"], "bad size 'automatic'"),
         "style scale": (["stylize", c, s, "-o", out, *BASE, "--style-scale", "100"], "style_scale must be between"),
         "init missing": (["stylize", c, s, "-o", out, *BASE, "--init", str(tmp / "init.png")], "image not found"),
         "tf32 on cpu": (["stylize", c, s, "-o", out, *BASE, "--device", "cpu", "--precision", "tf32"], "tf32 is a CUDA"),
@@ -77,7 +78,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
     "missing content", "missing style", "broken image", "too thin", "unknown layer", "style layers empty", "style layers comma",
     "content layers empty", "scales comma", "bad layer weight", "size zero",
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
-    "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "style scale", "init missing",
+    "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "style scale", "init missing",
     "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "bad enum",
     "bad int", "import missing",
 ])  # fmt: skip

@@ -116,6 +116,54 @@ def test_bad_values_are_one_line_errors(args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0].lower(), r.output
 
 
+def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypatch):
+    import nst.engine.bench_result as BR
+
+    monkeypatch.setattr(BR, "REFERENCE_ITERATIONS", 6)  # a short reference: the phase, not the measurement
+    j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    args = ["bench", "--to-result", "--device", "cpu", "--sizes", "48", "--precision", "fp32", "--optimizer", "lbfgs,adam",
+            "--result-scales", "single", "--result-scales", "32:2,48", "--result-iterations", "6",
+            "--content", str(images["content"]), "--style", str(images["style"]), "--json", str(j), "--csv", str(c), "--plot", str(p)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    data = json.loads(j.read_text())
+    rows = data["results"]
+    assert len(rows) == 4 and all(tuple(row) == ROW_KEYS and row["phase"] == "result" for row in rows)
+    assert [(row["optimizer"], row["scales"]) for row in rows] == [("lbfgs", "single"), ("lbfgs", "32:2,48"), ("adam", "single"), ("adam", "32:2,48")]
+    # Single-scale fp32 L-BFGS for as many iterations as the reference: the same run, so it reaches it.
+    base = rows[0]
+    assert base["reached"] and base["iterations_to_result"] <= 6 and base["seconds_to_result"] > 0
+    assert base["reference_loss"] == pytest.approx(min(data["curves"][0]["losses"]), rel=1e-6)
+    assert all(row["iterations_to_result"] is None for row in rows if not row["reached"])
+    assert data["references"]["gatys 48"]["stored"] is False and data["images"] == [str(images["content"]), str(images["style"])]
+    with c.open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "s to result" in r.output
+    # The reference is kept: a second run does not recompute it.
+    again = list(args)
+    again[again.index("--result-iterations") + 1] = "1"
+    r = runner.invoke(app, again)
+    assert r.exit_code == 0, r.output
+    assert json.loads(j.read_text())["references"]["gatys 48"]["stored"] is True
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sizes", "48", "--result-scales", "32,64"], "must end at the size"),
+        (["--sizes", "48x32"], "sizes as n"),
+        (["--sizes", "48", "--optimizer", "torch-lbfgs"], "torch-lbfgs"),
+        (["--sizes", "48", "--content", "x.png"], "both --content and --style"),
+    ],
+)
+def test_to_result_bad_values_are_one_line_errors(args, message):
+    r = runner.invoke(app, ["bench", "--to-result", "--device", "cpu", *args])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0].lower(), r.output
+
+
 def test_readme_bench_section_documents_every_option():
     from typer.main import get_command
 

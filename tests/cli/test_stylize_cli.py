@@ -87,6 +87,32 @@ def test_scales_run_coarse_to_fine(images, tmp_path: Path):
     assert Image.open(out).size == (48, 32) and json.loads(rep.read_text())["iterations"] == 8
 
 
+def test_scales_auto_splits_the_iterations(images, tmp_path: Path):
+    # 128 px: auto runs 64 then 128 px (halving down to a quarter, not below 64), the budget split.
+    out, rep = tmp_path / "auto.png", tmp_path / "auto.json"
+    args = [*FAST]
+    args[args.index("--size") + 1] = "128"
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *args, "--scales", "auto", "--report", str(rep), "-q")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["scales"] == "auto" and cfg["sizes"] == [64, 128] and cfg["stage_iterations"] == [1, 3]
+    assert Image.open(out).size == (128, 85) and json.loads(rep.read_text())["iterations"] == 4
+
+
+def test_every_weight_times_1e8_reaches_the_same_relative_loss(examples, tmp_path: Path):
+    # The issue's check, smaller: weights x1e-8 must not leave the optimiser stuck.
+    base = ["stylize", str(examples / "chelsea.png"), str(examples / "the_scream.jpg"), "--weights", "random", "--size", "64",
+            "--iterations", "40", "--precision", "fp32", "--scales", "64", "--targets", "torch", "-q"]
+    rel = []
+    for name, extra in (("a", []), ("b", ["--style-weight", "1e-2", "--content-weight", "1e-8", "--tv-weight", "1e-11"])):
+        rep = tmp_path / f"{name}.json"
+        r = run(*base, "-o", str(tmp_path / f"{name}.png"), "--report", str(rep), *extra)
+        assert r.exit_code == 0, r.output
+        loss = json.loads(rep.read_text())["loss"]
+        rel.append(loss["final"] / loss["initial"])
+    assert rel[0] <= 0.1 and rel[1] == pytest.approx(rel[0], rel=0.05)
+
+
 def test_ctrl_c_keeps_latest_image(images, tmp_path: Path):
     """SIGINT mid-run: exit 130, the output holds the latest image, no temporary files left."""
     out = tmp_path / "int.png"

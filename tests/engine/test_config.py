@@ -31,3 +31,28 @@ def test_config_validation_messages():
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("picasso")
     assert preset("seed", iterations=5).iterations == 5 and preset("seed").lr == 5.0
+
+
+def test_auto_scales_halve_from_the_size_to_a_quarter():
+    from nst.engine.config import auto_iterations, auto_sizes
+
+    assert auto_sizes(96) == (96,) and auto_sizes(128) == (64, 128) and auto_sizes(256) == (64, 128, 256)
+    assert auto_sizes(1024) == (256, 512, 1024) and auto_sizes(1000) == (250, 500, 1000) and auto_sizes(600) == (150, 300, 600)
+    assert auto_iterations(500, 1) == (500,) and auto_iterations(500, 3) == (50, 50, 400) and auto_iterations(4, 2) == (1, 3)
+    assert auto_iterations(0, 3) == (0, 0, 0) and auto_iterations(2, 3) == (0, 0, 2)
+    cfg = preset("gatys", size=256, scales="auto", iterations=40)
+    assert cfg.sizes == (64, 128, 256) and cfg.stage_iterations == (4, 4, 32)
+    assert dataclasses.replace(cfg, size=512).sizes == (128, 256, 512)  # follows the size
+    assert dataclasses.replace(cfg, scale_iterations=(1, 2, 3)).stage_iterations == (1, 2, 3)
+    with pytest.raises(ValueError, match="one count"):
+        dataclasses.replace(cfg, scale_iterations=(1, 2))
+    with pytest.raises(ValueError, match="auto"):
+        preset("gatys", scales="coarse")
+
+
+def test_switching_optimiser_takes_its_own_lr():
+    assert preset("gatys", optimizer=Optimizer.ADAM).lr == 0.05  # image units, not L-BFGS's 1
+    assert preset("gatys", optimizer=Optimizer.ADAM, lr=0.3).lr == 0.3  # given: kept
+    assert preset("seed", optimizer=Optimizer.LBFGS).lr == 1.0  # not Adam's 5 pixel levels
+    assert preset("seed", optimizer=Optimizer.ADAM).lr == 5.0 and preset("gatys", optimizer=Optimizer.LBFGS).lr == 1.0
+    assert preset("gatys", optimizer="adam", pixel_scale=255.0).lr == pytest.approx(0.05 * 255)

@@ -1,5 +1,6 @@
-"""The compact-form L-BFGS against torch.optim.LBFGS: a quadratic, a small style problem, and
-rejected curvature pairs."""
+"""The compact-form L-BFGS: against torch.optim.LBFGS where both accept every curvature pair (a
+quadratic, a small style problem scaled so torch's absolute test passes, a saddle), and at any
+loss scale, where torch's absolute test and first step fail."""
 
 from __future__ import annotations
 
@@ -19,10 +20,20 @@ def _torch_lbfgs(x: torch.Tensor, m: int, lr: float = 1.0) -> torch.optim.LBFGS:
     return torch.optim.LBFGS([x], lr=lr, max_iter=1, history_size=m, tolerance_grad=-1, tolerance_change=-1)
 
 
+def _torch_first_step(f, x0: torch.Tensor) -> float:
+    """`first_step` that makes our first step torch's: torch moves by min(1, 1/|g|_1) * g (times
+    lr); ours moves the largest entry by first_step (times lr)."""
+    x = x0.clone().requires_grad_(True)
+    f(x).backward()
+    g = x.grad
+    return float(min(1.0, 1.0 / float(g.abs().sum())) * g.abs().max())
+
+
 def _run_both(f, x0: torch.Tensor, *, m: int, steps: int, lr: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], list[float]]:
+    """Ours (started with torch's first step) and torch's, side by side."""
     xa = x0.clone().requires_grad_(True)
     xb = x0.clone().requires_grad_(True)
-    ours, ref = LBFGS(xa, lr=lr, history=m), _torch_lbfgs(xb, m, lr)
+    ours, ref = LBFGS(xa, lr=lr, history=m, first_step=_torch_first_step(f, x0)), _torch_lbfgs(xb, m, lr)
     its_a, its_b, fa, fb = [], [], [], []
     for _ in range(steps):
         xa.grad = None
@@ -63,7 +74,10 @@ def test_matches_torch_on_a_quadratic(m):
 
 
 def test_matches_torch_on_a_small_style_problem(weights):
-    cfg = preset("gatys", size=32, content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), optimizer=Optimizer.LBFGS, lbfgs_history=5)
+    # Style weight 1e12: a loss large enough that torch's absolute test (y.s > 1e-10) keeps its
+    # pairs, as ours does at any scale. Unscaled, torch rejects them (see the scale tests below).
+    cfg = preset("gatys", size=32, content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), optimizer=Optimizer.LBFGS, lbfgs_history=5,
+                 content_weight=1e6, style_weight=1e12, tv_weight=1e3)
     runtime = Runtime(channels_last=False)
     model = build_model(cfg, weights, runtime)
     gen = torch.Generator().manual_seed(1)
@@ -105,8 +119,106 @@ def test_zero_gradient_change_is_rejected_without_nan():
     assert int(opt._valid.sum()) == 0
 
 
+def _iterates(f, x0: torch.Tensor, *, steps: int, **kw) -> tuple[list[torch.Tensor], LBFGS]:
+    x = x0.clone().requires_grad_(True)
+    opt = LBFGS(x, history=5, **kw)
+    out = []
+    for _ in range(steps):
+        x.grad = None
+        f(x).backward()
+        opt.step()
+        out.append(x.detach().clone())
+    return out, opt
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-8, 1e8])
+def test_same_iterates_for_any_loss_scale(scale):
+    # Multiplying the loss by a positive constant scales g, y and y.s alike: a quasi-Newton method
+    # must take the same steps. Not a power of two, so rounding differs a little.
+    f, x_star, x0 = _quadratic()
+    ref, _ = _iterates(f, x0, steps=25)
+    got, opt = _iterates(lambda x: scale * f(x), x0, steps=25)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * (1 + b.abs().max())), f"iterate {i} at scale {scale}"
+    assert int(opt._accepted) == 24  # every pair kept
+    assert (got[-1] - x_star).norm() < 0.1 * (x0 - x_star).norm()
+
+
+def test_torch_stalls_on_a_small_loss_where_ours_does_not():
+    # What the relative test fixes: at scale 1e-12 torch rejects every pair (y.s < 1e-10) and its
+    # first step, min(1, 1/|g|_1) = 1, is a plain gradient step of a tiny gradient.
+    f, x_star, x0 = _quadratic()
+    small = lambda x: 1e-12 * f(x)  # noqa: E731
+    xb = x0.clone().requires_grad_(True)
+    ref = _torch_lbfgs(xb, 5)
+
+    def closure() -> torch.Tensor:
+        ref.zero_grad()
+        loss = small(xb)
+        loss.backward()
+        return loss
+
+    for _ in range(25):
+        ref.step(closure)
+    ours, _ = _iterates(small, x0, steps=25)
+    start = (x0 - x_star).norm()
+    assert (xb.detach() - x_star).norm() > 0.99 * start  # torch has not moved
+    assert (ours[-1] - x_star).norm() < 0.1 * start
+
+
+def test_first_step_and_cap_are_in_parameter_units():
+    f, _, x0 = _quadratic()
+    for scale in (1e-6, 1e6):
+        its, _ = _iterates(lambda x: scale * f(x), x0, steps=1, first_step=0.05)
+        assert float((its[0] - x0).abs().max()) == pytest.approx(0.05, rel=1e-5)
+        its, _ = _iterates(lambda x: scale * f(x), x0, steps=6, max_step=0.01)
+        moves = [float((b - a).abs().max()) for a, b in zip([x0, *its], its)]
+        assert max(moves) <= 0.01 * (1 + 1e-5)
+
+
+def test_a_step_that_raises_the_loss_is_taken_back():
+    # x**4 from 1 with a first step of 3: to -2, where the loss is 16 times higher. Given the
+    # losses, the next trial starts again from 1, between 0.1 and 0.5 of the way, and point()
+    # stays on the accepted 1 until a trial is better.
+    f = lambda x: (x**4).sum()  # noqa: E731
+    x = torch.ones(4, requires_grad=True)
+    opt = LBFGS(x, first_step=3.0)
+    for expect_point in (1.0, 1.0):
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        opt.step(loss.detach())
+        assert torch.allclose(opt.point(), torch.full((4,), expect_point))
+    # The minimum of the quadratic through f(0) = 4, f'(0) = g.s = -48 and f(1) = 64 along the
+    # trial: t = 48 / (2 * (64 - 4 + 48)) = 0.22, within [0.1, 0.5].
+    assert float(x.detach()[0]) == pytest.approx(1 - 3 * 48 / 216, abs=1e-6)
+    assert int(opt._accepted) == 0  # the rejected trial's pair is not learnt
+    for _ in range(20):
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        opt.step(loss.detach())
+    assert float(f(opt.point())) < 0.05 * 4
+    opt.settle()
+    assert torch.equal(x.detach(), opt.point())
+
+
+def test_a_non_finite_loss_is_taken_back():
+    x = torch.ones(3, requires_grad=True)
+    opt = LBFGS(x, first_step=0.5)
+    for loss_value in (1.0, float("nan")):
+        x.grad = torch.ones(3)
+        opt.step(torch.tensor(loss_value))
+    assert torch.isfinite(x).all() and torch.allclose(opt.point(), torch.ones(3))
+    assert torch.allclose(x.detach(), torch.full((3,), 1 - 0.05))  # 0.1 of the rejected trial
+
+
 def test_bad_use():
     with pytest.raises(ValueError, match="history"):
         LBFGS(torch.zeros(3, requires_grad=True), history=0)
+    with pytest.raises(ValueError, match="first_step"):
+        LBFGS(torch.zeros(3, requires_grad=True), first_step=0)
+    with pytest.raises(ValueError, match="max_step"):
+        LBFGS(torch.zeros(3, requires_grad=True), max_step=-1)
     with pytest.raises(RuntimeError, match="backward"):
         LBFGS(torch.zeros(3, requires_grad=True)).step()

@@ -65,6 +65,14 @@ def test_both_optimisers_reduce_loss(pics, weights, opt):
     assert r.loss_history[-1] < 0.9 * r.loss_history[0]
 
 
+def test_final_loss_is_the_kept_images(pics, weights):
+    c, s, _ = pics
+    r = stylize(c, [s], dataclasses.replace(SMALL, scales=(32, 48), iterations=5), weights=weights)
+    assert r.final_loss == min(r.loss_history[5:])  # L-BFGS keeps its last accepted point of the last stage
+    r = stylize(c, [s], dataclasses.replace(SMALL, optimizer=Optimizer.ADAM, lr=0.02), weights=weights)
+    assert r.final_loss == r.loss_history[-1]
+
+
 def test_multiscale_stages_and_upsampling(pics, weights):
     c, s, _ = pics
     seen = []
@@ -73,6 +81,41 @@ def test_multiscale_stages_and_upsampling(pics, weights):
     assert r.steps == 6 and r.image.shape[-2:] == (32, 48)
     assert [x[1] for x in seen] == [(21, 32)] * 3 + [(32, 48)] * 3
     assert seen[-1][2] == 6
+
+
+def test_stage_iterations_run_as_given(pics, weights):
+    c, s, _ = pics
+    seen = []
+    cfg = dataclasses.replace(SMALL, scales=(32, 48), scale_iterations=(3, 1))
+    r = stylize(c, [s], cfg, weights=weights, callback=lambda it: seen.append((it.stage, it.iteration, it.iterations, it.total_steps)))
+    assert r.steps == 4 and seen == [(0, 1, 3, 4), (0, 2, 3, 4), (0, 3, 3, 4), (1, 1, 1, 4)]
+
+
+def test_adam_moments_resampled_across_a_stage():
+    from nst.engine.transfer import carry_adam_moments
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.rand(1, 3, 8, 8, generator=gen, requires_grad=True)
+    old = torch.optim.Adam([small], lr=0.01)
+    for _ in range(5):
+        small.grad = torch.rand(1, 3, 8, 8, generator=gen) * 4.0  # gradients about 4x the new ones
+        old.step()
+    big = torch.rand(1, 3, 16, 16, generator=gen, requires_grad=True)
+    big.grad = torch.rand(1, 3, 16, 16, generator=gen)
+    new = torch.optim.Adam([big], lr=0.01)
+    carry_adam_moments(old, new)
+    st = new.state[big]
+    assert st["exp_avg"].shape == big.shape and float(st["step"]) == 5
+    assert (st["exp_avg_sq"] >= 0).all()
+    bias2 = 1 - 0.999**5
+    # The second moment takes the new gradient's scale: its RMS estimate is the new gradient's RMS.
+    assert float((st["exp_avg_sq"].mean() / bias2).sqrt()) == pytest.approx(float(big.grad.pow(2).mean().sqrt()), rel=1e-4)
+    # The first moment's pattern is the old one's, upsampled.
+    up = torch.nn.functional.interpolate(old.state[small]["exp_avg"], size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(st["exp_avg"] / st["exp_avg"].norm(), up / up.norm(), atol=1e-6)
+    new.step()  # and Adam runs on from there
+    lbfgs_like = object()
+    carry_adam_moments(lbfgs_like, new)  # anything but two Adams: left alone
 
 
 def test_seed_loss_matches_hand_formula(pics, weights):
