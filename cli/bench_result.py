@@ -35,7 +35,7 @@ def result_cases(sizes: list[tuple[int, int]], *, presets: list[str], optimizers
         raise UserError(f"--to-result runs stylize's optimisers ({', '.join(RESULT_OPTIMIZERS)}), not {', '.join(bad)}")
     for (size, _) in sizes:
         for text in scales:
-            parse_scales(text, size)  # ValueError: one line from user_errors
+            parse_scales(text, size)  # ConfigError: one line from user_errors
         for pr in presets:
             for o in optimizers:
                 for p in precisions:

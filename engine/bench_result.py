@@ -26,6 +26,7 @@ from .bench import BenchRow, unless_out_of_memory
 from .cache import REFERENCES_DIR
 from .config import AUTO, Optimizer, Precision, StyleConfig, preset
 from .device import DeviceError, Runtime, check_precision, synchronize
+from .errors import ConfigError
 from .files import write_atomic
 from .images import output_shape
 from .transfer import Iterate, StopRun, stylize
@@ -79,11 +80,11 @@ def parse_scales(text: str, size: int) -> tuple[tuple[int, ...] | str, tuple[int
             sizes.append(int(s))
             its.append(int(n) if n else None)
         except ValueError:
-            raise ValueError(f"bad scales {text!r}: use single, auto, or sizes such as 64:100,128:50,256") from None
+            raise ConfigError(f"bad scales {text!r}: use single, auto, or sizes such as 64:100,128:50,256") from None
     if sizes[-1] != size:
-        raise ValueError(f"scales {text!r} must end at the size, {size}")
+        raise ConfigError(f"scales {text!r} must end at the size, {size}")
     if any(n is None for n in its[:-1]):
-        raise ValueError(f"scales {text!r}: give every stage but the last an iteration count (e.g. 128:100,256)")
+        raise ConfigError(f"scales {text!r}: give every stage but the last an iteration count (e.g. 128:100,256)")
     return tuple(sizes), tuple(n for n in its[:-1] if n is not None)
 
 
