@@ -12,7 +12,7 @@ import functools
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import color
-from .config import INIT_CHOICES, Optimizer, PreserveColors, StyleConfig
+from .config import AUTO, INIT_CHOICES, Optimizer, PreserveColors, StyleConfig, auto_iterations
 from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
@@ -160,8 +160,31 @@ def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig, *, size: int) 
         )
 
 
+def _stage_fits(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleConfig, size: int) -> bool:
+    need = min_input_size([deepest_layer(cfg.content_layers + cfg.style_layers)])
+    hw = output_shape(content.width, content.height, size, cfg.size_edge)
+    return min(hw) >= need and all(min(_style_hw(s, hw, cfg)) >= need for s in styles)
+
+
+def fit_scales(contents: Sequence[Image.Image], styles: Sequence[Sequence[Image.Image]], cfg: StyleConfig) -> StyleConfig:
+    """`cfg` with `scales="auto"` made explicit for these images: the coarse stages at which an
+    output or a style image would be too small for the layers are left out (a wide, thin image
+    starts at a larger size), and the budget is split over the stages kept as `auto` splits it.
+    Explicit scales are the caller's choice and stay as they are (too small is then an error)."""
+    if cfg.scales != AUTO:
+        return cfg
+    sizes = cfg.sizes
+    first = 0
+    while first < len(sizes) - 1 and not all(_stage_fits(c, st, cfg, sizes[first]) for c, st in zip(contents, styles)):
+        first += 1
+    kept = sizes[first:]
+    return replace(cfg, scales=kept, scale_iterations=auto_iterations(cfg.iterations, len(kept)))
+
+
 def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleConfig) -> None:
-    """Raise ImageError before any work if a stage's output or style image is too small."""
+    """Raise ImageError before any work if a stage's output or style image is too small (with
+    `scales="auto"`, a stage of `fit_scales`)."""
+    cfg = fit_scales([content], [styles], cfg)
     for size in cfg.sizes:
         hw = output_shape(content.width, content.height, size, cfg.size_edge)
         _check_size(hw, "output", cfg, size=size)
@@ -297,6 +320,7 @@ def stylize_many(
     blends = [_blend(cfg, len(s)) for s in styles]
     if check_extra_terms(extra_terms) and n > 1:
         raise ConfigError("extra loss terms are for one image at a time, not a batch", params=("extra_terms",))
+    cfg = fit_scales(contents, styles, cfg)
     for content, st in zip(contents, styles):
         check_sizes(content, st, cfg)
     shapes = stage_shapes(contents[0].width, contents[0].height, cfg)

@@ -25,7 +25,7 @@ from ..features import VGGFeatures
 from ..errors import ConfigError
 from ..images import load_image, output_shape, resize, to_pil, to_tensor
 from ..targets import ImageTargets, TargetSource, TorchTargets
-from ..transfer import Iterate, RunStatus, TargetCacheLike, build_model, check_sizes, loop_network, stylize
+from ..transfer import Iterate, RunStatus, TargetCacheLike, build_model, check_sizes, fit_scales, loop_network, stylize
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
 from .flow import RaftFlow, optical_flow
@@ -175,11 +175,11 @@ def stylize_video(
                 prev_content = content
                 continue
             start = time.perf_counter()
-            iterations = (vcfg.first_iterations(cfg) if index == 0 else cfg.iterations) * len(cfg.sizes)
+            frame_cfg = dataclasses.replace(cfg, iterations=vcfg.first_iterations(cfg)) if index == 0 else cfg
+            iterations = sum(fit_scales([frame], [styles], frame_cfg).stage_iterations)
             if frame_callback is not None:
                 frame_callback(FrameEvent("start", index, total, iterations))
 
-            frame_cfg = dataclasses.replace(cfg, iterations=vcfg.first_iterations(cfg)) if index == 0 else cfg
             frame_init, extra, warped, rel = init_image, None, None, None
             if prev_content is not None:
                 tf = time.perf_counter()

@@ -373,3 +373,21 @@ def test_a_caller_built_network_gives_the_same_image(pics, weights):
     a = stylize(c, [s], SMALL, weights=weights, runtime=rt)
     b = stylize(c, [s], SMALL, weights=weights, runtime=rt, model=model, loop_model=loop_network(model, rt))
     assert torch.equal(a.image, b.image)
+
+
+def test_auto_scales_leave_out_the_coarse_stages_a_thin_image_cannot_take():
+    from nst.engine.config import preset
+    from nst.engine.transfer import fit_scales
+
+    cfg = preset("gatys", size=480, iterations=100)  # auto: 120, 240, 480
+    assert cfg.sizes == (120, 240, 480)
+    square = Image.new("RGB", (96, 96))
+    assert fit_scales([square], [[square]], cfg).sizes == (120, 240, 480)
+    thin = Image.new("RGB", (480, 16))  # 120x4 and 240x8 are under relu5_1's 16 px
+    fitted = fit_scales([thin], [[square]], cfg)
+    assert fitted.sizes == (480,) and fitted.stage_iterations == (100,)
+    wide = Image.new("RGB", (480, 40))  # 120x10 too thin; 240x20 fits
+    fitted = fit_scales([wide], [[square]], cfg)
+    assert fitted.sizes == (240, 480) and sum(fitted.stage_iterations) == 100
+    explicit = preset("gatys", size=480, iterations=100, scales=(120, 480))
+    assert fit_scales([thin], [[square]], explicit) is explicit  # the caller's choice stays
