@@ -159,6 +159,8 @@ def bench_command(
 
 
 def _meta(dev: torch.device, w: Weights) -> dict[str, object]:
+    import torch
+
     return {
         "device": _device_name(dev),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
