@@ -20,7 +20,7 @@ from nst.engine.files import write_atomic
 from nst.engine.layers import deepest_layer
 
 from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors
-from .report import versions, write_json
+from .report import versions, write_figure, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -341,16 +341,7 @@ def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") ->
     ax_ms.set_yscale("log")
     if lines:
         ax_ms.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    try:
-        return write_atomic(Path(path), write)
-    finally:
-        plt.close(fig)
+    return write_figure(path, fig, title=title)
 
 
 def _print_flops(hw: list[tuple[int, int]], presets: list[str]) -> None:

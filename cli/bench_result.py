@@ -12,11 +12,11 @@ from rich.table import Table
 from nst.engine.bench import BenchRow
 from nst.engine.bench_result import TOLERANCE, ReferenceStore, ResultCase, ResultCurve, parse_scales, reference_loss, synthetic_pair, time_to_result
 from nst.engine.config import Optimizer, Precision
-from nst.engine.files import write_atomic
 from nst.engine.images import load_image
 from nst.engine.weights import Weights
 
 from .common import UserError, cache_dir
+from .report import write_figure
 
 # Imported by `nst bench` only when --to-result is given (it loads torch).
 
@@ -135,13 +135,4 @@ def write_result_plot(path: Path, curves: list[ResultCurve], rows: list[BenchRow
         ax.set_title(f"{problem[0]} {problem[1]}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    try:
-        return write_atomic(Path(path), write)
-    finally:
-        plt.close(fig)
+    return write_figure(path, fig, title=title)

@@ -69,6 +69,18 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
 
 
+def write_figure(path: Path, fig: Any, *, title: str) -> Path:
+    """Give a matplotlib figure its title and layout, write it as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        return write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None, note: str | None = None) -> Image.Image:
     """Content, style(s) and result side by side at the result's height, labelled underneath;
     `note` (e.g. that the weights were random) on a line of its own below the labels."""

@@ -79,7 +79,7 @@ def check_jobs(jobs: Sequence[Job]) -> None:
         output_format(j.output)
         out = j.output.resolve()
         if out in inputs:
-            raise EngineError(f"job {j.key} would overwrite the input {inputs[out]}; inputs are never overwritten, choose another output folder or --name")
+            raise EngineError(f"job {j.key} would overwrite the input {inputs[out]}; inputs are never overwritten, choose another output folder or `name`", params=("name",))
         if out in seen:
             raise EngineError(f"jobs {seen[out].key} and {j.key} would both write {j.output}")
         if j.output.exists() and j.output.is_dir():

@@ -111,7 +111,7 @@ def style_sets(specs: Iterable[str], *, exclude: Path | None = None) -> list[tup
             for part in parts:
                 if not Path(part).expanduser().is_file():
                     why = "a folder or pattern" if _is_glob(part) or Path(part).expanduser().is_dir() else "not a file"
-                    raise JobListError(f"--style {text}: {part} is {why}; a blend (a.jpg,b.jpg) takes image files")
+                    raise JobListError(f"`style` {text}: {part} is {why}; a blend (a.jpg,b.jpg) takes image files", params=("style",))
             blend = tuple(Path(p).expanduser() for p in parts)
             if blend not in out:
                 out.append(blend)
@@ -154,23 +154,23 @@ def check_name_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise JobListError(f"--name {template!r}: {e}") from None
+        raise JobListError(f"`name` {template!r}: {e}", params=("name",)) from None
     bad = [f for f in fields if f not in NAME_FIELDS]
     if bad:
-        raise JobListError(f"--name {template!r}: unknown field {{{bad[0]}}}; use {', '.join('{' + f + '}' for f in NAME_FIELDS)}")
+        raise JobListError(f"`name` {template!r}: unknown field {{{bad[0]}}}; use {', '.join('{' + f + '}' for f in NAME_FIELDS)}", params=("name",))
 
 
 def output_name(template: str, *, content: str, style: str, ext: str) -> str:
     """The template filled in and checked: a relative path inside the batch folder."""
     name = template.format(content=content, style=style, ext=ext)
-    return relative_name(name, what=f"--name {template!r} gives {name!r}")
+    return relative_name(name, what=f"`name` {template!r} gives {name!r}")
 
 
 def relative_name(name: str, *, what: str) -> str:
     """`name` as a '/'-separated path that stays inside the batch folder, or JobListError."""
     p = PurePosixPath(name.replace("\\", "/"))
     if not name.strip() or p.is_absolute() or ".." in p.parts or not p.name:
-        raise JobListError(f"{what}: an output must be a file name inside the output folder")
+        raise JobListError(f"{what}: an output must be a file name inside the output folder", params=("name", "jobs"))
     return str(p)
 
 
@@ -195,7 +195,7 @@ def check_unique(specs: Sequence[JobSpec]) -> None:
         if s.name in seen:
             o = seen[s.name]
             where = f" (lines {o.line} and {s.line})" if s.line else f" ({o.content.name} with {'+'.join(p.name for p in o.styles)}, and {s.content.name} with {'+'.join(p.name for p in s.styles)})"
-            raise JobListError(f"two jobs would both write {s.name}{where}; give each its own output (--name with {{content}} and {{style}})")
+            raise JobListError(f"two jobs would both write {s.name}{where}; give each its own output (`name` with {{content}} and {{style}})", params=("name",))
         seen[s.name] = s
 
 
@@ -212,7 +212,7 @@ def read_jobs_csv(path: Path, *, name: str = DEFAULT_NAME) -> list[JobSpec]:
     """
     path = Path(path)
     if not path.is_file():
-        raise JobListError(f"--jobs {path}: no such file")
+        raise JobListError(f"`jobs` {path}: no such file", params=("jobs",))
     base = path.parent
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -220,30 +220,30 @@ def read_jobs_csv(path: Path, *, name: str = DEFAULT_NAME) -> list[JobSpec]:
             columns = [_column(c) for c in (reader.fieldnames or [])]
             missing = [c for c in ("content", "style") if c not in columns]
             if missing:
-                raise JobListError(f"--jobs {path}: no {' or '.join(missing)} column (the header needs content,style[,output,...])")
+                raise JobListError(f"`jobs` {path}: no {' or '.join(missing)} column (the header needs content,style[,output,...])", params=("jobs",))
             if len(set(columns)) != len(columns):
-                raise JobListError(f"--jobs {path}: a column appears twice in the header")
+                raise JobListError(f"`jobs` {path}: a column appears twice in the header", params=("jobs",))
             rows = [(reader.line_num, {_column(k): (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
-        raise JobListError(f"--jobs {path}: not a readable CSV file ({e})") from None
+        raise JobListError(f"`jobs` {path}: not a readable CSV file ({e})", params=("jobs",)) from None
     check_name_template(name)
     specs = []
     for line, row in rows:
         if not any(row.values()):
             continue
         if not row.get("content") or not row.get("style"):
-            raise JobListError(f"--jobs {path}, line {line}: content and style are required")
-        content = _resolve(base, row["content"], f"--jobs {path}, line {line}: content")
-        styles = tuple(_resolve(base, s.strip(), f"--jobs {path}, line {line}: style") for s in row["style"].split(",") if s.strip())
+            raise JobListError(f"`jobs` {path}, line {line}: content and style are required", params=("jobs",))
+        content = _resolve(base, row["content"], f"`jobs` {path}, line {line}: content")
+        styles = tuple(_resolve(base, s.strip(), f"`jobs` {path}, line {line}: style") for s in row["style"].split(",") if s.strip())
         out = row.get("output", "")
         if out:
-            out = relative_name(out, what=f"--jobs {path}, line {line}: output {out!r}")
+            out = relative_name(out, what=f"`jobs` {path}, line {line}: output {out!r}")
         else:
             out = output_name(name, content=content.stem, style="+".join(p.stem for p in styles), ext=_writable_ext(content))
         extra = {k: v for k, v in row.items() if k not in ("content", "style", "output") and v != ""}
         specs.append(JobSpec(content, styles, out, line, extra))
     if not specs:
-        raise JobListError(f"--jobs {path}: no rows")
+        raise JobListError(f"`jobs` {path}: no rows", params=("jobs",))
     check_unique(specs)
     return specs
 
@@ -252,5 +252,5 @@ def _resolve(base: Path, text: str, what: str) -> Path:
     p = Path(text).expanduser()
     p = p if p.is_absolute() else base / p
     if not p.is_file():
-        raise JobListError(f"{what} {text}: no such file ({p})")
+        raise JobListError(f"{what} {text}: no such file ({p})", params=("jobs",))
     return p

@@ -8,7 +8,7 @@ the queue and runs on the first actor that is free, so it is done once and writt
 times is recorded as failed. If the driver dies its actors go with it, and rerunning the same
 command resumes from the journal.
 
-This module imports `ray`; nothing else in the engine imports this module.
+This module imports `ray`; in the engine only the video Ray runner imports it (to join a cluster).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError
 from ..weights import Weights
 from .worker import BatchEvent, EventSink, JobInput, JobOutcome, TargetsFactory, Worker
 
@@ -74,12 +74,7 @@ class RayRunner:
             raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
         self.batch_size = batch_size  # jobs a worker optimises together
         self.on_warning = on_warning or (lambda m: None)
-        self._joined_here = not ray.is_initialized()
-        if self._joined_here:
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level="warning")
-            except ConnectionError as e:
-                raise EngineError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS'}: {str(e).splitlines()[0]}") from None
+        self._joined_here = join_cluster(address)
         self._address = ray.get_runtime_context().gcs_address
         self._weights = ray.put(weights)
         self._actors: list[object] = []
@@ -93,7 +88,7 @@ class RayRunner:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         if self.device == "cuda" and gpus == 0:
-            raise EngineError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
+            raise EngineError("`device` cuda: the Ray cluster has no GPUs; use `device` auto or cpu", params=("device",))
         if self.device != "cpu" and gpus > 0:
             n, ask = gpus, {"num_gpus": 1, "num_cpus": 1}
         else:
@@ -214,8 +209,26 @@ class RayRunner:
             except Exception:  # already gone
                 pass
         self._actors = []
-        if self._joined_here and ray.is_initialized():
-            ray.shutdown()
+        leave_cluster(self._joined_here)
+
+
+def join_cluster(address: str | None) -> bool:
+    """Connect this process to Ray: `address` None starts a local cluster (or joins the one
+    RAY_ADDRESS names), "host:port" or "auto" joins. True when this call connected, so the caller
+    leaves again when done (`leave_cluster`); False when this process was connected already."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="warning")
+    except ConnectionError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS'}: {str(e).splitlines()[0]}") from None
+    return True
+
+
+def leave_cluster(joined_here: bool) -> None:
+    """Shut Ray down in this process if `join_cluster` connected it."""
+    if joined_here and ray.is_initialized():
+        ray.shutdown()
 
 
 def _init_error(e: RayActorError) -> BaseException | None:

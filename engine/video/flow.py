@@ -69,8 +69,9 @@ def find_raft_weights(*, hub_dir: Path | None = None, path: Path | None = None) 
         if (folder / name).is_file():
             return folder / name
     raise RaftWeightsMissing(
-        f"--flow raft needs torchvision's RAFT weights ({RAFT_FILES['large']} or {RAFT_FILES['small']}) in {folder} "
-        "or a file given with --flow-weights, and they cannot be downloaded here; use --flow dis"
+        f"`flow` raft needs torchvision's RAFT weights ({RAFT_FILES['large']} or {RAFT_FILES['small']}) in {folder} "
+        "or a file given with `flow_weights`, and they cannot be downloaded here; use `flow` dis",
+        params=("flow", "flow_weights"),
     )
 
 
@@ -135,5 +136,5 @@ def optical_flow(first: torch.Tensor, second: torch.Tensor, *, method: FlowMetho
     if method == FlowMethod.FARNEBACK:
         return farneback_flow(first, second)
     if raft is None:
-        raise FlowError("--flow raft needs a loaded RaftFlow (see find_raft_weights)")
+        raise FlowError("`flow` raft needs a loaded RaftFlow (see find_raft_weights)", params=("flow",))
     return raft(first, second)

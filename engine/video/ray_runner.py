@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
 from ..config import StyleConfig
 from ..errors import ConfigError
+from ..jobs.ray_runner import join_cluster, leave_cluster
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
 from .pipeline import ClipJob, ClipOutcome, run_clip
@@ -65,16 +66,11 @@ class ClipRayRunner:
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {device!r} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
         self.device, self.precision, self.targets, self.max_retries = device, precision, targets, max_retries
-        self._joined_here = not ray.is_initialized()
-        if self._joined_here:
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level="warning")
-            except ConnectionError as e:
-                raise ConfigError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS'}: {str(e).splitlines()[0]}") from None
+        self._joined_here = join_cluster(address)
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         if device == "cuda" and gpus == 0:
-            raise ConfigError("--device cuda: the Ray cluster has no GPUs; use --device auto or cpu")
+            raise ConfigError("`device` cuda: the Ray cluster has no GPUs; use `device` auto or cpu", params=("device",))
         cpus = int(res.get("CPU", 1))
         # A CPU worker uses the driver's thread count unless told: the same sums, the same bytes.
         self.threads = min(threads or torch.get_num_threads(), cpus)
@@ -122,5 +118,4 @@ class ClipRayRunner:
             except Exception:  # finished or gone
                 pass
         self._refs = []
-        if self._joined_here and ray.is_initialized():
-            ray.shutdown()
+        leave_cluster(self._joined_here)

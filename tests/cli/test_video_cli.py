@@ -195,7 +195,7 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "range past end": ([str(pan), s, "-o", out, "--frames", "40:50"], "none of them in the range 40:50"),
         "every zero": ([str(pan), s, "-o", out, "--every", "0"], "every must be"),
         "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "--temporal-weight must be"),
-        "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here"),
+        "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here; use --flow dis"),
         "missing style": ([str(pan), str(tmp / "none.jpg"), "-o", out], "image not found"),
     }
 

@@ -79,7 +79,7 @@ def test_opencv_flow_finds_a_known_shift(method):
 
 def test_raft_needs_weights_and_runs_with_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    with pytest.raises(FlowError, match="RAFT weights .* cannot be downloaded here; use --flow dis"):
+    with pytest.raises(FlowError, match="RAFT weights .* cannot be downloaded here; use `flow` dis"):
         find_raft_weights()
     with pytest.raises(FlowError, match="not found"):
         find_raft_weights(path=tmp_path / "missing.pth")
