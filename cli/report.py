@@ -81,17 +81,22 @@ def write_figure(path: Path, fig: Any, *, title: str) -> Path:
         plt.close(fig)
 
 
-def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None, note: str | None = None) -> Image.Image:
-    """Content, style(s) and result side by side at the result's height, labelled underneath;
-    `note` (e.g. that the weights were random) on a line of its own below the labels."""
+def comparison_sheet(
+    content: Image.Image, styles: list[Image.Image], result: torch.Tensor, *, labels: list[str] | None = None, note: str | None = None,
+    masks: list[tuple[str, Image.Image]] | None = None,
+) -> Image.Image:
+    """Content, style(s), any masks (label, greyscale image) and result side by side at the
+    result's height, labelled underneath; `note` (e.g. that the weights were random) on a line of
+    its own below the labels."""
     from PIL import Image, ImageDraw
 
     from nst.engine.images import to_pil
 
     out = to_pil(result)
     h = out.height
-    tiles = [content, *styles, out]
-    names = labels or (["content"] + [f"style {i + 1}" if len(styles) > 1 else "style" for i in range(len(styles))] + ["result"])
+    shown = [m.convert("RGB") for _, m in masks or []]
+    tiles = [content, *styles, *shown, out]
+    names = labels or (["content"] + [f"style {i + 1}" if len(styles) > 1 else "style" for i in range(len(styles))] + [name for name, _ in masks or []] + ["result"])
     scaled = [t.resize((max(1, round(t.width * h / t.height)), h), Image.Resampling.LANCZOS) for t in tiles]
     gap, band = 8, 18
     note_band = band if note else 0
@@ -101,8 +106,11 @@ def comparison_sheet(content: Image.Image, styles: list[Image.Image], result: to
     sheet = Image.new("RGB", (width, h + 2 * gap + band + note_band), "white")
     draw = ImageDraw.Draw(sheet)
     x = gap
-    for tile, name in zip(scaled, names):
+    first_mask = 1 + len(styles)
+    for i, (tile, name) in enumerate(zip(scaled, names)):
         sheet.paste(tile, (x, gap))
+        if first_mask <= i < first_mask + len(shown):  # a mask's white would melt into the page
+            draw.rectangle((x - 1, gap - 1, x + tile.width, gap + tile.height), outline=(150, 150, 150))
         draw.text((x, h + gap + 3), name, fill="black")
         x += tile.width + gap
     if note:

@@ -80,7 +80,7 @@ def build_config(preset: C.Preset, overrides: dict[str, object]) -> C.StyleConfi
 CONFIG_OPTIONS = (
     "preset", "size", "iterations", "optimizer", "lr", "content_weight", "style_weight", "tv_weight", "content_layers",
     "style_layers", "style_layer_weights", "style_blend", "style_scale", "init", "preserve_colors", "scales", "pooling",
-    "seed", "save_every",
+    "seed", "save_every", "masks", "style_regions", "content_mask",
 )  # fmt: skip
 
 
@@ -103,6 +103,9 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
         style_scale=a["style_scale"], init=a["init"], preserve_colors=a["preserve_colors"],
         scales=_parse_scales(a["scales"]),
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
+        masks=parse_list(a.get("masks"), what="mask", option="--masks") or None,
+        style_regions=parse_list(a.get("style_regions"), what="mask", option="--style-regions") or None,
+        content_mask=a.get("content_mask"),
     )  # fmt: skip
     if isinstance(overrides["scales"], tuple) and a["size"] is not None and overrides["scales"][-1] != a["size"]:
         raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")
@@ -180,6 +183,9 @@ def stylize_command(
     preserve_colors: Annotated[Optional[C.PreserveColors], typer.Option(help=f"Keep the content's colours {_default('preserve_colors')}.", show_default=False)] = None,
     scales: Annotated[Optional[str], typer.Option(help=f"Coarse-to-fine sizes, e.g. 256,512,1024 (the last is the output's), or auto (halving from --size to about a quarter of it, the --iterations split across them) {_default('scales')}.", show_default=False)] = None,
     pooling: Annotated[Optional[C.Pooling], typer.Option(help=_default("pooling"), show_default=False)] = None,
+    masks: Annotated[Optional[str], typer.Option(help="One greyscale mask per STYLE, comma-separated in their order (- for everywhere): white is that style here, grey a soft weight; where none covers, only content and TV act.", show_default=False)] = None,
+    style_regions: Annotated[Optional[str], typer.Option(help="One greyscale mask per STYLE (- for all of it): the part of each style image its style is taken from.", show_default=False)] = None,
+    content_mask: Annotated[Optional[str], typer.Option(help="A greyscale weight map on the content term (white: full weight).", show_default=False)] = None,
     weights: Annotated[str, typer.Option(help="imagenet, random, or a .pth/.safetensors file.")] = "imagenet",
     seed: Annotated[Optional[int], typer.Option(help=f"Seed for noise init and random weights {_default('seed')}.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -225,6 +231,9 @@ class StylizeOptions:
     preserve_colors: C.PreserveColors | None
     scales: str | None
     pooling: C.Pooling | None
+    masks: str | None
+    style_regions: str | None
+    content_mask: str | None
     weights: str
     seed: int | None
     device: str
@@ -242,6 +251,12 @@ class StylizeOptions:
         """The image `--init` names, if it names one rather than a choice."""
         return Path(self.init) if self.init is not None and self.init not in C.INIT_CHOICES else None
 
+    def mask_paths(self) -> list[Path]:
+        """The mask files the options name (inputs: never overwritten)."""
+        cfg = self.config()
+        paths = [*cfg.masks, *cfg.style_regions, *([cfg.content_mask] if cfg.content_mask else [])]
+        return [Path(p.strip()) for p in paths if p.strip() != "-"]
+
     def config(self) -> C.StyleConfig:
         return config_from_options(vars(self))
 
@@ -258,7 +273,7 @@ def _check_paths(o: StylizeOptions) -> None:
     """Refuse, before any work, outputs that would overwrite an input or cannot be written."""
     from nst.engine.images import output_format
 
-    inputs = [o.content, *o.styles, *([o.init_path] if o.init_path else [])]
+    inputs = [o.content, *o.styles, *([o.init_path] if o.init_path else []), *o.mask_paths()]
     check_output(o.output, inputs)
     swept = remove(temporaries_beside(o.output))  # what killed runs writing this output left
     if swept and not o.quiet:
@@ -277,6 +292,9 @@ def _configure(o: StylizeOptions) -> tuple[C.StyleConfig, Runtime]:
     cfg = o.config()
     if cfg.style_blend and len(cfg.style_blend) != len(o.styles):
         raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(o.styles)} style images")
+    for name, paths in (("--masks", cfg.masks), ("--style-regions", cfg.style_regions)):
+        if paths and len(paths) != len(o.styles):
+            raise UserError(f"{name} has {len(paths)} mask(s) for {len(o.styles)} style image(s); give one per style, in their order (- for everywhere)")
     dev = resolve_device(o.device)
     return cfg, Runtime(device=dev, precision=resolve_precision(dev, o.precision))
 
@@ -288,10 +306,27 @@ class _Run:
     result: StyleResult
     content: Image.Image  # for the comparison sheet
     styles: list[Image.Image]
+    masks: list[tuple[str, Image.Image]]  # labelled masks for the comparison sheet
     weights: Weights
     phases: dict[str, float]
     targets_info: dict[str, object]
     sink: _ProgressSink
+
+
+def load_mask_options(cfg: C.StyleConfig, content: Image.Image, styles: list[Image.Image]) -> tuple[list | None, list | None, Image.Image | None, list[tuple[str, Image.Image]]]:
+    """The masks the configuration names, read and checked against the images before any work:
+    (masks, style regions, content mask, labelled masks for the comparison sheet)."""
+    from nst.engine.masks import load_mask, load_masks, make_guidance
+
+    masks = load_masks(cfg.masks, param="masks") if cfg.masks else None
+    regions = load_masks(cfg.style_regions, param="style_regions") if cfg.style_regions else None
+    content_mask = load_mask(cfg.content_mask, param="content_mask") if cfg.content_mask and cfg.content_mask.strip() != "-" else None
+    make_guidance([content], [styles], masks=masks, style_regions=regions, content_mask=content_mask)
+    n = len(styles)
+    shown = [(f"mask {i + 1}" if n > 1 else "mask", m) for i, m in enumerate(masks or []) if m is not None]
+    shown += [(f"region {i + 1}" if n > 1 else "region", m) for i, m in enumerate(regions or []) if m is not None]
+    shown += [("content mask", content_mask)] if content_mask is not None else []
+    return masks, regions, content_mask, shown
 
 
 def _oom_advice(runtime: Runtime) -> str:
@@ -309,6 +344,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     content_im = load_image(o.content)
     style_ims = [load_image(p) for p in o.styles]
     init_im = load_image(o.init_path) if o.init_path else None
+    mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
 
@@ -341,7 +377,8 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         if progress is not None:
             progress.start()
             sink.task = progress.add_task("stylize", total=sum(cfg.stage_iterations), loss="-", stage="", rate="")
-        result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback)
+        result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback,
+                        masks=mask_ims, style_regions=region_ims, content_mask=content_mask_im)
         if progress is not None and sink.task is not None:  # the bar's last figure is the summary's
             progress.update(sink.task, rate=_rate(result.steps, result.phases["optimisation"]))
     except Exception as e:  # running out of memory in the first scale: nothing to keep
@@ -354,7 +391,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
             progress.stop()
     phases["targets"] = result.phases["targets"]
     phases["optimisation"] = result.phases["optimisation"]
-    return _Run(result, content_im, style_ims, w, phases, targets_info, sink)
+    return _Run(result, content_im, style_ims, shown, w, phases, targets_info, sink)
 
 
 def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) -> None:
@@ -367,7 +404,7 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
     save_image(result.image, o.output)
     if o.compare is not None:
         note = f"weights: {run.weights.description}, not pretrained" if run.weights.is_random else None
-        save_image(comparison_sheet(run.content, run.styles, result.image, note=note), o.compare)
+        save_image(comparison_sheet(run.content, run.styles, result.image, note=note, masks=run.masks), o.compare)
     phases["save"] = time.perf_counter() - t
 
     per = seconds_per_iteration(result.iteration_seconds)

@@ -118,6 +118,13 @@ class StyleConfig:
     content_layer_weights: tuple[float, ...] = ()
     style_layer_weights: tuple[float, ...] = ()
     style_blend: tuple[float, ...] = ()  # one weight per style image; empty means equal
+    # Spatial control (masks.py), as image paths like `init`'s: one mask per style image ("-":
+    # everywhere), where on the output it acts; one region per style image ("-": all of it),
+    # which part of that style image its targets come from; a weight map on the content term.
+    # Empty: none. Masks given to `stylize` as images take their place.
+    masks: tuple[str, ...] = ()
+    style_regions: tuple[str, ...] = ()
+    content_mask: str = ""
     # Style image's longest side relative to the output's longest side at each scale.
     style_scale: float = 1.0
     # Resize the style image to exactly the output's H x W (the notebook's behaviour),
@@ -242,6 +249,9 @@ def validate(cfg: StyleConfig) -> None:
         raise ConfigError(f"pixel_scale must be 1 or 255, got {cfg.pixel_scale}")
     if cfg.save_every < 0:
         raise ConfigError(f"save_every must be 0 or more, got {cfg.save_every}")
+    for name in ("masks", "style_regions"):
+        if any(not str(p).strip() for p in getattr(cfg, name)):
+            raise ConfigError(f"`{name}` has an empty entry: give a mask image path, or - for everywhere", params=(name,))
     if not cfg.init:
         raise ConfigError(f"init must be one of {', '.join(INIT_CHOICES)} or an image path")
 

@@ -80,6 +80,23 @@ def gram_matrix(features: torch.Tensor, *, normalize: bool = True) -> torch.Tens
     return g / (c * h * w) if normalize else g
 
 
+def guided_gram(features: torch.Tensor, guide: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """(N, C, h, w) features and (1 or N, 1, h, w) guidance -> (N, C, C) guided Gram in fp32.
+
+    G = sum_p t_p^2 f_p f_p^T, the Gram of the features times the guidance channel. Normalised, it
+    is divided by C * sum_p t_p^2 (the guidance's energy) rather than by C*h*w: a region's Gram is
+    then an average over the region, matched as strongly whether it covers a tenth of the image
+    or all of it, and a guidance of ones gives exactly `gram_matrix`.
+    """
+    f = features.float() * guide.float()
+    g = gram_matrix(f, normalize=False)
+    if not normalize:
+        return g
+    energy = guide.float().pow(2).flatten(1).sum(1)  # (1 or N,)
+    # A region that pooling emptied at a deep layer: a zero Gram with zero gradient, not a NaN.
+    return g / (features.shape[1] * energy.clamp_min(torch.finfo(torch.float32).tiny)).view(-1, 1, 1)
+
+
 def _reduce(t: torch.Tensor, *, mean: bool, per_image: bool) -> torch.Tensor:
     """Mean or sum over everything (0-dim), or over each image of the batch (N,)."""
     if per_image:
@@ -88,11 +105,16 @@ def _reduce(t: torch.Tensor, *, mean: bool, per_image: bool) -> torch.Tensor:
     return t.mean() if mean else t.sum()
 
 
-def content_loss(features: torch.Tensor, target: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED, per_image: bool = False) -> torch.Tensor:
+def content_loss(
+    features: torch.Tensor, target: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED, per_image: bool = False, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared error of features: the mean (normalized) or the plain sum (keras). `per_image`:
-    one value per image of an (N, ...) batch, each what the image alone would give."""
+    one value per image of an (N, ...) batch, each what the image alone would give. `weight`:
+    a (1, 1, h, w) map multiplying each position's squared error (a content mask); the mean is
+    still over every position, so a map of ones changes nothing."""
     diff = features.float() - target.float()
-    return _reduce(diff.pow(2), mean=form == LossForm.NORMALIZED, per_image=per_image)
+    sq = diff.pow(2) if weight is None else diff.pow(2) * weight.float()
+    return _reduce(sq, mean=form == LossForm.NORMALIZED, per_image=per_image)
 
 
 def style_loss(
@@ -102,9 +124,12 @@ def style_loss(
     form: LossForm = LossForm.NORMALIZED,
     image_pixels: int | None = None,
     per_image: bool = False,
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared error of Gram matrices against a target Gram (already in the same form); with
     `per_image`, one value per image of the batch (targets (N, C, C), or (1, C, C) for all).
+    `guide`: the output's Gram is the guided Gram under this (1, 1, h, w) guidance channel
+    (`guided_gram`; in the keras form scaled back to a sum over C*h*w positions).
 
     keras: `sum((G_style - G_out)**2) / (4 * 3**2 * (H*W)**2)` with unnormalised Grams, where 3
     and H*W are the *image's* channels and pixel count, not the layer's. That is a quirk of the
@@ -112,10 +137,15 @@ def style_loss(
     weights mean what they meant there.
     """
     if form == LossForm.NORMALIZED:
-        return _reduce((gram_matrix(features) - target_gram).pow(2), mean=True, per_image=per_image)
+        g = gram_matrix(features) if guide is None else guided_gram(features, guide)
+        return _reduce((g - target_gram).pow(2), mean=True, per_image=per_image)
     if image_pixels is None:
         raise ValueError("the keras style loss needs image_pixels (the image's H*W)")
-    g = gram_matrix(features, normalize=False)
+    if guide is None:
+        g = gram_matrix(features, normalize=False)
+    else:
+        _, c, h, w = features.shape
+        g = guided_gram(features, guide) * (c * h * w)
     return _reduce((target_gram - g).pow(2), mean=False, per_image=per_image) / (4.0 * 3**2 * float(image_pixels) ** 2)
 
 

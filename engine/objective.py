@@ -2,8 +2,9 @@
 
 It owns what the loss compares against (the content layers' features and the style layers'
 blended Grams) and how the terms are weighted; `stylize` and the profiler call it on the image
-being optimised. Evaluating it on the whole image is the one way today; per tile or under a
-mask is where it is meant to grow.
+being optimised. Under masks (`masks.py`) the style term is a sum of guided terms, one per
+group of styles sharing a mask, and the content term is weighted by a map; per tile is where it
+is meant to grow next.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .errors import ConfigError
 from .features import VGGFeatures
 from .layers import feature_hw
 from .losses import content_loss, style_loss, tv_loss
+from .masks import StyleGroup
 from .targets import ImageTargets
 
 Terms = dict[str, torch.Tensor]  # weighted "content", "style", "tv" (and any extra terms), each 0-dim
@@ -65,6 +67,10 @@ class Objective:
     # Several images in x, each against its own targets ((N, ...) each): (N,) terms, one per image.
     per_image: bool = False
     extra: Mapping[str, ExtraTerm] = field(default_factory=dict)  # name -> term, after the three (one image only)
+    # Spatial control: with groups, the style term is theirs (each guided by its mask) and
+    # `grams` is unused; a content layer in `content_guides` weights its positions by that map.
+    style_groups: tuple[StyleGroup, ...] = ()
+    content_guides: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer -> (1, 1, h, w)
 
     def terms(self, x: torch.Tensor) -> Terms:
         """Each term, weighted, for the image `x` (1, 3, H, W), or with `per_image` for each image
@@ -78,8 +84,16 @@ class Objective:
             feats = self.net(img)
         zero = x.new_zeros(())
         each = self.per_image
-        c = sum((w * content_loss(feats[k], self.content_feats[k], form=form, per_image=each) for k, w in self.content_weights.items()), zero)
-        s = sum((w * style_loss(feats[k], self.grams[k], form=form, image_pixels=self.pixels, per_image=each) for k, w in self.style_weights.items()), zero)
+        cg = self.content_guides
+        c = sum((w * content_loss(feats[k], self.content_feats[k], form=form, per_image=each, weight=cg.get(k)) for k, w in self.content_weights.items()), zero)
+        if self.style_groups:
+            s = sum(
+                (g.weight * w * style_loss(feats[k], g.grams[k], form=form, image_pixels=self.pixels, per_image=each, guide=None if g.guides is None else g.guides[k])
+                 for g in self.style_groups for k, w in self.style_weights.items()),
+                zero,
+            )  # fmt: skip
+        else:
+            s = sum((w * style_loss(feats[k], self.grams[k], form=form, image_pixels=self.pixels, per_image=each) for k, w in self.style_weights.items()), zero)
         # The notebook's TV acts on its 0-255 image; the normalised TV on the [0, 1] image.
         tv = tv_loss(x if form == LossForm.KERAS else img, form=form, per_image=each)
         return {"content": cfg.content_weight * c, "style": cfg.style_weight * s, "tv": cfg.tv_weight * tv, **extra}
@@ -102,16 +116,22 @@ def make_objective(
     *,
     per_image: bool = False,
     extra_terms: Mapping[str, ExtraTerm] | None = None,
+    style_groups: Sequence[StyleGroup] = (),
+    content_guides: Mapping[str, torch.Tensor] | None = None,
 ) -> Objective:
     """The stage's objective at output size `hw`, with the configuration's per-layer weights
-    (`per_image`: for a batch of images, each against its own targets) and any `extra_terms`
-    added to the three (for one image)."""
+    (`per_image`: for a batch of images, each against its own targets), any `extra_terms`
+    added to the three (for one image), and the masks' terms (`style_groups`,
+    `content_guides`, see `Objective`)."""
     content_weights = dict(zip(cfg.content_layers, content_layer_weights(cfg)))
     style_weights = dict(zip(cfg.style_layers, style_layer_weights(cfg)))
     extra = check_extra_terms(extra_terms)
     if extra and per_image:
         raise ConfigError("extra loss terms are for one image at a time, not a batch", params=("extra_terms",))
-    return Objective(net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1], per_image, extra)
+    return Objective(
+        net, runtime, cfg, content_feats, grams, content_weights, style_weights, hw[0] * hw[1], per_image, extra,
+        style_groups=tuple(style_groups), content_guides=dict(content_guides or {}),
+    )  # fmt: skip
 
 
 def check_extra_terms(extra_terms: Mapping[str, ExtraTerm] | None) -> dict[str, ExtraTerm]:

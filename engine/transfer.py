@@ -28,6 +28,7 @@ from .images import ImageError, load_image, output_shape, resize, to_tensor
 from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import LBFGS
 from .losses import gram_matrix
+from .masks import EVERYWHERE, Guidance, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
 from .stopwatch import Stopwatch
 from .targets import ImageTargets, TargetSource, TorchTargets
@@ -91,13 +92,20 @@ class StopRun(Exception):
     """Raised by a callback to end the run early, keeping the current image."""
 
 
-def target_key(*, model: str, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], style_scale: float, dtype: str = "float32") -> str:
-    """Content address of an image's targets: model, exact processed pixels, size, layers, scale, dtype."""
+def target_key(
+    *, model: str, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], style_scale: float, dtype: str = "float32",
+    region: torch.Tensor | None = None,
+) -> str:
+    """Content address of an image's targets: model, exact processed pixels, size, layers, scale,
+    dtype, and the style region they were taken over (its exact weights at the image's size)."""
     h = hashlib.sha256()
     t = image.detach().to("cpu", torch.float32).contiguous()
     for part in (model, str(tuple(t.shape)), ",".join(content_layers), ",".join(style_layers), repr(float(style_scale)), dtype):
         h.update(part.encode() + b"\0")
     h.update(t.numpy().tobytes())
+    if region is not None:  # absent for whole images, so their keys are what they always were
+        r = region.detach().to("cpu", torch.float32).contiguous()
+        h.update(b"region\0" + str(tuple(r.shape)).encode() + b"\0" + r.numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -259,6 +267,9 @@ def stylize(
     model: VGGFeatures | None = None,
     loop_model: VGGFeatures | None = None,
     extra_terms: Mapping[str, ExtraTerm] | None = None,
+    masks: Sequence[Image.Image | None] | None = None,
+    style_regions: Sequence[Image.Image | None] | None = None,
+    content_mask: Image.Image | None = None,
 ) -> StyleResult:
     """Optimise an image so its VGG19 features match `content`'s and its Grams match `styles`'.
 
@@ -266,6 +277,12 @@ def stylize(
     that stylises many images build the network once. `extra_terms` adds named loss terms of the
     image to every stage's objective (video's temporal term is one); without them the objective
     is content + style + TV, unchanged.
+
+    Spatial control (greyscale images, white = 1; each takes the place of the configuration's
+    path of the same name): `masks`, one per style (None: everywhere), where on the output each
+    style acts, by guided Gram matrices; `style_regions`, one per style (None: all of it), which
+    part of each style image its targets come from; `content_mask`, a weight map on the content
+    term. Pixels no mask covers get only the content and TV terms.
 
     Each scale is a stage: its images, its objective (targets and weighted loss terms), then the
     optimiser's loop from the previous stage's result. Ctrl-C (KeyboardInterrupt) or `StopRun`
@@ -277,6 +294,7 @@ def stylize(
     return stylize_many(
         [content], [styles], cfg, weights=weights, runtime=runtime, targets=targets, cache=cache, init_images=[init_image], callback=each, model=model,
         loop_model=loop_model, extra_terms=extra_terms,
+        masks=masks, style_regions=style_regions, content_mask=content_mask,
     )[0]
 
 
@@ -300,6 +318,9 @@ def stylize_many(
     model: VGGFeatures | None = None,
     loop_model: VGGFeatures | None = None,
     extra_terms: Mapping[str, ExtraTerm] | None = None,
+    masks: Sequence[Image.Image | None] | None = None,
+    style_regions: Sequence[Image.Image | None] | None = None,
+    content_mask: Image.Image | None = None,
 ) -> list[StyleResult]:
     """`stylize` for several contents at once (each with its own styles), stacked into one
     (N, 3, H, W) tensor: one forward and backward per iteration for all of them.
@@ -309,7 +330,8 @@ def stylize_many(
     `stylize` gives that image alone, within rounding. Every content must have the same
     `stage_shapes`. `callback(i, iterate)` is called for each image still running. An image whose
     loss stops being finite keeps its last finite image (status `nonfinite`) and the others go
-    on; Ctrl-C or `StopRun` ends them all with their latest images.
+    on; Ctrl-C or `StopRun` ends them all with their latest images. `masks` and `content_mask`
+    apply to every content, `style_regions` to every list of styles (see `stylize`).
     """
     runtime = runtime or Runtime()
     n = len(contents)
@@ -323,6 +345,7 @@ def stylize_many(
     cfg = fit_scales(contents, styles, cfg)
     for content, st in zip(contents, styles):
         check_sizes(content, st, cfg)
+    guidance = resolve_guidance(cfg, contents, styles, masks=masks, style_regions=style_regions, content_mask=content_mask)
     shapes = stage_shapes(contents[0].width, contents[0].height, cfg)
     if any(stage_shapes(c.width, c.height, cfg) != shapes for c in contents[1:]):
         raise ConfigError("images optimised together must have the same size at every stage")
@@ -340,7 +363,10 @@ def stylize_many(
         net = loop_model if loop_model is not None else loop_network(model, runtime)
     source = targets or TorchTargets(model)
     mid = model_id(weights, cfg, source=source)
-    lookups = [_TargetLookup(source, cache, mid, cfg) for _ in range(n)]  # per image: its cache hits
+    # Targets over a style region come from the PyTorch model: the exported target module has no
+    # guidance input. They are cached under the PyTorch model's identity and the region.
+    regions = _RegionTargets(model, model_id(weights, cfg)) if any(r is not None for r in guidance.style_regions) else None
+    lookups = [_TargetLookup(source, cache, mid, cfg, regions=regions) for _ in range(n)]  # per image: its cache hits
     loop = _Loop(cfg, runtime, clock, callback, n)
     stages: list[Stage] = []
     hw = shapes[0]  # this scale's output size, known before anything of the scale can fail
@@ -353,14 +379,21 @@ def stylize_many(
                 with clock.phase("images"):
                     stages = [prepare_stage(c, st, index, size, cfg, dev) for c, st in zip(contents, styles)]
                 with clock.phase("targets", sync=True):
-                    per_image = [lk.stage_targets(sg, b, dev) for lk, sg, b in zip(lookups, stages, blends)]
+                    per_image = [lk.stage_targets(sg, dev, guidance) for lk, sg in zip(lookups, stages)]
                 content_feats = {k: torch.cat([t[0][k] for t in per_image]) for k in cfg.content_layers}  # (N, C, h, w)
-                grams = {k: torch.cat([t[1][k] for t in per_image]) for k in cfg.style_layers}  # (N, C, C)
+                if guidance.masked:
+                    groups, grams = _style_groups(cfg, guidance, per_image, stages, blends, hw, dev), {}
+                else:
+                    groups = []
+                    blended = [style_grams(cfg, t[1], sg.styles, b, device=dev) for t, sg, b in zip(per_image, stages, blends)]
+                    grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
+                content_guides = {} if guidance.content_mask is None else layer_guides(stage_guide(guidance.content_mask, hw).to(dev), cfg.content_layers)
                 if x_prev is None:
                     init = torch.cat([_init_image(cfg, sg.network_content, sg.styles[0], im, sg.hw, dev) for sg, im in zip(stages, inits)])
                 else:
                     init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
-                objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms)
+                objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms,
+                                           style_groups=groups, content_guides=content_guides)
                 x_prev = loop.run_stage(stages, objective, init)
                 done = (x_prev, stages)
                 if not loop.running:
@@ -401,30 +434,85 @@ def stylize_many(
     return results
 
 
+def resolve_guidance(
+    cfg: StyleConfig,
+    contents: Sequence[Image.Image],
+    styles: Sequence[Sequence[Image.Image]],
+    *,
+    masks: Sequence[Image.Image | None] | None = None,
+    style_regions: Sequence[Image.Image | None] | None = None,
+    content_mask: Image.Image | None = None,
+) -> Guidance:
+    """The run's masks, checked: the images given, else those the configuration's paths name."""
+    if masks is None and cfg.masks:
+        masks = load_masks(cfg.masks, param="masks")
+    if style_regions is None and cfg.style_regions:
+        style_regions = load_masks(cfg.style_regions, param="style_regions")
+    if content_mask is None and cfg.content_mask and cfg.content_mask.strip() != EVERYWHERE:
+        content_mask = load_mask(cfg.content_mask, param="content_mask")
+    return make_guidance(contents, styles, masks=masks, style_regions=style_regions, content_mask=content_mask)
+
+
+def _style_groups(
+    cfg: StyleConfig, guidance: Guidance, per_image: Sequence[tuple[object, list[ImageTargets]]], stages: Sequence[Stage],
+    blends: Sequence[Sequence[float]], hw: tuple[int, int], device: torch.device,
+) -> list[StyleGroup]:
+    """One guided style term per group of styles sharing a mask: the group's targets blended (by
+    its styles' blend weights, renormalised), the mask at this stage's size and each layer's."""
+    groups = []
+    for idx, mask in group_styles(guidance.masks):
+        guides = None if mask is None else layer_guides(stage_guide(mask, hw).to(device), cfg.style_layers)
+        blended = []
+        for (_, targets), sg, b in zip(per_image, stages, blends):
+            total = sum(b[i] for i in idx)
+            blended.append(style_grams(cfg, [targets[i] for i in idx], [sg.styles[i] for i in idx], [b[i] / total for i in idx], device=device))
+        grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
+        groups.append(StyleGroup(sum(blends[0][i] for i in idx), grams, guides))
+    return groups
+
+
+class _RegionTargets:
+    """Style targets over a region of the style image, from the PyTorch model."""
+
+    def __init__(self, model: VGGFeatures, mid: str) -> None:
+        self.model, self.mid = model, mid
+
+    def compute(self, image: torch.Tensor, region: torch.Tensor, style_layers: Sequence[str]) -> ImageTargets:
+        return ImageTargets({}, guided_style_targets(self.model, image, region, style_layers))
+
+
 class _TargetLookup:
     """Each stage's targets, from the cache when it has them, counting hits for the report."""
 
-    def __init__(self, source: TargetSource, cache: TargetCacheLike | None, mid: str, cfg: StyleConfig) -> None:
-        self.source, self.cache, self.mid, self.cfg = source, cache, mid, cfg
+    def __init__(self, source: TargetSource, cache: TargetCacheLike | None, mid: str, cfg: StyleConfig, *, regions: _RegionTargets | None = None) -> None:
+        self.source, self.cache, self.mid, self.cfg, self.regions = source, cache, mid, cfg, regions
         self.hits = self.lookups = 0
 
-    def stage_targets(self, stage: Stage, blend: Sequence[float], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(content features, blended style Grams) for one stage, on `device`."""
+    def stage_targets(self, stage: Stage, device: torch.device, guidance: Guidance) -> tuple[dict[str, torch.Tensor], list[ImageTargets]]:
+        """(content features on `device`, each style image's targets) for one stage."""
         cfg = self.cfg
         c_targets = self.image_targets(stage.network_content, cfg.content_layers, ())
-        s_targets = [self.image_targets(st, (), cfg.style_layers) for st in stage.styles]
-        return c_targets.to(device).content, style_grams(cfg, s_targets, stage.styles, blend, device=device)
+        s_targets = []
+        for i, st in enumerate(stage.styles):
+            region = guidance.region(i)
+            s_targets.append(self.image_targets(st, (), cfg.style_layers, region=None if region is None else stage_guide(region, tuple(st.shape[-2:]))))
+        return c_targets.to(device).content, s_targets
 
-    def image_targets(self, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str]) -> ImageTargets:
+    def image_targets(self, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], *, region: torch.Tensor | None = None) -> ImageTargets:
         key = None
+        mid = self.mid if region is None else self.regions.mid  # type: ignore[union-attr]
         if self.cache is not None:
             self.lookups += 1
-            key = target_key(model=self.mid, image=image, content_layers=content_layers, style_layers=style_layers, style_scale=self.cfg.style_scale)
+            key = target_key(model=mid, image=image, content_layers=content_layers, style_layers=style_layers, style_scale=self.cfg.style_scale, region=region)
             hit = self.cache.lookup(key)
             if hit is not None:
                 self.hits += 1
                 return hit
-        t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers))
+        if region is None:
+            t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers))
+        else:
+            assert self.regions is not None
+            t = self.regions.compute(image, region, style_layers)
         if self.cache is not None and key is not None:
             self.cache.store(key, t)
         return t
@@ -626,6 +714,6 @@ class _EachImage:
 
 __all__ = [
     "Iterate", "Objective", "RunStatus", "Stage", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network",
-    "carry_adam_moments", "kept_point", "make_objective", "make_optimizer", "prepare_stage", "stage_shapes", "style_grams", "stylize",
+    "carry_adam_moments", "kept_point", "make_objective", "make_optimizer", "prepare_stage", "resolve_guidance", "stage_shapes", "style_grams", "stylize",
     "stylize_many", "target_key",
 ]  # fmt: skip
