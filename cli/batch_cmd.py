@@ -139,8 +139,12 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         cfg = configs[key]
         if cfg.style_blend and len(cfg.style_blend) != len(spec.styles):  # type: ignore[attr-defined]
             raise UserError(f"{where or spec.name}: --style-blend has {len(cfg.style_blend)} weights for {len(spec.styles)} style images")  # type: ignore[attr-defined]
+        for flag, paths in (("--masks", cfg.masks), ("--style-regions", cfg.style_regions)):  # type: ignore[attr-defined]
+            if paths and len(paths) != len(spec.styles):
+                raise UserError(f"{where or spec.name}: {flag} has {len(paths)} mask(s) for {len(spec.styles)} style image(s); give one per style, in their order (- for everywhere)")
         jobs.append(Job(spec.name, spec.content, spec.styles, out_dir / spec.name, cfg))  # type: ignore[arg-type]
     check_jobs(jobs)
+    _check_masks({id(c): c for c in configs.values()}.values())
     for extra, what in ((a["report"], "--report"), (a["compare"], "--compare")):
         if extra is not None and any(Path(extra).resolve() == p.resolve() for j in jobs for p in (*j.inputs, j.output)):
             raise UserError(f"{what} {extra} would overwrite an input or an output")
@@ -273,14 +277,31 @@ class _BatchView:
             p.update(self.jobs_task, info=self._jobs_info())
 
 
+def _check_masks(configs: Any) -> None:
+    """Every mask the settings name can be read and is not all black, before any job runs (each
+    job checks the shapes against its own images)."""
+    from nst.engine.masks import check_not_black, load_mask, load_masks
+
+    for cfg in configs:
+        for param in ("masks", "style_regions"):
+            for i, m in enumerate(load_masks(getattr(cfg, param), param=param)):
+                if m is not None:
+                    check_not_black(m, param=param, index=i)
+        if cfg.content_mask and cfg.content_mask.strip() != "-":
+            check_not_black(load_mask(cfg.content_mask, param="content_mask"), param="content_mask")
+
+
 def _sheet(job: Any, folder: Path) -> None:
-    """The content | style | result sheet of a finished job, named as its output."""
+    """The content | style(s) | mask(s) | result sheet of a finished job, named as its output."""
     from nst.engine.images import load_image, save_image, to_tensor
 
     from .report import comparison_sheet
+    from .stylize_cmd import load_mask_options
 
     try:
-        sheet = comparison_sheet(load_image(job.content), [load_image(p) for p in job.styles], to_tensor(load_image(job.output)))
+        content, styles = load_image(job.content), [load_image(p) for p in job.styles]
+        shown = load_mask_options(job.cfg, content, styles)[3]
+        sheet = comparison_sheet(content, styles, to_tensor(load_image(job.output)), masks=shown)
         save_image(sheet, folder / job.key)
     except (ValueError, OSError) as e:
         console.print(f"[yellow]warning:[/] no comparison sheet for {job.key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

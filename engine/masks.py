@@ -60,15 +60,21 @@ def _name(mask: Image.Image, index: int) -> str:
     return str(mask.info.get("nst.path") or getattr(mask, "filename", "") or f"number {index + 1}")
 
 
+def check_not_black(mask: Image.Image, *, param: str, index: int = 0) -> None:
+    """ImageError if `mask` is black everywhere: it would give its style (or the content) no place."""
+    if not np.asarray(mask.convert("L")).any():
+        what = "the content term" if param == "content_mask" else "its style"
+        raise ImageError(f"`{param}` {_name(mask, index)} is all black: it gives {what} no place; use - for everywhere, or leave it out", params=(param,))
+
+
 def check_mask(mask: Image.Image, image: Image.Image, *, param: str, index: int, of: str) -> None:
     """ImageError if `mask` is all black, or its aspect ratio differs from `image`'s by over 1%.
 
     A mask of another shape is refused rather than stretched: stretching would move its regions
     away from the parts of the image they were drawn on.
     """
+    check_not_black(mask, param=param, index=index)
     name = _name(mask, index)
-    if not np.asarray(mask.convert("L")).any():
-        raise ImageError(f"`{param}` {name} is all black: it gives its style no place; use - for everywhere, or drop the style", params=(param,))
     ratio = (mask.width / mask.height) / (image.width / image.height)
     if abs(ratio - 1) > ASPECT_TOLERANCE:
         raise ImageError(
@@ -204,6 +210,6 @@ def make_guidance(
 
 
 __all__ = [
-    "EVERYWHERE", "Guidance", "StyleGroup", "check_count", "check_mask", "group_styles", "guided_gram", "guided_style_targets",
+    "EVERYWHERE", "Guidance", "StyleGroup", "check_count", "check_mask", "check_not_black", "group_styles", "guided_gram", "guided_style_targets",
     "layer_guides", "load_mask", "load_masks", "make_guidance", "mask_tensor", "stage_guide",
 ]  # fmt: skip

@@ -57,8 +57,15 @@ class Job:
         return None if self.cfg.init in INIT_CHOICES else Path(self.cfg.init)
 
     @property
+    def masks(self) -> tuple[Path, ...]:
+        """The mask files the settings name (`masks`, `style_regions`, `content_mask`; not `-`)."""
+        paths = (*self.cfg.masks, *self.cfg.style_regions, *((self.cfg.content_mask,) if self.cfg.content_mask else ()))
+        return tuple(Path(p.strip()) for p in paths if p.strip() != "-")
+
+    @property
     def inputs(self) -> tuple[Path, ...]:
-        return (self.content, *self.styles, *((self.init,) if self.init else ()))
+        """Every file the job reads (never overwritten); the masks last, after the init image."""
+        return (self.content, *self.styles, *((self.init,) if self.init else ()), *self.masks)
 
 
 def image_suffixes() -> frozenset[str]:

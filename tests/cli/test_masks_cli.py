@@ -1,0 +1,118 @@
+"""`--masks`, `--style-regions`, `--content-mask` through `nst stylize` and `nst batch`: results,
+the comparison sheet, and one `error:` line with exit code 2 for each mistake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+
+runner = CliRunner()
+FAST = ["--weights", "random", "--size", "48", "--iterations", "4", "--targets", "torch", "--style-layers", "relu1_1,relu2_1,relu3_1", "--content-layers", "relu3_2", "-q"]
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def masks(tmp_path: Path) -> dict[str, Path]:
+    """Masks for the 96x64 content of the `images` fixture, and some bad ones."""
+    left = Image.new("L", (96, 64), 0)
+    left.paste(255, (0, 0, 48, 64))
+    paths = {}
+    for name, im in {
+        "left": left, "right": Image.eval(left, lambda v: 255 - v), "white": Image.new("L", (192, 128), 255),
+        "black": Image.new("L", (96, 64), 0), "square": Image.new("L", (64, 64), 255), "region": Image.new("L", (64, 64), 0),
+    }.items():  # fmt: skip
+        paths[name] = tmp_path / f"{name}.png"
+        im.save(paths[name])
+    region = Image.new("L", (64, 64), 0)
+    region.paste(255, (0, 0, 64, 32))
+    region.save(paths["region"])
+    paths["broken"] = tmp_path / "broken.png"
+    paths["broken"].write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return paths
+
+
+def _error_line(r) -> str:
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+def test_mask_mistakes_are_one_error_line(images, masks, tmp_path: Path):
+    c, s1, s2 = images["content"], images["style"], images["style2"]
+    out = tmp_path / "o.png"
+    cases = {
+        "count": (["--masks", masks["left"]], "1 mask(s) for 2 style image(s)"),
+        "missing": (["--masks", f"{masks['left']},{tmp_path / 'nope.png'}"], "--masks: image not found"),
+        "broken": (["--masks", f"{masks['left']},{masks['broken']}"], "--masks: "),
+        "black": (["--masks", f"{masks['left']},{masks['black']}"], "all black"),
+        "aspect": (["--masks", f"{masks['left']},{masks['square']}"], "aspect ratios differ by 33.3%"),
+        "region aspect": (["--style-regions", f"-,{masks['left']}"], "style image 2"),
+        "content black": (["--content-mask", masks["black"]], "--content-mask"),
+        "empty": (["--masks", ","], "--masks"),
+        "regions count": (["--style-regions", "-"], "--style-regions has 1 mask(s) for 2"),
+    }
+    for name, (extra, expect) in cases.items():
+        line = _error_line(run("stylize", c, s1, s2, "-o", out, *FAST, *extra))
+        assert expect in line, (name, line)
+    assert not out.exists()
+    # A mask is an input: never overwritten.
+    line = _error_line(run("stylize", c, s1, s2, "-o", masks["left"], *FAST, "--masks", f"{masks['left']},-"))
+    assert "input" in line
+
+
+def test_white_masks_give_the_unmasked_image(images, masks, tmp_path: Path):
+    """The Done-means, at the default precision: all-white masks (a mask twice the content's size,
+    resized per stage) give the image of no masks, within one 8-bit level."""
+    c, s1, s2 = images["content"], images["style"], images["style2"]
+    plain, masked = tmp_path / "plain.png", tmp_path / "masked.png"
+    assert run("stylize", c, s1, s2, "-o", plain, *FAST).exit_code == 0
+    r = run("stylize", c, s1, s2, "-o", masked, *FAST, "--masks", f"{masks['white']},{masks['white']}")
+    assert r.exit_code == 0, r.output
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (plain, masked))
+    assert np.abs(a - b).max() <= 1
+    assert np.abs(a - np.asarray(Image.open(c).resize((48, 32)), dtype=np.int16)).max() > 8  # the run did something
+
+
+def test_masks_regions_content_mask_and_the_sheet(images, masks, tmp_path: Path):
+    c, s1, s2 = images["content"], images["style"], images["style2"]
+    out, sheet, rep, sheet0 = tmp_path / "o.png", tmp_path / "sheet.png", tmp_path / "r.json", tmp_path / "sheet0.png"
+    r = run("stylize", c, s1, s2, "-o", out, *FAST, "--scales", "32,48", "--masks", f"{masks['left']},{masks['right']}",
+            "--style-regions", f"{masks['region']},-", "--content-mask", masks["left"], "--compare", sheet, "--report", rep)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (48, 32)
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["masks"] == [str(masks["left"]), str(masks["right"])] and cfg["style_regions"] == [str(masks["region"]), "-"]
+    assert cfg["content_mask"] == str(masks["left"])
+    r = run("stylize", c, s1, s2, "-o", tmp_path / "o0.png", *FAST, "--iterations", "0", "--compare", sheet0)
+    assert r.exit_code == 0, r.output
+    # Four more tiles: mask 1, mask 2, region 1, content mask; a left mask shows white then black.
+    with Image.open(sheet) as im, Image.open(sheet0) as im0:
+        assert im.width - im0.width >= 4 * 40
+        row, row0 = np.asarray(im.convert("L"))[8 + 8], np.asarray(im0.convert("L"))[8 + 8]
+    assert (row < 30).sum() >= 3 * 24 - 6 and (row0 < 30).sum() < 10  # the black halves of three masks
+
+
+def test_batch_takes_the_masks(images, masks, tmp_path: Path):
+    c, s1, s2 = images["content"], images["style"], images["style2"]
+    folder = tmp_path / "out"
+    r = run("batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']},{masks['right']}", "--compare", tmp_path / "sheets")
+    assert r.exit_code == 0, r.output
+    made = list(folder.glob("*.png"))
+    assert len(made) == 1 and Image.open(made[0]).size == (48, 32)
+    assert Image.open(next((tmp_path / "sheets").rglob("*.png"))).width > 5 * 32
+    line = _error_line(run("batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']},{masks['black']}"))
+    assert "all black" in line
+    line = _error_line(run("batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']}"))
+    assert "1 mask(s) for 2" in line
