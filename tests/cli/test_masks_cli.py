@@ -116,3 +116,21 @@ def test_batch_takes_the_masks(images, masks, tmp_path: Path):
     assert "all black" in line
     line = _error_line(run("batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']}"))
     assert "1 mask(s) for 2" in line
+
+
+def test_readme_masks_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The README's masks section: its Pillow lines make the masks, and its first command runs with
+    them (at a smaller size)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    section = (root / "README.md").read_text().split("### Masks: a style per region", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    command = re.search(r"```bash\n.*?\n(nst stylize .*?)\n#", section, re.S).group(1).replace("\\\n", " ")
+    (tmp_path / "examples").symlink_to(root / "examples")  # the README's paths, from a scratch folder
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README", "exec"), {})
+    assert Image.open("left.png").size == Image.open("examples/chelsea.png").size
+    r = run(*command.split()[1:], *FAST)
+    assert r.exit_code == 0, r.output
+    assert Image.open("split-cat.png").size == (48, 32) and Image.open("sheet.png").width > 48 * 5
