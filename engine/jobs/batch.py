@@ -152,7 +152,7 @@ def run_batch(
                     bad = next((p for p in job.inputs if p in problems), None)
                     reason = problems[bad] if bad else f"{getattr(e, 'filename', '') or job.content}: {e.strerror or e}"
                     shas = (digests.get(job.content) or "", tuple(digests.get(p) or "" for p in job.styles), digests.get(job.init) if job.init else None)
-                    finish(job, _record(job, settings, shas, reason=reason), None, [], [])
+                    finish(job, _record(job, _with_masks(job, settings, [digest(p) for p in job.masks]), shas, reason=reason), None, [], [])
                     continue
                 sent[job.key] = (inp.content_sha256, inp.styles_sha256, inp.init_sha256)
                 yield inp
@@ -196,7 +196,7 @@ def run_batch(
                     result.interrupted = True
                     result.interrupted_jobs.append(job)
                     continue
-                rec = _record(job, settings, sent[job.key], outcome=outcome)
+                rec = _record(job, _with_masks(job, settings, [digest(p) for p in job.masks]), sent[job.key], outcome=outcome)
                 if write_error:
                     rec.status, rec.reason = "failed", write_error
                 finish(job, rec, outcome, snaps, snaps_failed)
@@ -241,7 +241,15 @@ def read_input(job: Job) -> JobInput:
 def _same(rec: JobRecord, job: Job, ds: list[str | None], settings: Mapping[str, object]) -> bool:
     n = len(job.styles)
     init = ds[1 + n] if job.init is not None else None
+    masks = ds[len(ds) - len(job.masks) :] if job.masks else []  # `Job.inputs` ends with them
+    settings = _with_masks(job, settings, masks)
     return rec.content_sha256 == ds[0] and list(rec.styles_sha256) == ds[1 : 1 + n] and rec.init_sha256 == init and rec.settings == settings_digest(job.cfg, settings)
+
+
+def _with_masks(job: Job, settings: Mapping[str, object], mask_sha256: list[str | None]) -> Mapping[str, object]:
+    """The settings a job's journal line hashes: for a job with masks, their files' hashes too,
+    so a mask edited in place makes its jobs run again. Unchanged for a job without masks."""
+    return {**settings, "mask_sha256": mask_sha256} if job.masks else settings
 
 
 def _write(job: Job, outcome: JobOutcome) -> str:

@@ -112,6 +112,13 @@ def test_batch_takes_the_masks(images, masks, tmp_path: Path):
     made = list(folder.glob("*.png"))
     assert len(made) == 1 and Image.open(made[0]).size == (48, 32)
     assert Image.open(next((tmp_path / "sheets").rglob("*.png"))).width > 5 * 32
+    # The journal knows the masks' contents: a rerun skips the job; after a mask is edited it runs again.
+    batch = ["batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']},{masks['right']}"]
+    stamp = made[0].stat().st_mtime_ns
+    assert run(*batch).exit_code == 0 and made[0].stat().st_mtime_ns == stamp
+    Image.new("L", (96, 64), 255).save(masks["right"])
+    r = run(*batch)
+    assert r.exit_code == 0 and made[0].stat().st_mtime_ns != stamp, r.output
     line = _error_line(run("batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']},{masks['black']}"))
     assert "all black" in line
     line = _error_line(run("batch", c, "--style", f"{s1},{s2}", "-o", folder, *FAST, "--masks", f"{masks['left']}"))
