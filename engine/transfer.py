@@ -380,13 +380,13 @@ def stylize_many(
                     stages = [prepare_stage(c, st, index, size, cfg, dev) for c, st in zip(contents, styles)]
                 with clock.phase("targets", sync=True):
                     per_image = [lk.stage_targets(sg, dev, guidance) for lk, sg in zip(lookups, stages)]
+                    if guidance.masked:  # a guided style term per group of styles sharing a mask
+                        groups, grams = _style_groups(cfg, guidance, per_image, stages, blends, hw, dev), {}
+                    else:  # the styles' Grams blended into one target
+                        groups = []
+                        blended = [style_grams(cfg, t[1], sg.styles, b, device=dev) for t, sg, b in zip(per_image, stages, blends)]
+                        grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
                 content_feats = {k: torch.cat([t[0][k] for t in per_image]) for k in cfg.content_layers}  # (N, C, h, w)
-                if guidance.masked:
-                    groups, grams = _style_groups(cfg, guidance, per_image, stages, blends, hw, dev), {}
-                else:
-                    groups = []
-                    blended = [style_grams(cfg, t[1], sg.styles, b, device=dev) for t, sg, b in zip(per_image, stages, blends)]
-                    grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
                 content_guides = {} if guidance.content_mask is None else layer_guides(stage_guide(guidance.content_mask, hw).to(dev), cfg.content_layers)
                 if x_prev is None:
                     init = torch.cat([_init_image(cfg, sg.network_content, sg.styles[0], im, sg.hw, dev) for sg, im in zip(stages, inits)])
