@@ -141,3 +141,19 @@ def test_readme_masks_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     r = run(*command.split()[1:], *FAST)
     assert r.exit_code == 0, r.output
     assert Image.open("split-cat.png").size == (48, 32) and Image.open("sheet.png").width > 48 * 5
+
+
+def test_video_takes_the_masks(images, masks, tmp_path: Path):
+    """`nst video` passes stylize's options through, masks included: each frame is guided by them
+    (frames must have the masks' shape)."""
+    frames, out = tmp_path / "frames", tmp_path / "out"
+    frames.mkdir()
+    content = Image.open(images["content"])
+    for i in range(2):
+        content.rotate(180 * i).save(frames / f"f{i}.png")
+    base = ["video", frames, images["style"], images["style2"], "-o", out, *FAST, "--iterations", "2"]
+    r = run(*base, "--masks", f"{masks['left']},{masks['right']}")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
+    line = _error_line(run(*base[:5], tmp_path / "out2", *base[6:], "--masks", f"{masks['left']},{masks['square']}"))
+    assert "aspect" in line

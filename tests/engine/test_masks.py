@@ -206,7 +206,7 @@ def test_region_targets_are_cached(weights, pictures, tmp_path: Path):
     from nst.engine.cache import TargetCache
 
     content, a = pictures["content"], pictures["a"]
-    cfg = preset("gatys", size=32, iterations=1, **SHALLOW)
+    cfg = preset("gatys", size=32, iterations=3, **SHALLOW)
     cache = TargetCache(tmp_path / "c", namespace="torch-fp32")
     region = [_halves(*a.size)[0]]
     first = stylize(content, [a], cfg, weights=weights, runtime=FP32, cache=cache, style_regions=region)
