@@ -367,6 +367,7 @@ def stylize_many(
     # guidance input. They are cached under the PyTorch model's identity and the region.
     regions = _RegionTargets(model, model_id(weights, cfg)) if any(r is not None for r in guidance.style_regions) else None
     lookups = [_TargetLookup(source, cache, mid, cfg, regions=regions) for _ in range(n)]  # per image: its cache hits
+    regions_note = {} if regions is None else {"style_regions": "torch (fp32): the exported target module has no guidance input"}
     loop = _Loop(cfg, runtime, clock, callback, n)
     stages: list[Stage] = []
     hw = shapes[0]  # this scale's output size, known before anything of the scale can fail
@@ -426,7 +427,7 @@ def stylize_many(
                 loss_terms={k: float(v.detach()[i]) for k, v in loop.terms_last.items()},
                 phases=dict(phases),
                 iteration_seconds=loop.iteration_seconds[: loop.steps[i] + (loop.status[i] == RunStatus.NONFINITE)],
-                targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"]},
+                targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"], **regions_note},
                 message=loop.message[i],
                 final_loss=loop.final_loss(history, i),
             )

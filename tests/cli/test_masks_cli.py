@@ -95,6 +95,7 @@ def test_masks_regions_content_mask_and_the_sheet(images, masks, tmp_path: Path)
     cfg = json.loads(rep.read_text())["config"]
     assert cfg["masks"] == [str(masks["left"]), str(masks["right"])] and cfg["style_regions"] == [str(masks["region"]), "-"]
     assert cfg["content_mask"] == str(masks["left"])
+    assert json.loads(rep.read_text())["targets"]["style_regions"].startswith("torch")
     r = run("stylize", c, s1, s2, "-o", tmp_path / "o0.png", *FAST, "--iterations", "0", "--compare", sheet0)
     assert r.exit_code == 0, r.output
     # Four more tiles: mask 1, mask 2, region 1, content mask; a left mask shows white then black.
