@@ -84,7 +84,7 @@ def run(mode: str, size: int, evaluations: int) -> list[tuple[int, float, float]
         n += evals
         s = t * d
         x.data.add_(s.view_as(x))
-        opt._prev_s = s  # the curvature pair of the step actually taken
+        opt._prev_s = s.view(1, -1)  # the curvature pair of the step actually taken (one problem: (1, n))
         log.append((n, time.perf_counter() - t0, f))
     return log
 

@@ -1,4 +1,5 @@
-"""L-BFGS for one large parameter, in the compact (matrix) form, with no host synchronisation.
+"""L-BFGS for one large parameter, or a batch of them, in the compact (matrix) form, with no host
+synchronisation.
 
 `torch.optim.LBFGS` runs the two-loop recursion: 4m small kernels per iteration (a dot and an
 axpy per history pair and loop) and a host read of every scalar. At m = 20 and 512 px that is
@@ -31,6 +32,15 @@ any positive constant gives the same iterates, up to rounding:
 - Given the loss (`step(loss)`, a device tensor), a trial whose loss rose is taken back and
   retried shorter from the last accepted point, its pair unused; `point()` is that point, what
   a run keeps. Decided with `where`, so still no host read.
+
+`BatchedLBFGS` runs N such problems at once over an (N, ...) parameter (images optimised
+together): every piece of state has a leading problem dimension ((N, 2m, n) history, (N, m, m)
+S^T Y and Y^T Y, per-problem gamma, slots, ages, first step, cap and taken-back trial), the
+products are batched (`bmm`, batched triangular solves) and every decision is a per-row `where`,
+so one problem's rejected pair, taken-back trial or non-finite loss leaves the others' steps as
+they are. Each problem's iterates are the ones `LBFGS` gives it alone, up to the batched
+products' rounding. `LBFGS` is the same code with N = 1 and its products run unbatched, the
+kernels (and so the rounding) of a single-problem optimiser.
 
 Where torch and this version both accept every pair (a convex problem, first step aside), the
 iterates are the same (no cap, no loss given). The caller keeps torch's convergence tests, reading the loss only when it
@@ -67,81 +77,105 @@ class LBFGS:
         self.first_step = float(first_step)
         self.curvature_eps = float(curvature_eps)
         self.max_step = None if max_step is None else float(max_step)
-        n = param.numel()
+        b = self._problems(param)
+        n = param.numel() // max(b, 1)
         dev = param.device
-        self._hist = torch.zeros(2 * self.m, n, device=dev, dtype=torch.float32)  # rows: S then Y
-        self._sy = torch.zeros(self.m, self.m, device=dev, dtype=torch.float64)  # s_i . y_j by slot
-        self._yy = torch.zeros(self.m, self.m, device=dev, dtype=torch.float64)  # y_i . y_j by slot
+        # Every piece of state has a leading problem dimension B (1 here; see BatchedLBFGS).
+        self._hist = torch.zeros(b, 2 * self.m, n, device=dev, dtype=torch.float32)  # rows: S then Y
+        self._sy = torch.zeros(b, self.m, self.m, device=dev, dtype=torch.float64)  # s_i . y_j by slot
+        self._yy = torch.zeros(b, self.m, self.m, device=dev, dtype=torch.float64)  # y_i . y_j by slot
         # Accepted pairs so far, and each slot's pair's number (-1: empty). Both on the device:
         # whether a pair is accepted is only known there.
-        self._accepted = torch.zeros((), device=dev, dtype=torch.long)
-        self._age = torch.full((self.m,), -1, device=dev, dtype=torch.long)
-        self._gamma = torch.ones((), device=dev, dtype=torch.float64)
-        self._slots = torch.arange(self.m, device=dev)
-        self._prev_g: torch.Tensor | None = None
+        self._accepted = torch.zeros(b, device=dev, dtype=torch.long)
+        self._age = torch.full((b, self.m), -1, device=dev, dtype=torch.long)
+        self._gamma = torch.ones(b, device=dev, dtype=torch.float64)
+        self._rows = torch.arange(b, device=dev)
+        self._prev_g: torch.Tensor | None = None  # (B, n)
         self._prev_s: torch.Tensor | None = None  # the trial step from the base point, t * d
         self._base_x: torch.Tensor | None = None  # the last accepted point, flat fp32
         self._base_f: torch.Tensor | None = None  # its loss (float64, on the device), if given
 
+    @staticmethod
+    def _problems(param: torch.Tensor) -> int:
+        return 1
+
+    # The products below are the only operations that add many numbers. One problem runs them
+    # as plain 2-D products (dot, mv, mm, one triangular solve), the same kernels and so the same
+    # rounding as before the state had a problem dimension; BatchedLBFGS runs them batched.
+    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (B, n), (B, n) -> (B,)
+        return torch.dot(a[0], b[0]).unsqueeze(0)
+
+    def _mv(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, r, c), (B, c) -> (B, r)
+        return (a[0] @ v[0]).unsqueeze(0)
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (B, r, c), (B, c, k) -> (B, r, k)
+        return (a[0] @ b[0]).unsqueeze(0)
+
+    def _solve(self, r: torch.Tensor, b: torch.Tensor, *, upper: bool) -> torch.Tensor:  # triangular r (B, m, m)
+        return torch.linalg.solve_triangular(r[0], b[0], upper=upper).unsqueeze(0)
+
     @property
-    def _valid(self) -> torch.Tensor:  # (m,) bool: slot holds an accepted pair
+    def _valid(self) -> torch.Tensor:  # (B, m) bool: slot holds an accepted pair
         return self._age >= 0
 
     @property
-    def S(self) -> torch.Tensor:  # (m, n)
-        return self._hist[: self.m]
+    def S(self) -> torch.Tensor:  # (B, m, n)
+        return self._hist[:, : self.m]
 
     @property
-    def Y(self) -> torch.Tensor:  # (m, n)
-        return self._hist[self.m :]
+    def Y(self) -> torch.Tensor:  # (B, m, n)
+        return self._hist[:, self.m :]
 
     @torch.no_grad()
     def step(self, loss: torch.Tensor | None = None) -> None:
         """Move the parameter along the quasi-Newton direction for its current gradient.
 
-        Given the loss at the current point (a 0-dim tensor, never read on the host), a trial
+        Given the loss at the current point (a 0-dim tensor; `BatchedLBFGS`: one per problem,
+        (N,); never read on the host), a trial
         whose loss rose above the last accepted point's, or is not finite, is taken back and
         retried shorter from that point (a backtracking line search spread over iterations),
         its gradient unused.
         """
         if self.param.grad is None:
             raise RuntimeError("LBFGS.step() needs a gradient: call backward() first")
-        g = self.param.grad.reshape(-1).float()
-        x = self.param.detach().reshape(-1).float()
-        f = None if loss is None else loss.detach().reshape(()).double()
+        b = self._rows.numel()
+        g = self.param.grad.reshape(b, -1).float()
+        x = self.param.detach().reshape(b, -1).float()
+        f = None if loss is None else loss.detach().reshape(b).double()
         if self._prev_g is None:
             tiny = torch.finfo(torch.float32).tiny  # a zero gradient gives a zero step, not a NaN
-            s = self._capped(-g * (self.first_step * self.lr / g.abs().amax().clamp_min(tiny)))
+            s = self._capped(-g * (self.first_step * self.lr / g.abs().amax(1, keepdim=True).clamp_min(tiny)))
             self._prev_g, self._prev_s, self._base_x, self._base_f = g.clone(), s, x.clone(), f
             self.param.add_(s.view_as(self.param).to(self.param.dtype))
             return
         assert self._prev_s is not None and self._base_x is not None
         if f is None or self._base_f is None:  # no loss: every step is accepted
-            accept = torch.ones((), dtype=torch.bool, device=g.device)
+            accept = torch.ones(b, dtype=torch.bool, device=g.device)
         else:
             # Not Armijo's sufficient decrease: a loss computed in bf16 can repeat exactly, and a
             # step that leaves it unchanged must not be shortened for ever.
             accept = torch.isfinite(f) & (f <= self._base_f)
         ab = self._remember(g - self._prev_g, self._prev_s, g, accept)
         s = self._capped(self._direction(g, ab) * self.lr)
+        keep = accept.unsqueeze(1)  # (B, 1)
         if f is not None and self._base_f is not None:
             # Rejected: the minimum of the quadratic through f0, f0' = g0.s and f along the trial,
             # kept within [0.1, 0.5] of it (Nocedal & Wright, sec. 3.5); 0.1 if f is not finite.
-            gs = torch.dot(self._prev_g, self._prev_s).double()
+            gs = self._dot(self._prev_g, self._prev_s).double()
             excess = f - self._base_f - gs
             shrink = torch.where(excess > 0, -gs / excess.clamp_min(1e-300) / 2, torch.zeros_like(gs)).clamp(0.1, 0.5)
             shrink = torch.where(torch.isfinite(shrink), shrink, torch.full_like(shrink, 0.1))
-            s = torch.where(accept, s, self._prev_s * shrink.float())
+            s = torch.where(keep, s, self._prev_s * shrink.float().unsqueeze(1))
             self._base_f = torch.where(accept, f, self._base_f)
-        self._base_x = torch.where(accept, x, self._base_x)
-        self._prev_g = torch.where(accept, g, self._prev_g)
+        self._base_x = torch.where(keep, x, self._base_x)
+        self._prev_g = torch.where(keep, g, self._prev_g)
         self._prev_s = s
         self.param.copy_((self._base_x + s).view_as(self.param).to(self.param.dtype))
 
     def _capped(self, s: torch.Tensor) -> torch.Tensor:
         if self.max_step is None:
             return s
-        return s * torch.clamp(self.max_step / s.abs().amax().clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+        return s * torch.clamp(self.max_step / s.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
 
     def point(self) -> torch.Tensor:
         """The last accepted point (the best evaluated one) when step() was given losses, else the
@@ -162,48 +196,77 @@ class LBFGS:
         One pass over the history gives the new pair's row and column of S^T Y and Y^T Y and the
         products S g, Y g that the direction needs.
         """
-        m = self.m
+        m, rows = self.m, self._rows
         assert self._prev_g is not None
-        ys, gs = (torch.stack([y, self._prev_g]) @ s).double().unbind()  # y.s, and g.s < 0 for a descent step
-        ok = (ys > self.curvature_eps * -gs) & accept  # 0-dim bool on the device; scales with the loss on both sides
-        p = (self._accepted % m).view(1)  # the slot of the oldest pair (or an empty one)
-        s_new = torch.where(ok, s, self.S.index_select(0, p).squeeze(0))
-        y_new = torch.where(ok, y, self.Y.index_select(0, p).squeeze(0))
-        self._hist.index_copy_(0, torch.cat([p, p + m]), torch.stack([s_new, y_new]))
+        ys, gs = self._mv(torch.stack([y, self._prev_g], 1), s).double().unbind(1)  # y.s, and g.s < 0 for a descent step
+        ok = (ys > self.curvature_eps * -gs) & accept  # (B,) bool on the device; scales with the loss on both sides
+        keep = ok.unsqueeze(1)
+        p = self._accepted % m  # (B,): each problem's slot of its oldest pair (or an empty one)
+        s_new = torch.where(keep, s, self._hist[rows, p])
+        y_new = torch.where(keep, y, self._hist[rows, p + m])
+        self._hist[rows, p] = s_new
+        self._hist[rows, p + m] = y_new
         # (3, n) rows against (2m, n) rows: both operands contiguous along n, one streaming pass
         # (an (n, 3) column block instead runs ~2x slower on the CPU's BLAS).
-        prods = (self._hist @ torch.stack([s_new, y_new, g]).T).double()  # (2m, 3)
-        # A rejected pair rewrites its slot's old values: the same numbers, no harm.
-        self._sy.index_copy_(0, p, prods[m:, 0].unsqueeze(0))  # s_p . y_j
-        self._sy.index_copy_(1, p, prods[:m, 1].unsqueeze(1))  # s_i . y_p
-        self._yy.index_copy_(0, p, prods[m:, 1].unsqueeze(0))
-        self._yy.index_copy_(1, p, prods[m:, 1].unsqueeze(1))
-        y_dot_y = prods[m:, 1].index_select(0, p).squeeze(0)
+        prods = self._mm(self._hist, torch.stack([s_new, y_new, g], 1).transpose(1, 2)).double()  # (B, 2m, 3)
+        # A rejected pair rewrites its slot's old values: the same numbers, no harm. The column
+        # is written last, so S^T Y's diagonal entry is s_p . y_p from the S rows, as before.
+        self._sy[rows, p] = prods[:, m:, 0]  # s_p . y_j
+        self._sy[rows, :, p] = prods[:, :m, 1]  # s_i . y_p
+        self._yy[rows, p] = prods[:, m:, 1]
+        self._yy[rows, :, p] = prods[:, m:, 1]
+        y_dot_y = prods[rows, p + m, 1]
         self._gamma = torch.where(ok, ys / y_dot_y, self._gamma)
-        self._age.index_copy_(0, p, torch.where(ok, self._accepted, self._age.index_select(0, p).squeeze(0)).view(1))
+        self._age[rows, p] = torch.where(ok, self._accepted, self._age[rows, p])
         self._accepted += ok.long()
-        return prods[:, 2]  # (2m,): S g then Y g
+        return prods[:, :, 2]  # (B, 2m): S g then Y g
 
     def _direction(self, g: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """-H g from the compact representation, the pairs taken oldest first."""
-        m = self.m
+        m, b = self.m, self._rows.numel()
         # Slots oldest -> newest by their pair's number; empty slots (age -1) sort first and are
         # masked out: a unit diagonal in R and zeros elsewhere make their coefficients exactly 0.
-        order = torch.argsort(self._age)  # (m,)
-        v = self._valid[order].double()  # (m,)
-        vv = v.unsqueeze(1) * v.unsqueeze(0)
-        a, b = ab[:m][order] * v, ab[m:][order] * v
-        sy = self._sy[order][:, order] * vv
-        yy = self._yy[order][:, order] * vv
-        r = torch.triu(sy) + torch.diag(1.0 - v)
-        d = torch.diag(torch.diagonal(sy))
-        gamma = self._gamma
-        rinv_a = torch.linalg.solve_triangular(r, a.unsqueeze(1), upper=True)  # R^-1 S^T g
-        inner = (d + gamma * yy) @ rinv_a - gamma * b.unsqueeze(1)
-        top = torch.linalg.solve_triangular(r.T, inner, upper=False).squeeze(1)  # R^-T (...)
-        bottom = -rinv_a.squeeze(1)
-        coef = torch.zeros(2 * m, device=g.device, dtype=torch.float64)
-        coef[order] = top
-        coef[m + order] = gamma * bottom
-        hg = gamma.float() * g + self._hist.T @ coef.float()  # (n,)
+        order = torch.argsort(self._age, dim=1)  # (B, m)
+        v = self._valid.gather(1, order).double()  # (B, m)
+        vv = v.unsqueeze(2) * v.unsqueeze(1)
+        a, bg = ab[:, :m].gather(1, order) * v, ab[:, m:].gather(1, order) * v
+        rows_of, cols_of = order.unsqueeze(2).expand(b, m, m), order.unsqueeze(1).expand(b, m, m)
+        sy = self._sy.gather(1, rows_of).gather(2, cols_of) * vv
+        yy = self._yy.gather(1, rows_of).gather(2, cols_of) * vv
+        r = torch.triu(sy) + torch.diag_embed(1.0 - v)
+        d = torch.diag_embed(torch.diagonal(sy, dim1=1, dim2=2))
+        gamma = self._gamma.view(b, 1, 1)
+        rinv_a = self._solve(r, a.unsqueeze(2), upper=True)  # R^-1 S^T g, (B, m, 1)
+        inner = self._mm(d + gamma * yy, rinv_a) - gamma * bg.unsqueeze(2)
+        top = self._solve(r.transpose(1, 2), inner, upper=False).squeeze(2)  # R^-T (...)
+        bottom = -rinv_a.squeeze(2)
+        coef = torch.zeros(b, 2 * m, device=g.device, dtype=torch.float64)
+        coef.scatter_(1, order, top)
+        coef.scatter_(1, m + order, gamma.view(b, 1) * bottom)
+        hg = self._gamma.float().unsqueeze(1) * g + self._mv(self._hist.transpose(1, 2), coef.float())  # (B, n)
         return -hg
+
+
+class BatchedLBFGS(LBFGS):
+    """One compact-form L-BFGS per entry of the first dimension of an (N, ...) parameter, all
+    stepped together: N separate problems (images of a batch that share only the network's
+    forward and backward pass) with their own histories, curvature tests, first steps, caps and
+    taken-back trials. `step(loss)` takes the N losses, (N,)."""
+
+    @staticmethod
+    def _problems(param: torch.Tensor) -> int:
+        if param.dim() < 1 or param.shape[0] < 1:
+            raise ValueError(f"BatchedLBFGS needs a parameter with a leading batch dimension, got shape {tuple(param.shape)}")
+        return param.shape[0]
+
+    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+    def _mv(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, v.unsqueeze(2)).squeeze(2)
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b)
+
+    def _solve(self, r: torch.Tensor, b: torch.Tensor, *, upper: bool) -> torch.Tensor:
+        return torch.linalg.solve_triangular(r, b, upper=upper)

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
 from .layers import deepest_layer, deepest_layer_within, min_input_size
-from .lbfgs import LBFGS
+from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
 from .masks import EVERYWHERE, Guidance, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
@@ -605,10 +605,10 @@ class _Loop:
                     good = x.detach().clone()
                 if it == 1 and cfg.carry_adam_moments:
                     carry_adam_moments(self.prev_opt, opt)
-                if isinstance(opt, (LBFGS, _EachImage)):
-                    opt.step(loss.detach())  # the loss lets it take back a step that went uphill
-                else:
+                if isinstance(opt, torch.optim.Optimizer):  # Adam
                     opt.step()
+                else:  # L-BFGS: the losses let it take back a step that went uphill
+                    opt.step(loss.detach())
                 if len(self.running) < n:  # images that stopped stay where they stopped
                     with torch.no_grad():
                         idle = [i for i in range(n) if i not in self.running]
@@ -641,24 +641,24 @@ class _Loop:
         return out
 
 
-def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False) -> "LBFGS | _EachImage | torch.optim.Adam":
+def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False) -> "LBFGS | torch.optim.Adam":
     """The configuration's optimiser over the image `x` (`capturable`: Adam for a CUDA graph).
-    Adam is elementwise, so one for a batch is one per image; L-BFGS with `per_image` keeps one
-    history per image of the batch."""
+    Adam is elementwise, so one for a batch is one per image; L-BFGS with `per_image` is a
+    `BatchedLBFGS`: one history, curvature test and step length per image of the batch."""
     if cfg.optimizer == Optimizer.ADAM:
         return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable)
     # The first step and the step cap are in image units ([0, 1] of the pixel range).
-    make = functools.partial(LBFGS, lr=cfg.lr, history=cfg.lbfgs_history, first_step=cfg.lbfgs_first_step * cfg.pixel_scale,
-                             max_step=cfg.lbfgs_max_step * cfg.pixel_scale)
-    return _EachImage(x, make) if per_image else make(x)
+    return (BatchedLBFGS if per_image else LBFGS)(
+        x, lr=cfg.lr, history=cfg.lbfgs_history, first_step=cfg.lbfgs_first_step * cfg.pixel_scale, max_step=cfg.lbfgs_max_step * cfg.pixel_scale
+    )
 
 
 def kept_point(opt: object, x: torch.Tensor) -> torch.Tensor:
     """What a run keeps of `x`: L-BFGS's last accepted points (not a trial still to be
     evaluated), else `x` itself. Detached, (N, 3, H, W)."""
-    if isinstance(opt, (LBFGS, _EachImage)):
-        return opt.point()
-    return x.detach()
+    if isinstance(opt, torch.optim.Optimizer):
+        return x.detach()
+    return opt.point()  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -689,28 +689,6 @@ def carry_adam_moments(old: object, new: object) -> None:
     rms_old = (v.mean(per_image, keepdim=True) / bias2).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
     k = rms_new / rms_old  # (N, 1, 1, 1)
     new.state[p_new] = {"step": state["step"].clone(), "exp_avg": (m * k).to(p_new.dtype), "exp_avg_sq": (v * k * k).to(p_new.dtype)}
-
-
-class _EachImage:
-    """An L-BFGS per image of an (N, ...) parameter, each on a view of its image: the history,
-    curvature test and step length are per problem, and the images of a batch are separate
-    problems that only share the network's forward and backward pass."""
-
-    def __init__(self, x: torch.Tensor, make: Callable[[torch.Tensor], LBFGS]) -> None:
-        self.x = x
-        self.views = [x.detach()[i : i + 1] for i in range(x.shape[0])]  # share x's storage
-        self.opts = [make(v) for v in self.views]
-
-    def step(self, loss: torch.Tensor | None = None) -> None:
-        """Each image's step; `loss` (N,) lets each take back a step that went uphill."""
-        assert self.x.grad is not None
-        for i, (view, opt) in enumerate(zip(self.views, self.opts)):
-            view.grad = self.x.grad[i : i + 1]
-            opt.step(None if loss is None else loss[i])
-
-    def point(self) -> torch.Tensor:
-        """Each image's last accepted point, (N, ...)."""
-        return torch.cat([opt.point() for opt in self.opts])
 
 
 __all__ = [
