@@ -9,7 +9,7 @@ import torch
 
 from nst.engine.config import Optimizer, preset
 from nst.engine.device import Runtime
-from nst.engine.lbfgs import LBFGS
+from nst.engine.lbfgs import BatchedLBFGS, LBFGS
 from nst.engine.targets import TorchTargets
 from nst.engine.objective import make_objective
 from nst.engine.transfer import build_model
@@ -222,3 +222,109 @@ def test_bad_use():
         LBFGS(torch.zeros(3, requires_grad=True), max_step=-1)
     with pytest.raises(RuntimeError, match="backward"):
         LBFGS(torch.zeros(3, requires_grad=True)).step()
+
+
+# Batched: N problems over one (N, ...) parameter, against each problem run alone.
+
+N_DIM = 6
+
+
+def _problems():
+    """Three different problems of one size, at different loss scales: a convex quadratic (every
+    pair kept), a saddle (negative-curvature pairs rejected) and a quartic whose first trials
+    overshoot (losses rise, trials taken back)."""
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(N_DIM, N_DIM, generator=gen))
+    a = q @ torch.diag(torch.logspace(0, 1.5, N_DIM)) @ q.T
+    c = torch.randn(N_DIM, generator=gen)
+    d = torch.tensor([1.0, 2.0, -0.5, 3.0, -1.0, 0.7])
+    fs = [
+        lambda x: 1e-6 * (0.5 * x @ a @ x - c @ x),
+        lambda x: 0.5 * (d * x * x).sum() + 0.1 * x.sum(),
+        lambda x: 1e4 * (x**4).sum(),
+    ]
+    x0 = torch.stack([torch.randn(N_DIM, generator=gen), torch.tensor([0.3, -0.2, 0.1, 0.4, 0.2, -0.3]), torch.ones(N_DIM)])
+    return fs, x0
+
+
+def _alone(f, x0: torch.Tensor, *, steps: int, losses: bool, poison_at: int | None = None, **kw) -> tuple[list[torch.Tensor], list[torch.Tensor], LBFGS]:
+    x = x0.clone().requires_grad_(True)
+    opt = LBFGS(x, **kw)
+    its, points = [], []
+    for k in range(steps):
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        if k == poison_at:
+            loss, x.grad = torch.tensor(float("nan")), torch.full_like(x, float("nan"))
+        opt.step(loss.detach() if losses else None)
+        its.append(x.detach().clone())
+        points.append(opt.point().clone())
+    return its, points, opt
+
+
+def _together(fs, x0: torch.Tensor, *, steps: int, losses: bool, poison: tuple[int, int] | None = None, **kw):
+    x = x0.clone().requires_grad_(True)
+    opt = BatchedLBFGS(x, **kw)
+    its, points = [], []
+    for k in range(steps):
+        x.grad = None
+        loss = torch.stack([f(x[i]) for i, f in enumerate(fs)])  # (N,)
+        loss.sum().backward()  # each row's gradient is its own problem's
+        if poison is not None and k == poison[1]:
+            i = poison[0]
+            loss = loss.detach().clone()
+            loss[i] = float("nan")
+            x.grad[i] = float("nan")
+        opt.step(loss.detach() if losses else None)
+        its.append(x.detach().clone())
+        points.append(opt.point().clone())
+    return its, points, opt
+
+
+@pytest.mark.parametrize("losses", [True, False])
+@pytest.mark.parametrize("kw", [{"history": 3, "first_step": 3.0}, {"history": 5, "first_step": 3.0, "max_step": 0.5}])
+def test_batched_equals_each_problem_alone(losses, kw):
+    # fp32 throughout. The batched products (bmm) add in another order than the single problem's
+    # dot/mv, so the iterates agree to rounding, not bit for bit; every decision (curvature test,
+    # taken-back trial) must come out the same, so the counts of kept pairs are equal.
+    fs, x0 = _problems()
+    steps = 15
+    its, points, opt = _together(fs, x0, steps=steps, losses=losses, **kw)
+    for i, f in enumerate(fs):
+        ref, ref_points, ref_opt = _alone(f, x0[i], steps=steps, losses=losses, **kw)
+        for k in range(steps):
+            torch.testing.assert_close(its[k][i], ref[k], rtol=1e-5, atol=1e-6, msg=f"problem {i}, iterate {k}")
+            torch.testing.assert_close(points[k][i], ref_points[k], rtol=1e-5, atol=1e-6, msg=f"problem {i}, point {k}")
+        assert int(opt._accepted[i]) == int(ref_opt._accepted)
+        assert torch.equal(opt._age[i], ref_opt._age[0])
+    kept = opt._accepted.tolist()
+    assert kept[1] < steps - 1  # the saddle rejects pairs: the test covers rejected pairs
+    if not losses:
+        assert kept[0] == steps - 1  # every trial accepted: the quadratic keeps every pair
+    else:  # trials whose loss rose were taken back: the point stayed while the iterate moved
+        taken_back = [(k, i) for k in range(1, steps) for i in range(3) if torch.equal(points[k][i], points[k - 1][i])]
+        assert taken_back and all(not torch.equal(its[k][i], its[k - 1][i]) for k, i in taken_back)
+        assert float(fs[2](points[-1][2])) < 1e-6 * float(fs[2](x0[2]))
+
+
+def test_batched_problem_going_non_finite_leaves_the_others_alone():
+    # One problem's loss and gradient turn NaN at one step: its trial is taken back (it stays
+    # finite), and the other rows take exactly the steps they take when nothing went wrong.
+    fs, x0 = _problems()
+    kw = {"history": 4, "first_step": 0.5, "max_step": 0.5}
+    clean, _, _ = _together(fs, x0, steps=10, losses=True, **kw)
+    its, points, opt = _together(fs, x0, steps=10, losses=True, poison=(1, 4), **kw)
+    for k in range(10):
+        assert torch.equal(its[k][[0, 2]], clean[k][[0, 2]])
+        assert torch.isfinite(its[k]).all() and torch.isfinite(points[k]).all()
+    ref, ref_points, _ = _alone(fs[1], x0[1], steps=10, losses=True, poison_at=4, **kw)
+    torch.testing.assert_close(its[-1][1], ref[-1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(points[4][1], points[3][1])  # the poisoned trial was not accepted
+
+
+def test_batched_bad_use():
+    with pytest.raises(ValueError, match="batch dimension"):
+        BatchedLBFGS(torch.tensor(1.0, requires_grad=True))
+    with pytest.raises(RuntimeError, match="backward"):
+        BatchedLBFGS(torch.zeros(2, 3, requires_grad=True)).step()
