@@ -108,6 +108,9 @@ class LBFGS:
     def _mv(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, r, c), (B, c) -> (B, r)
         return (a[0] @ v[0]).unsqueeze(0)
 
+    def _tmv(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, r, c), (B, r) -> (B, c): a^T v
+        return (a[0].T @ v[0]).unsqueeze(0)
+
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (B, r, c), (B, c, k) -> (B, r, k)
         return (a[0] @ b[0]).unsqueeze(0)
 
@@ -243,7 +246,7 @@ class LBFGS:
         coef = torch.zeros(b, 2 * m, device=g.device, dtype=torch.float64)
         coef.scatter_(1, order, top)
         coef.scatter_(1, m + order, gamma.view(b, 1) * bottom)
-        hg = self._gamma.float().unsqueeze(1) * g + self._mv(self._hist.transpose(1, 2), coef.float())  # (B, n)
+        hg = self._gamma.float().unsqueeze(1) * g + self._tmv(self._hist, coef.float())  # (B, n)
         return -hg
 
 
@@ -259,11 +262,17 @@ class BatchedLBFGS(LBFGS):
             raise ValueError(f"BatchedLBFGS needs a parameter with a leading batch dimension, got shape {tuple(param.shape)}")
         return param.shape[0]
 
+    # On the CPU, bmm of a transposed (B, n, 2m) history against a vector took 12x as long as the
+    # same product as a row vector against the history (measured at 256 px, N = 2), and a
+    # (B, 1, n) x (B, n, 1) bmm 20x as long as vecdot: each product is written in its fast form.
     def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+        return torch.linalg.vecdot(a, b)
 
     def _mv(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(a, v.unsqueeze(2)).squeeze(2)
+        return torch.linalg.vecdot(a, v.unsqueeze(1))
+
+    def _tmv(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(v.unsqueeze(1), a).squeeze(1)
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
