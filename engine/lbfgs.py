@@ -92,16 +92,18 @@ class LBFGS:
         self._rows = torch.arange(b, device=dev)
         self._prev_g: torch.Tensor | None = None  # (B, n)
         self._prev_s: torch.Tensor | None = None  # the trial step from the base point, t * d
-        self._base_x: torch.Tensor | None = None  # the last accepted point, flat fp32
-        self._base_f: torch.Tensor | None = None  # its loss (float64, on the device), if given
+        self._base_x: torch.Tensor | None = None  # the last accepted point, (B, n) fp32
+        self._base_f: torch.Tensor | None = None  # its loss, (B,) float64 on the device, if given
 
     @staticmethod
     def _problems(param: torch.Tensor) -> int:
         return 1
 
     # The products below are the only operations that add many numbers. One problem runs them
-    # as plain 2-D products (dot, mv, mm, one triangular solve), the same kernels and so the same
-    # rounding as before the state had a problem dimension; BatchedLBFGS runs them batched.
+    # as plain 2-D products (dot, mv, mm, one triangular solve): the kernels, and so the rounding,
+    # of a single-problem optimiser (its iterates are pinned by the reference-hash tests).
+    # BatchedLBFGS runs them batched; everything else is elementwise or a copy, the same bits
+    # whatever the leading dimension.
     def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (B, n), (B, n) -> (B,)
         return torch.dot(a[0], b[0]).unsqueeze(0)
 
