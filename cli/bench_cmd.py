@@ -196,12 +196,12 @@ def _exported(w: Weights, preset_name: str) -> Path | None:
     """The store's exported target module for the preset's layers (exported once), or None to
     let the bench fall back to a minimal in-memory export."""
     try:
-        from nst.export.onnx_export import export_to_store
+        from nst.export import ModuleSpec, export_to_store
     except ImportError:
         return None
     cfg = preset(preset_name)
     try:
-        return export_to_store(cache_dir(), w, content_layers=cfg.content_layers, style_layers=cfg.style_layers, pooling=cfg.pooling).path
+        return export_to_store(cache_dir(), w, ModuleSpec.of(cfg)).path
     except Exception as e:  # the bench still runs; the table says which ONNX path it timed
         console.print(f"[yellow]note:[/] exporting the target module failed ({str(e).splitlines()[0]}); timing a minimal in-memory export instead")
         return None

@@ -38,15 +38,15 @@ def export_command(
         cfg = C.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
         if output is not None and output.suffix.lower() != ".onnx":
             raise UserError(f"the output {output} should end in .onnx")
-        from nst.export import TOLERANCE, export_targets, export_to_store
+        from nst.export import TOLERANCE, ModuleSpec, export_targets, export_to_store
 
         w = load_weights_for(weights, cfg.seed)
-        layers = dict(content_layers=cfg.content_layers, style_layers=cfg.style_layers, pooling=cfg.pooling, fp16=fp16)
+        spec = ModuleSpec.of(cfg, fp16=fp16)
         console.print(f"exporting VGG19 targets (opset {OPSET}, {'fp16' if fp16 else 'fp32'}) for weights {w.fingerprint} ({w.description})")
         if output is not None:
-            res = export_targets(w, output, **layers)  # type: ignore[arg-type]
+            res = export_targets(w, output, spec)
         else:
-            res = export_to_store(cache_dir(), w, **layers)  # type: ignore[arg-type]
+            res = export_to_store(cache_dir(), w, spec)
     for note in res.notes:
         console.print(f"[yellow]warning:[/] {note}")
     if res.verification is None:

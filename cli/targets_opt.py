@@ -60,12 +60,12 @@ def _onnx_missing() -> str | None:
 
 def _model_for(cfg: StyleConfig, weights: Weights, root: Path, *, quiet: bool) -> tuple[Path, str, dict[str, object]]:
     """The store's target module for this run and its checked sha256, exported (and verified) the first time."""
-    from nst.export import export_to_store
+    from nst.export import ModuleSpec, export_to_store
 
     key = dict(fingerprint=weights.fingerprint, pooling=cfg.pooling.value, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
     if not onnx_meta.store_path(root, **key).is_file() and not quiet:
         console.print("exporting the target module to ONNX once (later runs find it in the model store)")
-    res = export_to_store(root, weights, content_layers=cfg.content_layers, style_layers=cfg.style_layers, pooling=cfg.pooling)
+    res = export_to_store(root, weights, ModuleSpec.of(cfg))
     for note in res.notes:
         _warn(note)
     info: dict[str, object] = {"model": str(res.path), "exported": res.created}

@@ -8,6 +8,7 @@ convolutions run in fp16: a Gram sums C*h*w products, which overflows fp16's 655
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -24,7 +25,7 @@ from torch import nn
 from nst.engine import files
 from nst.engine import onnx_meta as M
 from nst.engine.errors import EngineError
-from nst.engine.config import Pooling
+from nst.engine.config import Pooling, StyleConfig
 from nst.engine.features import IMAGENET_MEAN, IMAGENET_STD, VGGFeatures
 from nst.engine.layers import min_input_size
 from nst.engine.losses import gram_matrix
@@ -62,13 +63,38 @@ class TargetModule(nn.Module):
         return (*content, *grams)
 
 
-def target_module(weights: Weights, *, content_layers: Sequence[str], style_layers: Sequence[str], pooling: Pooling | str = Pooling.MAX, fp16: bool = False) -> TargetModule:
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What a target module computes: the content features and style Grams of these layers, with
+    this pooling, in fp32 or fp16. The weights are the other half of a module's identity."""
+
+    content_layers: tuple[str, ...]
+    style_layers: tuple[str, ...]
+    pooling: Pooling = Pooling.MAX
+    fp16: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "content_layers", tuple(self.content_layers))
+        object.__setattr__(self, "style_layers", tuple(self.style_layers))
+        object.__setattr__(self, "pooling", Pooling(self.pooling))
+
+    @classmethod
+    def of(cls, cfg: StyleConfig, *, fp16: bool = False) -> "ModuleSpec":
+        """The module a run with this configuration reads its targets from."""
+        return cls(cfg.content_layers, cfg.style_layers, cfg.pooling, fp16)
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+
+def target_module(weights: Weights, spec: ModuleSpec) -> TargetModule:
     """The frozen target module for these weights and layers, on the CPU."""
-    if not content_layers and not style_layers:
+    if not spec.content_layers and not spec.style_layers:
         raise ExportError("give at least one content or style layer")
-    feats = VGGFeatures(tuple(content_layers) + tuple(style_layers), pooling=Pooling(pooling))
+    feats = VGGFeatures(spec.content_layers + spec.style_layers, pooling=spec.pooling)
     load_into(feats.features, weights)
-    return TargetModule(feats, content_layers, style_layers, fp16=fp16).eval().requires_grad_(False)
+    return TargetModule(feats, spec.content_layers, spec.style_layers, fp16=spec.fp16).eval().requires_grad_(False)
 
 
 def _versions() -> str:
@@ -84,14 +110,14 @@ def _versions() -> str:
     return ",".join(f"{k}={v}" for k, v in out.items())
 
 
-def model_meta(weights: Weights, *, content_layers: Sequence[str], style_layers: Sequence[str], pooling: Pooling | str, fp16: bool) -> M.ModelMeta:
+def model_meta(weights: Weights, spec: ModuleSpec) -> M.ModelMeta:
     return M.ModelMeta(
-        content_layers=tuple(content_layers),
-        style_layers=tuple(style_layers),
-        pooling=Pooling(pooling).value,
+        content_layers=spec.content_layers,
+        style_layers=spec.style_layers,
+        pooling=spec.pooling.value,
         fingerprint=weights.fingerprint,
         weights_kind=weights.kind.value,
-        precision="fp16" if fp16 else "fp32",
+        precision=spec.precision,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         opset=M.OPSET,
@@ -188,16 +214,7 @@ def _cannot_write(path: Path, e: OSError, module: nn.Module | None = None) -> Ex
     return ExportError(f"cannot write {path}: {e.strerror or e}{need}")
 
 
-def export_targets(
-    weights: Weights,
-    path: Path,
-    *,
-    content_layers: Sequence[str],
-    style_layers: Sequence[str],
-    pooling: Pooling | str = Pooling.MAX,
-    fp16: bool = False,
-    shown_as: Path | None = None,
-) -> ExportResult:
+def export_targets(weights: Weights, path: Path, spec: ModuleSpec, *, shown_as: Path | None = None) -> ExportResult:
     """Export and verify the target module to `path` (written atomically: a failed export leaves nothing).
 
     A write that fails (disk full, read-only folder) is an ExportError naming `shown_as` (default
@@ -205,9 +222,9 @@ def export_targets(
     """
     t0 = time.perf_counter()
     path = Path(path)
-    meta = model_meta(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
-    module = target_module(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16)
-    reference = module if not fp16 else target_module(weights, content_layers=content_layers, style_layers=style_layers, pooling=pooling)
+    meta = model_meta(weights, spec)
+    module = target_module(weights, spec)
+    reference = module if not spec.fp16 else target_module(weights, dataclasses.replace(spec, fp16=False))
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,15 +246,7 @@ def export_targets(
     return ExportResult(path, meta, check, time.perf_counter() - t0)
 
 
-def export_to_store(
-    cache_root: Path,
-    weights: Weights,
-    *,
-    content_layers: Sequence[str],
-    style_layers: Sequence[str],
-    pooling: Pooling | str = Pooling.MAX,
-    fp16: bool = False,
-) -> ExportResult:
+def export_to_store(cache_root: Path, weights: Weights, spec: ModuleSpec) -> ExportResult:
     """The store's target module for these weights and layers, exported and verified once.
 
     Concurrent exporters each build a private folder and rename it into place; the first rename
@@ -247,7 +256,7 @@ def export_to_store(
     again with a note. Stale private folders of killed exports are removed first.
     """
     t0 = time.perf_counter()
-    key = dict(fingerprint=weights.fingerprint, pooling=Pooling(pooling).value, content_layers=tuple(content_layers), style_layers=tuple(style_layers), precision="fp16" if fp16 else "fp32")
+    key = dict(fingerprint=weights.fingerprint, pooling=spec.pooling.value, content_layers=spec.content_layers, style_layers=spec.style_layers, precision=spec.precision)
     final = M.store_path(cache_root, **key)
     store = final.parent.parent
     if store.is_dir():  # killed exports' private folders
@@ -258,7 +267,7 @@ def export_to_store(
         try:
             digest = M.check_stored(final)
             meta = M.read_meta(final)
-            meta.check_matches(fingerprint=weights.fingerprint, pooling=key["pooling"], content_layers=content_layers, style_layers=style_layers)  # type: ignore[arg-type]
+            meta.check_matches(fingerprint=weights.fingerprint, pooling=spec.pooling.value, content_layers=spec.content_layers, style_layers=spec.style_layers)
             return ExportResult(final, meta, None, time.perf_counter() - t0, created=False, sha256=digest)
         except ValueError as e:  # damaged or foreign: replace it
             shutil.rmtree(final.parent, ignore_errors=True)
@@ -269,7 +278,7 @@ def export_to_store(
         store.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=store, prefix=files.temp_prefix(final.parent.name)))
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the store from other users of the cache
-        result = export_targets(weights, staging / M.TARGETS_FILE, content_layers=content_layers, style_layers=style_layers, pooling=pooling, fp16=fp16, shown_as=final)
+        result = export_targets(weights, staging / M.TARGETS_FILE, spec, shown_as=final)
         try:
             result.sha256 = M.write_checksum(staging / M.TARGETS_FILE)
         except OSError as e:

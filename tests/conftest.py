@@ -128,8 +128,8 @@ for _ in paths:
 print("writing", flush=True)
 if sys.argv[1] == "export":
     from nst.engine.weights import random_weights
-    from nst.export import export_to_store
-    export_to_store(Path(os.environ["NST_CACHE_DIR"]), random_weights(seed=0), content_layers=("relu1_1",), style_layers=("relu1_1",))
+    from nst.export import ModuleSpec, export_to_store
+    export_to_store(Path(os.environ["NST_CACHE_DIR"]), random_weights(seed=0), ModuleSpec(("relu1_1",), ("relu1_1",)))
 time.sleep(600)
 """
 

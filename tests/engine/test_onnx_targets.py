@@ -21,10 +21,10 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behavi
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nst.engine.weights import random_weights
-    from nst.export import export_targets
+    from nst.export import ModuleSpec, export_targets
 
     path = tmp_path_factory.mktemp("onnx") / "targets.onnx"
-    return export_targets(random_weights(seed=0), path, content_layers=CONTENT, style_layers=STYLE).path
+    return export_targets(random_weights(seed=0), path, ModuleSpec(CONTENT, STYLE)).path
 
 
 def test_onnx_targets_agree_with_torch(model_path: Path, weights):

@@ -11,7 +11,7 @@ import pytest
 def gatys_export(tmp_path_factory: pytest.TempPathFactory):
     from nst.engine.config import GATYS
     from nst.engine.weights import random_weights
-    from nst.export import export_targets
+    from nst.export import ModuleSpec, export_targets
 
     path = Path(tmp_path_factory.mktemp("export")) / "targets.onnx"
-    return export_targets(random_weights(seed=0), path, content_layers=GATYS.content_layers, style_layers=GATYS.style_layers)
+    return export_targets(random_weights(seed=0), path, ModuleSpec.of(GATYS))

@@ -14,7 +14,7 @@ from nst.engine import onnx_meta as M
 from nst.engine.config import GATYS
 from nst.engine.features import VGGFeatures
 from nst.engine.weights import load_into, random_weights
-from nst.export import TOLERANCE, ExportError, export_targets, export_to_store, target_module, verify
+from nst.export import TOLERANCE, ExportError, ModuleSpec, export_targets, export_to_store, target_module, verify
 
 
 def test_export_passes_checker_and_agrees_at_two_sizes(gatys_export):
@@ -68,16 +68,16 @@ def test_target_module_matches_plain_gram_formula(gatys_export):
 
 
 def test_verify_fails_above_tolerance(gatys_export):
-    ref = target_module(random_weights(seed=0), content_layers=GATYS.content_layers, style_layers=GATYS.style_layers)
+    ref = target_module(random_weights(seed=0), ModuleSpec.of(GATYS))
     with pytest.raises(ExportError, match="largest relative error"):
         verify(gatys_export.path, ref, tolerance=0.0)
-    other = target_module(random_weights(seed=1), content_layers=GATYS.content_layers, style_layers=GATYS.style_layers)
+    other = target_module(random_weights(seed=1), ModuleSpec.of(GATYS))
     with pytest.raises(ExportError):  # different weights: far outside any tolerance
         verify(gatys_export.path, other, tolerance=TOLERANCE["fp16"])
 
 
 def test_fp16_export_within_its_tolerance(tmp_path: Path):
-    res = export_targets(random_weights(seed=0), tmp_path / "half.onnx", content_layers=("relu2_2",), style_layers=("relu1_1", "relu2_1"), fp16=True)
+    res = export_targets(random_weights(seed=0), tmp_path / "half.onnx", ModuleSpec(("relu2_2",), ("relu1_1", "relu2_1"), fp16=True))
     assert res.meta.precision == "fp16" and M.read_meta(res.path).precision == "fp16"
     assert res.verification.worst <= TOLERANCE["fp16"]
     sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
@@ -86,17 +86,17 @@ def test_fp16_export_within_its_tolerance(tmp_path: Path):
 
 def test_store_exports_once_and_finds_it_later(tmp_path: Path):
     w = random_weights(seed=0)
-    layers = dict(content_layers=("relu2_2",), style_layers=("relu1_1",))
-    first = export_to_store(tmp_path, w, **layers)
+    layers = ModuleSpec(("relu2_2",), ("relu1_1",))
+    first = export_to_store(tmp_path, w, layers)
     assert first.created and first.verification is not None
-    assert first.path == M.store_path(tmp_path, fingerprint=w.fingerprint, pooling="max", **layers)
-    again = export_to_store(tmp_path, w, **layers)
+    assert first.path == M.store_path(tmp_path, fingerprint=w.fingerprint, pooling="max", content_layers=layers.content_layers, style_layers=layers.style_layers)
+    again = export_to_store(tmp_path, w, layers)
     assert not again.created and again.verification is None and again.path == first.path
     assert M.stored_models(tmp_path) == [first.path]
     assert not [p for p in first.path.parent.parent.iterdir() if p.name.startswith(".")]  # no staging left
     # a damaged stored model is replaced, not trusted
     first.path.write_bytes(b"not a model")
-    fixed = export_to_store(tmp_path, w, **layers)
+    fixed = export_to_store(tmp_path, w, layers)
     assert fixed.created and fixed.notes and M.read_meta(fixed.path).fingerprint == w.fingerprint
 
 
@@ -125,11 +125,11 @@ def test_store_checks_a_checksum_and_re_exports_a_damaged_model(tmp_path: Path):
     from nst.engine.targets import TorchTargets
 
     w = random_weights(seed=0)
-    layers = dict(content_layers=("relu1_2",), style_layers=("relu1_1",))
-    first = export_to_store(tmp_path, w, **layers)
+    layers = ModuleSpec(("relu1_2",), ("relu1_1",))
+    first = export_to_store(tmp_path, w, layers)
     record = first.path.parent / M.CHECKSUM_FILE
     assert record.read_text() == f"{M.file_sha256(first.path)}  {M.TARGETS_FILE}\n" and first.sha256 == M.file_sha256(first.path)
-    assert export_to_store(tmp_path, w, **layers).sha256 == first.sha256  # found and checked
+    assert export_to_store(tmp_path, w, layers).sha256 == first.sha256  # found and checked
     size = first.path.stat().st_size
     _flip_64_bytes(first.path)
     assert first.path.stat().st_size == size
@@ -138,7 +138,7 @@ def test_store_checks_a_checksum_and_re_exports_a_damaged_model(tmp_path: Path):
         M.check_stored(first.path)
     with pytest.raises(M.ModelChecksumError, match="fails its checksum"):  # opened directly (--onnx)
         OnnxTargets(first.path)
-    fixed = export_to_store(tmp_path, w, **layers)
+    fixed = export_to_store(tmp_path, w, layers)
     assert fixed.created and len(fixed.notes) == 1 and "checksum" in fixed.notes[0] and "\n" not in fixed.notes[0]
     assert M.check_stored(fixed.path) == fixed.sha256
     # and its targets are right again: ONNX Runtime against PyTorch on the same image
@@ -151,18 +151,18 @@ def test_store_checks_a_checksum_and_re_exports_a_damaged_model(tmp_path: Path):
         assert torch.allclose(got.tensors()[k], v, rtol=1e-4, atol=1e-4 * float(v.abs().max())), k
     # a model stored by an older nst, with no checksum record, is exported again too
     record.unlink()
-    again = export_to_store(tmp_path, w, **layers)
+    again = export_to_store(tmp_path, w, layers)
     assert again.created and "no checksum record" in again.notes[0] and record.is_file()
 
 
 def test_a_full_disk_is_one_error_naming_the_path(full_disk: Path):
     w = random_weights(seed=0)
-    layers = dict(content_layers=("relu1_2",), style_layers=("relu1_1",))
+    layers = ModuleSpec(("relu1_2",), ("relu1_1",))
     with pytest.raises(ExportError) as e:
-        export_to_store(full_disk, w, **layers)
-    final = M.store_path(full_disk, fingerprint=w.fingerprint, pooling="max", **layers)
+        export_to_store(full_disk, w, layers)
+    final = M.store_path(full_disk, fingerprint=w.fingerprint, pooling="max", content_layers=layers.content_layers, style_layers=layers.style_layers)
     assert str(e.value).startswith(f"cannot write {final}: No space left on device") and "\n" not in str(e.value)
     assert not list((full_disk / M.MODELS_DIR).iterdir())  # no staging folder left
     with pytest.raises(ExportError, match=f"cannot write {full_disk / 'x.onnx'}: No space left on device"):
-        export_targets(w, full_disk / "x.onnx", **layers)
+        export_targets(w, full_disk / "x.onnx", layers)
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler", M.MODELS_DIR]
