@@ -23,7 +23,7 @@ from rich.table import Table
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
 from .common import UserError, console, user_errors
-from .stylize_cmd import CONFIG_OPTIONS, config_from_options, stylize_parameters
+from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
 _REPLACED = ("content", "styles", "output", "report", "compare")
@@ -42,11 +42,7 @@ def batch_command(**a: Any) -> None:
 
 
 def _batch_parameters() -> list[inspect.Parameter]:
-    P = inspect.Parameter
-
-    def opt(name: str, annotation: Any, default: Any = P.empty) -> inspect.Parameter:
-        return P(name, P.KEYWORD_ONLY, annotation=annotation, default=default)
-
+    opt = keyword_option
     return [
         opt("contents", Annotated[Optional[list[str]], typer.Argument(help="Content images: files, folders (their images) or quoted globs ('photos/*.jpg').", show_default=False, metavar="CONTENT...")], None),
         opt("style", Annotated[Optional[list[str]], typer.Option("--style", metavar="<str>", help="A style image, folder or quoted glob; repeat for more styles. a.jpg,b.jpg is one blend of both.", show_default=False)], None),

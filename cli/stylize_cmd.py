@@ -432,6 +432,11 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
         raise typer.Exit(1)
 
 
+def keyword_option(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    """One keyword-only parameter for a command's `__signature__` (its Typer option in `annotation`)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
 def stylize_parameters(*, without: Collection[str]) -> list[inspect.Parameter]:
     """`stylize`'s options as keyword-only parameters, less `without`: a command that takes them
     as they are declares them through this (in its `__signature__`), so none is copied."""

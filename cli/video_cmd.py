@@ -20,7 +20,7 @@ from nst.engine import config as C
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
 from .common import UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
-from .stylize_cmd import config_from_options, same_file, stylize_parameters
+from .stylize_cmd import config_from_options, keyword_option, same_file, stylize_parameters
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")  # what a written video may be named
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
@@ -42,11 +42,7 @@ def video_command(**a: Any) -> None:
 
 
 def _video_parameters() -> list[inspect.Parameter]:
-    P = inspect.Parameter
-
-    def opt(name: str, annotation: Any, default: Any = P.empty) -> inspect.Parameter:
-        return P(name, P.KEYWORD_ONLY, annotation=annotation, default=default)
-
+    opt = keyword_option
     return [
         opt("paths", Annotated[list[str], typer.Argument(help="INPUT... then STYLE...: video files (anything FFmpeg decodes), folders of frames or quoted globs ('shots/*.png'), then one or more style images.", show_default=False, metavar="INPUT... STYLE...")]),
         opt("output", Annotated[Path, typer.Option("--output", "-o", help="A video file (.mp4, .mkv, .mov, .webm, .avi; H.264 where the container takes it) or a folder for numbered PNG frames; with several INPUTs, a folder for their videos.", show_default=False)]),
