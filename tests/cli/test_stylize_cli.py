@@ -218,12 +218,13 @@ def test_real_out_of_memory_names_the_allocation(images, tmp_path: Path):
     )
     out = tmp_path / "o.png"
     cmd = [sys.executable, "-c", code, "stylize", str(images["content"]), str(images["style"]), "-o", str(out), "--weights", "random",
-           "--size", "1024", "--iterations", "2", "--targets", "torch", "--precision", "fp32", "-q"]  # fmt: skip
+           "--size", "1024", "--scales", "1024", "--iterations", "2", "--targets", "torch", "--precision", "fp32", "-q"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ran out of memory on cpu"), p.stderr
-    # `--scales auto` (the default) starts 1024 px at 256 px: the first stage is where it fails.
-    m = re.search(r"\(an allocation of (\d+(?:\.\d)?) (B|KiB|MiB|GiB) failed\) at size 256; try a smaller --size", lines[0])
+    # One pass at 1024 px: under `--scales auto` the first stage, 256 px, needs about the cap, and
+    # where it then fails (in PyTorch's allocator, or creating a oneDNN primitive) varies.
+    m = re.search(r"\(an allocation of (\d+(?:\.\d)?) (B|KiB|MiB|GiB) failed\) at size 1024; try a smaller --size", lines[0])
     assert m and float(m.group(1)) >= 1, lines[0]  # a size in a unit that shows it, never "0.0 GiB"
     assert not out.exists()
