@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from nst.engine.device import Runtime
+    from nst.engine.plan import Plan
     from nst.engine.transfer import Iterate, StyleResult
     from nst.engine.weights import Weights
 
@@ -197,6 +198,9 @@ def stylize_command(
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON report here.", show_default=False)] = None,
     compare: Annotated[Optional[Path], typer.Option(help="Write a content | style | result sheet here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or report table.")] = False,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory the run may plan for, e.g. 6GB, 800MB, 4GiB [the device's free memory less 15%].", show_default=False)] = None,
+    tile: Annotated[str, typer.Option(help="auto (whole when it fits --max-memory, else the largest tile that does), off, or a tile edge in pixels.")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of each stage and exit without optimising.")] = False,
 ) -> None:
     """Stylise CONTENT in the manner of one or more STYLE images.
 
@@ -245,6 +249,9 @@ class StylizeOptions:
     report: Path | None
     compare: Path | None
     quiet: bool
+    max_memory: str | None
+    tile: str
+    dry_run: bool
 
     @property
     def init_path(self) -> Path | None:
@@ -311,6 +318,7 @@ class _Run:
     phases: dict[str, float]
     targets_info: dict[str, object]
     sink: _ProgressSink
+    plan: Plan
 
 
 def load_mask_options(cfg: C.StyleConfig, content: Image.Image, styles: list[Image.Image]) -> tuple[list | None, list | None, Image.Image | None, list[tuple[str, Image.Image]]]:
@@ -347,6 +355,12 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
+    plan = make_plan(o, cfg, runtime, content_im, style_ims)
+    if o.dry_run:
+        _dry_run(o, cfg, runtime, plan)
+    if not o.quiet and any(s.mode == "tiled" for s in plan.stages):
+        for line in plan_lines(plan):
+            console.print(line, highlight=False)
 
     t = time.perf_counter()
     w = load_weights_for(o.weights, cfg.seed)
@@ -355,7 +369,15 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the result shows the method at work, not a painting[/]")
 
     t = time.perf_counter()
-    source, cache, targets_info = choose_targets(o.targets, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet)
+    tiled = any(s.mode == "tiled" for s in plan.stages)
+    if tiled and (o.targets == TargetsMode.ONNX or o.onnx is not None):
+        raise UserError("--targets onnx runs each image whole; a tiled plan computes its targets tile by tile in PyTorch: use --targets auto or torch")
+    # A tiled plan's targets come tile by tile from the PyTorch network (ONNX Runtime would run
+    # each image whole, and keep that pass's memory in its arena).
+    mode = TargetsMode.TORCH if tiled else o.targets
+    source, cache, targets_info = choose_targets(mode, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet)
+    if tiled and o.targets == TargetsMode.AUTO:
+        targets_info = {**targets_info, "fallback": "torch: the plan is tiled"}
     phases["target setup"] = time.perf_counter() - t
 
     progress: Progress | None = None
@@ -378,7 +400,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
             progress.start()
             sink.task = progress.add_task("stylize", total=sum(cfg.stage_iterations), loss="-", stage="", rate="")
         result = stylize(content_im, style_ims, cfg, weights=w, runtime=runtime, targets=source, cache=cache, init_image=init_im, callback=callback,
-                        masks=mask_ims, style_regions=region_ims, content_mask=content_mask_im)
+                        masks=mask_ims, style_regions=region_ims, content_mask=content_mask_im, plan=plan)
         if progress is not None and sink.task is not None:  # the bar's last figure is the summary's
             progress.update(sink.task, rate=_rate(result.steps, result.phases["optimisation"]))
     except Exception as e:  # running out of memory in the first scale: nothing to keep
@@ -391,7 +413,62 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
             progress.stop()
     phases["targets"] = result.phases["targets"]
     phases["optimisation"] = result.phases["optimisation"]
-    return _Run(result, content_im, style_ims, shown, w, phases, targets_info, sink)
+    return _Run(result, content_im, style_ims, shown, w, phases, targets_info, sink, plan)
+
+
+def parse_tile(text: str) -> str | int:
+    """`--tile`: auto, off, or a tile edge in pixels (at least 16)."""
+    t = text.strip().lower()
+    if t in ("auto", "off"):
+        return t
+    try:
+        n = int(t)
+    except ValueError:
+        raise UserError(f"--tile {text!r} not understood: use auto, off, or a tile edge in pixels such as 512") from None
+    if n < 16:
+        raise UserError(f"--tile {n} is too small: use at least 16 pixels (the deepest layer's stride), auto or off")
+    return n
+
+
+def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> Plan:
+    """The run's memory plan from --max-memory and --tile (budget: the device's free memory less a margin)."""
+    from nst.engine.device import default_memory_budget, host_memory_bytes
+    from nst.engine.plan import TileMode, parse_size, plan_run
+
+    tile = parse_tile(o.tile)
+    budget = parse_size(o.max_memory) if o.max_memory is not None else default_memory_budget(runtime.device)
+    return plan_run(
+        cfg, content.size, [s.size for s in styles], precision=runtime.precision, device=str(runtime.device), budget=budget,
+        tile=tile if isinstance(tile, int) else TileMode(tile), host_bytes=host_memory_bytes() if runtime.device.type == "cpu" else None,
+    )  # fmt: skip
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The plan as lines of at most 80 columns: per stage its size, whole or the tile grid, and the
+    estimated peak by part."""
+    from nst.engine.plan import format_size
+
+    budget = format_size(plan.budget_bytes) if plan.budget_bytes is not None else "none"
+    lines = [f"plan: {plan.device}, {plan.precision}, budget {budget}, optimiser state on {plan.device}"]
+    for i, s in enumerate(plan.stages, 1):
+        how = "whole" if s.mode == "whole" else f"tiled, {s.tile} px tiles, {s.grid[0]}x{s.grid[1]} = {s.tiles}, halo {s.halo} px"
+        lines.append(f"  stage {i}: {s.hw[1]}x{s.hw[0]} {how}")
+        lines.append(f"    estimated peak {format_size(s.estimated_peak_bytes)}:")
+        parts = [f"{k} {format_size(v)}" for k, v in s.parts.items()]
+        lines.append("      " + ", ".join(parts[:3]) + ",")
+        lines.append("      " + ", ".join(parts[3:]))
+    return lines
+
+
+def _dry_run(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, plan: Plan) -> None:
+    """Print the plan (and write it under `plan` in --report) and exit 0 without optimising."""
+    for line in plan_lines(plan):
+        console.print(line, highlight=False)
+    if o.report is not None:
+        write_json(o.report, {"status": "dry-run", "plan": plan.to_dict(), "device": str(runtime.device), "precision": runtime.precision.value, "config": cfg.to_dict()})
+        if not o.quiet:
+            console.print(f"wrote {o.report} (report)")
+    raise typer.Exit(0)
 
 
 def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) -> None:
@@ -410,7 +487,8 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
     per = seconds_per_iteration(result.iteration_seconds)
     tinfo = {**result.targets, **run.targets_info}
     if o.report is not None:
-        write_json(o.report, run_report(result, cfg, runtime, run.weights, phases, per, tinfo, o.output, run.sink.saved, run.sink.failed))
+        report = run_report(result, cfg, runtime, run.weights, phases, per, tinfo, o.output, run.sink.saved, run.sink.failed)
+        write_json(o.report, {**report, "plan": run.plan.to_dict()})
     if not o.quiet:
         chosen = " (auto)" if o.precision.strip().lower() == "auto" else ""
         extra = {"device, precision": f"{runtime.device}, {runtime.precision.value}{chosen}",

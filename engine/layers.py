@@ -73,3 +73,24 @@ def deepest_layer_within(side: int) -> str | None:
 def min_input_size(names: Iterable[str]) -> int:
     """The smallest input edge that leaves at least one pixel at the deepest of `names`."""
     return layer_stride(deepest_layer(names))
+
+
+def receptive_reach(name: str) -> int:
+    """Input pixels a layer's output sees beyond its own stride cell, on each side.
+
+    A 3x3 convolution (padding 1) widens the view by one cell of the current stride each side; a
+    2x2 pooling only doubles the stride. So relu5_1 reaches 70 px each side, and its receptive
+    field is 2 * 70 + 16 = 156 px (188 px at relu5_2).
+    """
+    reach, stride = 0, 1
+    for n in LAYER_NAMES[: LAYER_INDEX[name] + 1]:
+        if n.startswith("conv"):
+            reach += stride
+        elif n.startswith("pool"):
+            stride *= 2
+    return reach
+
+
+def receptive_field(name: str) -> int:
+    """Edge in input pixels of the window one output position of a layer depends on."""
+    return 2 * receptive_reach(name) + layer_stride(name)

@@ -149,6 +149,23 @@ def style_loss(
     return _reduce((target_gram - g).pow(2), mean=False, per_image=per_image) / (4.0 * 3**2 * float(image_pixels) ** 2)
 
 
+def gram_style_loss(
+    gram: torch.Tensor,
+    target_gram: torch.Tensor,
+    *,
+    form: LossForm = LossForm.NORMALIZED,
+    image_pixels: int | None = None,
+    per_image: bool = False,
+) -> torch.Tensor:
+    """`style_loss` (unguided) from the output's Gram, in the form's normalisation, rather than its
+    features: what a tiled evaluation needs, whose Gram is summed over the tiles."""
+    if form == LossForm.NORMALIZED:
+        return _reduce((gram - target_gram).pow(2), mean=True, per_image=per_image)
+    if image_pixels is None:
+        raise ValueError("the keras style loss needs image_pixels (the image's H*W)")
+    return _reduce((target_gram - gram).pow(2), mean=False, per_image=per_image) / (4.0 * 3**2 * float(image_pixels) ** 2)
+
+
 def tv_loss(image: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED, per_image: bool = False) -> torch.Tensor:
     """Total variation of an (N, 3, H, W) image (`per_image`: of each image, (N,)).
 

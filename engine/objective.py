@@ -3,8 +3,9 @@
 It owns what the loss compares against (the content layers' features and the style layers'
 blended Grams) and how the terms are weighted; `stylize` and the profiler call it on the image
 being optimised. Under masks (`masks.py`) the style term is a sum of guided terms, one per
-group of styles sharing a mask, and the content term is weighted by a map; per tile is where it
-is meant to grow next.
+group of styles sharing a mask, and the content term is weighted by a map. It evaluates the whole
+image at once; `tiles.TiledObjective` evaluates it tile by tile, with the same loss and gradient
+(without masks for now).
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ class Objective:
         for name in self.extra:
             total = total + terms[name]
         return total, terms
+
+    def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, Terms]:
+        """The loss and its terms at `x`, with their gradient added to `x.grad` (each image's
+        gradient its own loss's). `tiles.TiledObjective` offers the same, tile by tile."""
+        loss, terms = self(x)
+        loss.sum().backward()
+        return loss, terms
 
 
 def make_objective(

@@ -15,6 +15,7 @@ import torch
 
 from .features import VGGFeatures
 from .losses import gram_matrix
+from .tiles import tiled_targets
 
 
 @dataclass
@@ -53,17 +54,23 @@ class TargetSource(Protocol):
 
 
 class TorchTargets:
-    """Targets from the PyTorch feature extractor, in fp32, without autograd."""
+    """Targets from the PyTorch feature extractor, in fp32, without autograd; with `tile`, an image
+    larger than a tile is run one tile at a time (`tiles.tiled_targets`: the same targets, less
+    memory)."""
 
     name = "torch"
     identity = ""  # the weights' fingerprint and the pooling say it all
 
-    def __init__(self, model: VGGFeatures) -> None:
+    def __init__(self, model: VGGFeatures, *, tile: int | None = None) -> None:
         self.model = model
+        self.tile = tile
 
     @torch.no_grad()
     def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets:
         dev = next(self.model.parameters()).device
+        if self.tile is not None and max(image.shape[-2:]) > self.tile:
+            content, grams = tiled_targets(self.model, image.to(dev, torch.float32), content_layers=content_layers, style_layers=style_layers, tile=self.tile)
+            return ImageTargets(content, grams)
         feats = self.model(image.to(dev, torch.float32))
         return ImageTargets(
             {name: feats[name].float() for name in content_layers},

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import color
 from .config import AUTO, INIT_CHOICES, Optimizer, PreserveColors, StyleConfig, auto_iterations
-from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
+from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
@@ -30,8 +30,10 @@ from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
 from .masks import EVERYWHERE, Guidance, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
+from .plan import Plan, style_shape
 from .stopwatch import Stopwatch
 from .targets import ImageTargets, TargetSource, TorchTargets
+from .tiles import TiledObjective
 from .weights import Weights, load_into
 
 
@@ -142,10 +144,7 @@ def model_id(weights: Weights, cfg: StyleConfig, *, source: TargetSource | None 
 
 
 def _style_hw(style: Image.Image, out_hw: tuple[int, int], cfg: StyleConfig) -> tuple[int, int]:
-    if cfg.style_match_output:
-        return out_hw
-    longest = max(1, round(cfg.style_scale * max(out_hw)))
-    return output_shape(style.width, style.height, longest)
+    return style_shape((style.width, style.height), out_hw, cfg)
 
 
 def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig, *, size: int) -> None:
@@ -270,6 +269,7 @@ def stylize(
     masks: Sequence[Image.Image | None] | None = None,
     style_regions: Sequence[Image.Image | None] | None = None,
     content_mask: Image.Image | None = None,
+    plan: Plan | None = None,
 ) -> StyleResult:
     """Optimise an image so its VGG19 features match `content`'s and its Grams match `styles`'.
 
@@ -288,13 +288,14 @@ def stylize(
     optimiser's loop from the previous stage's result. Ctrl-C (KeyboardInterrupt) or `StopRun`
     from the callback ends the run with the latest image and status `interrupted`; a non-finite
     loss ends it with the last finite image and status `nonfinite`. Everything else a user can
-    get wrong raises an `EngineError` before any work.
+    get wrong raises an `EngineError` before any work. `plan` (`plan.plan_run`) says which stages
+    run tile by tile (the same result, up to rounding, in less memory); without it all run whole.
     """
     each = None if callback is None else (lambda _i, it: callback(it))
     return stylize_many(
         [content], [styles], cfg, weights=weights, runtime=runtime, targets=targets, cache=cache, init_images=[init_image], callback=each, model=model,
         loop_model=loop_model, extra_terms=extra_terms,
-        masks=masks, style_regions=style_regions, content_mask=content_mask,
+        masks=masks, style_regions=style_regions, content_mask=content_mask, plan=plan,
     )[0]
 
 
@@ -321,6 +322,7 @@ def stylize_many(
     masks: Sequence[Image.Image | None] | None = None,
     style_regions: Sequence[Image.Image | None] | None = None,
     content_mask: Image.Image | None = None,
+    plan: Plan | None = None,
 ) -> list[StyleResult]:
     """`stylize` for several contents at once (each with its own styles), stacked into one
     (N, 3, H, W) tensor: one forward and backward per iteration for all of them.
@@ -361,7 +363,16 @@ def stylize_many(
             model = build_model(cfg, weights, runtime)
         # Once for every scale; the targets keep the fp32 model.
         net = loop_model if loop_model is not None else loop_network(model, runtime)
-    source = targets or TorchTargets(model)
+    tiles = [plan.tile_at(hw) for hw in shapes] if plan is not None else [None] * len(shapes)
+    if any(t is not None for t in tiles) and (guidance.masked or guidance.content_mask is not None):
+        raise ConfigError(
+            "tiled stages do not take `masks` or a `content_mask` yet: give more `max_memory`, a smaller `size`, or `tile` off",
+            params=("masks", "content_mask", "max_memory", "size", "tile"),
+        )
+    if any(t is not None for t in tiles) and dev.type == "cpu":
+        return_freed_memory()  # else freed tile maps stay in the heap (see there)
+    # Targets of a tiled run come tile by tile too: a whole-image pass could need more than the loop.
+    source = targets or TorchTargets(model, tile=min((t for t in tiles if t is not None), default=None))
     mid = model_id(weights, cfg, source=source)
     # Targets over a style region come from the PyTorch model: the exported target module has no
     # guidance input. They are cached under the PyTorch model's identity and the region.
@@ -395,7 +406,8 @@ def stylize_many(
                     init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
                 objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms,
                                            style_groups=groups, content_guides=content_guides)
-                x_prev = loop.run_stage(stages, objective, init)
+                tile = tiles[index]
+                x_prev = loop.run_stage(stages, objective if tile is None else TiledObjective(objective, tile), init)
                 done = (x_prev, stages)
                 if not loop.running:
                     break
@@ -551,7 +563,7 @@ class _Loop:
             return float(losses[self.stage_start[i] :].min())
         return float(losses[-1])
 
-    def run_stage(self, stages: list[Stage], objective: Objective, init: torch.Tensor) -> torch.Tensor:
+    def run_stage(self, stages: list[Stage], objective: Objective | TiledObjective, init: torch.Tensor) -> torch.Tensor:
         """Optimise from `init` ((N, 3, H, W) in [0, 1]); returns the stage's images in [0, 1]
         (for each, the last finite one)."""
         cfg, dev, n = self.cfg, self.runtime.device, self.n
@@ -577,9 +589,8 @@ class _Loop:
                     break
                 if x.grad is not None:
                     x.grad = None
-                loss, terms = objective(x)
+                loss, terms = objective.loss_and_grad(x)  # each image's gradient is its own loss's
                 loss, terms = loss.reshape(n), {k: v.reshape(n) for k, v in terms.items()}  # (N,) each
-                loss.sum().backward()  # each image's gradient is its own loss's
                 self.history.append(loss.detach())
                 for i in self.running:
                     self.kept[i] += 1

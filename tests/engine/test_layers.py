@@ -25,3 +25,26 @@ def test_strides_deepest_and_smallest_input():
     assert min_input_size(["relu1_1", "relu4_2"]) == 8 and min_input_size(["conv1_1"]) == 1
     # the smallest input leaves one pixel at the deepest layer, one less leaves none
     assert feature_hw((8, 8), "relu4_2") == (1, 1) and feature_hw((7, 8), "relu4_2") == (0, 1)
+
+
+def test_receptive_fields_are_vgg19s():
+    from nst.engine.layers import receptive_field, receptive_reach
+
+    assert [receptive_field(n) for n in ("conv1_1", "relu1_2", "pool1", "relu4_4", "relu5_1", "relu5_2")] == [3, 5, 6, 116, 156, 188]
+    assert receptive_reach("relu5_1") == 70
+
+
+def test_receptive_reach_is_where_a_change_stops_reaching():
+    """A pixel changed `reach + stride` px away from an output cell leaves it alone; one nearer moves it."""
+    from nst.engine.layers import receptive_reach
+
+    net = VGGFeatures(["relu3_1"]).eval()
+    reach, stride = receptive_reach("relu3_1"), layer_stride("relu3_1")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = net(x)["relu3_1"][0, :, :, 4]  # column 4: input columns 16..19
+        far, near = x.clone(), x.clone()
+        far[..., 4 * stride + stride + reach] += 1.0
+        near[..., 4 * stride + stride + reach - 1] += 1.0
+        assert torch.equal(net(far)["relu3_1"][0, :, :, 4], base)
+        assert not torch.equal(net(near)["relu3_1"][0, :, :, 4], base)

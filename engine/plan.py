@@ -1,0 +1,319 @@
+"""The memory model and the tiling plan: how many bytes a stage needs, whole or tiled, and which
+tile size keeps a run within a budget. A plan is data; the CLI prints it and the report keeps it.
+
+The model counts the run's own tensors (not the interpreter and libraries, which a process has
+loaded before it can plan): the network's weights, the stage's images and the image's gradient,
+the targets, the optimiser's state, and the network's activations kept for the backward pass plus
+the gradients in flight. Activations are counted layer by layer from `layers` (VGG19's table):
+what autograd keeps for each convolution, in-place ReLU and pooling (max pooling also keeps int64
+indices), at the precision the network runs in. Each part is an estimate of what the allocator
+holds at the stage's peak; `tests/engine/test_plan.py` checks the sum against a measured peak.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Optimizer, Pooling, Precision, PreserveColors, StyleConfig
+from .errors import ConfigError
+from .images import output_shape
+from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels, layer_stride
+from .tiles import grid_shape, snap_tile, tile_halo, tile_step
+
+# What the allocator holds beyond the tensors counted, as a share of them: oneDNN's scratch
+# buffers, the allocator's rounding, temporaries of the loss. Measured against peak RSS on the CPU
+# (tests/engine/test_plan.py).
+OVERHEAD = 0.10
+# The smallest tile `auto` tries, in multiples of the deepest stride: below it the halo is most
+# of every tile and the run slows for little saving.
+MIN_TILE_STEPS = 4
+
+
+class TileMode(str, enum.Enum):
+    AUTO = "auto"  # whole when it fits, else the largest tile that does
+    OFF = "off"  # always whole
+
+
+class PlanError(ConfigError):
+    """The budget is too small for any plan; the message names the smallest budget that works."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`6GB` -> 6e9 bytes, `800MiB` -> 800 * 2**20; a bare number is bytes. Decimal (kB, MB, GB,
+    TB) and binary (KiB, MiB, GiB, TiB) suffixes; `6G` counts as `6GB`."""
+    m = _SIZE.match(text or "")
+    if not m:
+        raise ConfigError(f"memory size {text!r} not understood: use e.g. 800MB, 6GB or 4GiB")
+    value, unit = float(m.group(1)), (m.group(2) or "b").lower()
+    power = "bkmgt".index(unit[0]) if unit[0] in "kmgt" else 0
+    base = 1024 if "i" in unit else 1000
+    n = int(value * base**power)
+    if n <= 0:
+        raise ConfigError(f"memory size {text!r} must be more than 0 bytes")
+    return n
+
+
+def _precision_bytes(precision: Precision) -> int:
+    return 2 if precision in (Precision.BF16, Precision.FP16) else 4
+
+
+def weight_bytes(layers: Sequence[str], precision: Precision) -> int:
+    """The conv weights and biases of a network cut after the deepest of `layers`, fp32, plus a
+    bf16/fp16 copy for the loop's network."""
+    depth = LAYER_INDEX[deepest_layer(layers)] + 1
+    params, in_ch = 0, 3
+    for name in LAYER_NAMES[:depth]:
+        if name.startswith("conv"):
+            out = layer_channels(name)
+            params += out * in_ch * 9 + out
+            in_ch = out
+    lowp = _precision_bytes(precision) if precision in (Precision.BF16, Precision.FP16) else 0
+    return params * (4 + lowp)
+
+
+def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: Precision, pooling: Pooling, grad: bool = True, n: int = 1) -> int:
+    """Bytes the network's pass over an (H, W) input holds at its peak.
+
+    With `grad`: everything autograd keeps for the backward pass (each conv's input, each ReLU's
+    output, which is the same tensor when it runs in place, each max pooling's int64 indices) plus
+    the two largest gradients in flight, and the loss's fp32 copies of the tapped features. Without:
+    the largest two consecutive maps (a no-grad forward frees each map after the next)."""
+    e = _precision_bytes(precision)
+    h, w = hw
+    depth = LAYER_INDEX[deepest_layer(layers)] + 1
+    taps = set(layers)
+    kept = 3 * h * w * 4 * 3  # the image scaled, in channels-last and normalised (fp32)
+    if e == 2:
+        kept += 3 * h * w * e  # autocast's copy of the first conv's input
+    largest = prev = 3 * h * w * 4
+    pair = 0
+    for name in LAYER_NAMES[:depth]:
+        c = layer_channels(name)
+        fh, fw = feature_hw(hw, name)
+        size = c * fh * fw * e
+        if name.startswith("conv"):
+            kept += size
+            if LAYER_INDEX[name] in {LAYER_INDEX[t] for t in taps}:
+                kept += size  # its ReLU cannot run in place: a second map
+        elif name.startswith("pool"):
+            kept += size
+            if pooling == Pooling.MAX:
+                kept += c * fh * fw * 8
+        else:
+            continue
+        largest = max(largest, size)
+        pair = max(pair, prev + size)
+        prev = size
+    for t in taps:
+        fh, fw = feature_hw(hw, t)
+        # an fp32 map per tapped layer: the content loss's difference, or in bf16 the Gram's input
+        kept += layer_channels(t) * fh * fw * 4
+    if not grad:
+        return n * pair
+    return n * (kept + 2 * largest)
+
+
+def optimizer_bytes(cfg: StyleConfig, pixels: int, n: int = 1) -> int:
+    """L-BFGS: 2 x history image-sized fp32 vectors, and the previous gradient, step and point;
+    Adam: its two moments."""
+    vec = 3 * pixels * 4 * n
+    if cfg.optimizer == Optimizer.ADAM:
+        return 2 * vec
+    return (2 * cfg.lbfgs_history + 4) * vec
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage: its size, whole or tiled, and the estimated peak by part (bytes)."""
+
+    size: int  # the stage's `size` (along cfg.size_edge)
+    hw: tuple[int, int]  # (H, W) of the output at this stage
+    mode: str  # "whole" or "tiled"
+    tile: int | None  # tile edge in output pixels (a multiple of the deepest stride), None when whole
+    grid: tuple[int, int]  # (rows, columns) of tiles; (1, 1) when whole
+    halo: int  # pixels of context around each tile (0 when whole)
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tiles(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def estimated_peak_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size, "hw": list(self.hw), "mode": self.mode, "tile": self.tile, "tiles": self.tiles, "grid": list(self.grid),
+            "halo": self.halo, "estimated_peak_bytes": self.estimated_peak_bytes, "parts": dict(self.parts),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every stage's plan, the budget it was made for, and where the optimiser's state lives."""
+
+    stages: tuple[StagePlan, ...]
+    budget_bytes: int | None  # None: no budget was given (a plan for the record only)
+    device: str
+    precision: str
+    optimizer_state: str = "device"  # the optimiser's state stays with the image, on the run's device
+
+    @property
+    def estimated_peak_bytes(self) -> int:
+        return max(s.estimated_peak_bytes for s in self.stages)
+
+    def tile_for(self, index: int) -> int | None:
+        """The tile edge of stage `index`, or None when it runs whole."""
+        s = self.stages[index]
+        return s.tile if s.mode == "tiled" else None
+
+    def tile_at(self, hw: tuple[int, int]) -> int | None:
+        """The tile edge of the stage whose output is (H, W), or None when it runs whole; a
+        ConfigError for a size the plan was not made for."""
+        for s in self.stages:
+            if tuple(s.hw) == tuple(hw):
+                return s.tile if s.mode == "tiled" else None
+        raise ConfigError(f"the plan has no stage of {hw[1]}x{hw[0]}: make it from this run's configuration and images")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_bytes": self.budget_bytes, "device": self.device, "precision": self.precision,
+            "optimizer_state": self.optimizer_state, "estimated_peak_bytes": self.estimated_peak_bytes,
+            "stages": [s.to_dict() for s in self.stages],
+        }  # fmt: skip
+
+
+def _image_bytes(pixels: int) -> int:
+    return 3 * pixels * 4
+
+
+def stage_parts(
+    cfg: StyleConfig, hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], *, precision: Precision, tile: int | None
+) -> dict[str, int]:
+    """The estimated bytes of one stage by part, whole (`tile` None) or tiled."""
+    layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
+    pixels = hw[0] * hw[1]
+    # The content (and its luminance), the image, its gradient, the last finite copy, the start.
+    images = 5 * _image_bytes(pixels) + (_image_bytes(pixels) if cfg.preserve_colors == PreserveColors.LUMINANCE else 0)
+    images += sum(2 * _image_bytes(h * w) for h, w in style_hws)
+    targets = sum(layer_channels(k) * math.prod(feature_hw(hw, k)) * 4 for k in cfg.content_layers)
+    targets += sum(layer_channels(k) ** 2 * 4 * (len(style_hws) + 2) for k in cfg.style_layers)
+    if tile is None:
+        net = activation_bytes(layers, hw, precision=precision, pooling=cfg.pooling)
+        net_targets = max([activation_bytes(layers, s, precision=Precision.FP32, pooling=cfg.pooling, grad=False) for s in [hw, *style_hws]])
+    else:
+        crop = min(hw[0], tile + 2 * tile_halo(layers)), min(hw[1], tile + 2 * tile_halo(layers))
+        net = activation_bytes(layers, crop, precision=precision, pooling=cfg.pooling)
+        net_targets = activation_bytes(layers, crop, precision=Precision.FP32, pooling=cfg.pooling, grad=False)
+    parts = {
+        "weights": weight_bytes(layers, precision),
+        "images": images,
+        "targets": targets,
+        "optimizer": optimizer_bytes(cfg, pixels),
+        # The targets' pass and the loop's do not overlap: the larger of the two counts.
+        "activations": max(net, net_targets),
+    }
+    parts["overhead"] = int(OVERHEAD * sum(parts.values()))
+    return parts
+
+
+def style_shape(style_wh: tuple[int, int], out_hw: tuple[int, int], cfg: StyleConfig) -> tuple[int, int]:
+    """(H, W) a style image of `style_wh` (W, H) is resized to at a stage whose output is `out_hw`."""
+    if cfg.style_match_output:
+        return out_hw
+    longest = max(1, round(cfg.style_scale * max(out_hw)))
+    return output_shape(style_wh[0], style_wh[1], longest)
+
+
+def _tile_candidates(hw: tuple[int, int], layers: Sequence[str]) -> list[int]:
+    """Tile edges from the largest that still splits the image down to MIN_TILE_STEPS strides."""
+    step = tile_step(layers)
+    top = snap_tile(max(hw) - 1, layers) if max(hw) > step else step
+    return list(range(top, step * MIN_TILE_STEPS - 1, -step)) or [step * MIN_TILE_STEPS]
+
+
+def plan_run(
+    cfg: StyleConfig,
+    content_wh: tuple[int, int],
+    style_whs: Sequence[tuple[int, int]],
+    *,
+    precision: Precision = Precision.FP32,
+    device: str = "cpu",
+    budget: int | None = None,
+    tile: TileMode | int = TileMode.AUTO,
+    host_bytes: int | None = None,
+) -> Plan:
+    """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
+    largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
+
+    Raises PlanError when even the smallest tile does not fit, naming the budget that would, and
+    when a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
+    machine's memory: tiling cannot help those."""
+    layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
+    stages = []
+    for size in cfg.sizes:
+        hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
+        s_hws = [style_shape(wh, hw, cfg) for wh in style_whs]
+
+        if host_bytes is not None:
+            images = stage_parts(cfg, hw, s_hws, precision=precision, tile=None)["images"]
+            if images > host_bytes:
+                raise PlanError(
+                    f"size {size} ({hw[1]}x{hw[0]}) needs {format_size(images)} for its image buffers alone, more than this "
+                    f"machine's {format_size(host_bytes)} of memory; use a smaller `size`",
+                    params=("size",),
+                )
+
+        def make(t: int | None) -> StagePlan:
+            if t is None:
+                return StagePlan(size, hw, "whole", None, (1, 1), 0, stage_parts(cfg, hw, s_hws, precision=precision, tile=None))
+            t = snap_tile(t, layers)
+            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), stage_parts(cfg, hw, s_hws, precision=precision, tile=t))
+
+        if isinstance(tile, int) and not isinstance(tile, TileMode):
+            fits_one = snap_tile(tile, layers) >= max(hw)
+            stages.append(make(None if fits_one else tile))
+            continue
+        whole = make(None)
+        if TileMode(tile) == TileMode.OFF or budget is None or whole.estimated_peak_bytes <= budget:
+            stages.append(whole)
+            continue
+        chosen = None
+        for t in _tile_candidates(hw, layers):
+            candidate = make(t)
+            if candidate.estimated_peak_bytes <= budget:
+                chosen = candidate
+                break
+        if chosen is None:
+            smallest = make(_tile_candidates(hw, layers)[-1])
+            raise PlanError(
+                f"`max_memory` {format_size(budget)} is too small for size {size}: even {smallest.tile} px tiles need about "
+                f"{format_size(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
+                params=("max_memory", "size"),
+            )
+        stages.append(chosen)
+    return Plan(tuple(stages), budget, device, precision.value)
+
+
+def format_size(n: float) -> str:
+    """Decimal units, as `--max-memory` reads them: `1.3 GB`, `800 MB`."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+__all__ = [
+    "OVERHEAD", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "optimizer_bytes", "parse_size",
+    "plan_run", "stage_parts", "style_shape", "weight_bytes",
+]  # fmt: skip

@@ -1,0 +1,248 @@
+"""Exact tiled evaluation of the objective: the whole image's loss and gradient, one tile at a time.
+
+A Gram matrix is a sum over positions, and the style loss's gradient with respect to a layer's
+features is linear in them once the whole image's Gram is known. So a first pass runs each tile
+forward without autograd and adds up every style layer's Gram over the positions the tile owns;
+a second pass runs each tile forward and backward with the style terms linearised around those
+Grams (`<dL/dG, F F^T>`, whose gradient is the true one), and adds the tiles' input gradients.
+Content and total-variation terms are sums over positions: each tile adds its own.
+
+Why it is exact: a tile is cut from the image with a halo of at least the deepest layer's reach
+(`layers.receptive_reach`) on each side, and every cut lies on a multiple of the deepest layer's
+stride, so the pooling windows fall where they fall in the whole image. Every feature a tile owns
+then sees exactly the pixels it sees in the whole image (zero padding only at the image's own
+edges), and the tiles own each position of each layer once: the sums are the whole image's, up to
+the order of addition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import LossForm
+from .device import autocast
+from .errors import ConfigError
+from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
+from .losses import gram_matrix, gram_style_loss
+
+if TYPE_CHECKING:  # the objective imports the targets, which tile through this module
+    from .features import VGGFeatures
+    from .objective import Objective, Terms
+
+
+def tile_halo(layers: Sequence[str]) -> int:
+    """Pixels of context around a tile: the deepest layer's reach, up to a multiple of its stride."""
+    deepest = deepest_layer(layers)
+    stride = layer_stride(deepest)
+    return -(-receptive_reach(deepest) // stride) * stride
+
+
+def tile_step(layers: Sequence[str]) -> int:
+    """Tile edges and origins are multiples of this: the deepest layer's stride."""
+    return layer_stride(deepest_layer(layers))
+
+
+def snap_tile(tile: int, layers: Sequence[str]) -> int:
+    """A tile edge in output pixels, rounded down to the deepest layer's stride (at least one stride)."""
+    step = tile_step(layers)
+    return max(step, tile // step * step)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile's own rows and columns of the output (`y0:y1, x0:x1`) and the crop, with its halo,
+    that the network runs on (`cy0:cy1, cx0:cx1`)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    cy0: int
+    cy1: int
+    cx0: int
+    cx1: int
+
+    def owned(self, stride: int) -> tuple[slice, slice]:
+        """The positions this tile owns of a layer with `stride`, in the crop's feature map.
+
+        Position i of such a layer belongs to the tile whose rows hold pixel `stride * i`. The cuts
+        are multiples of the deepest stride, and the last tile ends at the image's edge, where
+        `H // stride` is the layer's height: either way `y1 // stride` is the end."""
+        return (
+            slice(self.y0 // stride - self.cy0 // stride, self.y1 // stride - self.cy0 // stride),
+            slice(self.x0 // stride - self.cx0 // stride, self.x1 // stride - self.cx0 // stride),
+        )
+
+
+def tile_grid(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Tile]:
+    """Tiles of about `tile` px (snapped to the deepest stride) covering an (H, W) image, row by row;
+    the last row and column end at the image's edge, so any size is covered."""
+    h, w = hw
+    edge, halo = snap_tile(tile, layers), tile_halo(layers)
+    ys = [(y, min(y + edge, h)) for y in range(0, h, edge)]
+    xs = [(x, min(x + edge, w)) for x in range(0, w, edge)]
+    return [Tile(y0, y1, x0, x1, max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)) for y0, y1 in ys for x0, x1 in xs]
+
+
+def grid_shape(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> tuple[int, int]:
+    """(rows, columns) of `tile_grid`."""
+    edge = snap_tile(tile, layers)
+    return -(-hw[0] // edge), -(-hw[1] // edge)
+
+
+def _sum(t: torch.Tensor, per_image: bool) -> torch.Tensor:
+    return t.flatten(1).sum(1) if per_image else t.sum()
+
+
+@torch.no_grad()
+def tiled_targets(
+    net: VGGFeatures, image: torch.Tensor, *, content_layers: Sequence[str], style_layers: Sequence[str], tile: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An image's content features (1, C, h, w) and normalised Grams (1, C, C), in fp32, through
+    `net` one tile at a time: the same numbers as one pass over the whole image, up to rounding."""
+    layers = tuple(content_layers) + tuple(style_layers)
+    hw = (int(image.shape[-2]), int(image.shape[-1]))
+    n = image.shape[0]
+    content = {k: image.new_zeros((n, layer_channels(k), *(d // layer_stride(k) for d in hw)), dtype=torch.float32) for k in content_layers}
+    sums = {k: image.new_zeros((n, layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in style_layers}
+    for t in tile_grid(hw, snap_tile(tile, layers), layers):
+        feats = net(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1])
+        for k in content:
+            s = layer_stride(k)
+            content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = feats[k][(..., *t.owned(s))].float()
+        for k in sums:
+            sums[k] += gram_matrix(feats[k][(..., *t.owned(layer_stride(k)))], normalize=False)
+    grams = {k: g / (g.shape[-1] * (hw[0] // layer_stride(k)) * (hw[1] // layer_stride(k))) for k, g in sums.items()}
+    return content, grams
+
+
+class TiledObjective:
+    """An `Objective` evaluated tile by tile: the same loss, the same gradient up to rounding, with
+    the network's activations held for one tile (and its halo) at a time."""
+
+    def __init__(self, objective: Objective, tile: int) -> None:
+        if objective.style_groups or objective.content_guides:
+            # Guided Grams are sums over positions too, but the guides would have to be cut per tile.
+            raise ConfigError("tiled evaluation does not take masks yet", params=("masks", "content_mask"))
+        self.objective = objective
+        self.layers = tuple(objective.content_weights) + tuple(objective.style_weights)
+        self.tile = snap_tile(tile, self.layers)
+
+    def tiles(self, hw: tuple[int, int]) -> list[Tile]:
+        return tile_grid(hw, self.tile, self.layers)
+
+    def _features(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
+        o = self.objective
+        img = crop / o.cfg.pixel_scale
+        if o.runtime.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        with autocast(o.runtime):
+            return o.net(img)
+
+    @staticmethod
+    def _crop(x: torch.Tensor, t: Tile) -> torch.Tensor:
+        return x[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1]
+
+    @torch.no_grad()
+    def gram_sums(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pass 1: each style layer's unnormalised Gram `F F^T` over the whole image, (N, C, C) fp32."""
+        o = self.objective
+        sums = {k: x.new_zeros((x.shape[0], layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in o.style_weights}
+        if not sums:
+            return sums
+        for t in self.tiles(x.shape[-2:]):
+            feats = self._features(self._crop(x.detach(), t))
+            for k in sums:
+                f = feats[k][(..., *t.owned(layer_stride(k)))]
+                sums[k] += gram_matrix(f, normalize=False)
+        return sums
+
+    def _style(self, sums: dict[str, torch.Tensor], hw: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted style term from the whole image's Gram sums, and its gradient with respect
+        to each sum: the linear weights of pass 2."""
+        o, form = self.objective, self.objective.cfg.loss_form
+        leaves = {k: s.detach().requires_grad_(True) for k, s in sums.items()}
+        zero = torch.zeros((), device=next(iter(sums.values())).device) if sums else torch.zeros(())
+        with torch.enable_grad():
+            total = zero
+            for k, w in o.style_weights.items():
+                g = leaves[k]
+                if form == LossForm.NORMALIZED:
+                    h, wd = hw[0] // layer_stride(k), hw[1] // layer_stride(k)
+                    g = g / (g.shape[-1] * h * wd)
+                total = total + w * gram_style_loss(g, o.grams[k], form=form, image_pixels=o.pixels, per_image=o.per_image)
+            total = o.cfg.style_weight * total
+            if not leaves:
+                return total, {}
+            grads = torch.autograd.grad(total.sum(), list(leaves.values()))
+        return total.detach(), dict(zip(leaves, grads))
+
+    def _local_terms(self, x: torch.Tensor, crop: torch.Tensor, t: Tile, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tile's share of the (unweighted) content and TV sums, already divided by what the
+        whole image's means divide by."""
+        o, form, each = self.objective, self.objective.cfg.loss_form, self.objective.per_image
+        n = x.shape[0]
+        h, w = x.shape[-2:]
+        zero = crop.new_zeros((n,) if each else (), dtype=torch.float32)
+        c = zero
+        for k, wt in o.content_weights.items():
+            rows, cols = t.owned(layer_stride(k))
+            s = layer_stride(k)
+            target = o.content_feats[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s]
+            part = _sum((feats[k][:, :, rows, cols].float() - target.float()).pow(2), each)
+            if form == LossForm.NORMALIZED:
+                part = part / (o.content_feats[k][0].numel() * (1 if each else n))
+            c = c + wt * part
+        # TV: a difference belongs to the tile that owns its first pixel; the crop has the halo's
+        # next row and column.
+        img = crop if form == LossForm.KERAS else crop / o.cfg.pixel_scale
+        img = img.float()
+        r0, c0 = t.y0 - t.cy0, t.x0 - t.cx0
+        r1, c1 = min(t.y1, h - 1) - t.cy0, min(t.x1, w - 1) - t.cx0  # last first-pixel of a pair, exclusive
+        if form == LossForm.NORMALIZED:
+            rr, cc = t.y1 - t.cy0, t.x1 - t.cx0
+            dy = img[:, :, r0 + 1 : r1 + 1, c0:cc] - img[:, :, r0:r1, c0:cc]
+            dx = img[:, :, r0:rr, c0 + 1 : c1 + 1] - img[:, :, r0:rr, c0:c1]
+            per = 1 if each else n
+            tv = _sum(dy.pow(2), each) / (3 * (h - 1) * w * per) + _sum(dx.pow(2), each) / (3 * h * (w - 1) * per)
+        else:
+            a = (img[:, :, r0:r1, c0:c1] - img[:, :, r0 + 1 : r1 + 1, c0:c1]).pow(2)
+            b = (img[:, :, r0:r1, c0:c1] - img[:, :, r0:r1, c0 + 1 : c1 + 1]).pow(2)
+            tv = _sum((a + b).pow(1.25), each)
+        return c, tv
+
+    def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, Terms]:
+        """The loss and its terms at `x` (as `Objective.__call__` gives them), with the gradient
+        added to `x.grad` (pass 2: each tile forward and backward)."""
+        o, cfg = self.objective, self.objective.cfg
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        style, lin = self._style(self.gram_sums(x), hw)
+        grad = torch.zeros_like(x) if x.grad is None else x.grad
+        content = tv = None
+        for t in self.tiles(hw):
+            crop = self._crop(x.detach(), t).clone().requires_grad_(True)
+            feats = self._features(crop)
+            c, tv_part = self._local_terms(x, crop, t, feats)
+            surrogate = cfg.content_weight * c + cfg.tv_weight * tv_part
+            for k, a in lin.items():
+                f = feats[k][(..., *t.owned(layer_stride(k)))]
+                surrogate = surrogate + (a * gram_matrix(f, normalize=False)).flatten(1).sum(1)
+            surrogate.sum().backward()
+            assert crop.grad is not None
+            grad[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1] += crop.grad
+            content = c.detach() if content is None else content + c.detach()
+            tv = tv_part.detach() if tv is None else tv + tv_part.detach()
+            del feats, crop, surrogate
+        x.grad = grad
+        assert content is not None and tv is not None
+        if not o.per_image:
+            style = style.reshape(())
+        terms = {"content": cfg.content_weight * content, "style": style, "tv": cfg.tv_weight * tv}
+        return terms["content"] + terms["style"] + terms["tv"], terms
+
+
+__all__ = ["Tile", "TiledObjective", "grid_shape", "snap_tile", "tile_grid", "tile_halo", "tile_step", "tiled_targets"]
