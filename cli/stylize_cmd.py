@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import dataclasses
 import os
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -273,7 +274,7 @@ def _run(o: StylizeOptions) -> None:
     _check_paths(o)
     cfg, runtime = _configure(o)
     run = _execute(o, cfg, runtime)
-    _finish(o, cfg, runtime, run)
+    _finish(o, run.cfg, runtime, run)  # the configuration that ran: the plan may change its optimiser
 
 
 def _check_paths(o: StylizeOptions) -> None:
@@ -319,6 +320,7 @@ class _Run:
     targets_info: dict[str, object]
     sink: _ProgressSink
     plan: Plan
+    cfg: C.StyleConfig  # as it ran (the memory plan may shorten L-BFGS's history or choose Adam)
 
 
 def load_mask_options(cfg: C.StyleConfig, content: Image.Image, styles: list[Image.Image]) -> tuple[list | None, list | None, Image.Image | None, list[tuple[str, Image.Image]]]:
@@ -356,9 +358,19 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
     plan = make_plan(o, cfg, runtime, content_im, style_ims)
+    tiled = any(s.mode == "tiled" for s in plan.stages)
+    if tiled and (o.targets == TargetsMode.ONNX or o.onnx is not None):
+        raise UserError("--targets onnx runs each image whole; a tiled plan computes its targets tile by tile in PyTorch: use --targets auto or torch")
+    changes = plan.changes(cfg)
+    if changes.get("optimizer") is not None:  # through the preset, so Adam gets its own lr
+        cfg = dataclasses.replace(o, optimizer=changes["optimizer"]).config()
+    elif changes:
+        cfg = dataclasses.replace(cfg, **changes)
+    if changes and not o.quiet:
+        console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
     if o.dry_run:
         _dry_run(o, cfg, runtime, plan)
-    if not o.quiet and any(s.mode == "tiled" for s in plan.stages):
+    if not o.quiet and tiled:
         for line in plan_lines(plan):
             console.print(line, highlight=False)
 
@@ -369,9 +381,6 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the result shows the method at work, not a painting[/]")
 
     t = time.perf_counter()
-    tiled = any(s.mode == "tiled" for s in plan.stages)
-    if tiled and (o.targets == TargetsMode.ONNX or o.onnx is not None):
-        raise UserError("--targets onnx runs each image whole; a tiled plan computes its targets tile by tile in PyTorch: use --targets auto or torch")
     # A tiled plan's targets come tile by tile from the PyTorch network (ONNX Runtime would run
     # each image whole, and keep that pass's memory in its arena).
     mode = TargetsMode.TORCH if tiled else o.targets
@@ -413,7 +422,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
             progress.stop()
     phases["targets"] = result.phases["targets"]
     phases["optimisation"] = result.phases["optimisation"]
-    return _Run(result, content_im, style_ims, shown, w, phases, targets_info, sink, plan)
+    return _Run(result, content_im, style_ims, shown, w, phases, targets_info, sink, plan, cfg)
 
 
 def parse_tile(text: str) -> str | int:

@@ -12,6 +12,7 @@ holds at the stage's peak; `tests/engine/test_plan.py` checks the sum against a 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -166,6 +167,9 @@ class Plan:
     device: str
     precision: str
     optimizer_state: str = "device"  # the optimiser's state stays with the image, on the run's device
+    optimizer: str = "lbfgs"  # the optimiser the plan fits: the configuration's, or Adam
+    lbfgs_history: int | None = None  # L-BFGS's history the plan fits (None for Adam)
+    optimizer_note: str = ""  # why the optimiser or its history differs from the configuration's
 
     @property
     def estimated_peak_bytes(self) -> int:
@@ -184,10 +188,20 @@ class Plan:
                 return s.tile if s.mode == "tiled" else None
         raise ConfigError(f"the plan has no stage of {hw[1]}x{hw[0]}: make it from this run's configuration and images")
 
+    def changes(self, cfg: StyleConfig) -> dict[str, Any]:
+        """The configuration fields this plan changes (`optimizer`, `lbfgs_history`): empty when
+        the configuration fits as it is."""
+        if self.optimizer != cfg.optimizer.value:
+            return {"optimizer": Optimizer(self.optimizer)}
+        if self.lbfgs_history is not None and self.lbfgs_history != cfg.lbfgs_history:
+            return {"lbfgs_history": self.lbfgs_history}
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget_bytes": self.budget_bytes, "device": self.device, "precision": self.precision,
-            "optimizer_state": self.optimizer_state, "estimated_peak_bytes": self.estimated_peak_bytes,
+            "optimizer_state": self.optimizer_state, "optimizer": self.optimizer, "lbfgs_history": self.lbfgs_history,
+            "optimizer_note": self.optimizer_note, "estimated_peak_bytes": self.estimated_peak_bytes,
             "stages": [s.to_dict() for s in self.stages],
         }  # fmt: skip
 
@@ -241,37 +255,14 @@ def _tile_candidates(hw: tuple[int, int], layers: Sequence[str]) -> list[int]:
     return list(range(top, step * MIN_TILE_STEPS - 1, -step)) or [step * MIN_TILE_STEPS]
 
 
-def plan_run(
-    cfg: StyleConfig,
-    content_wh: tuple[int, int],
-    style_whs: Sequence[tuple[int, int]],
-    *,
-    precision: Precision = Precision.FP32,
-    device: str = "cpu",
-    budget: int | None = None,
-    tile: TileMode | int = TileMode.AUTO,
-    host_bytes: int | None = None,
-) -> Plan:
-    """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
-    largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
-
-    Raises PlanError when even the smallest tile does not fit, naming the budget that would, and
-    when a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
-    machine's memory: tiling cannot help those."""
+def _plan_stages(
+    cfg: StyleConfig, content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], *, precision: Precision, budget: int | None, tile: TileMode | int
+) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
     for size in cfg.sizes:
         hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
         s_hws = [style_shape(wh, hw, cfg) for wh in style_whs]
-
-        if host_bytes is not None:
-            images = stage_parts(cfg, hw, s_hws, precision=precision, tile=None)["images"]
-            if images > host_bytes:
-                raise PlanError(
-                    f"size {size} ({hw[1]}x{hw[0]}) needs {format_size(images)} for its image buffers alone, more than this "
-                    f"machine's {format_size(host_bytes)} of memory; use a smaller `size`",
-                    params=("size",),
-                )
 
         def make(t: int | None) -> StagePlan:
             if t is None:
@@ -287,21 +278,77 @@ def plan_run(
         if TileMode(tile) == TileMode.OFF or budget is None or whole.estimated_peak_bytes <= budget:
             stages.append(whole)
             continue
-        chosen = None
-        for t in _tile_candidates(hw, layers):
-            candidate = make(t)
-            if candidate.estimated_peak_bytes <= budget:
-                chosen = candidate
-                break
+        chosen = next((c for c in map(make, _tile_candidates(hw, layers)) if c.estimated_peak_bytes <= budget), None)
         if chosen is None:
             smallest = make(_tile_candidates(hw, layers)[-1])
-            raise PlanError(
-                f"`max_memory` {format_size(budget)} is too small for size {size}: even {smallest.tile} px tiles need about "
-                f"{format_size(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
-                params=("max_memory", "size"),
-            )
+            raise _TooSmall(size, smallest)
         stages.append(chosen)
-    return Plan(tuple(stages), budget, device, precision.value)
+    return tuple(stages)
+
+
+class _TooSmall(Exception):
+    def __init__(self, size: int, smallest: StagePlan) -> None:
+        self.size, self.smallest = size, smallest
+
+
+# L-BFGS histories the planner tries, longest first, before it gives up on L-BFGS for Adam.
+SHORTER_HISTORIES = (10, 5)
+
+
+def plan_run(
+    cfg: StyleConfig,
+    content_wh: tuple[int, int],
+    style_whs: Sequence[tuple[int, int]],
+    *,
+    precision: Precision = Precision.FP32,
+    device: str = "cpu",
+    budget: int | None = None,
+    tile: TileMode | int = TileMode.AUTO,
+    host_bytes: int | None = None,
+    optimizer_fallback: bool = True,
+) -> Plan:
+    """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
+    largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
+
+    When L-BFGS's history does not fit even with the smallest tiles (`optimizer_fallback`), the
+    plan shortens it (SHORTER_HISTORIES), and failing that switches to Adam (two image-sized
+    moments); `Plan.optimizer` says which, and `Plan.apply` makes the configuration that runs it.
+    Raises PlanError when even the smallest tile does not fit, naming the budget that would, and
+    when a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
+    machine's memory: tiling cannot help those."""
+    if host_bytes is not None:
+        for size in cfg.sizes:
+            hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
+            images = stage_parts(cfg, hw, [style_shape(wh, hw, cfg) for wh in style_whs], precision=precision, tile=None)["images"]
+            if images > host_bytes:
+                raise PlanError(
+                    f"size {size} ({hw[1]}x{hw[0]}) needs {format_size(images)} for its image buffers alone, more than this "
+                    f"machine's {format_size(host_bytes)} of memory; use a smaller `size`",
+                    params=("size",),
+                )
+    tries: list[tuple[StyleConfig, str]] = [(cfg, "")]
+    if optimizer_fallback and cfg.optimizer == Optimizer.LBFGS and budget is not None and (isinstance(tile, TileMode) or isinstance(tile, str)):
+        tries += [
+            (dataclasses.replace(cfg, lbfgs_history=m), f"L-BFGS history shortened from {cfg.lbfgs_history} to {m} to fit")
+            for m in SHORTER_HISTORIES if m < cfg.lbfgs_history
+        ]  # fmt: skip
+        tries.append((dataclasses.replace(cfg, optimizer=Optimizer.ADAM), f"Adam instead of L-BFGS: a history of {min(SHORTER_HISTORIES)} does not fit"))
+    failure: _TooSmall | None = None
+    for c, note in tries:
+        try:
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile)
+        except _TooSmall as e:
+            failure = e
+            continue
+        history = c.lbfgs_history if c.optimizer == Optimizer.LBFGS else None
+        return Plan(stages, budget, device, precision.value, optimizer=c.optimizer.value, lbfgs_history=history, optimizer_note=note)
+    assert failure is not None and budget is not None
+    smallest = failure.smallest
+    raise PlanError(
+        f"`max_memory` {format_size(budget)} is too small for size {failure.size}: even {smallest.tile} px tiles need about "
+        f"{format_size(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
+        params=("max_memory", "size"),
+    )
 
 
 def format_size(n: float) -> str:
@@ -315,5 +362,5 @@ def format_size(n: float) -> str:
 
 __all__ = [
     "OVERHEAD", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "optimizer_bytes", "parse_size",
-    "plan_run", "stage_parts", "style_shape", "weight_bytes",
+    "SHORTER_HISTORIES", "plan_run", "stage_parts", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -1,0 +1,91 @@
+"""`--max-memory`, `--tile`, `--dry-run` and the report's `plan`, through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from nst.cli.app import app
+
+runner = CliRunner()
+# relu3_1 at most: a 12 px halo, so a 32 px tile is well inside a 64 px image.
+SHALLOW = ["--weights", "random", "--targets", "auto", "--style-layers", "relu1_1,relu2_1,relu3_1", "--content-layers", "relu2_2", "--scales", "64"]
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_tiled_and_whole_runs_write_the_same_image(images, tmp_path: Path):
+    """The first Done-means line at a test's size: Adam, fp32, 3 iterations, tiled against whole."""
+    outs = {}
+    for tile in ("32", "off"):
+        out, rep = tmp_path / f"{tile}.png", tmp_path / f"{tile}.json"
+        r = run(
+            "stylize", str(images["content"]), str(images["style"]), "-o", str(out), *SHALLOW, "--size", "64", "--tile", tile,
+            "--optimizer", "adam", "--lr", "0.02", "--precision", "fp32", "--iterations", "3", "--report", str(rep),
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs[tile] = np.asarray(Image.open(out), dtype=np.int16)
+        plan = json.loads(rep.read_text())["plan"]
+        (stage,) = plan["stages"]
+        assert stage["size"] == 64 and stage["estimated_peak_bytes"] > 0
+        if tile == "off":
+            assert (stage["mode"], stage["tile"], stage["tiles"]) == ("whole", None, 1)
+        else:
+            assert (stage["mode"], stage["tile"], stage["tiles"]) == ("tiled", 32, 2 * 2)
+            assert "tiled, 32 px tiles, 2x2 = 4" in r.output
+            assert json.loads(rep.read_text())["targets"]["fallback"] == "torch: the plan is tiled"
+    assert int(np.abs(outs["32"] - outs["off"]).max()) <= 1
+
+
+def test_dry_run_prints_a_tiled_plan_for_a_print_size_output(images, tmp_path: Path):
+    rep = tmp_path / "plan.json"
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "8192", "--max-memory", "8GB", "--dry-run", "--device", "cpu", "--report", str(rep))
+    assert r.exit_code == 0, r.output
+    assert "tiled" in r.output and "halo 80 px" in r.output and not (tmp_path / "c.png").exists()
+    assert all(len(line) <= 80 for line in r.output.splitlines() if not line.startswith("wrote "))  # that one names the path
+    plan = json.loads(rep.read_text())["plan"]
+    assert plan["budget_bytes"] == 8 * 10**9 and plan["stages"][-1]["mode"] == "tiled"
+    assert all(s["estimated_peak_bytes"] <= 8 * 10**9 for s in plan["stages"])
+    assert plan["stages"][-1]["size"] == 8192 and plan["optimizer"] == "adam" and "Adam" in plan["optimizer_note"]
+
+
+def test_a_budget_too_small_names_the_smallest_that_works(images, tmp_path: Path):
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "8192", "--max-memory", "1GiB", "--dry-run")
+    assert r.exit_code == 2
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith("error: --max-memory 1.1 GB is too small for size 8192: even 64 px tiles need about ")
+    need = line.split("need about ")[1].split(";")[0]
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "8192", "--max-memory", need.replace(" ", ""), "--dry-run")
+    assert r.exit_code == 0, r.output
+
+
+def test_an_image_larger_than_the_machine_is_refused_before_any_work(images, tmp_path: Path, monkeypatch):
+    import nst.engine.device as device
+
+    monkeypatch.setattr(device, "host_memory_bytes", lambda: 10**9)
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "8192", "--weights", "random", "--device", "cpu")
+    assert r.exit_code == 2
+    assert "for its image buffers alone, more than this machine's 1.0 GB of memory" in r.output and "Traceback" not in r.output
+    assert "weights: random" not in r.output  # refused before the weights were even made
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-memory", "lots"], "memory size 'lots' not understood"),
+        (["--tile", "huge"], "--tile 'huge' not understood"),
+        (["--tile", "8"], "--tile 8 is too small"),
+        (["--tile", "32", "--targets", "onnx"], "a tiled plan computes its targets tile by tile"),
+    ],
+)
+def test_bad_plan_options_are_one_error_line(images, tmp_path: Path, args, message):
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--weights", "random", "--size", "96", "--iterations", "1", *args)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and message in r.output and len(r.output.strip().splitlines()) == 1

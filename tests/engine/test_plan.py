@@ -1,0 +1,155 @@
+"""The memory model and the planner: sizes with suffixes, whole or tiled under a budget, the
+optimiser's fallbacks, the errors; and the model's estimate against a measured peak RSS."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nst.engine.config import GATYS, SEED, Optimizer, Precision, preset
+from nst.engine.errors import ConfigError
+from nst.engine.plan import OVERHEAD, PlanError, TileMode, parse_size, plan_run, stage_parts
+from nst.engine.tiles import tile_halo
+
+ONE_STAGE = {"scales": ()}
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [("4GB", 4 * 10**9), ("4GiB", 4 * 2**30), ("800MB", 800 * 10**6), ("800 MiB", 800 * 2**20), ("1.5G", 1_500_000_000), ("2048", 2048), ("3kb", 3000)],
+)
+def test_sizes_take_decimal_and_binary_suffixes(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "lots", "4XB", "-1GB", "0"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_whole_when_it_fits_else_the_largest_tile_that_does():
+    cfg = preset("gatys", size=1024, **ONE_STAGE)
+    whole = plan_run(cfg, (1536, 1024), [(512, 512)], budget=None)
+    (stage,) = whole.stages
+    assert stage.mode == "whole" and stage.tiles == 1 and stage.tile is None and stage.hw == (683, 1024)
+    need = stage.estimated_peak_bytes
+    assert plan_run(cfg, (1536, 1024), [(512, 512)], budget=need).stages[0].mode == "whole"
+    assert plan_run(cfg, (1536, 1024), [(512, 512)], budget=need * 10, tile=TileMode.OFF).stages[0].mode == "whole"
+    tiled = plan_run(cfg, (1536, 1024), [(512, 512)], budget=need - 1)
+    (t,) = tiled.stages
+    assert t.mode == "tiled" and t.tile % 16 == 0 and t.halo == tile_halo(cfg.content_layers + cfg.style_layers) == 80
+    assert t.estimated_peak_bytes <= need - 1 < stage.estimated_peak_bytes
+    bigger = plan_run(cfg, (1536, 1024), [(512, 512)], tile=t.tile + 16).stages[0]
+    assert bigger.estimated_peak_bytes > need - 1  # the next tile up would not have fitted
+    assert t.grid == (-(-683 // t.tile), -(-1024 // t.tile)) and t.tiles == t.grid[0] * t.grid[1]
+    d = tiled.to_dict()["stages"][0]
+    assert {"size", "mode", "tile", "tiles", "estimated_peak_bytes"} <= set(d) and d["estimated_peak_bytes"] == sum(d["parts"].values())
+
+
+def test_a_given_tile_tiles_the_stages_larger_than_it():
+    cfg = preset("gatys", size=512, scales=(128, 256, 512))
+    plan = plan_run(cfg, (512, 512), [(256, 256)], tile=200)
+    assert [(s.mode, s.tile) for s in plan.stages] == [("whole", None), ("tiled", 192), ("tiled", 192)]
+    assert plan.tile_for(0) is None and plan.tile_for(2) == 192
+
+
+def test_parts_grow_with_the_image_and_shrink_with_the_tile():
+    cfg = preset("gatys", size=1024, **ONE_STAGE)
+    small, large = (stage_parts(cfg, hw, [hw], precision=Precision.FP32, tile=None) for hw in ((256, 256), (512, 512)))
+    for part in ("images", "optimizer", "activations"):
+        assert 3.5 < large[part] / small[part] < 4.5, part
+    assert large["weights"] == small["weights"]
+    assert large["overhead"] == int(OVERHEAD * sum(v for k, v in large.items() if k != "overhead"))
+    tiled = stage_parts(cfg, (2048, 2048), [(64, 64)], precision=Precision.FP32, tile=256)
+    whole = stage_parts(cfg, (2048, 2048), [(64, 64)], precision=Precision.FP32, tile=None)
+    assert tiled["activations"] < whole["activations"] / 10 and tiled["optimizer"] == whole["optimizer"]
+    assert stage_parts(cfg, (512, 512), [], precision=Precision.BF16, tile=None)["activations"] < large["activations"]
+
+
+def test_lbfgs_history_is_shortened_then_adam_chosen():
+    cfg = preset("gatys", size=2048, **ONE_STAGE)
+    assert cfg.optimizer == Optimizer.LBFGS and cfg.lbfgs_history == 20
+    fits_20 = plan_run(cfg, (2048, 1365), [(64, 64)], budget=10**11)
+    assert fits_20.optimizer == "lbfgs" and fits_20.lbfgs_history == 20 and fits_20.changes(cfg) == {}
+    short = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1.2e9))
+    assert short.optimizer == "lbfgs" and short.lbfgs_history in (10, 5) and short.changes(cfg) == {"lbfgs_history": short.lbfgs_history}
+    assert "history" in short.optimizer_note
+    adam = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1e9))
+    assert adam.optimizer == "adam" and adam.lbfgs_history is None and adam.changes(cfg) == {"optimizer": Optimizer.ADAM}
+    assert adam.stages[0].mode == "tiled" and adam.estimated_peak_bytes <= 1e9
+    with pytest.raises(PlanError):
+        plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1e9), optimizer_fallback=False)
+
+
+def test_too_small_a_budget_names_one_that_works():
+    cfg = preset("seed", size=4096, **ONE_STAGE)
+    with pytest.raises(PlanError) as e:
+        plan_run(cfg, (4096, 4096), [(64, 64)], budget=10**8)
+    msg = str(e.value)
+    assert "`max_memory` 100 MB is too small for size 4096" in msg and "\n" not in msg
+    value, unit = re.search(r"need about ([\d.]+) (MB|GB)", msg).groups()
+    enough = int(float(value) * (10**6 if unit == "MB" else 10**9) * 1.01)
+    assert plan_run(cfg, (4096, 4096), [(64, 64)], budget=enough).stages[0].mode == "tiled"
+
+
+def test_images_larger_than_the_machine_are_refused_before_any_plan():
+    cfg = dataclasses.replace(GATYS, size=4096, scales=())
+    with pytest.raises(PlanError, match=r"image buffers alone, more than this machine's 100 MB"):
+        plan_run(cfg, (4096, 4096), [(64, 64)], host_bytes=10**8)
+    assert plan_run(cfg, (4096, 4096), [(64, 64)], host_bytes=10**12).stages
+
+
+# Runs one whole-image stage in a fresh process and prints the plan's estimate and the peak RSS the
+# stage added (Linux: VmHWM reset through /proc/self/clear_refs just before the run). Adam's first
+# step loads more of torch's Python code; that is done first, it is the library's, not the run's.
+_MEASURE = r"""
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from nst.engine.config import Precision, preset
+from nst.engine.device import Runtime
+from nst.engine.plan import plan_run
+from nst.engine.transfer import stylize
+from nst.engine.weights import random_weights
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+size = int(sys.argv[1])
+rng = np.random.default_rng(0)
+content = Image.fromarray(rng.integers(0, 256, (size * 2 // 3, size, 3), dtype=np.uint8))
+style = Image.fromarray(rng.integers(0, 256, (size // 2, size // 2, 3), dtype=np.uint8))
+weights = random_weights(seed=0)
+cfg = preset("gatys", size=size, scales=(), iterations=1)
+plan = plan_run(cfg, content.size, [style.size], precision=Precision.FP32)
+p = torch.zeros(4, requires_grad=True); opt = torch.optim.Adam([p]); p.sum().backward(); opt.step()
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS:")
+stylize(content, [style], cfg, weights=weights, runtime=Runtime(precision=Precision.FP32), plan=plan)
+print(json.dumps({"estimate": plan.stages[0].estimated_peak_bytes, "measured": status("VmHWM:") - base}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_estimate_is_within_20_percent_of_the_measured_peak():
+    """Whole-image mode, fp32 on the CPU, at three sizes; the processes run side by side."""
+    procs = {s: subprocess.Popen([sys.executable, "-c", _MEASURE, str(s)], stdout=subprocess.PIPE, text=True) for s in (224, 320, 448)}
+    for size, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0
+        got = json.loads(out.strip().splitlines()[-1])
+        ratio = got["estimate"] / got["measured"]
+        assert 0.8 <= ratio <= 1.2, (size, got, ratio)
+
+
+def test_seed_presets_deeper_content_layer_widens_the_halo():
+    assert plan_run(dataclasses.replace(SEED, size=2048), (2048, 2048), [], tile=512).stages[0].halo == 96
