@@ -16,6 +16,7 @@ _EXPORTS = {
     "features": ("LAYER_NAMES", "VGGFeatures"),
     "images": ("ImageError", "load_image", "save_image"),
     "losses": ("content_loss", "gram_matrix", "style_loss", "tv_loss"),
+    "plan": ("Plan", "PlanError", "parse_size", "plan_run"),
     "transfer": ("Iterate", "StopRun", "StyleResult", "stylize"),
     "weights": ("Weights", "WeightsError", "load_weights", "random_weights"),
 }  # fmt: skip
@@ -43,5 +44,6 @@ if TYPE_CHECKING:
     from .features import LAYER_NAMES, VGGFeatures
     from .images import ImageError, load_image, save_image
     from .losses import content_loss, gram_matrix, style_loss, tv_loss
+    from .plan import Plan, PlanError, parse_size, plan_run
     from .transfer import Iterate, StopRun, StyleResult, stylize
     from .weights import Weights, WeightsError, load_weights, random_weights
