@@ -142,6 +142,9 @@ class StagePlan:
     grid: tuple[int, int]  # (rows, columns) of tiles; (1, 1) when whole
     halo: int  # pixels of context around each tile (0 when whole)
     parts: dict[str, int] = field(default_factory=dict)
+    # Tile edge for the targets' no-grad pass, which holds far less per pixel than the loop's
+    # forward and backward: the largest whose pass needs no more than the loop's tile.
+    target_tile: int | None = None
 
     @property
     def tiles(self) -> int:
@@ -154,7 +157,7 @@ class StagePlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "size": self.size, "hw": list(self.hw), "mode": self.mode, "tile": self.tile, "tiles": self.tiles, "grid": list(self.grid),
-            "halo": self.halo, "estimated_peak_bytes": self.estimated_peak_bytes, "parts": dict(self.parts),
+            "halo": self.halo, "target_tile": self.target_tile, "estimated_peak_bytes": self.estimated_peak_bytes, "parts": dict(self.parts),
         }  # fmt: skip
 
 
@@ -175,6 +178,10 @@ class Plan:
     def estimated_peak_bytes(self) -> int:
         return max(s.estimated_peak_bytes for s in self.stages)
 
+    def target_tile(self) -> int | None:
+        """The tile edge for computing targets: the smallest any tiled stage allows (None: whole)."""
+        return min((s.target_tile for s in self.stages if s.mode == "tiled" and s.target_tile is not None), default=None)
+
     def tile_for(self, index: int) -> int | None:
         """The tile edge of stage `index`, or None when it runs whole."""
         s = self.stages[index]
@@ -191,7 +198,7 @@ class Plan:
     def changes(self, cfg: StyleConfig) -> dict[str, Any]:
         """The configuration fields this plan changes (`optimizer`, `lbfgs_history`): empty when
         the configuration fits as it is."""
-        if self.optimizer != cfg.optimizer.value:
+        if self.optimizer != Optimizer(cfg.optimizer).value:
             return {"optimizer": Optimizer(self.optimizer)}
         if self.lbfgs_history is not None and self.lbfgs_history != cfg.lbfgs_history:
             return {"lbfgs_history": self.lbfgs_history}
@@ -225,9 +232,8 @@ def stage_parts(
         net = activation_bytes(layers, hw, precision=precision, pooling=cfg.pooling)
         net_targets = max([activation_bytes(layers, s, precision=Precision.FP32, pooling=cfg.pooling, grad=False) for s in [hw, *style_hws]])
     else:
-        crop = min(hw[0], tile + 2 * tile_halo(layers)), min(hw[1], tile + 2 * tile_halo(layers))
-        net = activation_bytes(layers, crop, precision=precision, pooling=cfg.pooling)
-        net_targets = activation_bytes(layers, crop, precision=Precision.FP32, pooling=cfg.pooling, grad=False)
+        net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+        net_targets = net  # the targets' tile is chosen to need no more (`_target_tile`)
     parts = {
         "weights": weight_bytes(layers, precision),
         "images": images,
@@ -246,6 +252,23 @@ def style_shape(style_wh: tuple[int, int], out_hw: tuple[int, int], cfg: StyleCo
         return out_hw
     longest = max(1, round(cfg.style_scale * max(out_hw)))
     return output_shape(style_wh[0], style_wh[1], longest)
+
+
+def _crop(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> tuple[int, int]:
+    halo = tile_halo(layers)
+    return min(hw[0], tile + 2 * halo), min(hw[1], tile + 2 * halo)
+
+
+def _target_tile(cfg: StyleConfig, hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], tile: int, precision: Precision) -> int:
+    layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
+    allowed = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+    largest = max([max(hw), *(max(s) for s in style_hws)])
+    best = tile
+    for t in range(tile, snap_tile(largest, layers) + tile_step(layers), tile_step(layers)):
+        if any(activation_bytes(layers, _crop(s, t, layers), precision=Precision.FP32, pooling=cfg.pooling, grad=False) > allowed for s in [hw, *style_hws]):
+            break
+        best = t
+    return best
 
 
 def _tile_candidates(hw: tuple[int, int], layers: Sequence[str]) -> list[int]:
@@ -268,7 +291,8 @@ def _plan_stages(
             if t is None:
                 return StagePlan(size, hw, "whole", None, (1, 1), 0, stage_parts(cfg, hw, s_hws, precision=precision, tile=None))
             t = snap_tile(t, layers)
-            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), stage_parts(cfg, hw, s_hws, precision=precision, tile=t))
+            parts = stage_parts(cfg, hw, s_hws, precision=precision, tile=t)
+            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), parts, _target_tile(cfg, hw, s_hws, t, precision))
 
         if isinstance(tile, int) and not isinstance(tile, TileMode):
             fits_one = snap_tile(tile, layers) >= max(hw)
@@ -341,7 +365,7 @@ def plan_run(
             failure = e
             continue
         history = c.lbfgs_history if c.optimizer == Optimizer.LBFGS else None
-        return Plan(stages, budget, device, precision.value, optimizer=c.optimizer.value, lbfgs_history=history, optimizer_note=note)
+        return Plan(stages, budget, device, precision.value, optimizer=Optimizer(c.optimizer).value, lbfgs_history=history, optimizer_note=note)
     assert failure is not None and budget is not None
     smallest = failure.smallest
     raise PlanError(

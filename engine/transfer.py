@@ -372,7 +372,7 @@ def stylize_many(
     if any(t is not None for t in tiles) and dev.type == "cpu":
         return_freed_memory()  # else freed tile maps stay in the heap (see there)
     # Targets of a tiled run come tile by tile too: a whole-image pass could need more than the loop.
-    source = targets or TorchTargets(model, tile=min((t for t in tiles if t is not None), default=None))
+    source = targets or TorchTargets(model, tile=plan.target_tile() if plan is not None else None)
     mid = model_id(weights, cfg, source=source)
     # Targets over a style region come from the PyTorch model: the exported target module has no
     # guidance input. They are cached under the PyTorch model's identity and the region.
