@@ -23,10 +23,10 @@ from rich.table import Table
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
 from .common import UserError, console, user_errors
-from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, stylize_parameters
+from .stylize_cmd import CONFIG_OPTIONS, PLAN_OPTIONS, config_from_options, keyword_option, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
-_REPLACED = ("content", "styles", "output", "report", "compare")
+_REPLACED = ("content", "styles", "output", "report", "compare", *PLAN_OPTIONS)  # a batch plans no memory yet
 
 
 def batch_command(**a: Any) -> None:

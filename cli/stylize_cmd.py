@@ -443,11 +443,12 @@ def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: 
     """The run's memory plan from --max-memory and --tile (budget: the device's free memory less a margin)."""
     from nst.engine.device import default_memory_budget, host_memory_bytes
     from nst.engine.plan import TileMode, parse_size, plan_run
+    from nst.engine.transfer import fit_scales
 
     tile = parse_tile(o.tile)
     budget = parse_size(o.max_memory) if o.max_memory is not None else default_memory_budget(runtime.device)
     return plan_run(
-        cfg, content.size, [s.size for s in styles], precision=runtime.precision, device=str(runtime.device), budget=budget,
+        fit_scales([content], [styles], cfg), content.size, [s.size for s in styles], precision=runtime.precision, device=str(runtime.device), budget=budget,
         tile=tile if isinstance(tile, int) else TileMode(tile), host_bytes=host_memory_bytes() if runtime.device.type == "cpu" else None,
     )  # fmt: skip
 
@@ -522,6 +523,10 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
 def keyword_option(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
     """One keyword-only parameter for a command's `__signature__` (its Typer option in `annotation`)."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+# The memory plan's options: `nst stylize` only for now (batch and video run each image whole).
+PLAN_OPTIONS = ("max_memory", "tile", "dry_run")
 
 
 def stylize_parameters(*, without: Collection[str]) -> list[inspect.Parameter]:

@@ -20,7 +20,7 @@ from nst.engine import config as C
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
 from .common import UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
-from .stylize_cmd import config_from_options, keyword_option, same_file, stylize_parameters
+from .stylize_cmd import PLAN_OPTIONS, config_from_options, keyword_option, same_file, stylize_parameters
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")  # what a written video may be named
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
@@ -62,7 +62,7 @@ def _video_parameters() -> list[inspect.Parameter]:
 # stylize's own options follow the video ones: what it takes per image, it takes per frame. Not
 # taken: its CONTENT, STYLE and -o (replaced above), --save-every and --compare (per image).
 video_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [*_video_parameters(), *stylize_parameters(without=("content", "styles", "output", "save_every", "compare"))], return_annotation=None
+    [*_video_parameters(), *stylize_parameters(without=("content", "styles", "output", "save_every", "compare", *PLAN_OPTIONS))], return_annotation=None
 )
 
 

@@ -283,6 +283,7 @@ def _plan_stages(
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
+    worst: _TooSmall | None = None  # the stage whose smallest tile needs the most
     for size in cfg.sizes:
         hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
         s_hws = [style_shape(wh, hw, cfg) for wh in style_whs]
@@ -305,8 +306,12 @@ def _plan_stages(
         chosen = next((c for c in map(make, _tile_candidates(hw, layers)) if c.estimated_peak_bytes <= budget), None)
         if chosen is None:
             smallest = make(_tile_candidates(hw, layers)[-1])
-            raise _TooSmall(size, smallest)
+            if worst is None or smallest.estimated_peak_bytes > worst.smallest.estimated_peak_bytes:
+                worst = _TooSmall(size, smallest)
+            continue
         stages.append(chosen)
+    if worst is not None:
+        raise worst
     return tuple(stages)
 
 

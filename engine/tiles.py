@@ -237,12 +237,25 @@ class TiledObjective:
             content = c.detach() if content is None else content + c.detach()
             tv = tv_part.detach() if tv is None else tv + tv_part.detach()
             del feats, crop, surrogate
+        # Extra terms (video's temporal loss) act on the pixels, not the network: whole image.
+        extra = {}
+        for name, term in o.extra.items():
+            whole = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = term(whole / cfg.pixel_scale).float()
+                value.backward()
+            assert whole.grad is not None
+            grad += whole.grad
+            extra[name] = value.detach()
         x.grad = grad
         assert content is not None and tv is not None
         if not o.per_image:
             style = style.reshape(())
-        terms = {"content": cfg.content_weight * content, "style": style, "tv": cfg.tv_weight * tv}
-        return terms["content"] + terms["style"] + terms["tv"], terms
+        terms = {"content": cfg.content_weight * content, "style": style, "tv": cfg.tv_weight * tv, **extra}
+        total = terms["content"] + terms["style"] + terms["tv"]
+        for name in extra:
+            total = total + terms[name]
+        return total, terms
 
 
 __all__ = ["Tile", "TiledObjective", "grid_shape", "snap_tile", "tile_grid", "tile_halo", "tile_step", "tiled_targets"]

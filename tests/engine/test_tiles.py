@@ -135,4 +135,21 @@ def test_tiled_runs_match_whole_runs(overrides, weights):
     tiled = stylize(content, styles, cfg, weights=weights, runtime=runtime, plan=plan)
     assert tiled.status == whole.status == "done" and tiled.steps == whole.steps == 6
     np.testing.assert_allclose(tiled.loss_history, whole.loss_history, rtol=1e-3)
-    assert float((tiled.image - whole.image).abs().max()) < 1e-3
+    # Within one 8-bit level: Adam divides each pixel's gradient by its own running size (eps
+    # 1e-12), so a pixel whose gradient is near zero turns fp32 rounding into a visible share of lr.
+    diff = (tiled.image - whole.image).abs()
+    assert float(diff.max()) <= 1 / 255 and float(diff.mean()) < 1e-5
+
+
+def test_extra_terms_are_added_whole(weights):
+    """An extra term (video's temporal loss is one) acts on the pixels: tiled runs add it whole."""
+    objective, x = _problem(dataclasses.replace(GATYS, **SHALLOW), weights)
+    target = torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
+    objective = dataclasses.replace(objective, extra={"temporal": lambda img: 5.0 * (img - target).pow(2).mean()})
+    loss, terms = objective.loss_and_grad(x)
+    whole = x.grad.clone()
+    x.grad = None
+    t_loss, t_terms = TiledObjective(objective, 20).loss_and_grad(x)
+    assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
+    torch.testing.assert_close(t_terms["temporal"], terms["temporal"])
+    torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
