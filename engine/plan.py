@@ -292,24 +292,35 @@ def _plan_stages(
             if t is None:
                 return StagePlan(size, hw, "whole", None, (1, 1), 0, stage_parts(cfg, hw, s_hws, precision=precision, tile=None))
             t = snap_tile(t, layers)
-            parts = stage_parts(cfg, hw, s_hws, precision=precision, tile=t)
-            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), parts, _target_tile(cfg, hw, s_hws, t, precision))
+            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), stage_parts(cfg, hw, s_hws, precision=precision, tile=t))
+
+        def with_target_tile(p: StagePlan) -> StagePlan:  # only for the chosen plan: it searches too
+            return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision))
 
         if isinstance(tile, int) and not isinstance(tile, TileMode):
             fits_one = snap_tile(tile, layers) >= max(hw)
-            stages.append(make(None if fits_one else tile))
+            stages.append(with_target_tile(make(None if fits_one else tile)))
             continue
         whole = make(None)
         if TileMode(tile) == TileMode.OFF or budget is None or whole.estimated_peak_bytes <= budget:
             stages.append(whole)
             continue
-        chosen = next((c for c in map(make, _tile_candidates(hw, layers)) if c.estimated_peak_bytes <= budget), None)
+        # The estimate grows with the tile: bisect for the largest that fits (candidates descend).
+        candidates = _tile_candidates(hw, layers)
+        lo, hi = 0, len(candidates)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if make(candidates[mid]).estimated_peak_bytes <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        chosen = make(candidates[lo]) if lo < len(candidates) else None
         if chosen is None:
             smallest = make(_tile_candidates(hw, layers)[-1])
             if worst is None or smallest.estimated_peak_bytes > worst.smallest.estimated_peak_bytes:
                 worst = _TooSmall(size, smallest)
             continue
-        stages.append(chosen)
+        stages.append(with_target_tile(chosen))
     if worst is not None:
         raise worst
     return tuple(stages)
