@@ -153,3 +153,12 @@ def test_extra_terms_are_added_whole(weights):
     assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
     torch.testing.assert_close(t_terms["temporal"], terms["temporal"])
     torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
+
+
+def test_masks_are_refused_rather_than_tiled_wrongly(weights):
+    from nst.engine.errors import ConfigError
+
+    objective, _ = _problem(dataclasses.replace(GATYS, **SHALLOW), weights)
+    masked = dataclasses.replace(objective, content_guides={"relu2_2": torch.ones(1, 1, 22, 30)})
+    with pytest.raises(ConfigError, match="masks"):
+        TiledObjective(masked, 20)
