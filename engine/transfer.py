@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from .stopwatch import Stopwatch
 from .targets import ImageTargets, TargetSource, TorchTargets
 from .tiles import TiledObjective
 from .weights import Weights, load_into
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass(kw_only=True)
@@ -252,24 +255,30 @@ def _blend(cfg: StyleConfig, n: int) -> list[float]:
     return [x / total for x in w]
 
 
+class RunOptions(TypedDict, total=False):
+    """The keyword options that `stylize` passes on to `stylize_many` as they are (see there)."""
+
+    runtime: Runtime | None
+    targets: TargetSource | None
+    cache: TargetCacheLike | None
+    model: VGGFeatures | None
+    loop_model: VGGFeatures | None
+    extra_terms: Mapping[str, ExtraTerm] | None
+    masks: Sequence[Image.Image | None] | None
+    style_regions: Sequence[Image.Image | None] | None
+    content_mask: Image.Image | None
+    plan: Plan | None
+
+
 def stylize(
     content: Image.Image,
     styles: Sequence[Image.Image],
     cfg: StyleConfig,
     *,
     weights: Weights,
-    runtime: Runtime | None = None,
-    targets: TargetSource | None = None,
-    cache: TargetCacheLike | None = None,
     init_image: Image.Image | None = None,
     callback: Callable[[Iterate], None] | None = None,
-    model: VGGFeatures | None = None,
-    loop_model: VGGFeatures | None = None,
-    extra_terms: Mapping[str, ExtraTerm] | None = None,
-    masks: Sequence[Image.Image | None] | None = None,
-    style_regions: Sequence[Image.Image | None] | None = None,
-    content_mask: Image.Image | None = None,
-    plan: Plan | None = None,
+    **options: Unpack[RunOptions],
 ) -> StyleResult:
     """Optimise an image so its VGG19 features match `content`'s and its Grams match `styles`'.
 
@@ -291,12 +300,11 @@ def stylize(
     get wrong raises an `EngineError` before any work. `plan` (`plan.plan_run`) says which stages
     run tile by tile (the same result, up to rounding, in less memory); without it all run whole.
     """
+    unknown = set(options) - set(RunOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"stylize() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     each = None if callback is None else (lambda _i, it: callback(it))
-    return stylize_many(
-        [content], [styles], cfg, weights=weights, runtime=runtime, targets=targets, cache=cache, init_images=[init_image], callback=each, model=model,
-        loop_model=loop_model, extra_terms=extra_terms,
-        masks=masks, style_regions=style_regions, content_mask=content_mask, plan=plan,
-    )[0]
+    return stylize_many([content], [styles], cfg, weights=weights, init_images=[init_image], callback=each, **options)[0]
 
 
 def stage_shapes(width: int, height: int, cfg: StyleConfig) -> tuple[tuple[int, int], ...]:
