@@ -361,8 +361,6 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     tiled = any(s.mode == "tiled" for s in plan.stages)
     if tiled and (o.targets == TargetsMode.ONNX or o.onnx is not None):
         raise UserError("--targets onnx runs each image whole; a tiled plan computes its targets tile by tile in PyTorch: use --targets auto or torch")
-    if tiled and (any(m and m != "-" for m in cfg.masks) or cfg.content_mask):
-        raise UserError("a tiled plan does not take --masks or --content-mask yet: give more --max-memory, a smaller --size, or --tile off")
     changes = plan.changes(cfg)
     if changes.get("optimizer") is not None:  # through the preset, so Adam gets its own lr
         cfg = dataclasses.replace(o, optimizer=changes["optimizer"]).config()

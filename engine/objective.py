@@ -5,7 +5,7 @@ blended Grams) and how the terms are weighted; `stylize` and the profiler call i
 being optimised. Under masks (`masks.py`) the style term is a sum of guided terms, one per
 group of styles sharing a mask, and the content term is weighted by a map. It evaluates the whole
 image at once; `tiles.TiledObjective` evaluates it tile by tile, with the same loss and gradient
-(without masks for now).
+(masks included).
 """
 
 from __future__ import annotations

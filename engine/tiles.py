@@ -5,7 +5,9 @@ features is linear in them once the whole image's Gram is known. So a first pass
 forward without autograd and adds up every style layer's Gram over the positions the tile owns;
 a second pass runs each tile forward and backward with the style terms linearised around those
 Grams (`<dL/dG, F F^T>`, whose gradient is the true one), and adds the tiles' input gradients.
-Content and total-variation terms are sums over positions: each tile adds its own.
+Content and total-variation terms are sums over positions: each tile adds its own. Masks change
+nothing in this: a guided Gram sums the features times the guidance over positions (its
+normalising energy depends on the guidance alone), and a content mask weights each position.
 
 Why it is exact: a tile is cut from the image with a halo of at least the deepest layer's reach
 (`layers.receptive_reach`) on each side, and every cut lies on a multiple of the deepest layer's
@@ -25,7 +27,6 @@ import torch
 
 from .config import LossForm
 from .device import autocast
-from .errors import ConfigError
 from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
 from .losses import gram_matrix, gram_style_loss
 
@@ -120,17 +121,34 @@ def tiled_targets(
     return content, grams
 
 
+@dataclass(frozen=True)
+class _StyleEntry:
+    """One Gram the style term compares: a layer's, or under masks a (group, layer)'s."""
+
+    layer: str
+    weight: float  # the layer's weight (times the group's under masks), before cfg.style_weight
+    target: torch.Tensor  # (N or 1, C, C) in the loss form
+    guide: torch.Tensor | None  # (1, 1, h, w) at the layer's resolution; None: everywhere
+
+
 class TiledObjective:
     """An `Objective` evaluated tile by tile: the same loss, the same gradient up to rounding, with
     the network's activations held for one tile (and its halo) at a time."""
 
     def __init__(self, objective: Objective, tile: int) -> None:
-        if objective.style_groups or objective.content_guides:
-            # Guided Grams are sums over positions too, but the guides would have to be cut per tile.
-            raise ConfigError("tiled evaluation does not take masks yet", params=("masks", "content_mask"))
         self.objective = objective
         self.layers = tuple(objective.content_weights) + tuple(objective.style_weights)
         self.tile = snap_tile(tile, self.layers)
+        # One Gram sum per style layer, or under masks per (group, layer): a guided Gram is a sum
+        # over positions of the features times the guidance, so it tiles as a plain one does.
+        o = objective
+        if o.style_groups:
+            self.entries = [
+                _StyleEntry(k, g.weight * w, g.grams[k], None if g.guides is None else g.guides[k])
+                for g in o.style_groups for k, w in o.style_weights.items()
+            ]  # fmt: skip
+        else:
+            self.entries = [_StyleEntry(k, w, o.grams[k], None) for k, w in o.style_weights.items()]
 
     def tiles(self, hw: tuple[int, int]) -> list[Tile]:
         return tile_grid(hw, self.tile, self.layers)
@@ -147,39 +165,51 @@ class TiledObjective:
     def _crop(x: torch.Tensor, t: Tile) -> torch.Tensor:
         return x[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1]
 
+    @staticmethod
+    def _owned_features(feats: dict[str, torch.Tensor], e: "_StyleEntry", t: Tile) -> torch.Tensor:
+        """The entry's layer's features at the positions tile `t` owns, times its guidance there."""
+        s = layer_stride(e.layer)
+        f = feats[e.layer][(..., *t.owned(s))]
+        if e.guide is None:
+            return f
+        return f.float() * e.guide[:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s].float()
+
     @torch.no_grad()
-    def gram_sums(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pass 1: each style layer's unnormalised Gram `F F^T` over the whole image, (N, C, C) fp32."""
-        o = self.objective
-        sums = {k: x.new_zeros((x.shape[0], layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in o.style_weights}
+    def gram_sums(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Pass 1: each entry's unnormalised (guided) Gram over the whole image, (N, C, C) fp32."""
+        sums = [x.new_zeros((x.shape[0], layer_channels(e.layer), layer_channels(e.layer)), dtype=torch.float32) for e in self.entries]
         if not sums:
             return sums
         for t in self.tiles(x.shape[-2:]):
             feats = self._features(self._crop(x.detach(), t))
-            for k in sums:
-                f = feats[k][(..., *t.owned(layer_stride(k)))]
-                sums[k] += gram_matrix(f, normalize=False)
+            for e, acc in zip(self.entries, sums):
+                acc += gram_matrix(self._owned_features(feats, e, t), normalize=False)
         return sums
 
-    def _style(self, sums: dict[str, torch.Tensor], hw: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _style(self, sums: list[torch.Tensor], hw: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The weighted style term from the whole image's Gram sums, and its gradient with respect
         to each sum: the linear weights of pass 2."""
         o, form = self.objective, self.objective.cfg.loss_form
-        leaves = {k: s.detach().requires_grad_(True) for k, s in sums.items()}
-        zero = torch.zeros((), device=next(iter(sums.values())).device) if sums else torch.zeros(())
+        leaves = [s.detach().requires_grad_(True) for s in sums]
+        zero = torch.zeros((), device=sums[0].device) if sums else torch.zeros(())
+        tiny = torch.finfo(torch.float32).tiny
         with torch.enable_grad():
             total = zero
-            for k, w in o.style_weights.items():
-                g = leaves[k]
+            for e, g in zip(self.entries, leaves):
+                h, wd = hw[0] // layer_stride(e.layer), hw[1] // layer_stride(e.layer)
+                # As `style_loss` normalises: by C*h*w, or under guidance by C * its energy (the
+                # keras form then scales a guided Gram back to a sum over C*h*w positions).
+                positions = h * wd if e.guide is None else e.guide.float().pow(2).sum().clamp_min(tiny)
                 if form == LossForm.NORMALIZED:
-                    h, wd = hw[0] // layer_stride(k), hw[1] // layer_stride(k)
-                    g = g / (g.shape[-1] * h * wd)
-                total = total + w * gram_style_loss(g, o.grams[k], form=form, image_pixels=o.pixels, per_image=o.per_image)
+                    g = g / (g.shape[-1] * positions)
+                elif e.guide is not None:
+                    g = g * (h * wd / positions)
+                total = total + e.weight * gram_style_loss(g, e.target, form=form, image_pixels=o.pixels, per_image=o.per_image)
             total = o.cfg.style_weight * total
             if not leaves:
-                return total, {}
-            grads = torch.autograd.grad(total.sum(), list(leaves.values()))
-        return total.detach(), dict(zip(leaves, grads))
+                return total, []
+            grads = torch.autograd.grad(total.sum(), leaves)
+        return total.detach(), list(grads)
 
     def _local_terms(self, x: torch.Tensor, crop: torch.Tensor, t: Tile, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """This tile's share of the (unweighted) content and TV sums, already divided by what the
@@ -192,8 +222,11 @@ class TiledObjective:
         for k, wt in o.content_weights.items():
             rows, cols = t.owned(layer_stride(k))
             s = layer_stride(k)
-            target = o.content_feats[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s]
-            part = _sum((feats[k][:, :, rows, cols].float() - target.float()).pow(2), each)
+            owned = (slice(None), slice(None), slice(t.y0 // s, t.y1 // s), slice(t.x0 // s, t.x1 // s))
+            sq = (feats[k][:, :, rows, cols].float() - o.content_feats[k][owned].float()).pow(2)
+            if k in o.content_guides:  # a content mask: each position's squared error weighted
+                sq = sq * o.content_guides[k][owned].float()
+            part = _sum(sq, each)
             if form == LossForm.NORMALIZED:
                 part = part / (o.content_feats[k][0].numel() * (1 if each else n))
             c = c + wt * part
@@ -228,9 +261,8 @@ class TiledObjective:
             feats = self._features(crop)
             c, tv_part = self._local_terms(x, crop, t, feats)
             surrogate = cfg.content_weight * c + cfg.tv_weight * tv_part
-            for k, a in lin.items():
-                f = feats[k][(..., *t.owned(layer_stride(k)))]
-                surrogate = surrogate + (a * gram_matrix(f, normalize=False)).flatten(1).sum(1)
+            for e, a in zip(self.entries, lin):
+                surrogate = surrogate + (a * gram_matrix(self._owned_features(feats, e, t), normalize=False)).flatten(1).sum(1)
             surrogate.sum().backward()
             assert crop.grad is not None
             grad[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1] += crop.grad

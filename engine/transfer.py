@@ -372,11 +372,6 @@ def stylize_many(
         # Once for every scale; the targets keep the fp32 model.
         net = loop_model if loop_model is not None else loop_network(model, runtime)
     tiles = [plan.tile_at(hw) for hw in shapes] if plan is not None else [None] * len(shapes)
-    if any(t is not None for t in tiles) and (guidance.masked or guidance.content_mask is not None):
-        raise ConfigError(
-            "tiled stages do not take `masks` or a `content_mask` yet: give more `max_memory`, a smaller `size`, or `tile` off",
-            params=("masks", "content_mask", "max_memory", "size", "tile"),
-        )
     if any(t is not None for t in tiles) and dev.type == "cpu":
         return_freed_memory()  # else freed tile maps stay in the heap (see there)
     # Targets of a tiled run come tile by tile too: a whole-image pass could need more than the loop.

@@ -85,6 +85,23 @@ def test_white_masks_give_the_unmasked_image(images, masks, tmp_path: Path):
     assert np.abs(a - np.asarray(Image.open(c).resize((48, 32)), dtype=np.int16)).max() > 8  # the run did something
 
 
+def test_masked_runs_tiled_equal_untiled(images, masks, tmp_path: Path):
+    """Two styles under left/right masks and a content mask, L-BFGS in fp32: tile by tile (a 2x2
+    grid at 64 px) and whole give the same image within one 8-bit level."""
+    c, s1, s2 = images["content"], images["style"], images["style2"]
+    outs = {}
+    for tile in ("32", "off"):
+        out, rep = tmp_path / f"{tile}.png", tmp_path / f"{tile}.json"
+        r = run("stylize", c, s1, s2, "-o", out, *FAST, "--size", "64", "--scales", "64", "--precision", "fp32", "--tile", tile,
+                "--masks", f"{masks['left']},{masks['right']}", "--content-mask", masks["left"], "--report", rep)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        (stage,) = json.loads(rep.read_text())["plan"]["stages"]
+        assert stage["mode"] == ("whole" if tile == "off" else "tiled")
+        outs[tile] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(outs["32"] - outs["off"]).max() <= 1
+    assert np.abs(outs["off"] - np.asarray(Image.open(c).resize((64, 43)), dtype=np.int16)).max() > 8  # the run did something
+
+
 def test_masks_regions_content_mask_and_the_sheet(images, masks, tmp_path: Path):
     c, s1, s2 = images["content"], images["style"], images["style2"]
     out, sheet, rep, sheet0 = tmp_path / "o.png", tmp_path / "sheet.png", tmp_path / "r.json", tmp_path / "sheet0.png"

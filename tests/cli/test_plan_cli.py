@@ -89,11 +89,3 @@ def test_bad_plan_options_are_one_error_line(images, tmp_path: Path, args, messa
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--weights", "random", "--size", "96", "--iterations", "1", *args)
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and message in r.output and len(r.output.strip().splitlines()) == 1
-
-
-def test_masks_with_a_tiled_plan_are_refused_before_any_work(images, tmp_path: Path):
-    mask = tmp_path / "mask.png"
-    Image.new("L", (96, 64), 255).save(mask)
-    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--weights", "random", "--size", "64", "--tile", "32", "--masks", str(mask))
-    assert r.exit_code == 2, r.output
-    assert r.output.startswith("error: a tiled plan does not take --masks") and len(r.output.strip().splitlines()) == 1

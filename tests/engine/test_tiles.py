@@ -155,10 +155,33 @@ def test_extra_terms_are_added_whole(weights):
     torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
 
 
-def test_masks_are_refused_rather_than_tiled_wrongly(weights):
-    from nst.engine.errors import ConfigError
+@pytest.mark.parametrize("base", [GATYS, SEED], ids=["gatys", "seed-keras-form"])
+def test_masked_tiled_gradient_equals_the_whole_images(base, weights):
+    """Two styles under left and right soft masks and a content mask: guided Grams and a weighted
+    content term tile exactly, as the plain ones do."""
+    from nst.engine.masks import StyleGroup
 
-    objective, _ = _problem(dataclasses.replace(GATYS, **SHALLOW), weights)
-    masked = dataclasses.replace(objective, content_guides={"relu2_2": torch.ones(1, 1, 22, 30)})
-    with pytest.raises(ConfigError, match="masks"):
-        TiledObjective(masked, 20)
+    cfg = dataclasses.replace(base, **SHALLOW)
+    objective, x = _problem(cfg, weights, styles=1)
+    gen = torch.Generator().manual_seed(5)
+    guides = []
+    for side in (0, 1):
+        g = {}
+        for k in cfg.style_layers:
+            h, w = objective.net(torch.zeros(1, 3, *HW))[k].shape[-2:]
+            ramp = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(1, 1, h, w)
+            g[k] = (ramp if side else 1 - ramp) * (0.5 + 0.5 * torch.rand(1, 1, h, w, generator=gen))
+        guides.append(g)
+    groups = (StyleGroup(0.3, objective.grams, guides[0]), StyleGroup(0.7, {k: v * 1.5 for k, v in objective.grams.items()}, guides[1]))
+    h, w = objective.content_feats["relu2_2"].shape[-2:]
+    content_guide = {"relu2_2": torch.rand(1, 1, h, w, generator=gen)}
+    masked = dataclasses.replace(objective, style_groups=groups, content_guides=content_guide)
+    loss, _ = masked.loss_and_grad(x)
+    whole = x.grad.clone()
+    for tile in (16, 28):
+        x.grad = None
+        t_loss, _ = TiledObjective(masked, tile).loss_and_grad(x)
+        err = float((x.grad - whole).abs().max() / whole.abs().max())
+        assert err < 1e-4, (tile, err)
+        torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
+
