@@ -53,6 +53,7 @@ def bench_command(
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="NHWC for the convolutions.")] = True,
     cudnn_benchmark: Annotated[bool, typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning (GPU only).")] = True,
     lowp_weights: Annotated[bool, typer.Option("--lowp-weights/--no-lowp-weights", help="bf16/fp16: hold the weights in that dtype (cast once) rather than let autocast cast them at every call.")] = True,
+    tile: Annotated[str, typer.Option("--tile", help="Comma list of tile edges in px and/or off: the fast loop also timed tile by tile, as a tiled plan runs it (same loss and gradient; rows carry `tile`).")] = "off",
     ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last, cudnn.benchmark (GPU) and --lowp-weights (bf16/fp16) flipped, one at a time.")] = False,
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the loss function (first iterations compile).")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
@@ -96,7 +97,7 @@ def bench_command(
         precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
         cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
-                             ablate=ablate, cuda=dev.type == "cuda")
+                             ablate=ablate, cuda=dev.type == "cuda", tiles=_tiles(tile))
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")
         if any(b < 1 for b in batch_sizes):
             raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
@@ -156,6 +157,19 @@ def bench_command(
         if plot_path is not None:
             write_plot(plot_path, rows, title=f"nst bench on {meta['device']}")
             console.print(f"wrote {plot_path}")
+
+
+def _tiles(text: str) -> list[int | None]:
+    """`off,256` -> [None, 256]: the whole image and 256 px tiles."""
+    out: list[int | None] = []
+    for part in parse_list(text, what="tile", option="--tile"):
+        if part.lower() == "off":
+            out.append(None)
+        elif part.isdigit() and int(part) >= 16:
+            out.append(int(part))
+        else:
+            raise UserError(f"--tile takes off and tile edges of 16 px or more, got {part!r}")
+    return list(dict.fromkeys(out)) or [None]
 
 
 def _meta(dev: torch.device, w: Weights) -> dict[str, object]:
@@ -251,6 +265,8 @@ def _case_label(r: BenchRow, *, presets_vary: bool) -> tuple[str, str]:
         parts.append(r.preset)
     if not r.channels_last:
         parts.append("NCHW")
+    if r.tile is not None:
+        parts.append(f"tile {r.tile}")
     note = _case_note(r)
     if r.phase == "batch" and r.status == "ok" and r.jobs_per_minute is not None:
         note = ", ".join(x for x in (f"{r.jobs_per_minute:.2f} jobs/min", note) if x)
@@ -292,7 +308,7 @@ def _table(rows: list[BenchRow], dev: torch.device) -> Table:
             note = r.layers
         if r.phase == "batch" and ok:
             note = f"batch {r.batch_size}: {r.jobs_per_minute:.2f} jobs/min"
-        table.add_row(r.phase, r.loop, r.preset, r.optimizer if r.phase != "targets" else "-", r.precision, r.size,
+        table.add_row(r.phase, r.loop + (f" tile {r.tile}" if r.tile is not None else ""), r.preset, r.optimizer if r.phase != "targets" else "-", r.precision, r.size,
                       "y" if r.channels_last else "n", ms, spread, _fmt(r.iterations_per_second, 1), _fmt(r.megapixel_iterations_per_second, 3),
                       _fmt(r.tflops, 3), _fmt(r.percent_of_peak, 1), _fmt(r.peak_memory_mb, 0), note)
     sources = sorted({r.peak_source for r in rows if r.peak_source})
@@ -326,8 +342,9 @@ def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") ->
     for r in rows:
         if r.status == "ok" and r.phase == "optimisation":
             label = r.precision
-            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights) for x in rows if x.phase == "optimisation"}) > 1:
+            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights, x.tile) for x in rows if x.phase == "optimisation"}) > 1:
                 label += f" {r.loop} {r.preset} {r.optimizer}" + ("" if r.channels_last else " nchw") + ("" if r.lowp_weights else " cast-per-call")
+                label += "" if r.tile is None else f" tile {r.tile}"
             lines.setdefault(label, []).append(r)
     for label, rs in lines.items():
         rs = sorted(rs, key=lambda r: r.height * r.width)

@@ -18,7 +18,7 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -30,6 +30,7 @@ from .device import DeviceError, Runtime, autocast_dtype, check_precision, devic
 from .errors import ConfigError
 from .layers import LAYER_NAMES, deepest_layer, min_input_size
 from .peaks import peak_for
+from .tiles import TiledObjective
 from .weights import Weights
 
 T = TypeVar("T")
@@ -67,6 +68,7 @@ class BenchRow:
     compile: bool = False
     cuda_graph: bool = False
     lowp_weights: bool = True  # bf16/fp16 rows: weights cast once (Runtime.lowp_weights)
+    tile: int | None = None  # the fast loop tile by tile (tiles.TiledObjective), tile edge in px
     provider: str = ""  # the device, or the ONNX Runtime provider of a targets row
     height: int = 0
     width: int = 0
@@ -116,6 +118,7 @@ class BenchCase:
     compile: bool = False  # torch.compile the loss function (forward; autograd traces backward)
     cuda_graph: bool = False  # capture forward, backward and Adam(capturable) in one CUDA graph
     lowp_weights: bool = True  # bf16/fp16: weights held in that dtype, not cast at every call
+    tile: int | None = None  # the fast loop evaluated tile by tile, as a tiled plan runs it; None: whole
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -159,6 +162,7 @@ def expand_cases(
     lowp_weights: bool = True,
     ablate: bool = False,
     cuda: bool = True,
+    tiles: Sequence[int | None] = (None,),
 ) -> list[BenchCase]:
     """Every combination, sizes innermost (so a plot's line is one run of cases); with `ablate`
     each case also runs with channels-last, (on `cuda`) cuDNN autotuning and (in bf16/fp16) the
@@ -185,8 +189,9 @@ def expand_cases(
                         if autocast_dtype(Precision(p)) is not None:
                             variants.append((channels_last, cudnn_benchmark, not lowp_weights))
                     for cl, cb, lw in variants:
-                        for h, w in sizes:
-                            out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw))
+                        for tile in tiles:
+                            for h, w in sizes:
+                                out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile))
     return out
 
 
@@ -223,7 +228,7 @@ def skipped_row(case: BenchCase, device: torch.device, reason: str, **extra: obj
         iterations_per_second=None, megapixel_iterations_per_second=None, tflops=None,
         percent_of_peak=None, peak_memory_mb=None, loop=case.loop, optimizer=case.optimizer,
         preset=case.preset, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark,
-        compile=case.compile, cuda_graph=case.cuda_graph, lowp_weights=case.lowp_weights, provider=str(device),
+        compile=case.compile, cuda_graph=case.cuda_graph, lowp_weights=case.lowp_weights, tile=case.tile, provider=str(device),
         height=case.height, width=case.width, status="skipped", reason=reason,
     )
     fields.update(extra)
@@ -242,7 +247,7 @@ def row_from_times(case: BenchCase, device: torch.device, times_ms: list[float],
         tflops=tflops, percent_of_peak=100.0 * tflops / peak[0], peak_memory_mb=memory[0],
         loop=case.loop, optimizer=case.optimizer, preset=case.preset, channels_last=case.channels_last,
         cudnn_benchmark=case.cudnn_benchmark, compile=case.compile, cuda_graph=case.cuda_graph,
-        lowp_weights=case.lowp_weights, provider=str(device), height=case.height, width=case.width, iterations=len(ts),
+        lowp_weights=case.lowp_weights, tile=case.tile, provider=str(device), height=case.height, width=case.width, iterations=len(ts),
         gflop_per_iteration=flops / 1e9, peak_tflops=peak[0], peak_source=peak[1], memory_source=memory[1],
         **extra,  # type: ignore[arg-type]
     )
@@ -341,6 +346,8 @@ def bench_case(case: BenchCase, *, weights: Weights, device: torch.device, itera
         return skipped_row(case, device, "CUDA graphs need a CUDA device; not available on the CPU")
     if case.cuda_graph and (case.optimizer != "adam" or case.loop != "fast" or case.compile):
         return skipped_row(case, device, "CUDA-graph capture is implemented for the fast loop with Adam(capturable=True) only")
+    if case.tile is not None and (case.loop != "fast" or case.compile or case.cuda_graph or case.optimizer == "torch-lbfgs"):
+        return skipped_row(case, device, "tiles are timed for the fast loop with our L-BFGS or Adam, without compile or CUDA graphs")
     cfg = bench_config(case)
     check_case_size(cfg, case)
     return unless_out_of_memory(
@@ -376,6 +383,8 @@ def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device
             loss_fn = reference_loss(cfg, weights, runtime, content, style)
         else:
             loss_fn, _ = fast_loss(cfg, weights, runtime, content, style)
+            if case.tile is not None:  # the same loss and gradient, one tile (and its halo) at a time
+                loss_fn = TiledObjective(loss_fn, case.tile)
         if case.compile:
             loss_fn = torch.compile(loss_fn)
         x = (content * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it

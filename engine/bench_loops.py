@@ -105,10 +105,17 @@ def make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Ten
         return lambda: topt.step(closure) and None  # type: ignore[func-returns-value]
     opt = make_optimizer(cfg, x, capturable=case.cuda_graph)  # bench_config set cfg.optimizer from the case
 
+    # An objective evaluates and back-propagates itself (a tiled one tile by tile); the reference
+    # loop is a plain loss function.
+    loss_and_grad = getattr(loss_fn, "loss_and_grad", None)
+
     def step() -> None:
         x.grad = None
-        loss, _ = loss_fn(x)
-        loss.backward()
+        if loss_and_grad is not None:
+            loss, _ = loss_and_grad(x)
+        else:
+            loss, _ = loss_fn(x)
+            loss.backward()
         if isinstance(opt, LBFGS):
             opt.step(loss.detach())  # as stylize calls it: with the loss, to take back a step that rose
         else:

@@ -194,3 +194,23 @@ def test_no_row_exceeds_100_percent_of_peak(tmp_path: Path, monkeypatch: pytest.
     assert len({row["peak_tflops"] for row in rows}) == 1  # one peak per device and precision
     assert all(row["peak_source"].startswith("the fastest row of this sweep") and "lower bound" in row["peak_source"] for row in rows)
     assert all(row["percent_of_peak"] == pytest.approx(100 * row["tflops"] / row["peak_tflops"]) for row in rows)
+
+
+def test_bench_times_the_loop_tile_by_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`--tile off,32`: a row for the whole image and one for 32 px tiles, and the tiled row's
+    step really goes through the tiled objective (every timed step evaluates it once)."""
+    import nst.engine.tiles as tiles
+
+    calls = []
+    real = tiles.TiledObjective.loss_and_grad
+    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", lambda self, x: calls.append(self.tile) or real(self, x))
+    j = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--precision", "fp32", "--optimizer", "adam",
+                            "--iterations", "2", "--warmup", "1", "--tile", "off,32", "--no-optimizer-phase", "--no-targets-phase", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    rows = [row for row in json.loads(j.read_text())["results"] if row["phase"] == "optimisation"]
+    assert [row["tile"] for row in rows] == [None, 32] and all(row["status"] == "ok" and row["ms_per_iteration"] > 0 for row in rows)
+    assert calls == [32] * 3  # warm-up and timed steps of the tiled row only
+    assert "tile 32" in r.output
+    bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "8"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --tile takes off and tile edges of 16 px or more"), bad.output
