@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +191,44 @@ class DeviceContexts:
 @pytest.fixture
 def device_contexts(monkeypatch: pytest.MonkeyPatch) -> DeviceContexts:
     return DeviceContexts(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real local Ray cluster of two CPUs, one per test module; its address. Its workers inherit
+    the environment it starts with, so it gets a private cache folder and no downloads."""
+    ray = pytest.importorskip("ray")
+    cache = tmp_path_factory.mktemp("ray-cache")
+    env = {"NST_CACHE_DIR": str(cache), "NST_OFFLINE": "1", "TORCH_HOME": str(cache / "torch-home")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture
+def interrupted_stylize(images: dict[str, Path], tmp_path: Path):
+    """`run(*options, env=...)`: `nst stylize` on the test images in a subprocess, 48 px, saving
+    every iteration, sent SIGINT once the first snapshot is on disk; (exit code, stderr, output)."""
+
+    def run(*options: str, env: dict[str, str] | None = None) -> tuple[int, str, Path]:
+        out = tmp_path / "int.png"
+        cmd = [sys.executable, "-c", "from nst.cli.app import main; main()", "stylize", str(images["content"]), str(images["style"]),
+               "-o", str(out), "--weights", "random", "--size", "48", "--iterations", "100000", "--targets", "torch", "--save-every", "1", *options]  # fmt: skip
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env if env is not None else os.environ.copy())
+        deadline = time.time() + 120
+        while not (tmp_path / "int.0001.png").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        return p.returncode, err, out
+
+    return run

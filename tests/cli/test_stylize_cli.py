@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,19 +111,10 @@ def test_every_weight_times_1e8_reaches_the_same_relative_loss(examples, tmp_pat
     assert rel[0] <= 0.1 and rel[1] == pytest.approx(rel[0], rel=0.05)
 
 
-def test_ctrl_c_keeps_latest_image(images, tmp_path: Path):
+def test_ctrl_c_keeps_latest_image(interrupted_stylize, tmp_path: Path):
     """SIGINT mid-run: exit 130, the output holds the latest image, no temporary files left."""
-    out = tmp_path / "int.png"
-    cmd = [sys.executable, "-c", "from nst.cli.app import main; main()", "stylize", str(images["content"]), str(images["style"]),
-           "-o", str(out), "--weights", "random", "--size", "48", "--iterations", "100000", "--targets", "torch",
-           "--save-every", "1", "-q"]  # fmt: skip
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    deadline = time.time() + 120
-    while not (tmp_path / "int.0001.png").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
+    code, err, out = interrupted_stylize("-q")
+    assert code == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert Image.open(out).size == (48, 32)
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]

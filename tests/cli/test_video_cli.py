@@ -226,26 +226,6 @@ def test_video_cmd_imports_nothing_heavy_at_module_level():
     assert not top & heavy, top & heavy
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A local Ray cluster of two CPUs; its workers get a private cache folder and no downloads."""
-    ray = pytest.importorskip("ray")
-    cache = tmp_path_factory.mktemp("ray-cache")
-    env = {"NST_CACHE_DIR": str(cache), "NST_OFFLINE": "1", "TORCH_HOME": str(cache / "torch-home")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_several_videos_here_and_on_ray_one_per_worker_give_the_same_frames(cluster, examples_dir, tmp_path):
     a = make_pan(tmp_path / "a.mp4", examples_dir, frames=4, w=64, h=48)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,26 +27,6 @@ from nst.engine.jobs.ray_runner import RayRunner
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 FAST = ["--weights", "random", "--size", "32", "--iterations", "3", "--targets", "torch", "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_2", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A local Ray cluster with two CPUs. Its workers inherit the environment it starts with, so
-    it gets a private cache folder of its own and no downloads."""
-    cache = tmp_path_factory.mktemp("ray-cache")
-    env = {"NST_CACHE_DIR": str(cache), "NST_OFFLINE": "1", "TORCH_HOME": str(cache / "torch-home")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
 
 
 def _img(path: Path, w: int, h: int, seed: int) -> Path:
