@@ -138,15 +138,12 @@ def style_loss(
     """
     if form == LossForm.NORMALIZED:
         g = gram_matrix(features) if guide is None else guided_gram(features, guide)
-        return _reduce((g - target_gram).pow(2), mean=True, per_image=per_image)
-    if image_pixels is None:
-        raise ValueError("the keras style loss needs image_pixels (the image's H*W)")
-    if guide is None:
+    elif guide is None:
         g = gram_matrix(features, normalize=False)
     else:
         _, c, h, w = features.shape
         g = guided_gram(features, guide) * (c * h * w)
-    return _reduce((target_gram - g).pow(2), mean=False, per_image=per_image) / (4.0 * 3**2 * float(image_pixels) ** 2)
+    return gram_style_loss(g, target_gram, form=form, image_pixels=image_pixels, per_image=per_image)
 
 
 def gram_style_loss(
@@ -157,8 +154,9 @@ def gram_style_loss(
     image_pixels: int | None = None,
     per_image: bool = False,
 ) -> torch.Tensor:
-    """`style_loss` (unguided) from the output's Gram, in the form's normalisation, rather than its
-    features: what a tiled evaluation needs, whose Gram is summed over the tiles."""
+    """`style_loss` from the output's (plain or guided) Gram, already in the form's normalisation,
+    rather than its features: `style_loss` ends here, and a tiled evaluation, whose Gram is summed
+    over the tiles, calls it directly."""
     if form == LossForm.NORMALIZED:
         return _reduce((gram - target_gram).pow(2), mean=True, per_image=per_image)
     if image_pixels is None:

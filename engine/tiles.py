@@ -20,7 +20,7 @@ the order of addition.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -129,6 +129,12 @@ class _StyleEntry:
     weight: float  # the layer's weight (times the group's under masks), before cfg.style_weight
     target: torch.Tensor  # (N or 1, C, C) in the loss form
     guide: torch.Tensor | None  # (1, 1, h, w) at the layer's resolution; None: everywhere
+    energy: torch.Tensor | None = field(init=False, default=None)  # derived: the sum of the guide's squares
+
+    def __post_init__(self) -> None:
+        if self.guide is not None:
+            tiny = torch.finfo(torch.float32).tiny  # a region pooling emptied: zero, not NaN (as `guided_gram`)
+            object.__setattr__(self, "energy", self.guide.float().pow(2).sum().clamp_min(tiny))
 
 
 class TiledObjective:
@@ -192,14 +198,13 @@ class TiledObjective:
         o, form = self.objective, self.objective.cfg.loss_form
         leaves = [s.detach().requires_grad_(True) for s in sums]
         zero = torch.zeros((), device=sums[0].device) if sums else torch.zeros(())
-        tiny = torch.finfo(torch.float32).tiny
         with torch.enable_grad():
             total = zero
             for e, g in zip(self.entries, leaves):
                 h, wd = hw[0] // layer_stride(e.layer), hw[1] // layer_stride(e.layer)
                 # As `style_loss` normalises: by C*h*w, or under guidance by C * its energy (the
                 # keras form then scales a guided Gram back to a sum over C*h*w positions).
-                positions = h * wd if e.guide is None else e.guide.float().pow(2).sum().clamp_min(tiny)
+                positions = h * wd if e.energy is None else e.energy
                 if form == LossForm.NORMALIZED:
                     g = g / (g.shape[-1] * positions)
                 elif e.guide is not None:

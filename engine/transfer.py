@@ -300,9 +300,6 @@ def stylize(
     get wrong raises an `EngineError` before any work. `plan` (`plan.plan_run`) says which stages
     run tile by tile (the same result, up to rounding, in less memory); without it all run whole.
     """
-    unknown = set(options) - set(RunOptions.__annotations__)
-    if unknown:
-        raise TypeError(f"stylize() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     each = None if callback is None else (lambda _i, it: callback(it))
     return stylize_many([content], [styles], cfg, weights=weights, init_images=[init_image], callback=each, **options)[0]
 
