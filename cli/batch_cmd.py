@@ -22,7 +22,7 @@ from rich.table import Table
 
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
-from .common import UserError, console, user_errors
+from .common import UserError, console, ray_device_and_precision, user_errors
 from .stylize_cmd import CONFIG_OPTIONS, PLAN_OPTIONS, config_from_options, keyword_option, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
@@ -179,14 +179,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
 
     targets = functools.partial(choose_targets, a["targets"], onnx_path=a["onnx"], provider=a["provider"])
     if a["ray"] or a["ray_address"] is not None:
-        from nst.engine.config import Precision
-
-        dev = str(a["device"]).strip().lower()
-        if dev not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {a['device']} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
-        prec = str(a["precision"]).strip().lower()
-        if prec != "auto" and prec not in {p.value for p in Precision}:  # each worker checks it on its own device
-            raise UserError(f"unknown precision {prec!r}: use auto, {', '.join(p.value for p in Precision)}")
+        dev, prec = ray_device_and_precision(a["device"], a["precision"])
         try:
             from nst.engine.jobs.ray_runner import RayRunner
         except ImportError as e:

@@ -78,6 +78,20 @@ EXPECTED = (UserError, EngineError, FileNotFoundError, PermissionError)
 MISSING = (ResourceMissing, WeightsUnavailable)
 
 
+def ray_device_and_precision(device: object, precision: object) -> tuple[str, str]:
+    """`--device` and `--precision` for Ray workers, checked on the driver: a device kind (each
+    worker is given its own GPU) and a precision name (each worker checks it on its own device)."""
+    from nst.engine.config import Precision
+
+    dev = str(device).strip().lower()
+    if dev not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
+    prec = str(precision).strip().lower()
+    if prec != "auto" and prec not in {p.value for p in Precision}:
+        raise UserError(f"unknown precision {prec!r}: use auto, {', '.join(p.value for p in Precision)}")
+    return dev, prec
+
+
 def fail(message: str, code: int = EXIT_INPUT) -> "typer.Exit":
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code=code)

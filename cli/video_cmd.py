@@ -19,10 +19,9 @@ import typer
 from nst.engine import config as C
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, console, fail, load_weights_for, torch_hub_dir, user_errors
+from .common import UserError, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
 from .stylize_cmd import PLAN_OPTIONS, config_from_options, keyword_option, same_file, stylize_parameters
 
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")  # what a written video may be named
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
 
 
@@ -91,7 +90,7 @@ def _outputs(inputs: list[str], output: Path) -> list[Path]:
     for src in inputs:
         p = Path(src)
         stem = p.parent.name if any(c in src for c in "*?[") else (p.stem if p.suffix else p.name)
-        out = output / (stem + (p.suffix.lower() if is_video_path(p) and p.suffix.lower() in VIDEO_SUFFIXES else ".mp4"))
+        out = output / (stem + (p.suffix.lower() if is_video_path(p) else ".mp4"))
         if out in names:
             raise UserError(f"{names[out]} and {src} would both write {out}; give them different names or run them apart")
         names[out] = src
@@ -349,14 +348,7 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
     reports: list[dict[str, object]] = []
     interrupted = False
     if on_ray:
-        from nst.engine.config import Precision
-
-        dev = str(a["device"]).strip().lower()
-        if dev not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {a['device']} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
-        prec = str(a["precision"]).strip().lower()
-        if prec != "auto" and prec not in {p.value for p in Precision}:
-            raise UserError(f"unknown precision {prec!r}: use auto, {', '.join(p.value for p in Precision)}")
+        dev, prec = ray_device_and_precision(a["device"], a["precision"])
         try:
             from nst.engine.video.ray_runner import ClipRayRunner
         except ImportError as e:

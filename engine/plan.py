@@ -23,7 +23,7 @@ from typing import Any
 from .config import Optimizer, Pooling, Precision, PreserveColors, StyleConfig
 from .errors import ConfigError
 from .images import output_shape
-from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels, layer_stride
+from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels
 from .tiles import grid_shape, snap_tile, tile_halo, tile_step
 
 # What the allocator holds beyond the tensors counted, as a share of them: oneDNN's scratch
@@ -91,10 +91,10 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
     h, w = hw
     depth = LAYER_INDEX[deepest_layer(layers)] + 1
     taps = set(layers)
-    kept = 3 * h * w * 4 * 3  # the image scaled, in channels-last and normalised (fp32)
+    kept = _image_bytes(h * w) * 3  # the image scaled, in channels-last and normalised (fp32)
     if e == 2:
         kept += 3 * h * w * e  # autocast's copy of the first conv's input
-    largest = prev = 3 * h * w * 4
+    largest = prev = _image_bytes(h * w)
     pair = 0
     for name in LAYER_NAMES[:depth]:
         c = layer_channels(name)
@@ -102,7 +102,7 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
         size = c * fh * fw * e
         if name.startswith("conv"):
             kept += size
-            if LAYER_INDEX[name] in {LAYER_INDEX[t] for t in taps}:
+            if name in taps:
                 kept += size  # its ReLU cannot run in place: a second map
         elif name.startswith("pool"):
             kept += size
@@ -297,7 +297,7 @@ def _plan_stages(
         def with_target_tile(p: StagePlan) -> StagePlan:  # only for the chosen plan: it searches too
             return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision))
 
-        if isinstance(tile, int) and not isinstance(tile, TileMode):
+        if isinstance(tile, int):
             fits_one = snap_tile(tile, layers) >= max(hw)
             stages.append(with_target_tile(make(None if fits_one else tile)))
             continue
@@ -367,7 +367,7 @@ def plan_run(
                     params=("size",),
                 )
     tries: list[tuple[StyleConfig, str]] = [(cfg, "")]
-    if optimizer_fallback and cfg.optimizer == Optimizer.LBFGS and budget is not None and (isinstance(tile, TileMode) or isinstance(tile, str)):
+    if optimizer_fallback and cfg.optimizer == Optimizer.LBFGS and budget is not None and isinstance(tile, str):
         tries += [
             (dataclasses.replace(cfg, lbfgs_history=m), f"L-BFGS history shortened from {cfg.lbfgs_history} to {m} to fit")
             for m in SHORTER_HISTORIES if m < cfg.lbfgs_history

@@ -7,7 +7,6 @@ output.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from PIL import Image
 from ..config import StyleConfig
 from ..device import Runtime
 from ..features import VGGFeatures
+from ..jobs.journal import file_digest as sha256_of_file
 from ..targets import TargetSource
 from ..transfer import Iterate, TargetCacheLike, check_sizes
 from ..weights import Weights
@@ -39,11 +39,7 @@ def work_folder(output: Path) -> Path:
 
 def file_digest(path: Path) -> str:
     """16 hex digits of a file's sha256: how the journal tells an edited style or init apart."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_of_file(path)[:16]
 
 
 @dataclass(frozen=True)
