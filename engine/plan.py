@@ -6,8 +6,11 @@ loaded before it can plan): the network's weights, the stage's images and the im
 the targets, the optimiser's state, and the network's activations kept for the backward pass plus
 the gradients in flight. Activations are counted layer by layer from `layers` (VGG19's table):
 what autograd keeps for each convolution, in-place ReLU and pooling (max pooling also keeps int64
-indices), at the precision the network runs in. Each part is an estimate of what the allocator
-holds at the stage's peak; `tests/engine/test_plan.py` checks the sum against a measured peak.
+indices), at the precision the network runs in. A stage has two phases that do not overlap:
+making its targets (its images are alive) and the optimiser's loop (only the targets, the image,
+its gradient and the optimiser's state are); its peak is the larger. Each part is an estimate of
+what the allocator holds at that peak; `tests/engine/test_plan.py` checks the sum against a
+measured peak, whole and tiled.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
     With `grad`: everything autograd keeps for the backward pass (each conv's input, each ReLU's
     output, which is the same tensor when it runs in place, each max pooling's int64 indices) plus
     the two largest gradients in flight, and the loss's fp32 copies of the tapped features. Without:
-    the largest two consecutive maps (a no-grad forward frees each map after the next)."""
+    the largest two consecutive maps (a no-grad forward frees each map after the next) and the
+    tapped maps, which the pass returns, each with an fp32 copy for its Gram or target."""
     e = _precision_bytes(precision)
     h, w = hw
     depth = LAYER_INDEX[deepest_layer(layers)] + 1
@@ -113,12 +117,14 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
         largest = max(largest, size)
         pair = max(pair, prev + size)
         prev = size
+    tapped = 0
     for t in taps:
         fh, fw = feature_hw(hw, t)
+        tapped += layer_channels(t) * fh * fw * e
         # an fp32 map per tapped layer: the content loss's difference, or in bf16 the Gram's input
         kept += layer_channels(t) * fh * fw * 4
     if not grad:
-        return n * pair
+        return n * (pair + tapped + max(layer_channels(t) * math.prod(feature_hw(hw, t)) * 4 for t in taps))
     return n * (kept + 2 * largest)
 
 
@@ -145,6 +151,7 @@ class StagePlan:
     # Tile edge for the targets' no-grad pass, which holds far less per pixel than the loop's
     # forward and backward: the largest whose pass needs no more than the loop's tile.
     target_tile: int | None = None
+    phase: str = "loop"  # the phase `parts` describe, the one that needs more: "targets" or "loop"
 
     @property
     def tiles(self) -> int:
@@ -157,7 +164,8 @@ class StagePlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "size": self.size, "hw": list(self.hw), "mode": self.mode, "tile": self.tile, "tiles": self.tiles, "grid": list(self.grid),
-            "halo": self.halo, "target_tile": self.target_tile, "estimated_peak_bytes": self.estimated_peak_bytes, "parts": dict(self.parts),
+            "halo": self.halo, "target_tile": self.target_tile, "estimated_peak_bytes": self.estimated_peak_bytes, "peak_phase": self.phase,
+            "parts": dict(self.parts),
         }  # fmt: skip
 
 
@@ -217,33 +225,73 @@ def _image_bytes(pixels: int) -> int:
     return 3 * pixels * 4
 
 
-def stage_parts(
-    cfg: StyleConfig, hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], *, precision: Precision, tile: int | None
-) -> dict[str, int]:
-    """The estimated bytes of one stage by part, whole (`tile` None) or tiled."""
+def stage_phases(
+    cfg: StyleConfig,
+    hw: tuple[int, int],
+    style_hws: Sequence[tuple[int, int]],
+    *,
+    precision: Precision,
+    tile: int | None,
+    prev_hw: tuple[int, int] | None = None,
+) -> dict[str, dict[str, int]]:
+    """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
+    stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
+    keep only the targets, the image, its gradient and the optimiser's state; see `Stage.for_loop`).
+    `prev_hw`: the previous stage's output size, whose result (and Adam's moments, when they are
+    carried over) the stage holds while it runs."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     pixels = hw[0] * hw[1]
-    # The content (and its luminance), the image, its gradient, the last finite copy, the start.
-    images = 5 * _image_bytes(pixels) + (_image_bytes(pixels) if cfg.preserve_colors == PreserveColors.LUMINANCE else 0)
-    images += sum(2 * _image_bytes(h * w) for h, w in style_hws)
-    targets = sum(layer_channels(k) * math.prod(feature_hw(hw, k)) * 4 for k in cfg.content_layers)
-    targets += sum(layer_channels(k) ** 2 * 4 * (len(style_hws) + 2) for k in cfg.style_layers)
+    image = _image_bytes(pixels)
+    luminance = cfg.preserve_colors == PreserveColors.LUMINANCE
+    carried = _image_bytes(prev_hw[0] * prev_hw[1]) if prev_hw is not None else 0  # the previous stage's result
+    if prev_hw is not None and cfg.optimizer == Optimizer.ADAM and cfg.carry_adam_moments:
+        carried += optimizer_bytes(cfg, prev_hw[0] * prev_hw[1])
+    grams = sum(layer_channels(k) ** 2 * 4 * (len(style_hws) + 2) for k in cfg.style_layers)
+    content_fp32 = sum(layer_channels(k) * math.prod(feature_hw(hw, k)) * 4 for k in cfg.content_layers)
+    # A tiled stage keeps its content targets at the network's precision, made so (`stylize_many`).
+    lowp = tile is not None and precision in (Precision.BF16, Precision.FP16)
+    content_loop = content_fp32 // 2 if lowp else content_fp32
+    weights = weight_bytes(layers, precision)
+
+    # Targets: the content (and its luminance) and each style (the tensor, and a quarter for the
+    # 8-bit image it came from; twice, as histogram matching makes a new one), while the targets'
+    # pass runs or, after it, the start image is made from them.
+    per_style = 2.0 if cfg.preserve_colors == PreserveColors.HISTOGRAM else 1.25
+    t_images = (1 + luminance) * image + sum(int(per_style * _image_bytes(h * w)) for h, w in style_hws) + carried
     if tile is None:
-        net = activation_bytes(layers, hw, precision=precision, pooling=cfg.pooling)
-        net_targets = max([activation_bytes(layers, s, precision=Precision.FP32, pooling=cfg.pooling, grad=False) for s in [hw, *style_hws]])
-    else:
-        net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
-        net_targets = net  # the targets' tile is chosen to need no more (`_target_tile`)
-    parts = {
-        "weights": weight_bytes(layers, precision),
-        "images": images,
-        "targets": targets,
-        "optimizer": optimizer_bytes(cfg, pixels),
-        # The targets' pass and the loop's do not overlap: the larger of the two counts.
-        "activations": max(net, net_targets),
-    }
-    parts["overhead"] = int(OVERHEAD * sum(parts.values()))
-    return parts
+        t_net = max(activation_bytes(layers, s, precision=Precision.FP32, pooling=cfg.pooling, grad=False) for s in [hw, *style_hws])
+    else:  # the targets' tile is chosen to need no more than the loop's (`_target_tile`)
+        t_net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+    targets_phase = {"weights": weights, "images": t_images, "targets": content_loop + grams, "activations": max(t_net, image)}
+
+    # Loop: the image, its gradient, the last finite copy (half precision when tiled), the
+    # content's colours under `luminance`, the previous stage's result.
+    l_images = 2 * image + (image // 2 if tile is not None else image) + (image if luminance else 0) + carried
+    net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+    optimizer = optimizer_bytes(cfg, pixels)
+    # Adam's step makes two image-sized temporaries (none when fused, as a tiled stage runs it);
+    # they do not overlap the network's pass.
+    step_temps = 2 * image if cfg.optimizer == Optimizer.ADAM and tile is None else 0
+    loop_phase = {"weights": weights, "images": l_images, "targets": content_loop + grams, "optimizer": optimizer, "activations": max(net, step_temps)}
+    phases = {"targets": targets_phase, "loop": loop_phase}
+    for parts in phases.values():
+        parts["overhead"] = int(OVERHEAD * sum(parts.values()))
+    return phases
+
+
+def stage_parts(
+    cfg: StyleConfig,
+    hw: tuple[int, int],
+    style_hws: Sequence[tuple[int, int]],
+    *,
+    precision: Precision,
+    tile: int | None,
+    prev_hw: tuple[int, int] | None = None,
+) -> dict[str, int]:
+    """The estimated bytes by part of a stage, whole (`tile` None) or tiled: those of whichever
+    of its phases (`stage_phases`) needs more."""
+    phases = stage_phases(cfg, hw, style_hws, precision=precision, tile=tile, prev_hw=prev_hw)
+    return max(phases.values(), key=lambda p: sum(p.values()))
 
 
 def style_shape(style_wh: tuple[int, int], out_hw: tuple[int, int], cfg: StyleConfig) -> tuple[int, int]:
@@ -284,15 +332,19 @@ def _plan_stages(
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
     worst: _TooSmall | None = None  # the stage whose smallest tile needs the most
+    prev_hw: tuple[int, int] | None = None
     for size in cfg.sizes:
         hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
         s_hws = [style_shape(wh, hw, cfg) for wh in style_whs]
+        prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
         def make(t: int | None) -> StagePlan:
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev)
+            phase = max(phases, key=lambda k: sum(phases[k].values()))
             if t is None:
-                return StagePlan(size, hw, "whole", None, (1, 1), 0, stage_parts(cfg, hw, s_hws, precision=precision, tile=None))
+                return StagePlan(size, hw, "whole", None, (1, 1), 0, phases[phase], phase=phase)
             t = snap_tile(t, layers)
-            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), stage_parts(cfg, hw, s_hws, precision=precision, tile=t))
+            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), phases[phase], phase=phase)
 
         def with_target_tile(p: StagePlan) -> StagePlan:  # only for the chosen plan: it searches too
             return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision))
@@ -356,10 +408,12 @@ def plan_run(
     Raises PlanError when even the smallest tile does not fit, naming the budget that would, and
     when a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
     machine's memory: tiling cannot help those."""
+    layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     if host_bytes is not None:
         for size in cfg.sizes:
             hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
-            images = stage_parts(cfg, hw, [style_shape(wh, hw, cfg) for wh in style_whs], precision=precision, tile=None)["images"]
+            phases = stage_phases(cfg, hw, [style_shape(wh, hw, cfg) for wh in style_whs], precision=precision, tile=snap_tile(1, layers))
+            images = min(p["images"] for p in phases.values())  # what no tiling can shrink
             if images > host_bytes:
                 raise PlanError(
                     f"size {size} ({hw[1]}x{hw[0]}) needs {format_size(images)} for its image buffers alone, more than this "
@@ -402,5 +456,5 @@ def format_size(n: float) -> str:
 
 __all__ = [
     "OVERHEAD", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "optimizer_bytes", "parse_size",
-    "SHORTER_HISTORIES", "plan_run", "stage_parts", "style_shape", "weight_bytes",
+    "SHORTER_HISTORIES", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -66,14 +66,20 @@ class TorchTargets:
         self.tile = tile
 
     @torch.no_grad()
-    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets:
+    def compute(
+        self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...], content_dtype: torch.dtype = torch.float32
+    ) -> ImageTargets:
+        """`content_dtype`: what the content features are kept in (computed in fp32, then rounded:
+        a tiled stage at bf16 keeps them at the loop's precision, at half the memory)."""
         dev = next(self.model.parameters()).device
         if self.tile is not None and max(image.shape[-2:]) > self.tile:
-            content, grams = tiled_targets(self.model, image.to(dev, torch.float32), content_layers=content_layers, style_layers=style_layers, tile=self.tile)
+            content, grams = tiled_targets(
+                self.model, image.to(dev, torch.float32), content_layers=content_layers, style_layers=style_layers, tile=self.tile, content_dtype=content_dtype
+            )
             return ImageTargets(content, grams)
         feats = self.model(image.to(dev, torch.float32))
         return ImageTargets(
-            {name: feats[name].float() for name in content_layers},
+            {name: feats[name].to(content_dtype) for name in content_layers},
             {name: gram_matrix(feats[name]) for name in style_layers},  # (1, C, C)
         )
 

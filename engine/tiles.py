@@ -101,20 +101,21 @@ def _sum(t: torch.Tensor, per_image: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def tiled_targets(
-    net: VGGFeatures, image: torch.Tensor, *, content_layers: Sequence[str], style_layers: Sequence[str], tile: int
+    net: VGGFeatures, image: torch.Tensor, *, content_layers: Sequence[str], style_layers: Sequence[str], tile: int, content_dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An image's content features (1, C, h, w) and normalised Grams (1, C, C), in fp32, through
-    `net` one tile at a time: the same numbers as one pass over the whole image, up to rounding."""
+    """An image's content features (1, C, h, w; kept in `content_dtype`) and normalised Grams
+    (1, C, C), in fp32, through `net` one tile at a time: the same numbers as one pass over the
+    whole image, up to rounding."""
     layers = tuple(content_layers) + tuple(style_layers)
     hw = (int(image.shape[-2]), int(image.shape[-1]))
     n = image.shape[0]
-    content = {k: image.new_zeros((n, layer_channels(k), *(d // layer_stride(k) for d in hw)), dtype=torch.float32) for k in content_layers}
+    content = {k: image.new_zeros((n, layer_channels(k), *(d // layer_stride(k) for d in hw)), dtype=content_dtype) for k in content_layers}
     sums = {k: image.new_zeros((n, layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in style_layers}
     for t in tile_grid(hw, snap_tile(tile, layers), layers):
         feats = net(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1])
         for k in content:
             s = layer_stride(k)
-            content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = feats[k][(..., *t.owned(s))].float()
+            content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = feats[k][(..., *t.owned(s))]
         for k in sums:
             sums[k] += gram_matrix(feats[k][(..., *t.owned(layer_stride(k)))], normalize=False)
     grams = {k: g / (g.shape[-1] * (hw[0] // layer_stride(k)) * (hw[1] // layer_stride(k))) for k, g in sums.items()}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import color
-from .config import AUTO, INIT_CHOICES, Optimizer, PreserveColors, StyleConfig, auto_iterations
+from .config import AUTO, INIT_CHOICES, Optimizer, Precision, PreserveColors, StyleConfig, auto_iterations
 from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
@@ -208,10 +208,16 @@ class Stage:
 
     index: int  # 0-based into cfg.sizes
     hw: tuple[int, int]  # (H, W) of the output at this scale
-    content_rgb: torch.Tensor  # the content, resized
-    network_content: torch.Tensor  # the content as the network sees it (luminance for `luminance`)
+    content_rgb: torch.Tensor | None  # the content, resized (after `for_loop`: only when `luminance_only`)
+    network_content: torch.Tensor | None  # the content as the network sees it (luminance for `luminance`)
     styles: list[torch.Tensor]  # the style images, resized and recoloured
     luminance_only: bool  # the output's colours come from `content_rgb` at the end
+
+    def for_loop(self) -> "Stage":
+        """This stage without what only its targets and its start image needed: the styles, and
+        the content unless the output's colours come from it. At print size each is hundreds of
+        MB that the optimiser's loop would otherwise hold."""
+        return replace(self, content_rgb=self.content_rgb if self.luminance_only else None, network_content=None, styles=[])
 
 
 def prepare_stage(content: Image.Image, styles: Sequence[Image.Image], index: int, size: int, cfg: StyleConfig, device: torch.device) -> Stage:
@@ -390,24 +396,35 @@ def stylize_many(
             for index, (size, hw) in enumerate(zip(cfg.sizes, shapes)):
                 with clock.phase("images"):
                     stages = [prepare_stage(c, st, index, size, cfg, dev) for c, st in zip(contents, styles)]
+                tile = tiles[index]
                 with clock.phase("targets", sync=True):
-                    per_image = [lk.stage_targets(sg, dev, guidance) for lk, sg in zip(lookups, stages)]
+                    # A tiled stage's content features are image-sized: the cache would hold a
+                    # second copy while it writes them, so only its styles' Grams are cached.
+                    # Its content features are kept at the network's precision (the loop's
+                    # features are at that precision), at half the memory.
+                    lowp = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(runtime.precision) if tile is not None else None
+                    per_image = [lk.stage_targets(sg, dev, guidance, cache_content=tile is None, content_dtype=lowp) for lk, sg in zip(lookups, stages)]
                     if guidance.masked:  # a guided style term per group of styles sharing a mask
                         groups, grams = _style_groups(cfg, guidance, per_image, stages, blends, hw, dev), {}
                     else:  # the styles' Grams blended into one target
                         groups = []
                         blended = [style_grams(cfg, t[1], sg.styles, b, device=dev) for t, sg, b in zip(per_image, stages, blends)]
                         grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
-                content_feats = {k: torch.cat([t[0][k] for t in per_image]) for k in cfg.content_layers}  # (N, C, h, w)
+                # (N, C, h, w); one image's are its own tensors, not a copy
+                content_feats = {k: per_image[0][0][k] if n == 1 else torch.cat([t[0][k] for t in per_image]) for k in cfg.content_layers}
                 content_guides = {} if guidance.content_mask is None else layer_guides(stage_guide(guidance.content_mask, hw).to(dev), cfg.content_layers)
                 if x_prev is None:
                     init = torch.cat([_init_image(cfg, sg.network_content, sg.styles[0], im, sg.hw, dev) for sg, im in zip(stages, inits)])
                 else:
-                    init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
+                    init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp_(0, 1)
+                # The loop needs none of the stage's images but the colours' source, and only the
+                # targets themselves (see `plan.stage_parts`, which counts the same buffers).
+                stages, per_image = [sg.for_loop() for sg in stages], []
                 objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms,
                                            style_groups=groups, content_guides=content_guides)
-                tile = tiles[index]
-                x_prev = loop.run_stage(stages, objective if tile is None else TiledObjective(objective, tile), init)
+                del content_feats
+                x_prev = loop.run_stage(stages, objective if tile is None else TiledObjective(objective, tile), init)  # takes `init` over
+                del init, objective
                 done = (x_prev, stages)
                 if not loop.running:
                     break
@@ -501,33 +518,53 @@ class _TargetLookup:
         self.source, self.cache, self.mid, self.cfg, self.regions = source, cache, mid, cfg, regions
         self.hits = self.lookups = 0
 
-    def stage_targets(self, stage: Stage, device: torch.device, guidance: Guidance) -> tuple[dict[str, torch.Tensor], list[ImageTargets]]:
-        """(content features on `device`, each style image's targets) for one stage."""
+    def stage_targets(
+        self, stage: Stage, device: torch.device, guidance: Guidance, *, cache_content: bool = True, content_dtype: torch.dtype | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[ImageTargets]]:
+        """(content features on `device`, each style image's targets) for one stage; without
+        `cache_content` the content's features are neither looked up in the cache nor stored;
+        `content_dtype`: the content features' dtype (None: fp32, as every source gives them)."""
         cfg = self.cfg
-        c_targets = self.image_targets(stage.network_content, cfg.content_layers, ())
+        assert stage.network_content is not None, "a stage's targets come before `Stage.for_loop`"
+        c_targets = self.image_targets(stage.network_content, cfg.content_layers, (), use_cache=cache_content, content_dtype=content_dtype)
         s_targets = []
         for i, st in enumerate(stage.styles):
             region = guidance.region(i)
             s_targets.append(self.image_targets(st, (), cfg.style_layers, region=None if region is None else stage_guide(region, tuple(st.shape[-2:]))))
         return c_targets.to(device).content, s_targets
 
-    def image_targets(self, image: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], *, region: torch.Tensor | None = None) -> ImageTargets:
+    def image_targets(
+        self,
+        image: torch.Tensor,
+        content_layers: Sequence[str],
+        style_layers: Sequence[str],
+        *,
+        region: torch.Tensor | None = None,
+        use_cache: bool = True,
+        content_dtype: torch.dtype | None = None,
+    ) -> ImageTargets:
         key = None
         mid = self.mid if region is None else self.regions.mid  # type: ignore[union-attr]
-        if self.cache is not None:
+        cache = self.cache if use_cache else None
+        if cache is not None:
             self.lookups += 1
             key = target_key(model=mid, image=image, content_layers=content_layers, style_layers=style_layers, style_scale=self.cfg.style_scale, region=region)
-            hit = self.cache.lookup(key)
+            hit = cache.lookup(key)
             if hit is not None:
                 self.hits += 1
                 return hit
-        if region is None:
+        if region is None and content_dtype is not None and isinstance(self.source, TorchTargets):
+            # Rounded as they are made: a full fp32 copy is never held. (Not cached: see the caller.)
+            t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers), content_dtype=content_dtype)
+        elif region is None:
             t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers))
+            if content_dtype is not None:
+                t = ImageTargets({k: v.to(content_dtype) for k, v in t.content.items()}, t.grams)
         else:
             assert self.regions is not None
             t = self.regions.compute(image, region, style_layers)
-        if self.cache is not None and key is not None:
-            self.cache.store(key, t)
+        if cache is not None and key is not None:
+            cache.store(key, t)
         return t
 
     def cache_state(self) -> str:
@@ -567,9 +604,18 @@ class _Loop:
         """Optimise from `init` ((N, 3, H, W) in [0, 1]); returns the stage's images in [0, 1]
         (for each, the last finite one)."""
         cfg, dev, n = self.cfg, self.runtime.device, self.n
-        x = (init * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
-        good = x.detach().clone()
-        opt = make_optimizer(cfg, x, per_image=n > 1)
+        # The image is `init` itself, scaled in place (NCHW: L-BFGS flattens it): the caller hands
+        # it over, and a print-size stage has no memory for a second copy.
+        x = init.contiguous()
+        if cfg.pixel_scale != 1:
+            x.mul_(cfg.pixel_scale)
+        x.requires_grad_(True)
+        # The last image with a finite loss; a tiled stage (one that is short of memory) keeps it
+        # at half precision, well within one 8-bit level of the image.
+        tiled = isinstance(objective, TiledObjective)
+        good_dtype = torch.float16 if tiled and x.dtype == torch.float32 else x.dtype
+        good = x.detach().to(good_dtype, copy=True)
+        opt = make_optimizer(cfg, x, per_image=n > 1, fused=tiled)
         stage = stages[0]
         stage_its = self.stage_iterations[stage.index]
         self.stage_start = list(self.kept)
@@ -609,11 +655,11 @@ class _Loop:
                         self.message[i] = f"the loss became {float(loss[i].detach())} at iteration {self.steps[i] + 1}; kept the last image with a finite loss"
                         self.kept[i] -= 1
                         self.running.remove(i)
-                        self.stopped[i] = ((good[i : i + 1] / cfg.pixel_scale).clamp(0, 1), stages[i])
+                        self.stopped[i] = ((good[i : i + 1].to(x.dtype) / cfg.pixel_scale).clamp(0, 1), stages[i])
                     if not self.running:
                         x.data.copy_(good)
                         break
-                    good = x.detach().clone()
+                    good.copy_(x.detach())
                 if it == 1 and cfg.carry_adam_moments:
                     carry_adam_moments(self.prev_opt, opt)
                 if isinstance(opt, torch.optim.Optimizer):  # Adam
@@ -623,7 +669,7 @@ class _Loop:
                 if len(self.running) < n:  # images that stopped stay where they stopped
                     with torch.no_grad():
                         idle = [i for i in range(n) if i not in self.running]
-                        x[idle] = good[idle]
+                        x[idle] = good[idle].to(x.dtype)
                 self.step += 1
                 for i in self.running:
                     self.steps[i] += 1
@@ -643,21 +689,28 @@ class _Loop:
                 self.status[i] = RunStatus.INTERRUPTED
                 self.message[i] = f"stopped at iteration {self.steps[i]} of {self.total_steps}; kept the latest image"
             self.running = []
-        self.prev_opt = opt
+        # The next stage starts Adam from these moments (`carry_adam_moments`); nothing else of
+        # this optimiser outlives the stage.
+        self.prev_opt = opt if cfg.carry_adam_moments and isinstance(opt, torch.optim.Adam) else None
+        x.grad = None
         with torch.no_grad():
-            out = (kept_point(opt, x) / cfg.pixel_scale).clamp(0, 1)  # L-BFGS: its last accepted point
+            # In place: the stage's image (L-BFGS: its last accepted point) is not used again.
+            out = kept_point(opt, x).div_(cfg.pixel_scale).clamp_(0, 1)
             bad = ~torch.isfinite(out).flatten(1).all(1)  # (N,): such an image falls back whole
             if bad.any():
-                out[bad] = (good[bad] / cfg.pixel_scale).clamp(0, 1)
+                out[bad] = (good[bad].to(out.dtype) / cfg.pixel_scale).clamp(0, 1)
         return out
 
 
-def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False) -> "LBFGS | torch.optim.Adam":
+def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False, fused: bool = False) -> "LBFGS | torch.optim.Adam":
     """The configuration's optimiser over the image `x` (`capturable`: Adam for a CUDA graph).
     Adam is elementwise, so one for a batch is one per image; L-BFGS with `per_image` is a
-    `BatchedLBFGS`: one history, curvature test and step length per image of the batch."""
+    `BatchedLBFGS`: one history, curvature test and step length per image of the batch.
+    `fused`: Adam's fused kernel, which makes no image-sized temporaries in its step (the
+    default implementation makes two); for stages short of memory."""
     if cfg.optimizer == Optimizer.ADAM:
-        return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable)
+        fuse = fused and not capturable and x.dtype == torch.float32 and x.device.type in ("cpu", "cuda")
+        return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable, fused=fuse or None)
     # The first step and the step cap are in image units ([0, 1] of the pixel range).
     return (BatchedLBFGS if per_image else LBFGS)(
         x, lr=cfg.lr, history=cfg.lbfgs_history, first_step=cfg.lbfgs_first_step * cfg.pixel_scale, max_step=cfg.lbfgs_max_step * cfg.pixel_scale

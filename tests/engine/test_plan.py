@@ -80,11 +80,11 @@ def test_lbfgs_history_is_shortened_then_adam_chosen():
     short = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1.2e9))
     assert short.optimizer == "lbfgs" and short.lbfgs_history in (10, 5) and short.changes(cfg) == {"lbfgs_history": short.lbfgs_history}
     assert "history" in short.optimizer_note
-    adam = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1e9))
+    adam = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(8e8))
     assert adam.optimizer == "adam" and adam.lbfgs_history is None and adam.changes(cfg) == {"optimizer": Optimizer.ADAM}
-    assert adam.stages[0].mode == "tiled" and adam.estimated_peak_bytes <= 1e9
+    assert adam.stages[0].mode == "tiled" and adam.estimated_peak_bytes <= 8e8
     with pytest.raises(PlanError):
-        plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1e9), optimizer_fallback=False)
+        plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(8e8), optimizer_fallback=False)
 
 
 def test_too_small_a_budget_names_one_that_works():
@@ -123,32 +123,46 @@ def status(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
-size = int(sys.argv[1])
+size, tile, precision, optimizer = int(sys.argv[1]), int(sys.argv[2]) or None, Precision(sys.argv[3]), sys.argv[4]
 rng = np.random.default_rng(0)
 content = Image.fromarray(rng.integers(0, 256, (size * 2 // 3, size, 3), dtype=np.uint8))
 style = Image.fromarray(rng.integers(0, 256, (size // 2, size // 2, 3), dtype=np.uint8))
 weights = random_weights(seed=0)
-cfg = preset("gatys", size=size, scales=(), iterations=1)
-plan = plan_run(cfg, content.size, [style.size], precision=Precision.FP32)
+# Tiled: shallow layers keep the tiles cheap, and the image-sized buffers are most of the peak.
+shallow = {"content_layers": ("relu2_2",), "style_layers": ("relu1_1", "relu2_1", "relu3_1")} if tile else {}
+cfg = preset("gatys", size=size, scales=(), iterations=1, optimizer=optimizer, **shallow)
+plan = plan_run(cfg, content.size, [style.size], precision=precision, tile=tile or "auto")
 p = torch.zeros(4, requires_grad=True); opt = torch.optim.Adam([p]); p.sum().backward(); opt.step()
 open("/proc/self/clear_refs", "w").write("5")
 base = status("VmRSS:")
-stylize(content, [style], cfg, weights=weights, runtime=Runtime(precision=Precision.FP32), plan=plan)
+assert plan.stages[0].mode == ("tiled" if tile else "whole")
+stylize(content, [style], cfg, weights=weights, runtime=Runtime(precision=precision), plan=plan)
 print(json.dumps({"estimate": plan.stages[0].estimated_peak_bytes, "measured": status("VmHWM:") - base}))
 """
+
+
+def _measure(*args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _MEASURE, *map(str, args)], stdout=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
 def test_estimate_is_within_20_percent_of_the_measured_peak():
-    """Whole-image mode, fp32 on the CPU, at three sizes; the processes run side by side."""
-    procs = {s: subprocess.Popen([sys.executable, "-c", _MEASURE, str(s)], stdout=subprocess.PIPE, text=True) for s in (224, 320, 448)}
-    for size, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
+    """Whole-image mode, fp32 on the CPU, at three sizes: within 20%. Tiled, where the image-sized
+    buffers (L-BFGS's history in fp32; Adam's moments, bf16 content targets and the half-precision
+    last finite image in bf16) are much of the peak: at most 30% over and 10% under (the tiles'
+    activations are counted on the safe side: measured 1.10x to 1.24x). The processes run side
+    by side."""
+    cases = {(224, 0, "fp32", "lbfgs"): (0.8, 1.2), (320, 0, "fp32", "lbfgs"): (0.8, 1.2), (448, 0, "fp32", "lbfgs"): (0.8, 1.2),
+             (1024, 128, "fp32", "lbfgs"): (0.9, 1.3), (1536, 256, "bf16", "adam"): (0.9, 1.3)}  # fmt: skip
+    procs = {case: _measure(*case) for case in cases}
+    for case, proc in procs.items():
+        out, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0
         got = json.loads(out.strip().splitlines()[-1])
         ratio = got["estimate"] / got["measured"]
-        assert 0.8 <= ratio <= 1.2, (size, got, ratio)
+        low, high = cases[case]
+        assert low <= ratio <= high, (case, got, ratio)
 
 
 def test_seed_presets_deeper_content_layer_widens_the_halo():
