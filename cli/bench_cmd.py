@@ -42,7 +42,7 @@ def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "")
 def bench_command(
     sizes: Annotated[str, typer.Option("--sizes", help="Comma list of N (square) or HxW, e.g. 256,512 or 128x192.")] = "256,512,1024",
     precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, tf32, bf16, fp16 and auto (what stylize's auto picks here), or all (the four; on the CPU fp16 is then reported as skipped). Ones this device lacks are reported as skipped.")] = "all",
-    optimizer: Annotated[str, typer.Option("--optimizer", help="Comma list of lbfgs (ours), adam, torch-lbfgs (torch.optim.LBFGS).")] = "lbfgs",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="Comma list of lbfgs (ours), adam, torch-lbfgs (torch.optim.LBFGS); with --to-result also lbfgs:H, L-BFGS with a history of H.")] = "lbfgs",
     preset_names: Annotated[str, typer.Option("--preset", help="Comma list of presets whose layer sets and losses to run: gatys, seed.")] = "gatys",
     loop: Annotated[str, typer.Option("--loop", help="Comma list: fast (what stylize runs), reference (the notebook's: content, style and output through all of VGG19 every step).")] = "fast",
     iterations: Annotated[int, typer.Option("--iterations", min=1, help="Timed iterations per case.")] = 20,
@@ -87,7 +87,8 @@ def bench_command(
             raise UserError("--sizes is empty: give e.g. 256,512")
         every = precision.strip().lower() == "all"
         names = [p.value for p in Precision] if every else _choices(precision, ("auto", *(p.value for p in Precision)), "precision", alone="all")
-        opts = _choices(optimizer, OPTIMIZERS, "optimizer")
+        # --to-result also takes lbfgs:H, L-BFGS with a history of H (`result_cases` checks them)
+        opts = list(parse_list(optimizer, what="optimizer")) if to_result else _choices(optimizer, OPTIMIZERS, "optimizer")
         presets = _choices(preset_names, tuple(p.value for p in Preset), "preset")
         loops = _choices(loop, LOOPS, "loop")
         if flops:
@@ -95,7 +96,7 @@ def bench_command(
             return
         dev = resolve_device(device)
         precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
-        cases = expand_cases(hw, precisions=precs, optimizers=opts, presets=presets, loops=loops, channels_last=channels_last,
+        cases = expand_cases(hw, precisions=precs, optimizers=list(dict.fromkeys(o.split(":")[0] for o in opts)), presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
                              ablate=ablate, cuda=dev.type == "cuda", tiles=_tiles(tile))
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")

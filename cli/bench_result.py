@@ -3,6 +3,8 @@ loss against seconds."""
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import torch
@@ -30,9 +32,9 @@ def result_cases(sizes: list[tuple[int, int]], *, presets: list[str], optimizers
     for h, w in sizes:
         if h != w:
             raise UserError(f"--to-result takes sizes as N (the longest side; the content image sets the shape), not {h}x{w}")
-    bad = [o for o in optimizers if o not in RESULT_OPTIMIZERS]
+    bad = [o for o in optimizers if o not in RESULT_OPTIMIZERS and not re.fullmatch(r"lbfgs:[1-9]\d*", o)]
     if bad:
-        raise UserError(f"--to-result runs stylize's optimisers ({', '.join(RESULT_OPTIMIZERS)}), not {', '.join(bad)}")
+        raise UserError(f"--to-result runs stylize's optimisers ({', '.join(RESULT_OPTIMIZERS)}, or lbfgs:H for a history of H), not {', '.join(bad)}")
     for (size, _) in sizes:
         for text in scales:
             parse_scales(text, size)  # ConfigError: one line from user_errors

@@ -26,6 +26,7 @@ from .lbfgs import LBFGS
 from .losses import content_loss, gram_matrix, style_loss, tv_loss
 from .objective import make_objective, style_grams
 from .targets import TorchTargets
+from .tiles import TiledObjective
 from .transfer import build_model, loop_network, make_optimizer
 from .weights import Weights, load_into
 
@@ -103,7 +104,8 @@ def make_step(case: BenchCase, cfg: StyleConfig, loss_fn: Callable, x: torch.Ten
             return loss
 
         return lambda: topt.step(closure) and None  # type: ignore[func-returns-value]
-    opt = make_optimizer(cfg, x, capturable=case.cuda_graph)  # bench_config set cfg.optimizer from the case
+    # bench_config set cfg.optimizer from the case; a tiled stage runs Adam fused, as stylize does
+    opt = make_optimizer(cfg, x, capturable=case.cuda_graph, fused=isinstance(loss_fn, TiledObjective))
 
     # An objective evaluates and back-propagates itself (a tiled one tile by tile); the reference
     # loop is a plain loss function.

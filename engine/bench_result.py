@@ -46,7 +46,7 @@ class ResultCase:
 
     size: int
     preset: str = "gatys"
-    optimizer: str = "lbfgs"
+    optimizer: str = "lbfgs"  # lbfgs, adam, or lbfgs:H (L-BFGS with a history of H)
     precision: Precision = Precision.FP32
     scales: str = "single"
 
@@ -93,7 +93,9 @@ def result_config(case: ResultCase, *, max_iterations: int) -> StyleConfig:
     optimiser's lr, `config.preset`'s rule), its stages, and the last stage given up to
     `max_iterations`."""
     scales, coarse = parse_scales(case.scales, case.size)
-    cfg = preset(case.preset, size=case.size, optimizer=Optimizer(case.optimizer), scales=scales, scale_iterations=(), save_every=0)
+    name, _, history = case.optimizer.partition(":")  # `lbfgs:5`: L-BFGS with a history of 5
+    extra = {"lbfgs_history": int(history)} if history else {}
+    cfg = preset(case.preset, size=case.size, optimizer=Optimizer(name), scales=scales, scale_iterations=(), save_every=0, **extra)
     coarse = coarse or cfg.stage_iterations[:-1]  # auto: the preset's own split of its budget
     return dataclasses.replace(cfg, scale_iterations=(*coarse, max_iterations))
 

@@ -121,15 +121,17 @@ def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypat
 
     monkeypatch.setattr(BR, "REFERENCE_ITERATIONS", 6)  # a short reference: the phase, not the measurement
     j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    args = ["bench", "--to-result", "--device", "cpu", "--sizes", "48", "--precision", "fp32", "--optimizer", "lbfgs,adam",
+    args = ["bench", "--to-result", "--device", "cpu", "--sizes", "48", "--precision", "fp32", "--optimizer", "lbfgs,adam,lbfgs:2",
             "--result-scales", "single", "--result-scales", "32:2,48", "--result-iterations", "6",
             "--content", str(images["content"]), "--style", str(images["style"]), "--json", str(j), "--csv", str(c), "--plot", str(p)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     data = json.loads(j.read_text())
     rows = data["results"]
-    assert len(rows) == 4 and all(tuple(row) == ROW_KEYS and row["phase"] == "result" for row in rows)
-    assert [(row["optimizer"], row["scales"]) for row in rows] == [("lbfgs", "single"), ("lbfgs", "32:2,48"), ("adam", "single"), ("adam", "32:2,48")]
+    assert len(rows) == 6 and all(tuple(row) == ROW_KEYS and row["phase"] == "result" for row in rows)
+    assert [(row["optimizer"], row["scales"]) for row in rows] == [
+        ("lbfgs", "single"), ("lbfgs", "32:2,48"), ("adam", "single"), ("adam", "32:2,48"), ("lbfgs:2", "single"), ("lbfgs:2", "32:2,48"),
+    ]  # fmt: skip
     # Single-scale fp32 L-BFGS for as many iterations as the reference: the same run, so it reaches it.
     base = rows[0]
     assert base["reached"] and base["iterations_to_result"] <= 6 and base["seconds_to_result"] > 0
@@ -137,7 +139,7 @@ def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypat
     assert all(row["iterations_to_result"] is None for row in rows if not row["reached"])
     assert data["references"]["gatys 48"]["stored"] is False and data["images"] == [str(images["content"]), str(images["style"])]
     with c.open() as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 6
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "s to result" in r.output
     # The reference is kept: a second run does not recompute it.
@@ -154,6 +156,7 @@ def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypat
         (["--sizes", "48", "--result-scales", "32,64"], "must end at the size"),
         (["--sizes", "48x32"], "sizes as n"),
         (["--sizes", "48", "--optimizer", "torch-lbfgs"], "torch-lbfgs"),
+        (["--sizes", "48", "--optimizer", "lbfgs:0"], "lbfgs:h for a history of h"),
         (["--sizes", "48", "--content", "x.png"], "both --content and --style"),
     ],
 )

@@ -40,6 +40,8 @@ def test_result_config_runs_the_last_stage_to_the_limit():
     cfg = result_config(ResultCase(256, optimizer="adam", scales="128:40,256"), max_iterations=90)
     assert cfg.optimizer == Optimizer.ADAM and cfg.lr == 0.05 and cfg.stage_iterations == (40, 90)
     assert result_config(ResultCase(64, preset="seed", optimizer="adam"), max_iterations=5).lr == 5.0  # the seed preset's own
+    short = result_config(ResultCase(64, optimizer="lbfgs:5"), max_iterations=5)  # what the memory planner falls back to
+    assert (short.optimizer, short.lbfgs_history) == ("lbfgs", 5) and result_config(ResultCase(64), max_iterations=5).lbfgs_history == 20
     ref = BR.reference_config(ResultCase(64, optimizer="adam", precision=Precision.BF16, scales="auto"))
     assert ref.optimizer == Optimizer.LBFGS and ref.sizes == (64,) and ref.stage_iterations == (BR.REFERENCE_ITERATIONS,)
 
