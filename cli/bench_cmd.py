@@ -15,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from nst.engine.config import Precision, Preset, preset
+from nst.engine.config import Precision, Preset, TileGrams, preset
 from nst.engine.files import write_atomic
 from nst.engine.layers import deepest_layer
 
@@ -54,6 +54,7 @@ def bench_command(
     cudnn_benchmark: Annotated[bool, typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning (GPU only).")] = True,
     lowp_weights: Annotated[bool, typer.Option("--lowp-weights/--no-lowp-weights", help="bf16/fp16: hold the weights in that dtype (cast once) rather than let autocast cast them at every call.")] = True,
     tile: Annotated[str, typer.Option("--tile", help="Comma list of tile edges in px and/or off: the fast loop also timed tile by tile, as a tiled plan runs it (same loss and gradient; rows carry `tile`).")] = "off",
+    tile_grams: Annotated[str, typer.Option("--tile-grams", help="Comma list of exact and/or previous: a tiled case's Grams from a first pass (exact) or the last iteration's (one pass; rows carry `tile_grams`).")] = "exact",
     ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last, cudnn.benchmark (GPU) and --lowp-weights (bf16/fp16) flipped, one at a time.")] = False,
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the loss function (first iterations compile).")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
@@ -98,14 +99,16 @@ def bench_command(
         precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
         cases = expand_cases(hw, precisions=precs, optimizers=list(dict.fromkeys(o.split(":")[0] for o in opts)), presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
-                             ablate=ablate, cuda=dev.type == "cuda", tiles=_tiles(tile))
+                             ablate=ablate, cuda=dev.type == "cuda", tiles=_tiles(tile),
+                             tile_grams=_choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams"))
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")
         if any(b < 1 for b in batch_sizes):
             raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
         if to_result:
             from .bench_result import result_cases
 
-            result_case_list = result_cases(hw, presets=presets, optimizers=opts, precisions=precs, scales=result_scales or ["single", "auto"])
+            result_case_list = result_cases(hw, presets=presets, optimizers=opts, precisions=precs, scales=result_scales or ["single", "auto"],
+                                            tiles=_tiles(tile), tile_grams=_choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams"))
         w = load_weights_for(weights, seed)
         if to_result:
             _to_result(result_case_list, w, dev, content=content, style=style, seed=seed, max_iterations=result_iterations,
@@ -246,6 +249,8 @@ def _case_note(r: BenchRow) -> str:
         notes.append("CUDA graph")
     if r.precision in ("bf16", "fp16") and not r.lowp_weights:
         notes.append("weights cast per call")
+    if r.tile_grams == "previous":
+        notes.append("previous Grams")
     return ", ".join(notes)
 
 
@@ -343,7 +348,7 @@ def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") ->
     for r in rows:
         if r.status == "ok" and r.phase == "optimisation":
             label = r.precision
-            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights, x.tile) for x in rows if x.phase == "optimisation"}) > 1:
+            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights, x.tile, x.tile_grams) for x in rows if x.phase == "optimisation"}) > 1:
                 label += f" {r.loop} {r.preset} {r.optimizer}" + ("" if r.channels_last else " nchw") + ("" if r.lowp_weights else " cast-per-call")
                 label += "" if r.tile is None else f" tile {r.tile}"
             lines.setdefault(label, []).append(r)

@@ -25,7 +25,10 @@ from .report import write_figure
 RESULT_OPTIMIZERS = tuple(o.value for o in Optimizer)
 
 
-def result_cases(sizes: list[tuple[int, int]], *, presets: list[str], optimizers: list[str], precisions: list[Precision], scales: list[str]) -> list[ResultCase]:
+def result_cases(
+    sizes: list[tuple[int, int]], *, presets: list[str], optimizers: list[str], precisions: list[Precision], scales: list[str],
+    tiles: list[int | None] | None = None, tile_grams: list[str] | None = None,
+) -> list[ResultCase]:
     """Every setting, checked before any work: square sizes only (the content's aspect decides
     the shape), optimisers stylize has, scales that parse."""
     out = []
@@ -42,7 +45,9 @@ def result_cases(sizes: list[tuple[int, int]], *, presets: list[str], optimizers
             for o in optimizers:
                 for p in precisions:
                     for text in scales:
-                        out.append(ResultCase(size, pr, o, p, text.strip().lower()))
+                        for tile in tiles or [None]:
+                            for tg in (tile_grams or ["exact"]) if tile is not None else ["exact"]:
+                                out.append(ResultCase(size, pr, o, p, text.strip().lower(), tile, tg))
     return out
 
 

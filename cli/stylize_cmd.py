@@ -107,7 +107,7 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
         masks=parse_list(a.get("masks"), what="mask", option="--masks") or None,
         style_regions=parse_list(a.get("style_regions"), what="mask", option="--style-regions") or None,
-        content_mask=a.get("content_mask"),
+        content_mask=a.get("content_mask"), tile_grams=a.get("tile_grams"),
     )  # fmt: skip
     if isinstance(overrides["scales"], tuple) and a["size"] is not None and overrides["scales"][-1] != a["size"]:
         raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")
@@ -202,6 +202,7 @@ def stylize_command(
     max_memory: Annotated[Optional[str], typer.Option(help="Memory the run may plan for, e.g. 6GB, 800MB, 4GiB [the device's free memory less 15%].", show_default=False)] = None,
     tile: Annotated[str, typer.Option(help="auto (whole when it fits --max-memory, else the largest tile that does), off, or a tile edge in pixels.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of each stage and exit without optimising.")] = False,
+    tile_grams: Annotated[Optional[C.TileGrams], typer.Option(help="A tiled stage's Grams: exact (a pass without gradients first) or previous (the last iteration's: one pass, an approximate gradient) [exact].", show_default=False)] = None,
 ) -> None:
     """Stylise CONTENT in the manner of one or more STYLE images.
 
@@ -253,6 +254,7 @@ class StylizeOptions:
     max_memory: str | None
     tile: str
     dry_run: bool
+    tile_grams: C.TileGrams | None
 
     @property
     def init_path(self) -> Path | None:
@@ -455,7 +457,7 @@ def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: 
 
 def plan_lines(plan: Plan) -> list[str]:
     """The plan as lines of at most 80 columns: per stage its size, whole or the tile grid, and the
-    estimated peak by part."""
+    estimated peak by part, with the phase it comes in."""
     from nst.engine.plan import format_size
 
     budget = format_size(plan.budget_bytes) if plan.budget_bytes is not None else "none"
@@ -463,7 +465,8 @@ def plan_lines(plan: Plan) -> list[str]:
     for i, s in enumerate(plan.stages, 1):
         how = "whole" if s.mode == "whole" else f"tiled, {s.tile} px tiles, {s.grid[0]}x{s.grid[1]} = {s.tiles}, halo {s.halo} px"
         lines.append(f"  stage {i}: {s.hw[1]}x{s.hw[0]} {how}")
-        lines.append(f"    estimated peak {format_size(s.estimated_peak_bytes)}:")
+        when = "making its targets" if s.phase == "targets" else "optimising"
+        lines.append(f"    estimated peak {format_size(s.estimated_peak_bytes)}, {when}:")
         parts = [f"{k} {format_size(v)}" for k, v in s.parts.items()]
         lines.append("      " + ", ".join(parts[:3]) + ",")
         lines.append("      " + ", ".join(parts[3:]))
@@ -526,7 +529,7 @@ def keyword_option(name: str, annotation: Any, default: Any = inspect.Parameter.
 
 
 # The memory plan's options: `nst stylize` only for now (batch and video run each image whole).
-PLAN_OPTIONS = ("max_memory", "tile", "dry_run")
+PLAN_OPTIONS = ("max_memory", "tile", "dry_run", "tile_grams")
 
 
 def stylize_parameters(*, without: Collection[str]) -> list[inspect.Parameter]:

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from .bench_loops import fast_loss, case_flops, make_step, reference_loss
-from .config import Optimizer, Precision, StyleConfig, preset
+from .config import Optimizer, Precision, StyleConfig, TileGrams, preset
 from .device import DeviceError, Runtime, autocast_dtype, check_precision, device_context, is_out_of_memory, out_of_memory_message, precision_context, release_memory, synchronize
 from .errors import ConfigError
 from .layers import LAYER_NAMES, deepest_layer, min_input_size
@@ -69,6 +69,7 @@ class BenchRow:
     cuda_graph: bool = False
     lowp_weights: bool = True  # bf16/fp16 rows: weights cast once (Runtime.lowp_weights)
     tile: int | None = None  # the fast loop tile by tile (tiles.TiledObjective), tile edge in px
+    tile_grams: str = ""  # a tiled row's Grams: exact (two passes) or previous (one pass); "" when whole
     provider: str = ""  # the device, or the ONNX Runtime provider of a targets row
     height: int = 0
     width: int = 0
@@ -119,6 +120,7 @@ class BenchCase:
     cuda_graph: bool = False  # capture forward, backward and Adam(capturable) in one CUDA graph
     lowp_weights: bool = True  # bf16/fp16: weights held in that dtype, not cast at every call
     tile: int | None = None  # the fast loop evaluated tile by tile, as a tiled plan runs it; None: whole
+    tile_grams: str = "exact"  # with `tile`: StyleConfig.tile_grams
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -163,6 +165,7 @@ def expand_cases(
     ablate: bool = False,
     cuda: bool = True,
     tiles: Sequence[int | None] = (None,),
+    tile_grams: Sequence[str] = ("exact",),
 ) -> list[BenchCase]:
     """Every combination, sizes innermost (so a plot's line is one run of cases); with `ablate`
     each case also runs with channels-last, (on `cuda`) cuDNN autotuning and (in bf16/fp16) the
@@ -173,6 +176,9 @@ def expand_cases(
     for lp in loops:
         if lp not in LOOPS:
             raise ConfigError(f"unknown loop {lp!r}: use {', '.join(LOOPS)}")
+    for tg in tile_grams:
+        if tg not in {m.value for m in TileGrams}:
+            raise ConfigError(f"unknown tile grams {tg!r}: use {', '.join(m.value for m in TileGrams)}")
     for h, w in sizes:
         if min(h, w) < 1:
             raise ConfigError(f"size {h}x{w}: sizes must be positive")
@@ -190,8 +196,9 @@ def expand_cases(
                             variants.append((channels_last, cudnn_benchmark, not lowp_weights))
                     for cl, cb, lw in variants:
                         for tile in tiles:
-                            for h, w in sizes:
-                                out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile))
+                            for tg in tile_grams if tile is not None else ("exact",):
+                                for h, w in sizes:
+                                    out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile, tg))
     return out
 
 
@@ -228,7 +235,8 @@ def skipped_row(case: BenchCase, device: torch.device, reason: str, **extra: obj
         iterations_per_second=None, megapixel_iterations_per_second=None, tflops=None,
         percent_of_peak=None, peak_memory_mb=None, loop=case.loop, optimizer=case.optimizer,
         preset=case.preset, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark,
-        compile=case.compile, cuda_graph=case.cuda_graph, lowp_weights=case.lowp_weights, tile=case.tile, provider=str(device),
+        compile=case.compile, cuda_graph=case.cuda_graph, lowp_weights=case.lowp_weights, tile=case.tile,
+        tile_grams=case.tile_grams if case.tile is not None else "", provider=str(device),
         height=case.height, width=case.width, status="skipped", reason=reason,
     )
     fields.update(extra)
@@ -247,7 +255,8 @@ def row_from_times(case: BenchCase, device: torch.device, times_ms: list[float],
         tflops=tflops, percent_of_peak=100.0 * tflops / peak[0], peak_memory_mb=memory[0],
         loop=case.loop, optimizer=case.optimizer, preset=case.preset, channels_last=case.channels_last,
         cudnn_benchmark=case.cudnn_benchmark, compile=case.compile, cuda_graph=case.cuda_graph,
-        lowp_weights=case.lowp_weights, tile=case.tile, provider=str(device), height=case.height, width=case.width, iterations=len(ts),
+        lowp_weights=case.lowp_weights, tile=case.tile, tile_grams=case.tile_grams if case.tile is not None else "",
+        provider=str(device), height=case.height, width=case.width, iterations=len(ts),
         gflop_per_iteration=flops / 1e9, peak_tflops=peak[0], peak_source=peak[1], memory_source=memory[1],
         **extra,  # type: ignore[arg-type]
     )
@@ -384,7 +393,7 @@ def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device
         else:
             loss_fn, _ = fast_loss(cfg, weights, runtime, content, style)
             if case.tile is not None:  # the same loss and gradient, one tile (and its halo) at a time
-                loss_fn = TiledObjective(loss_fn, case.tile)
+                loss_fn = TiledObjective(loss_fn, case.tile, grams=case.tile_grams)
         if case.compile:
             loss_fn = torch.compile(loss_fn)
         x = (content * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it

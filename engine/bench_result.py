@@ -24,11 +24,12 @@ from PIL import Image
 
 from .bench import BenchRow, unless_out_of_memory
 from .cache import REFERENCES_DIR
-from .config import AUTO, Optimizer, Precision, StyleConfig, preset
+from .config import AUTO, Optimizer, Precision, StyleConfig, TileGrams, preset
 from .device import DeviceError, Runtime, check_precision, synchronize
 from .errors import ConfigError
 from .files import write_atomic
 from .images import output_shape
+from .plan import plan_run
 from .transfer import Iterate, StopRun, stylize
 from .weights import Weights
 
@@ -49,10 +50,13 @@ class ResultCase:
     optimizer: str = "lbfgs"  # lbfgs, adam, or lbfgs:H (L-BFGS with a history of H)
     precision: Precision = Precision.FP32
     scales: str = "single"
+    tile: int | None = None  # every stage larger than this runs tiled (`plan.plan_run`'s `tile`)
+    tile_grams: str = "exact"  # with `tile`: StyleConfig.tile_grams
 
     @property
     def label(self) -> str:
-        return f"{self.optimizer} {self.precision.value} {self.scales}"
+        tiled = "" if self.tile is None else f" tile {self.tile}" + (" previous" if self.tile_grams == "previous" else "")
+        return f"{self.optimizer} {self.precision.value} {self.scales}{tiled}"
 
 
 @dataclass
@@ -95,14 +99,15 @@ def result_config(case: ResultCase, *, max_iterations: int) -> StyleConfig:
     scales, coarse = parse_scales(case.scales, case.size)
     name, _, history = case.optimizer.partition(":")  # `lbfgs:5`: L-BFGS with a history of 5
     extra = {"lbfgs_history": int(history)} if history else {}
-    cfg = preset(case.preset, size=case.size, optimizer=Optimizer(name), scales=scales, scale_iterations=(), save_every=0, **extra)
+    cfg = preset(case.preset, size=case.size, optimizer=Optimizer(name), scales=scales, scale_iterations=(), save_every=0, tile_grams=TileGrams(case.tile_grams), **extra)
     coarse = coarse or cfg.stage_iterations[:-1]  # auto: the preset's own split of its budget
     return dataclasses.replace(cfg, scale_iterations=(*coarse, max_iterations))
 
 
 def reference_config(case: ResultCase) -> StyleConfig:
     """Single-scale fp32 L-BFGS, REFERENCE_ITERATIONS iterations, on the case's problem."""
-    return result_config(dataclasses.replace(case, optimizer="lbfgs", precision=Precision.FP32, scales="single"), max_iterations=REFERENCE_ITERATIONS)
+    whole = dataclasses.replace(case, optimizer="lbfgs", precision=Precision.FP32, scales="single", tile=None, tile_grams="exact")
+    return result_config(whole, max_iterations=REFERENCE_ITERATIONS)
 
 
 def reference_key(cfg: StyleConfig, weights: Weights, content: Image.Image, style: Image.Image, device: torch.device) -> str:
@@ -189,8 +194,9 @@ def _run(case: ResultCase, cfg: StyleConfig, content: Image.Image, style: Image.
             hit.update(seconds=now, cpu=cpu, step=it.step)
             raise StopRun
 
+    plan = None if case.tile is None else plan_run(cfg, content.size, [style.size], precision=case.precision, device=str(device), tile=case.tile)
     synchronize(device)
-    r = stylize(content, [style], cfg, weights=weights, runtime=Runtime(device=device, precision=case.precision), callback=watch)
+    r = stylize(content, [style], cfg, weights=weights, runtime=Runtime(device=device, precision=case.precision), callback=watch, plan=plan)
     steps = [b - a for a, b in zip(curve.seconds, curve.seconds[1:])]  # the output-size stage's iterations
     return _row(
         case, device, reference, hw=output_shape(content.width, content.height, case.size),
@@ -209,7 +215,7 @@ def _row(case: ResultCase, device: torch.device, reference: float, *, hw: tuple[
         ms_per_iteration_p10=None, ms_per_iteration_p90=None, iterations_per_second=1e3 / ms_per_iteration if ms_per_iteration else None,
         megapixel_iterations_per_second=None, tflops=None, percent_of_peak=None, peak_memory_mb=None, phase="result", loop="fast",
         optimizer=case.optimizer, preset=case.preset, provider=str(device), iterations=iterations, scales=case.scales,
-        reference_loss=reference, **extra,  # type: ignore[arg-type]
+        tile=case.tile, tile_grams="" if case.tile is None else case.tile_grams, reference_loss=reference, **extra,  # type: ignore[arg-type]
     )
 
 

@@ -71,6 +71,13 @@ class Preset(str, enum.Enum):
     SEED = "seed"
 
 
+class TileGrams(str, enum.Enum):
+    """What a tiled stage's style gradient is linearised around (`tiles.TiledObjective`)."""
+
+    EXACT = "exact"  # this iteration's Grams, from a pass without gradients first: the exact gradient
+    PREVIOUS = "previous"  # the last iteration's, gathered in its backward pass: one pass, approximate
+
+
 INIT_CHOICES = ("content", "noise", "style")  # or a path to an image file
 AUTO = "auto"  # `scales`: coarse to fine, sizes from `auto_sizes`
 
@@ -108,6 +115,8 @@ class StyleConfig:
     # (L-BFGS always restarts). Off: measured at 128 px (64 -> 128), a fresh Adam was lower at every
     # point (loss/reference 2.36 against 2.97 after 10 iterations, 0.76 against 0.84 after 300).
     carry_adam_moments: bool = False
+    # A tiled stage's Grams: exact (two passes per tile) or the previous iteration's (one pass).
+    tile_grams: TileGrams = TileGrams.EXACT
     content_weight: float = 1.0
     style_weight: float = 1e6
     tv_weight: float = 1e-3

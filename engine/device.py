@@ -207,14 +207,16 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(k in text for k in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
-def format_bytes(n: float) -> str:
-    """`9437184` -> `9.0 MiB`, `157286400` -> `150 MiB`: binary units, never rounded to zero."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
+def format_bytes(n: float, *, decimal: bool = False) -> str:
+    """`9437184` -> `9.0 MiB`, `157286400` -> `150 MiB`: binary units, never rounded to zero;
+    `decimal`: kB, MB, GB, TB (`1.3 GB`, `800 MB`), as `--max-memory` reads them."""
+    base, units = (1000, ("B", "kB", "MB", "GB", "TB")) if decimal else (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+    for unit in units[:-1]:
+        if abs(n) < base:
             break
-        n /= 1024
+        n /= base
     else:
-        unit = "TiB"
+        unit = units[-1]
     return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
 
 

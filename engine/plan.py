@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Optimizer, Pooling, Precision, PreserveColors, StyleConfig
+from .device import format_bytes
 from .errors import ConfigError
 from .images import output_shape
 from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels
-from .tiles import grid_shape, snap_tile, tile_halo, tile_step
+from .tiles import grid_shape, snap_tile, tile_grid, tile_halo, tile_step
 
 # What the allocator holds beyond the tensors counted, as a share of them: oneDNN's scratch
 # buffers, the allocator's rounding, temporaries of the loss. Measured against peak RSS on the CPU
@@ -383,8 +384,34 @@ class _TooSmall(Exception):
         self.size, self.smallest = size, smallest
 
 
-# L-BFGS histories the planner tries, longest first, before it gives up on L-BFGS for Adam.
+# L-BFGS histories the planner tries when the configured one does not fit.
 SHORTER_HISTORIES = (10, 5)
+# Iterations to a result relative to L-BFGS with a history of 20, for the fallbacks: measured
+# with `nst bench --to-result --optimizer lbfgs,lbfgs:10,lbfgs:5,adam --result-scales single`
+# (256 px, fp32, random weights, this project's CPU; benchmarks/README.md). With the tiles'
+# cost per iteration (`iteration_cost`) they decide which fallback the plan takes.
+ITERATIONS_TO_RESULT = {"lbfgs:20": 1.0, "lbfgs:10": 1.0, "lbfgs:5": 1.0, "adam": 1.0}
+
+
+def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str]) -> int:
+    """The relative work of one iteration over an (H, W) image: pixels through the network, a
+    forward counted 1 and a backward 2. Whole: 3 per pixel. Tiled: each tile's crop, with its halo,
+    forward without gradients (the Grams' pass), then forward and backward: 4 per crop pixel."""
+    if tile is None:
+        return 3 * hw[0] * hw[1]
+    return 4 * sum((t.cy1 - t.cy0) * (t.cx1 - t.cx0) for t in tile_grid(hw, tile, layers))
+
+
+def _fallback_key(cfg: StyleConfig) -> str:
+    return "adam" if cfg.optimizer == Optimizer.ADAM else f"lbfgs:{cfg.lbfgs_history}"
+
+
+def _time_to_result(cfg: StyleConfig, stages: Sequence[StagePlan]) -> float:
+    """Relative time for a plan's fallback to reach a result: its iterations (relative to
+    L-BFGS's 20) times the work of each stage's iterations."""
+    layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
+    work = sum(n * iteration_cost(s.hw, s.tile, layers) for s, n in zip(stages, cfg.stage_iterations))
+    return ITERATIONS_TO_RESULT.get(_fallback_key(cfg), 1.0) * work
 
 
 def plan_run(
@@ -403,8 +430,10 @@ def plan_run(
     largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
 
     When L-BFGS's history does not fit even with the smallest tiles (`optimizer_fallback`), the
-    plan shortens it (SHORTER_HISTORIES), and failing that switches to Adam (two image-sized
-    moments); `Plan.optimizer` says which, and `Plan.apply` makes the configuration that runs it.
+    plan takes whichever of a shorter history (SHORTER_HISTORIES) or Adam (two image-sized
+    moments) fits and is estimated to reach a result soonest: measured iterations to a result
+    (ITERATIONS_TO_RESULT) times the work of its tiles (`iteration_cost`); `Plan.optimizer` says
+    which, and `Plan.changes` what it changes in the configuration.
     Raises PlanError when even the smallest tile does not fit, naming the budget that would, and
     when a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
     machine's memory: tiling cannot help those."""
@@ -420,22 +449,34 @@ def plan_run(
                     f"machine's {format_size(host_bytes)} of memory; use a smaller `size`",
                     params=("size",),
                 )
-    tries: list[tuple[StyleConfig, str]] = [(cfg, "")]
-    if optimizer_fallback and cfg.optimizer == Optimizer.LBFGS and budget is not None and isinstance(tile, str):
-        tries += [
-            (dataclasses.replace(cfg, lbfgs_history=m), f"L-BFGS history shortened from {cfg.lbfgs_history} to {m} to fit")
-            for m in SHORTER_HISTORIES if m < cfg.lbfgs_history
-        ]  # fmt: skip
-        tries.append((dataclasses.replace(cfg, optimizer=Optimizer.ADAM), f"Adam instead of L-BFGS: a history of {min(SHORTER_HISTORIES)} does not fit"))
     failure: _TooSmall | None = None
-    for c, note in tries:
+    try:
+        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile)
+        return _plan(cfg, stages, budget, device, precision, "")
+    except _TooSmall as e:
+        failure = e
+    fallbacks: list[StyleConfig] = []
+    if optimizer_fallback and cfg.optimizer == Optimizer.LBFGS and budget is not None and isinstance(tile, str):
+        fallbacks = [dataclasses.replace(cfg, lbfgs_history=m) for m in SHORTER_HISTORIES if m < cfg.lbfgs_history]
+        fallbacks.append(dataclasses.replace(cfg, optimizer=Optimizer.ADAM))
+    fits: list[tuple[float, StyleConfig, tuple[StagePlan, ...]]] = []
+    for c in fallbacks:
         try:
             stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile)
         except _TooSmall as e:
             failure = e
             continue
-        history = c.lbfgs_history if c.optimizer == Optimizer.LBFGS else None
-        return Plan(stages, budget, device, precision.value, optimizer=Optimizer(c.optimizer).value, lbfgs_history=history, optimizer_note=note)
+        fits.append((_time_to_result(c, stages), c, stages))
+    if fits:
+        _, c, stages = min(fits, key=lambda f: f[0])
+        others = [f[1] for f in fits if f[1] is not c]
+        if c.optimizer == Optimizer.ADAM:
+            note = "Adam: sooner to a result than a shorter L-BFGS history" if others else f"Adam instead of L-BFGS: a history of {min(SHORTER_HISTORIES)} does not fit"
+        elif any(o.optimizer == Optimizer.ADAM for o in others):
+            note = f"L-BFGS history {cfg.lbfgs_history} -> {c.lbfgs_history}: sooner to a result than Adam"
+        else:
+            note = f"L-BFGS history shortened from {cfg.lbfgs_history} to {c.lbfgs_history} to fit"
+        return _plan(c, stages, budget, device, precision, note)
     assert failure is not None and budget is not None
     smallest = failure.smallest
     raise PlanError(
@@ -445,16 +486,17 @@ def plan_run(
     )
 
 
+def _plan(cfg: StyleConfig, stages: tuple[StagePlan, ...], budget: int | None, device: str, precision: Precision, note: str) -> Plan:
+    history = cfg.lbfgs_history if cfg.optimizer == Optimizer.LBFGS else None
+    return Plan(stages, budget, device, precision.value, optimizer=Optimizer(cfg.optimizer).value, lbfgs_history=history, optimizer_note=note)
+
+
 def format_size(n: float) -> str:
     """Decimal units, as `--max-memory` reads them: `1.3 GB`, `800 MB`."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    return format_bytes(n, decimal=True)
 
 
 __all__ = [
     "OVERHEAD", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "optimizer_bytes", "parse_size",
-    "SHORTER_HISTORIES", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
+    "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

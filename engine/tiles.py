@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import LossForm
+from .config import LossForm, TileGrams
 from .device import autocast
 from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
 from .losses import gram_matrix, gram_style_loss
@@ -140,12 +140,20 @@ class _StyleEntry:
 
 class TiledObjective:
     """An `Objective` evaluated tile by tile: the same loss, the same gradient up to rounding, with
-    the network's activations held for one tile (and its halo) at a time."""
+    the network's activations held for one tile (and its halo) at a time.
 
-    def __init__(self, objective: Objective, tile: int) -> None:
+    With `grams` PREVIOUS (`StyleConfig.tile_grams`) the first pass is skipped: the style term is
+    linearised around the Grams that the last call's second pass gathered (the exact ones on a
+    call at the same image; the first call, with none, runs both passes). The loss and its terms
+    stay exact, from this call's own Grams; the gradient is approximate by as much as the image
+    moved since the last call. One pass per tile instead of two."""
+
+    def __init__(self, objective: Objective, tile: int, *, grams: TileGrams | str = TileGrams.EXACT) -> None:
         self.objective = objective
         self.layers = tuple(objective.content_weights) + tuple(objective.style_weights)
         self.tile = snap_tile(tile, self.layers)
+        self.grams = TileGrams(grams)
+        self.previous: list[torch.Tensor] | None = None  # the last call's Gram sums (PREVIOUS)
         # One Gram sum per style layer, or under masks per (group, layer): a guided Gram is a sum
         # over positions of the features times the guidance, so it tiles as a plain one does.
         o = objective
@@ -259,7 +267,12 @@ class TiledObjective:
         added to `x.grad` (pass 2: each tile forward and backward)."""
         o, cfg = self.objective, self.objective.cfg
         hw = (int(x.shape[-2]), int(x.shape[-1]))
-        style, lin = self._style(self.gram_sums(x), hw)
+        one_pass = self.grams == TileGrams.PREVIOUS
+        reuse = one_pass and bool(self.previous) and self.previous[0].shape[0] == x.shape[0]  # type: ignore[index]
+        style, lin = self._style(self.previous if reuse else self.gram_sums(x), hw)  # type: ignore[arg-type]
+        # One pass: this call's Grams, gathered from the second pass's features, for the loss
+        # (exact) and the next call's linearisation.
+        gathered = [torch.zeros_like(g) for g in lin] if one_pass else []
         grad = torch.zeros_like(x) if x.grad is None else x.grad
         content = tv = None
         for t in self.tiles(hw):
@@ -267,8 +280,11 @@ class TiledObjective:
             feats = self._features(crop)
             c, tv_part = self._local_terms(x, crop, t, feats)
             surrogate = cfg.content_weight * c + cfg.tv_weight * tv_part
-            for e, a in zip(self.entries, lin):
-                surrogate = surrogate + (a * gram_matrix(self._owned_features(feats, e, t), normalize=False)).flatten(1).sum(1)
+            for i, (e, a) in enumerate(zip(self.entries, lin)):
+                g = gram_matrix(self._owned_features(feats, e, t), normalize=False)
+                surrogate = surrogate + (a * g).flatten(1).sum(1)
+                if one_pass:
+                    gathered[i] += g.detach()
             surrogate.sum().backward()
             assert crop.grad is not None
             grad[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1] += crop.grad
@@ -286,6 +302,10 @@ class TiledObjective:
             grad += whole.grad
             extra[name] = value.detach()
         x.grad = grad
+        if one_pass:
+            self.previous = gathered
+            if reuse:  # the loss at this image, not at the last one
+                style = self._style(gathered, hw)[0]
         assert content is not None and tv is not None
         if not o.per_image:
             style = style.reshape(())

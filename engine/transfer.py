@@ -423,7 +423,7 @@ def stylize_many(
                 objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms,
                                            style_groups=groups, content_guides=content_guides)
                 del content_feats
-                x_prev = loop.run_stage(stages, objective if tile is None else TiledObjective(objective, tile), init)  # takes `init` over
+                x_prev = loop.run_stage(stages, objective if tile is None else TiledObjective(objective, tile, grams=cfg.tile_grams), init)  # takes `init` over
                 del init, objective
                 done = (x_prev, stages)
                 if not loop.running:

@@ -206,14 +206,16 @@ def test_bench_times_the_loop_tile_by_tile(tmp_path: Path, monkeypatch: pytest.M
 
     calls = []
     real = tiles.TiledObjective.loss_and_grad
-    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", lambda self, x: calls.append(self.tile) or real(self, x))
+    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", lambda self, x: calls.append((self.tile, self.grams.value)) or real(self, x))
     j = tmp_path / "b.json"
     r = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--precision", "fp32", "--optimizer", "adam",
-                            "--iterations", "2", "--warmup", "1", "--tile", "off,32", "--no-optimizer-phase", "--no-targets-phase", "--json", str(j)])
+                            "--iterations", "2", "--warmup", "1", "--tile", "off,32", "--tile-grams", "exact,previous", "--no-optimizer-phase",
+                            "--no-targets-phase", "--json", str(j)])  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = [row for row in json.loads(j.read_text())["results"] if row["phase"] == "optimisation"]
-    assert [row["tile"] for row in rows] == [None, 32] and all(row["status"] == "ok" and row["ms_per_iteration"] > 0 for row in rows)
-    assert calls == [32] * 3  # warm-up and timed steps of the tiled row only
+    assert [(row["tile"], row["tile_grams"]) for row in rows] == [(None, ""), (32, "exact"), (32, "previous")]
+    assert all(row["status"] == "ok" and row["ms_per_iteration"] > 0 for row in rows)
+    assert calls == [(32, "exact")] * 3 + [(32, "previous")] * 3  # warm-up and timed steps of the tiled rows only
     assert "tile 32" in r.output
     bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "8"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --tile takes off and tile edges of 16 px or more"), bad.output

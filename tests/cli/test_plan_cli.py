@@ -42,6 +42,20 @@ def test_tiled_and_whole_runs_write_the_same_image(images, tmp_path: Path):
             assert "tiled, 32 px tiles, 2x2 = 4" in r.output
             assert json.loads(rep.read_text())["targets"]["fallback"] == "torch: the plan is tiled"
     assert int(np.abs(outs["32"] - outs["off"]).max()) <= 1
+    # One pass per tile with the last iteration's Grams: the first gradient is exact (no Grams
+    # yet), later ones are linearised around the last image's Grams, while every loss stays exact.
+    out, rep = tmp_path / "prev.png", tmp_path / "prev.json"
+    r = run(
+        "stylize", str(images["content"]), str(images["style"]), "-o", str(out), *SHALLOW, "--size", "64", "--tile", "32",
+        "--tile-grams", "previous", "--optimizer", "adam", "--lr", "0.02", "--precision", "fp32", "--iterations", "3", "--report", str(rep),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["config"]["tile_grams"] == "previous" and report["plan"]["stages"][0]["mode"] == "tiled"
+    exact = json.loads((tmp_path / "32.json").read_text())["loss"]["history"]
+    prev = report["loss"]["history"]
+    assert prev[:2] == pytest.approx(exact[:2], rel=1e-5) and prev[2] != pytest.approx(exact[2], rel=1e-3)
+    assert int(np.abs(np.asarray(Image.open(out), dtype=np.int16) - outs["off"]).max()) > 1  # another second step
 
 
 def test_dry_run_prints_a_tiled_plan_for_a_print_size_output(images, tmp_path: Path):

@@ -77,6 +77,22 @@ def test_time_to_result_counts_all_stages_and_stops_when_reached(pair, weights):
     assert row.stage_iterations == "32:3,48:5" and row.ms_per_iteration > 0
 
 
+def test_time_to_result_runs_tiled_with_either_grams(pair, weights, monkeypatch):
+    """`tile`: the run follows a plan that tiles the output size (the 32 px stage fits one tile);
+    `tile_grams`: the objective's Grams; both in the row and the label."""
+    import nst.engine.tiles as tiles
+
+    seen = []
+    real = tiles.TiledObjective.loss_and_grad
+    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", lambda self, x: seen.append((self.tile, self.grams.value)) or real(self, x))
+    for grams in ("exact", "previous"):
+        seen.clear()
+        case = ResultCase(48, optimizer="adam", scales="32:1,48", tile=32, tile_grams=grams)
+        row, curve = time_to_result(case, *pair, weights=weights, device=CPU, reference=1e-12, max_iterations=3)
+        assert (row.tile, row.tile_grams) == (32, grams) and curve.label.endswith("tile 32" + (" previous" if grams == "previous" else ""))
+        assert seen == [(32, grams)] * 3 and row.iterations == 4  # the 48 px stage's iterations only
+
+
 def test_unsupported_precision_is_a_skipped_row(pair, weights):
     row, curve = time_to_result(ResultCase(48, precision=Precision.TF32), *pair, weights=weights, device=CPU, reference=1.0)
     assert row.status == "skipped" and "CUDA" in row.reason and not curve.losses

@@ -13,7 +13,7 @@ import pytest
 
 from nst.engine.config import GATYS, SEED, Optimizer, Precision, preset
 from nst.engine.errors import ConfigError
-from nst.engine.plan import OVERHEAD, PlanError, TileMode, parse_size, plan_run, stage_parts
+from nst.engine.plan import ITERATIONS_TO_RESULT, OVERHEAD, PlanError, TileMode, iteration_cost, parse_size, plan_run, stage_parts
 from nst.engine.tiles import tile_halo
 
 ONE_STAGE = {"scales": ()}
@@ -72,19 +72,36 @@ def test_parts_grow_with_the_image_and_shrink_with_the_tile():
     assert stage_parts(cfg, (512, 512), [], precision=Precision.BF16, tile=None)["activations"] < large["activations"]
 
 
-def test_lbfgs_history_is_shortened_then_adam_chosen():
+def test_lbfgs_history_is_shortened_or_adam_chosen(monkeypatch):
     cfg = preset("gatys", size=2048, **ONE_STAGE)
     assert cfg.optimizer == Optimizer.LBFGS and cfg.lbfgs_history == 20
     fits_20 = plan_run(cfg, (2048, 1365), [(64, 64)], budget=10**11)
     assert fits_20.optimizer == "lbfgs" and fits_20.lbfgs_history == 20 and fits_20.changes(cfg) == {}
+    # Where a shorter history and Adam both fit, the one estimated to reach a result soonest (its
+    # measured iterations to a result times its tiles' work) is taken.
+    both = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1.2e9))
+    assert both.optimizer == ("adam" if ITERATIONS_TO_RESULT["adam"] <= ITERATIONS_TO_RESULT["lbfgs:5"] else "lbfgs")
+    monkeypatch.setitem(ITERATIONS_TO_RESULT, "adam", 100.0)
     short = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1.2e9))
     assert short.optimizer == "lbfgs" and short.lbfgs_history in (10, 5) and short.changes(cfg) == {"lbfgs_history": short.lbfgs_history}
-    assert "history" in short.optimizer_note
+    assert "history" in short.optimizer_note and "sooner to a result than Adam" in short.optimizer_note
+    monkeypatch.setitem(ITERATIONS_TO_RESULT, "adam", 0.01)
+    fast = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(1.2e9))
+    assert fast.optimizer == "adam" and "sooner to a result" in fast.optimizer_note
+    # Where no history fits, Adam, whatever the measurements.
     adam = plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(8e8))
     assert adam.optimizer == "adam" and adam.lbfgs_history is None and adam.changes(cfg) == {"optimizer": Optimizer.ADAM}
     assert adam.stages[0].mode == "tiled" and adam.estimated_peak_bytes <= 8e8
+    assert "a history of 5 does not fit" in adam.optimizer_note
     with pytest.raises(PlanError):
         plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(8e8), optimizer_fallback=False)
+
+
+def test_iteration_cost_counts_the_halo_and_both_passes():
+    layers = ("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    assert iteration_cost((768, 512), None, layers) == 3 * 768 * 512
+    # 512 px tiles of a 768x512 image: two crops, 512 + 80 and 256 + 80 px wide.
+    assert iteration_cost((512, 768), 512, layers) == 4 * 512 * (592 + 336)
 
 
 def test_too_small_a_budget_names_one_that_works():

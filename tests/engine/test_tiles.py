@@ -91,6 +91,38 @@ def test_tiled_gradient_adds_to_an_existing_gradient(weights):
     torch.testing.assert_close(x.grad, 2 * once, rtol=1e-4, atol=1e-9)
 
 
+def test_previous_grams_are_one_pass_and_exact_at_the_same_image(weights):
+    """`tile_grams=previous`: the first call runs both passes (no Grams yet); a call at the same
+    image linearises around the Grams the last call gathered, which are this image's, so its
+    gradient is the exact one; at a moved image the loss stays exact and the gradient is close
+    but not the same. Counted: one forward per tile on a reused call, two on the first."""
+    cfg = dataclasses.replace(GATYS, **SHALLOW)
+    objective, x = _problem(cfg, weights)
+    loss, _ = objective.loss_and_grad(x)
+    whole = x.grad.clone()
+    one = TiledObjective(objective, 20, grams="previous")
+    calls = []
+    hook = objective.net.register_forward_hook(lambda *_: calls.append(1))
+    for expect in (2, 1):  # forwards per tile: first call, then a call at the same image
+        calls.clear()
+        x.grad = None
+        t_loss, _ = one.loss_and_grad(x)
+        assert len(calls) == expect * len(one.tiles(HW))
+        assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
+        torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
+    hook.remove()
+    with torch.no_grad():
+        x += 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    x.grad = None
+    loss, _ = objective.loss_and_grad(x)
+    exact = x.grad.clone()
+    x.grad = None
+    t_loss, _ = one.loss_and_grad(x)
+    torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)  # the loss at this image
+    err = float((x.grad - exact).abs().max() / exact.abs().max())
+    assert 1e-4 < err < 0.5, err  # linearised around the last image's Grams: near, not equal
+
+
 def test_tiled_targets_equal_whole_targets(weights):
     cfg = dataclasses.replace(GATYS, **SHALLOW)
     net = VGGFeatures(cfg.content_layers + cfg.style_layers)
