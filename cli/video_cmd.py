@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nst.engine import config as C
+from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
 from .common import UserError, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
@@ -67,7 +68,7 @@ video_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 
 def split_paths(paths: Sequence[str]) -> tuple[list[str], list[Path]]:
     """INPUT... STYLE...: the styles begin at the first image file name (a glob is an input)."""
-    first_style = next((i for i, p in enumerate(paths) if Path(p).suffix.lower() in STYLE_SUFFIXES and not any(c in p for c in "*?[")), None)
+    first_style = next((i for i, p in enumerate(paths) if Path(p).suffix.lower() in STYLE_SUFFIXES and not is_glob(p)), None)
     if first_style is None:
         raise UserError("give one or more STYLE images after the INPUT (image files such as style.jpg)")
     if first_style == 0:
@@ -89,7 +90,7 @@ def _outputs(inputs: list[str], output: Path) -> list[Path]:
     names: dict[Path, str] = {}
     for src in inputs:
         p = Path(src)
-        stem = p.parent.name if any(c in src for c in "*?[") else (p.stem if p.suffix else p.name)
+        stem = p.parent.name if is_glob(src) else (p.stem if p.suffix else p.name)
         out = output / (stem + (p.suffix.lower() if is_video_path(p) else ".mp4"))
         if out in names:
             raise UserError(f"{names[out]} and {src} would both write {out}; give them different names or run them apart")

@@ -176,3 +176,8 @@ def remove(temporaries: Iterable[Temporary]) -> list[Temporary]:
 def intermediate_path(out: Path, step: int) -> Path:
     """`out.png` -> `out.0500.png`: where `save_every` keeps the image at iteration 500."""
     return out.with_name(f"{out.stem}.{step:04d}{out.suffix}")
+
+
+def is_glob(text: str) -> bool:
+    """Whether a path as typed is a pattern for `glob` (it has `*`, `?` or `[`)."""
+    return any(c in "*?[" for c in text)

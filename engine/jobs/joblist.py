@@ -18,10 +18,10 @@ from PIL import Image
 
 from ..config import StyleConfig
 from ..errors import EngineError
+from ..files import is_glob
 
 DEFAULT_NAME = "{content}--{style}.{ext}"
 NAME_FIELDS = ("content", "style", "ext")
-_GLOB_CHARS = set("*?[")
 
 
 class JobListError(EngineError):
@@ -73,10 +73,6 @@ def image_suffixes() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
-def _is_glob(text: str) -> bool:
-    return any(c in _GLOB_CHARS for c in text)
-
-
 def expand_images(specs: Iterable[str | Path], *, what: str = "content", exclude: Path | None = None) -> list[Path]:
     """Files as given; a folder's image files (sorted, not hidden, not recursive); a glob's matching
     image files (sorted, `**` recursive). Files inside `exclude` (the batch folder: its results)
@@ -97,7 +93,7 @@ def expand_images(specs: Iterable[str | Path], *, what: str = "content", exclude
             found = sorted(q for q in p.iterdir() if wanted(q))
             if not found:
                 raise JobListError(f"{what} folder {p} has no images ({', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp', '.tif'}))}, ...)")
-        elif _is_glob(text):
+        elif is_glob(text):
             found = sorted(q for q in (Path(m) for m in glob.glob(str(p), recursive=True)) if wanted(q))
             if not found:
                 raise JobListError(f"{what} pattern {text!r} matches no image files")
@@ -117,7 +113,7 @@ def style_sets(specs: Iterable[str], *, exclude: Path | None = None) -> list[tup
             parts = [s.strip() for s in text.split(",") if s.strip()]
             for part in parts:
                 if not Path(part).expanduser().is_file():
-                    why = "a folder or pattern" if _is_glob(part) or Path(part).expanduser().is_dir() else "not a file"
+                    why = "a folder or pattern" if is_glob(part) or Path(part).expanduser().is_dir() else "not a file"
                     raise JobListError(f"`style` {text}: {part} is {why}; a blend (a.jpg,b.jpg) takes image files", params=("style",))
             blend = tuple(Path(p).expanduser() for p in parts)
             if blend not in out:

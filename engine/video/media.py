@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ConfigError, EngineError
-from ..files import temp_prefix, write_atomic
+from ..files import is_glob, temp_prefix, write_atomic
 from ..images import load_image
 
 # Containers we write, by extension, with FFmpeg's muxer name and the encoders to try in order:
@@ -126,7 +126,7 @@ def _frame_files(source: str) -> list[Path]:
         files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FRAME_EXTENSIONS and not f.name.startswith(".")]
         if not files:
             raise VideoError(f"{p}: a folder without frames ({', '.join(FRAME_EXTENSIONS)})")
-    elif any(ch in source for ch in "*?["):
+    elif is_glob(source):
         files = [Path(f) for f in glob.glob(source) if Path(f).is_file()]
         if not files:
             raise VideoError(f"{source}: no files match this pattern")
