@@ -356,7 +356,8 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
             raise UserError(f"--ray needs Ray ({e.name or e} is not installed): pip install 'nst[ray]'") from None
         w = load_weights_for(str(a["weights"]), cfg.seed)
         targets = functools.partial(choose_targets, a["targets"], onnx_path=a["onnx"], provider=a["provider"], quiet=True)
-        runner = ClipRayRunner(weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=targets, address=a["ray_address"])
+        runner = ClipRayRunner(weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=targets, address=a["ray_address"],
+                               on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}"))  # fmt: skip
         if not quiet:
             console.print(f"ray: {len(jobs)} clip(s) on up to {runner.workers} worker(s), each {runner.ask}")
         bars = _Bars(quiet)

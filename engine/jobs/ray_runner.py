@@ -48,6 +48,27 @@ class _BatchActor:
         return self.worker.run_many(inputs)
 
 
+def ray_capacity(device: str, threads: int | None, *, on_warning: Callable[[str], None]) -> tuple[int, dict[str, float], int | None]:
+    """How many workers the joined cluster holds, what each asks Ray for, and a CPU worker's
+    thread count (None for a GPU worker): one GPU each where the cluster has GPUs (unless `device`
+    is cpu), else `threads` CPUs each, by default the driver's own thread count (the same
+    arithmetic as an in-process run, hence the same bytes: CPU sums are ordered by thread)."""
+    import torch
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("`device` cuda: the Ray cluster has no GPUs; use `device` auto or cpu", params=("device",))
+    if device != "cpu" and gpus > 0:
+        return gpus, {"num_gpus": 1, "num_cpus": 1}, None
+    threads = threads or torch.get_num_threads()
+    cpus = int(res.get("CPU", 1))
+    if threads > cpus:
+        on_warning(f"--threads {threads} is more than the Ray cluster's {cpus} CPUs; using one worker of {cpus} threads")
+        threads = cpus
+    return max(1, cpus // threads), {"num_cpus": threads}, threads
+
+
 class RayRunner:
     """Runs a batch's jobs on a Ray cluster: `address` None starts a local one (or joins the one
     Ray's own RAY_ADDRESS names); "host:port" or "auto" joins. The cluster is left as found."""
@@ -83,23 +104,9 @@ class RayRunner:
 
     def _capacity(self) -> tuple[int, dict[str, float]]:
         """How many actors the cluster holds, and what each asks for."""
-        import torch
-
-        res = ray.cluster_resources()
-        gpus = int(res.get("GPU", 0))
-        if self.device == "cuda" and gpus == 0:
-            raise EngineError("`device` cuda: the Ray cluster has no GPUs; use `device` auto or cpu", params=("device",))
-        if self.device != "cpu" and gpus > 0:
-            n, ask = gpus, {"num_gpus": 1, "num_cpus": 1}
-        else:
-            # The driver's own thread count unless told: the same arithmetic as an in-process run,
-            # hence the same bytes (CPU sums are ordered by thread).
-            self.threads = self.threads or torch.get_num_threads()
-            cpus = int(res.get("CPU", 1))
-            if self.threads > cpus:
-                self.on_warning(f"--threads {self.threads} is more than the Ray cluster's {cpus} CPUs; using one worker of {cpus} threads")
-                self.threads = cpus
-            n, ask = max(1, cpus // self.threads), {"num_cpus": self.threads}
+        n, ask, threads = ray_capacity(self.device, self.threads, on_warning=self.on_warning)
+        if threads is not None:
+            self.threads = threads
         if self.max_workers is not None:
             n = min(n, self.max_workers)
         return n, ask

@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
 from ..config import StyleConfig
 from ..errors import ConfigError
-from ..jobs.ray_runner import join_cluster, leave_cluster
+from ..jobs.ray_runner import join_cluster, leave_cluster, ray_capacity
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
 from .pipeline import ClipJob, ClipOutcome, run_clip
@@ -60,22 +60,14 @@ class ClipRayRunner:
     def __init__(
         self, *, weights: Weights, device: str = "auto", precision: str = "auto", threads: int | None = None,
         targets: TargetsFactory | None = None, address: str | None = None, max_retries: int = 2,
+        on_warning: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
-        import torch
-
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {device!r} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
         self.device, self.precision, self.targets, self.max_retries = device, precision, targets, max_retries
         self._joined_here = join_cluster(address)
-        res = ray.cluster_resources()
-        gpus = int(res.get("GPU", 0))
-        if device == "cuda" and gpus == 0:
-            raise ConfigError("`device` cuda: the Ray cluster has no GPUs; use `device` auto or cpu", params=("device",))
-        cpus = int(res.get("CPU", 1))
-        # A CPU worker uses the driver's thread count unless told: the same sums, the same bytes.
-        self.threads = min(threads or torch.get_num_threads(), cpus)
-        self.ask: dict[str, float] = {"num_gpus": 1, "num_cpus": 1} if device != "cpu" and gpus > 0 else {"num_cpus": self.threads}
-        self.workers = max(1, gpus if "num_gpus" in self.ask else cpus // self.threads)
+        # As a batch's workers: a GPU each, else `threads` CPUs (the driver's count unless told).
+        self.workers, self.ask, self.threads = ray_capacity(device, threads, on_warning=on_warning or (lambda m: None))
         self._weights = ray.put(weights)
         self._refs: list[object] = []
 

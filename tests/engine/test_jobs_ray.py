@@ -140,3 +140,19 @@ def test_ray_workers_optimise_batches_too(cluster, files):
     assert _images(local) == _images(remote) and len(_images(remote)) == 4
     recs = {x["job"]: x for x in _lines(remote)}
     assert len(recs) == 4 and any(x["worker"].get("batch") == 2 for x in recs.values())
+
+
+def test_batch_and_video_workers_are_sized_alike(cluster, weights):
+    """One rule for both runners: more --threads than the cluster's CPUs is one warning and one
+    worker of all its CPUs; fewer divides the CPUs among workers."""
+    from nst.engine.jobs.ray_runner import ray_capacity
+    from nst.engine.video.ray_runner import ClipRayRunner
+
+    said: list[str] = []
+    assert ray_capacity("cpu", 8, on_warning=said.append) == (1, {"num_cpus": 2}, 2)
+    assert said == ["--threads 8 is more than the Ray cluster's 2 CPUs; using one worker of 2 threads"]
+    assert ray_capacity("auto", 1, on_warning=said.append) == (2, {"num_cpus": 1}, 1) and len(said) == 1
+    clips = ClipRayRunner(weights=weights, device="cpu", threads=8, address=cluster, on_warning=said.append)
+    assert (clips.workers, clips.ask, clips.threads) == (1, {"num_cpus": 2}, 2) and len(said) == 2
+    batch = RayRunner(weights=weights, device="cpu", threads=1, address=cluster)
+    assert batch.describe()["max_workers"] == 2 and batch.describe()["per_worker"] == {"num_cpus": 1}
