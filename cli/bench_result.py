@@ -85,13 +85,13 @@ def result_table(rows: list[BenchRow], title: str, *, wide: bool = False) -> Tab
     for col in cols:
         table.add_column(col, justify="right" if col in ("s to result", "CPU s", "its", "best/ref") else "left",
                          no_wrap=col not in ("setting", "stages run"), overflow="fold")
-    base = {(r.preset, r.size, r.precision): r for r in rows if r.optimizer == "lbfgs" and r.scales == "single" and r.reached}
+    base = {(r.preset, r.size, r.precision): r for r in rows if r.optimizer == "lbfgs" and r.scales == "single" and r.tile is None and r.reached}
 
     def fmt(v: float | None, b: float | None) -> str:
         return "-" if v is None else f"{v:.1f}" + (f" ({b / v:.2f}x)" if b else "")
 
     for r in rows:
-        setting = f"{r.optimizer} {r.precision} {r.scales}"
+        setting = f"{r.optimizer} {r.precision} {r.scales}" + ("" if r.tile is None else f" tile {r.tile}" + (" previous" if r.tile_grams == "previous" else ""))
         if r.status != "ok":
             cells = {"s to result": "skipped", "stages run": r.reason}
         else:

@@ -148,6 +148,14 @@ def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypat
     r = runner.invoke(app, again)
     assert r.exit_code == 0, r.output
     assert json.loads(j.read_text())["references"]["gatys 48"]["stored"] is True
+    # Tiled settings: rows carry the tile and its Grams, the table names them.
+    tiled = ["bench", "--to-result", "--device", "cpu", "--sizes", "48", "--precision", "fp32", "--optimizer", "adam", "--result-scales", "single",
+             "--result-iterations", "2", "--tile", "32", "--tile-grams", "exact,previous", "--content", str(images["content"]),
+             "--style", str(images["style"]), "--json", str(j)]  # fmt: skip
+    r = runner.invoke(app, tiled)
+    assert r.exit_code == 0, r.output
+    assert [(row["tile"], row["tile_grams"]) for row in json.loads(j.read_text())["results"]] == [(32, "exact"), (32, "previous")]
+    assert "tile 32" in r.output and "previous" in r.output  # (the setting column folds)
 
 
 @pytest.mark.parametrize(
