@@ -150,6 +150,16 @@ class StyleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # A choice given as its string (`pooling="avg"`, as JSON and keyword callers give it)
+        # becomes its enum, so that every reader can rely on `.value`.
+        for f in dataclasses.fields(self):
+            kind, value = type(f.default), getattr(self, f.name)
+            if isinstance(f.default, enum.Enum) and not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, f.name, kind(value))
+                except ValueError:
+                    choices = ", ".join(str(m.value) for m in kind)
+                    raise ConfigError(f"{f.name} must be one of {choices}, got {value!r}", params=(f.name,)) from None
         validate(self)
 
     @property

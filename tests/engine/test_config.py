@@ -56,3 +56,14 @@ def test_switching_optimiser_takes_its_own_lr():
     assert preset("seed", optimizer=Optimizer.LBFGS).lr == 1.0  # not Adam's 5 pixel levels
     assert preset("seed", optimizer=Optimizer.ADAM).lr == 5.0 and preset("gatys", optimizer=Optimizer.LBFGS).lr == 1.0
     assert preset("gatys", optimizer="adam", pixel_scale=255.0).lr == pytest.approx(0.05 * 255)
+
+
+def test_choices_given_as_strings_become_their_enums():
+    """As a JSON file or a keyword caller gives them: `.value` works on every choice after."""
+    from nst.engine.config import Pooling, TileGrams
+
+    cfg = preset("gatys", pooling="avg", optimizer="adam", tile_grams="previous")
+    assert cfg.pooling is Pooling.AVG and cfg.optimizer is Optimizer.ADAM and cfg.tile_grams is TileGrams.PREVIOUS
+    assert cfg.to_dict()["pooling"] == "avg"
+    with pytest.raises(ConfigError, match="pooling must be one of max, avg, got 'mean'"):
+        preset("gatys", pooling="mean")
