@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Optimizer, Pooling, Precision, PreserveColors, StyleConfig
-from .device import format_bytes
+from .device import autocast_dtype, format_bytes
 from .errors import ConfigError
 from .images import output_shape
 from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels
@@ -67,7 +67,7 @@ def parse_size(text: str) -> int:
 
 
 def _precision_bytes(precision: Precision) -> int:
-    return 2 if precision in (Precision.BF16, Precision.FP16) else 4
+    return 2 if autocast_dtype(precision) is not None else 4
 
 
 def weight_bytes(layers: Sequence[str], precision: Precision) -> int:
@@ -80,7 +80,7 @@ def weight_bytes(layers: Sequence[str], precision: Precision) -> int:
             out = layer_channels(name)
             params += out * in_ch * 9 + out
             in_ch = out
-    lowp = _precision_bytes(precision) if precision in (Precision.BF16, Precision.FP16) else 0
+    lowp = _precision_bytes(precision) if autocast_dtype(precision) is not None else 0
     return params * (4 + lowp)
 
 
@@ -250,7 +250,7 @@ def stage_phases(
     grams = sum(layer_channels(k) ** 2 * 4 * (len(style_hws) + 2) for k in cfg.style_layers)
     content_fp32 = sum(layer_channels(k) * math.prod(feature_hw(hw, k)) * 4 for k in cfg.content_layers)
     # A tiled stage keeps its content targets at the network's precision, made so (`stylize_many`).
-    lowp = tile is not None and precision in (Precision.BF16, Precision.FP16)
+    lowp = tile is not None and autocast_dtype(precision) is not None
     content_loop = content_fp32 // 2 if lowp else content_fp32
     weights = weight_bytes(layers, precision)
 
@@ -292,7 +292,12 @@ def stage_parts(
     """The estimated bytes by part of a stage, whole (`tile` None) or tiled: those of whichever
     of its phases (`stage_phases`) needs more."""
     phases = stage_phases(cfg, hw, style_hws, precision=precision, tile=tile, prev_hw=prev_hw)
-    return max(phases.values(), key=lambda p: sum(p.values()))
+    return phases[peak_phase(phases)]
+
+
+def peak_phase(phases: dict[str, dict[str, int]]) -> str:
+    """The name of the phase (`stage_phases`) whose parts add up to the most."""
+    return max(phases, key=lambda k: sum(phases[k].values()))
 
 
 def style_shape(style_wh: tuple[int, int], out_hw: tuple[int, int], cfg: StyleConfig) -> tuple[int, int]:
@@ -341,7 +346,7 @@ def _plan_stages(
 
         def make(t: int | None) -> StagePlan:
             phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev)
-            phase = max(phases, key=lambda k: sum(phases[k].values()))
+            phase = peak_phase(phases)
             if t is None:
                 return StagePlan(size, hw, "whole", None, (1, 1), 0, phases[phase], phase=phase)
             t = snap_tile(t, layers)
@@ -500,5 +505,5 @@ def format_size(n: float) -> str:
 
 __all__ = [
     "OVERHEAD", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "optimizer_bytes", "parse_size",
-    "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
+    "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import color
-from .config import AUTO, INIT_CHOICES, Optimizer, Precision, PreserveColors, StyleConfig, auto_iterations
+from .config import AUTO, INIT_CHOICES, Optimizer, PreserveColors, StyleConfig, auto_iterations
 from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
@@ -402,7 +402,7 @@ def stylize_many(
                     # second copy while it writes them, so only its styles' Grams are cached.
                     # Its content features are kept at the network's precision (the loop's
                     # features are at that precision), at half the memory.
-                    lowp = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(runtime.precision) if tile is not None else None
+                    lowp = autocast_dtype(runtime.precision) if tile is not None else None
                     per_image = [lk.stage_targets(sg, dev, guidance, cache_content=tile is None, content_dtype=lowp) for lk, sg in zip(lookups, stages)]
                     if guidance.masked:  # a guided style term per group of styles sharing a mask
                         groups, grams = _style_groups(cfg, guidance, per_image, stages, blends, hw, dev), {}
