@@ -97,10 +97,10 @@ def bench_command(
             return
         dev = resolve_device(device)
         precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
+        tiles, grams = _tiles(tile), _choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams")
         cases = expand_cases(hw, precisions=precs, optimizers=list(dict.fromkeys(o.split(":")[0] for o in opts)), presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
-                             ablate=ablate, cuda=dev.type == "cuda", tiles=_tiles(tile),
-                             tile_grams=_choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams"))
+                             ablate=ablate, cuda=dev.type == "cuda", tiles=tiles, tile_grams=grams)
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")
         if any(b < 1 for b in batch_sizes):
             raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
@@ -108,7 +108,7 @@ def bench_command(
             from .bench_result import result_cases
 
             result_case_list = result_cases(hw, presets=presets, optimizers=opts, precisions=precs, scales=result_scales or ["single", "auto"],
-                                            tiles=_tiles(tile), tile_grams=_choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams"))
+                                            tiles=tiles, tile_grams=grams)
         w = load_weights_for(weights, seed)
         if to_result:
             _to_result(result_case_list, w, dev, content=content, style=style, seed=seed, max_iterations=result_iterations,

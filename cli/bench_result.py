@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 
 from nst.engine.bench import BenchRow
-from nst.engine.bench_result import TOLERANCE, ReferenceStore, ResultCase, ResultCurve, parse_scales, reference_loss, synthetic_pair, time_to_result
+from nst.engine.bench_result import TOLERANCE, ReferenceStore, ResultCase, ResultCurve, parse_scales, reference_loss, setting_label, synthetic_pair, time_to_result
 from nst.engine.config import Optimizer, Precision
 from nst.engine.images import load_image
 from nst.engine.weights import Weights
@@ -91,7 +91,7 @@ def result_table(rows: list[BenchRow], title: str, *, wide: bool = False) -> Tab
         return "-" if v is None else f"{v:.1f}" + (f" ({b / v:.2f}x)" if b else "")
 
     for r in rows:
-        setting = f"{r.optimizer} {r.precision} {r.scales}" + ("" if r.tile is None else f" tile {r.tile}" + (" previous" if r.tile_grams == "previous" else ""))
+        setting = setting_label(r.optimizer, r.precision, r.scales, r.tile, r.tile_grams)
         if r.status != "ok":
             cells = {"s to result": "skipped", "stages run": r.reason}
         else:

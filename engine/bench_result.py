@@ -55,8 +55,13 @@ class ResultCase:
 
     @property
     def label(self) -> str:
-        tiled = "" if self.tile is None else f" tile {self.tile}" + (" previous" if self.tile_grams == "previous" else "")
-        return f"{self.optimizer} {self.precision.value} {self.scales}{tiled}"
+        return setting_label(self.optimizer, self.precision.value, self.scales, self.tile, self.tile_grams)
+
+
+def setting_label(optimizer: str, precision: str, scales: str, tile: int | None, tile_grams: str) -> str:
+    """`adam fp32 single`, `adam fp32 single tile 128 previous`: a setting in a table or a plot."""
+    tiled = "" if tile is None else f" tile {tile}" + (" previous" if tile_grams == TileGrams.PREVIOUS.value else "")
+    return f"{optimizer} {precision} {scales}{tiled}"
 
 
 @dataclass
@@ -99,7 +104,7 @@ def result_config(case: ResultCase, *, max_iterations: int) -> StyleConfig:
     scales, coarse = parse_scales(case.scales, case.size)
     name, _, history = case.optimizer.partition(":")  # `lbfgs:5`: L-BFGS with a history of 5
     extra = {"lbfgs_history": int(history)} if history else {}
-    cfg = preset(case.preset, size=case.size, optimizer=Optimizer(name), scales=scales, scale_iterations=(), save_every=0, tile_grams=TileGrams(case.tile_grams), **extra)
+    cfg = preset(case.preset, size=case.size, optimizer=Optimizer(name), scales=scales, scale_iterations=(), save_every=0, tile_grams=case.tile_grams, **extra)
     coarse = coarse or cfg.stage_iterations[:-1]  # auto: the preset's own split of its budget
     return dataclasses.replace(cfg, scale_iterations=(*coarse, max_iterations))
 
@@ -234,4 +239,4 @@ def synthetic_pair(seed: int = 0, size: int = 256) -> tuple[Image.Image, Image.I
     return to_pil(content), to_pil(style)
 
 
-__all__ = ["REFERENCE_ITERATIONS", "TOLERANCE", "ReferenceStore", "ResultCase", "ResultCurve", "parse_scales", "reference_loss", "result_config", "synthetic_pair", "time_to_result"]
+__all__ = ["REFERENCE_ITERATIONS", "TOLERANCE", "ReferenceStore", "ResultCase", "ResultCurve", "parse_scales", "reference_loss", "result_config", "setting_label", "synthetic_pair", "time_to_result"]
