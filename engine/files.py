@@ -16,8 +16,8 @@ import os
 import re
 import shutil
 import socket
+import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from pathlib import Path
 STALE_AFTER = 10 * 60
 
 _TAG = re.compile(r"\.~(\d+)-([0-9a-f]{6})\.")
-# mkstemp/mkdtemp's random part: 8 characters of [a-z0-9_].
+# The random part of a temporary's name: write_atomic's 8 hex digits, mkdtemp's 8 of [a-z0-9_].
 _RANDOM = r"[a-z0-9_]{8}"
 
 
@@ -61,10 +61,13 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.stem), suffix=path.suffix + ".tmp")
-    os.close(fd)
+    # Named before it exists (unique by the writer's pid and host in the prefix, and 32 random
+    # bits) and made inside the `try`: a Ctrl-C that Python raises as the creating system call
+    # returns still finds it to remove, which mkstemp's file, made before the `try`, escaped.
+    tmp = path.parent / f"{temp_prefix(path.stem)}{secrets.token_hex(4)}{path.suffix}.tmp"
     try:
-        write(Path(tmp))
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # private while written
+        write(tmp)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
@@ -72,7 +75,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

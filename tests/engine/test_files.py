@@ -44,6 +44,27 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
+def test_ctrl_c_as_the_temporary_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """Python raises a Ctrl-C when the system call that was running returns: here, the one that
+    has just created the temporary. It must still be removed (mkstemp's, made before the write's
+    `try`, was left behind: a batch interrupted between snapshots kept a `.tmp`)."""
+    import os
+
+    import nst.engine.files as files
+
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "out.txt", lambda tmp: tmp.write_text("new"))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_temporaries_name_their_writer_and_only_stale_ones_go(tmp_path, killed_writer):
     """A killed writer's temporary is stale at once; a live writer's (this process's) is kept;
     an untagged one (an older nst's) goes only once it is old; a user's file is never matched."""
