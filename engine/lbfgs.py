@@ -42,6 +42,23 @@ they are. Each problem's iterates are the ones `LBFGS` gives it alone, up to the
 products' rounding. `LBFGS` is the same code with N = 1 and its products run unbatched, the
 kernels (and so the rounding) of a single-problem optimiser.
 
+The history can live in another device's memory (`history_device`: the host's, pinned when the
+parameter is on CUDA) when the device cannot hold it: 2m image-sized fp32 vectors, 32 GB at
+8192x8192 and m = 20. It is then kept as column chunks of at most `chunk_bytes`, each a
+contiguous (B, 2m, k) tensor, and each of the two passes streams it through the device one chunk
+at a time: the first copies a chunk in, writes the new pair's columns into it (the slot is a
+device index, so the whole chunk goes back, not just the pair's rows: the host cannot address a
+slot it has not read), adds the chunk's products to the sum and copies the chunk back; the
+second copies each chunk in and writes its columns of H g. Every copy is `non_blocking` on the
+current stream, from or to pinned memory, so the host only enqueues work, as in the in-device
+version: no host synchronisation. Per step the history crosses the bus twice towards the device
+and once back (overlapping the inward copies where the bus is full duplex and the copies run on
+separate streams; here they share the current stream, which orders them and keeps the
+chunks' device memory safe to reuse). The device holds a chunk or two instead of the history.
+The iterates are the in-device version's up to the order the first pass adds in (its partial
+products are summed over chunks in float64); the second pass's columns are each one small
+product, the same sum as before.
+
 Where torch and this version both accept every pair (a convex problem, first step aside), the
 iterates are the same (no cap, no loss given). The caller keeps torch's convergence tests, reading the loss only when it
 chooses to. No line search: a strong-Wolfe search measured no gain here (benchmarks/README.md).
@@ -55,6 +72,12 @@ FIRST_STEP = 1e-2  # parameter units: the largest entry's move on the first step
 # Relative curvature threshold: about fp32's rounding (L-BFGS-B uses float64's epsilon; the
 # gradients here are fp32, so a smaller change in the directional derivative is noise).
 CURVATURE_EPS = 1e-7
+# A streamed history's chunk (`history_device`): large enough that each copy runs at the bus's
+# full rate (transfers of a few MB already do), small enough that the device's share of the
+# history is a rounding error. Pinned allocations are rounded up to a power of two by PyTorch's
+# host allocator: chunks of just under a power of two lose almost nothing to it, where one
+# history-sized pinned block could lose nearly half.
+HISTORY_CHUNK_BYTES = 64 * 2**20
 
 
 class LBFGS:
@@ -62,15 +85,32 @@ class LBFGS:
 
     `lr` scales every step; `first_step` and `max_step` (None: no cap) are in the parameter's
     units, independent of the loss's scale; `curvature_eps` is the relative curvature test's eps.
+    `history_device` (None: the parameter's, held whole) keeps the history there instead, in
+    chunks of at most `chunk_bytes` streamed through the parameter's device (see the module's
+    docstring); "cpu" for a CUDA parameter is pinned host memory. Given the parameter's own device
+    it streams too, in the same memory: the path the host history takes, testable without a GPU.
     """
 
-    def __init__(self, param: torch.Tensor, *, lr: float = 1.0, history: int = 20, first_step: float = FIRST_STEP, curvature_eps: float = CURVATURE_EPS, max_step: float | None = None) -> None:
+    def __init__(
+        self,
+        param: torch.Tensor,
+        *,
+        lr: float = 1.0,
+        history: int = 20,
+        first_step: float = FIRST_STEP,
+        curvature_eps: float = CURVATURE_EPS,
+        max_step: float | None = None,
+        history_device: torch.device | str | None = None,
+        chunk_bytes: int = HISTORY_CHUNK_BYTES,
+    ) -> None:
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
         if not first_step > 0:
             raise ValueError(f"first_step must be positive, got {first_step}")
         if max_step is not None and not max_step > 0:
             raise ValueError(f"max_step must be positive or None, got {max_step}")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
         self.param = param
         self.lr = float(lr)
         self.m = int(history)
@@ -81,7 +121,18 @@ class LBFGS:
         n = param.numel() // max(b, 1)
         dev = param.device
         # Every piece of state has a leading problem dimension B (1 here; see BatchedLBFGS).
-        self._hist = torch.zeros(b, 2 * self.m, n, device=dev, dtype=torch.float32)  # rows: S then Y
+        # The history's rows: S then Y. Held whole, (B, 2m, n) on the device; streamed, as
+        # (start column, (B, 2m, k) chunk) pairs in `history_device`'s memory. Zeros, not empty:
+        # an empty slot's coefficient is exactly 0, and 0 times a stale NaN would not be.
+        self._hist = torch.empty(0)
+        self._chunks: list[tuple[int, torch.Tensor]] = []
+        if history_device is None:
+            self._hist = torch.zeros(b, 2 * self.m, n, device=dev, dtype=torch.float32)
+        else:
+            where = torch.device(history_device)
+            pin = where.type == "cpu" and dev.type == "cuda"  # page-locked: copies run asynchronously, at the bus's rate
+            k = max(1, chunk_bytes // (b * 2 * self.m * 4))  # columns per chunk
+            self._chunks = [(c, torch.zeros(b, 2 * self.m, min(k, n - c), dtype=torch.float32, device=where, pin_memory=pin)) for c in range(0, max(n, 1), k)]
         self._sy = torch.zeros(b, self.m, self.m, device=dev, dtype=torch.float64)  # s_i . y_j by slot
         self._yy = torch.zeros(b, self.m, self.m, device=dev, dtype=torch.float64)  # y_i . y_j by slot
         # Accepted pairs so far, and each slot's pair's number (-1: empty). Both on the device:
@@ -124,12 +175,27 @@ class LBFGS:
         return self._age >= 0
 
     @property
+    def streamed(self) -> bool:
+        """Whether the history lives in `history_device`'s memory and is streamed in chunks."""
+        return bool(self._chunks)
+
+    @property
+    def history_device(self) -> torch.device:
+        """Where the history is kept."""
+        return self._chunks[0][1].device if self._chunks else self._hist.device
+
+    def _whole(self) -> torch.Tensor:  # (B, 2m, n) on the parameter's device; a copy when streamed
+        if not self._chunks:
+            return self._hist
+        return torch.cat([c.to(self.param.device) for _, c in self._chunks], dim=2)
+
+    @property
     def S(self) -> torch.Tensor:  # (B, m, n)
-        return self._hist[:, : self.m]
+        return self._whole()[:, : self.m]
 
     @property
     def Y(self) -> torch.Tensor:  # (B, m, n)
-        return self._hist[:, self.m :]
+        return self._whole()[:, self.m :]
 
     @torch.no_grad()
     def step(self, loss: torch.Tensor | None = None) -> None:
@@ -207,13 +273,10 @@ class LBFGS:
         ok = (ys > self.curvature_eps * -gs) & accept  # (B,) bool on the device; scales with the loss on both sides
         keep = ok.unsqueeze(1)
         p = self._accepted % m  # (B,): each problem's slot of its oldest pair (or an empty one)
-        s_new = torch.where(keep, s, self._hist[rows, p])
-        y_new = torch.where(keep, y, self._hist[rows, p + m])
-        self._hist[rows, p] = s_new
-        self._hist[rows, p + m] = y_new
-        # (3, n) rows against (2m, n) rows: both operands contiguous along n, one streaming pass
-        # (an (n, 3) column block instead runs ~2x slower on the CPU's BLAS).
-        prods = self._mm(self._hist, torch.stack([s_new, y_new, g], 1).transpose(1, 2)).double()  # (B, 2m, 3)
+        if self._chunks:
+            prods = self._store_streamed(s, y, g, keep, p)
+        else:
+            prods = self._store(self._hist, s, y, g, keep, p).double()
         # A rejected pair rewrites its slot's old values: the same numbers, no harm. The column
         # is written last, so S^T Y's diagonal entry is s_p . y_p from the S rows, as before.
         self._sy[rows, p] = prods[:, m:, 0]  # s_p . y_j
@@ -225,6 +288,44 @@ class LBFGS:
         self._age[rows, p] = torch.where(ok, self._accepted, self._age[rows, p])
         self._accepted += ok.long()
         return prods[:, :, 2]  # (B, 2m): S g then Y g
+
+    def _store(self, hist: torch.Tensor, s: torch.Tensor, y: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Write the pair into slot p of `hist` (B, 2m, k) where `keep`, else its old values again;
+        return `hist` against the pair and g, (B, 2m, 3) fp32. `s`, `y`, `g`: (B, k), the same columns."""
+        rows, m = self._rows, self.m
+        s_new = torch.where(keep, s, hist[rows, p])
+        y_new = torch.where(keep, y, hist[rows, p + m])
+        hist[rows, p] = s_new
+        hist[rows, p + m] = y_new
+        # (3, n) rows against (2m, n) rows: both operands contiguous along n, one streaming pass
+        # (an (n, 3) column block instead runs ~2x slower on the CPU's BLAS).
+        return self._mm(hist, torch.stack([s_new, y_new, g], 1).transpose(1, 2))
+
+    def _store_streamed(self, s: torch.Tensor, y: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """`_store` over the streamed history, chunk by chunk: (B, 2m, 3) float64, the chunks'
+        products added in float64 (each chunk's own sum is fp32, as the whole history's is)."""
+        dev = self.param.device
+        total: torch.Tensor | None = None
+        for c0, host in self._chunks:
+            c1 = c0 + host.shape[2]
+            # A copy even where `host` is on `dev` (the CPU): the path, and the write-back, that a
+            # host history on a GPU takes, so the CPU's tests cover it.
+            chunk = host.to(dev, non_blocking=True, copy=True)
+            part = self._store(chunk, s[:, c0:c1], y[:, c0:c1], g[:, c0:c1], keep, p).double()
+            host.copy_(chunk, non_blocking=True)  # the whole chunk: which rows changed is known only on the device
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _combination(self, coef: torch.Tensor) -> torch.Tensor:
+        """The history's rows weighted by `coef` (B, 2m) fp32 and added: (B, n) on the parameter's device."""
+        if not self._chunks:
+            return self._tmv(self._hist, coef)
+        dev = self.param.device
+        out = torch.empty(coef.shape[0], self.param.numel() // coef.shape[0], device=dev, dtype=torch.float32)
+        for c0, host in self._chunks:
+            out[:, c0 : c0 + host.shape[2]] = self._tmv(host.to(dev, non_blocking=True), coef)  # each column its own sum over 2m rows
+        return out
 
     def _direction(self, g: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """-H g from the compact representation, the pairs taken oldest first."""
@@ -248,7 +349,7 @@ class LBFGS:
         coef = torch.zeros(b, 2 * m, device=g.device, dtype=torch.float64)
         coef.scatter_(1, order, top)
         coef.scatter_(1, m + order, gamma.view(b, 1) * bottom)
-        hg = self._gamma.float().unsqueeze(1) * g + self._tmv(self._hist, coef.float())  # (B, n)
+        hg = self._gamma.float().unsqueeze(1) * g + self._combination(coef.float())  # (B, n)
         return -hg
 
 

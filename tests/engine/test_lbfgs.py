@@ -328,3 +328,83 @@ def test_batched_bad_use():
         BatchedLBFGS(torch.tensor(1.0, requires_grad=True))
     with pytest.raises(RuntimeError, match="backward"):
         BatchedLBFGS(torch.zeros(2, 3, requires_grad=True)).step()
+
+
+# A history kept in another device's memory and streamed in column chunks (`history_device`). On
+# the CPU "cpu" is the parameter's own memory, but the chunked passes run as they would from
+# pinned host memory: the products are summed over chunks, the combination written chunk by chunk.
+
+
+def _streamed_kw(kw: dict, chunk_bytes: int) -> dict:
+    return {**kw, "history_device": "cpu", "chunk_bytes": chunk_bytes}
+
+
+def _close_to_rounding(got: torch.Tensor, ref: torch.Tensor, k: int, msg: str) -> None:
+    """The streamed first pass adds its products in another order (each chunk in fp32, then the
+    chunks in float64), so the iterates differ by rounding, which these small, badly conditioned
+    problems amplify step by step: measured, moving the in-device run's start by one fp32 ulp
+    moves its iterates by up to 2.6e-4 of their largest entry within 15 steps (the streamed
+    history's differ by up to 1.2e-4). So: 1e-6 of the largest entry for the first four
+    iterates, where nothing has had time to grow, and 1e-3 after."""
+    tol = (1e-6 if k < 4 else 1e-3) * max(1.0, float(ref.abs().max()))
+    torch.testing.assert_close(got, ref, rtol=0, atol=tol, msg=msg)
+
+
+@pytest.mark.parametrize("losses", [True, False])
+@pytest.mark.parametrize("kw", [{"history": 3, "first_step": 3.0}, {"history": 2, "first_step": 0.5, "max_step": 0.5}])
+def test_streamed_history_equals_the_device_history(losses, kw):
+    # Each problem of `_problems` (pairs kept; pairs rejected with the ring full at history 2;
+    # trials taken back) with chunks of 4 then 2 columns (2m rows of fp32 per column).
+    fs, x0 = _problems()
+    steps = 15
+    for i, f in enumerate(fs):
+        ref, ref_points, ref_opt = _alone(f, x0[i], steps=steps, losses=losses, **kw)
+        its, points, opt = _alone(f, x0[i], steps=steps, losses=losses, **_streamed_kw(kw, 4 * 2 * kw["history"] * 4))
+        assert opt.streamed and [c.shape[2] for _, c in opt._chunks] == [4, 2]
+        for k in range(steps):
+            _close_to_rounding(its[k], ref[k], k, f"problem {i}, iterate {k}")
+            _close_to_rounding(points[k], ref_points[k], k, f"problem {i}, point {k}")
+        # Every decision the same: which pairs were kept, in which slots, in which order.
+        assert int(opt._accepted) == int(ref_opt._accepted)
+        assert torch.equal(opt._age, ref_opt._age)
+        _close_to_rounding(opt.S, ref_opt.S, steps, "S")
+        _close_to_rounding(opt.Y, ref_opt.Y, steps, "Y")
+    _, _, saddle = _alone(fs[1], x0[1], steps=steps, losses=losses, **_streamed_kw(kw, 1))  # one column a chunk
+    assert int(saddle._accepted) < steps - 1  # the scenarios include rejected pairs
+
+
+def test_streamed_history_on_a_quadratic_in_uneven_chunks():
+    # 50 unknowns in chunks of 7 columns (the last of 1), history 5, 25 steps: the iterates are the
+    # in-device history's within rounding, and both converge.
+    f, x_star, x0 = _quadratic()
+    ref, ref_opt = _iterates(f, x0, steps=25)
+    got, opt = _iterates(f, x0, steps=25, history_device="cpu", chunk_bytes=7 * 10 * 4)
+    assert [c.shape[2] for _, c in opt._chunks] == [7] * 7 + [1]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        _close_to_rounding(a, b, k, f"iterate {k}")
+    assert int(opt._accepted) == int(ref_opt._accepted) == 24
+    assert (got[-1] - x_star).norm() < 0.1 * (x0 - x_star).norm()
+
+
+@pytest.mark.parametrize("losses", [True, False])
+def test_batched_streamed_history_equals_the_device_history(losses):
+    # Three problems at once, 2m = 8 rows each: 96 bytes a column, chunks of 2 columns. One
+    # problem's NaN at step 4 is taken back in both.
+    fs, x0 = _problems()
+    kw = {"history": 4, "first_step": 0.5, "max_step": 0.5}
+    ref, ref_points, ref_opt = _together(fs, x0, steps=12, losses=losses, poison=(1, 4) if losses else None, **kw)
+    its, points, opt = _together(fs, x0, steps=12, losses=losses, poison=(1, 4) if losses else None, **_streamed_kw(kw, 2 * 96 + 50))
+    assert [c.shape for _, c in opt._chunks] == [torch.Size([3, 8, 2])] * 3
+    for k in range(12):
+        for i in range(3):
+            _close_to_rounding(its[k][i], ref[k][i], k, f"problem {i}, iterate {k}")
+            _close_to_rounding(points[k][i], ref_points[k][i], k, f"problem {i}, point {k}")
+        assert torch.isfinite(its[k]).all()
+    assert torch.equal(opt._accepted, ref_opt._accepted) and torch.equal(opt._age, ref_opt._age)
+
+
+def test_streamed_history_bad_use():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        LBFGS(torch.zeros(3, requires_grad=True), history_device="cpu", chunk_bytes=0)
+    opt = LBFGS(torch.zeros(3, requires_grad=True))
+    assert not opt.streamed and opt.history_device == torch.device("cpu")
