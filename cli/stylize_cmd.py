@@ -203,6 +203,7 @@ def stylize_command(
     tile: Annotated[str, typer.Option(help="auto (whole when it fits --max-memory, else the largest tile that does), off, or a tile edge in pixels.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of each stage and exit without optimising.")] = False,
     tile_grams: Annotated[Optional[C.TileGrams], typer.Option(help="A tiled stage's Grams: exact (a pass without gradients first) or previous (the last iteration's: one pass, an approximate gradient) [exact].", show_default=False)] = None,
+    optimizer_state: Annotated[C.OptimizerState, typer.Option(help="Where L-BFGS's history lives: device, host (host memory, streamed through the device every step; on the CPU the same memory), or auto (the device when it fits, else the fallback soonest to a result).")] = C.OptimizerState.AUTO,
 ) -> None:
     """Stylise CONTENT in the manner of one or more STYLE images.
 
@@ -255,6 +256,7 @@ class StylizeOptions:
     tile: str
     dry_run: bool
     tile_grams: C.TileGrams | None
+    optimizer_state: C.OptimizerState
 
     @property
     def init_path(self) -> Path | None:
@@ -368,7 +370,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         cfg = dataclasses.replace(o, optimizer=changes["optimizer"]).config()
     elif changes:
         cfg = dataclasses.replace(cfg, **changes)
-    if changes and not o.quiet:
+    if plan.optimizer_note and not o.quiet:
         console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
     if o.dry_run:
         _dry_run(o, cfg, runtime, plan)
@@ -442,7 +444,10 @@ def parse_tile(text: str) -> str | int:
 
 
 def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> Plan:
-    """The run's memory plan from --max-memory and --tile (budget: the device's free memory less a margin)."""
+    """The run's memory plan from --max-memory, --tile and --optimizer-state (budget: the device's
+    free memory less a margin; for a history in host memory, the available RAM less one)."""
+    import torch
+
     from nst.engine.device import default_memory_budget, host_memory_bytes
     from nst.engine.plan import TileMode, parse_size, plan_run
     from nst.engine.transfer import fit_scales
@@ -452,6 +457,7 @@ def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: 
     return plan_run(
         fit_scales([content], [styles], cfg), content.size, [s.size for s in styles], precision=runtime.precision, device=str(runtime.device), budget=budget,
         tile=tile if isinstance(tile, int) else TileMode(tile), host_bytes=host_memory_bytes() if runtime.device.type == "cpu" else None,
+        optimizer_state=o.optimizer_state, host_budget=default_memory_budget(torch.device("cpu")) if runtime.device.type != "cpu" else None,
     )  # fmt: skip
 
 
@@ -461,7 +467,10 @@ def plan_lines(plan: Plan) -> list[str]:
     from nst.engine.plan import format_size
 
     budget = format_size(plan.budget_bytes) if plan.budget_bytes is not None else "none"
-    lines = [f"plan: {plan.device}, {plan.precision}, budget {budget}, optimiser state on {plan.device}"]
+    where = plan.device if plan.optimizer_state == "device" else "host"
+    lines = [f"plan: {plan.device}, {plan.precision}, budget {budget}, optimiser state on {where}"]
+    if plan.host_bytes:
+        lines.append(f"  L-BFGS history in host memory: {format_size(plan.host_bytes)}, streamed")
     for i, s in enumerate(plan.stages, 1):
         how = "whole" if s.mode == "whole" else f"tiled, {s.tile} px tiles, {s.grid[0]}x{s.grid[1]} = {s.tiles}, halo {s.halo} px"
         lines.append(f"  stage {i}: {s.hw[1]}x{s.hw[0]} {how}")
@@ -529,7 +538,7 @@ def keyword_option(name: str, annotation: Any, default: Any = inspect.Parameter.
 
 
 # The memory plan's options: `nst stylize` only for now (batch and video run each image whole).
-PLAN_OPTIONS = ("max_memory", "tile", "dry_run", "tile_grams")
+PLAN_OPTIONS = ("max_memory", "tile", "dry_run", "tile_grams", "optimizer_state")
 
 
 def stylize_parameters(*, without: Collection[str]) -> list[inspect.Parameter]:

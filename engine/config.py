@@ -78,6 +78,15 @@ class TileGrams(str, enum.Enum):
     PREVIOUS = "previous"  # the last iteration's, gathered in its backward pass: one pass, approximate
 
 
+class OptimizerState(str, enum.Enum):
+    """Where L-BFGS's history lives (`plan.plan_run`); the rest of the optimiser's state stays with
+    the image. Where, not what: the plan's choice, not the configuration's."""
+
+    AUTO = "auto"  # on the device when it fits, else whichever fallback is soonest to a result
+    DEVICE = "device"  # on the device; when it does not fit, a shorter history or Adam
+    HOST = "host"  # in host memory (pinned), streamed through the device at every step
+
+
 INIT_CHOICES = ("content", "noise", "style")  # or a path to an image file
 AUTO = "auto"  # `scales`: coarse to fine, sizes from `auto_sizes`
 

@@ -86,7 +86,7 @@ class LBFGS:
     `lr` scales every step; `first_step` and `max_step` (None: no cap) are in the parameter's
     units, independent of the loss's scale; `curvature_eps` is the relative curvature test's eps.
     `history_device` (None: the parameter's, held whole) keeps the history there instead, in
-    chunks of at most `chunk_bytes` streamed through the parameter's device (see the module's
+    chunks of at most `chunk_bytes` (None: HISTORY_CHUNK_BYTES) streamed through the parameter's device (see the module's
     docstring); "cpu" for a CUDA parameter is pinned host memory. Given the parameter's own device
     it streams too, in the same memory: the path the host history takes, testable without a GPU.
     """
@@ -101,7 +101,7 @@ class LBFGS:
         curvature_eps: float = CURVATURE_EPS,
         max_step: float | None = None,
         history_device: torch.device | str | None = None,
-        chunk_bytes: int = HISTORY_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> None:
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
@@ -109,6 +109,7 @@ class LBFGS:
             raise ValueError(f"first_step must be positive, got {first_step}")
         if max_step is not None and not max_step > 0:
             raise ValueError(f"max_step must be positive or None, got {max_step}")
+        chunk_bytes = HISTORY_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
         self.param = param

@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Optimizer, Pooling, Precision, PreserveColors, StyleConfig
+from .config import Optimizer, OptimizerState, Pooling, Precision, PreserveColors, StyleConfig
 from .device import autocast_dtype, format_bytes
 from .errors import ConfigError
 from .images import output_shape
 from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels
+from .lbfgs import HISTORY_CHUNK_BYTES
 from .tiles import grid_shape, snap_tile, tile_grid, tile_halo, tile_step
 
 # What the allocator holds beyond the tensors counted, as a share of them: oneDNN's scratch
@@ -129,13 +130,21 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
     return n * (kept + 2 * largest)
 
 
-def optimizer_bytes(cfg: StyleConfig, pixels: int, n: int = 1) -> int:
-    """L-BFGS: 2 x history image-sized fp32 vectors, and the previous gradient, step and point;
-    Adam: its two moments."""
+def optimizer_bytes(cfg: StyleConfig, pixels: int, n: int = 1, *, state: str = "device") -> int:
+    """The optimiser's bytes on the device. L-BFGS: 2 x history image-sized fp32 vectors, and the
+    previous gradient, step and point; with its history in host memory (`state` "host"), two of
+    its chunks in flight instead of the history. Adam: its two moments."""
     vec = 3 * pixels * 4 * n
     if cfg.optimizer == Optimizer.ADAM:
         return 2 * vec
-    return (2 * cfg.lbfgs_history + 4) * vec
+    if state == OptimizerState.HOST.value:
+        return 4 * vec + 2 * min(HISTORY_CHUNK_BYTES, history_bytes(cfg, pixels, n))
+    return 4 * vec + history_bytes(cfg, pixels, n)
+
+
+def history_bytes(cfg: StyleConfig, pixels: int, n: int = 1) -> int:
+    """L-BFGS's history: 2 x history image-sized fp32 vectors (0 for Adam)."""
+    return 0 if cfg.optimizer == Optimizer.ADAM else 2 * cfg.lbfgs_history * 3 * pixels * 4 * n
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,7 @@ class StagePlan:
     # forward and backward: the largest whose pass needs no more than the loop's tile.
     target_tile: int | None = None
     phase: str = "loop"  # the phase `parts` describe, the one that needs more: "targets" or "loop"
+    host_bytes: int = 0  # L-BFGS's history in host memory (optimiser state "host"), not in `parts`
 
     @property
     def tiles(self) -> int:
@@ -166,7 +176,7 @@ class StagePlan:
         return {
             "size": self.size, "hw": list(self.hw), "mode": self.mode, "tile": self.tile, "tiles": self.tiles, "grid": list(self.grid),
             "halo": self.halo, "target_tile": self.target_tile, "estimated_peak_bytes": self.estimated_peak_bytes, "peak_phase": self.phase,
-            "parts": dict(self.parts),
+            "parts": dict(self.parts), "host_bytes": self.host_bytes,
         }  # fmt: skip
 
 
@@ -178,7 +188,9 @@ class Plan:
     budget_bytes: int | None  # None: no budget was given (a plan for the record only)
     device: str
     precision: str
-    optimizer_state: str = "device"  # the optimiser's state stays with the image, on the run's device
+    # Where L-BFGS's history lives: "device" (with the image) or "host" (host memory, streamed
+    # through the device; on the CPU the same memory). Everything else stays with the image.
+    optimizer_state: str = "device"
     optimizer: str = "lbfgs"  # the optimiser the plan fits: the configuration's, or Adam
     lbfgs_history: int | None = None  # L-BFGS's history the plan fits (None for Adam)
     optimizer_note: str = ""  # why the optimiser or its history differs from the configuration's
@@ -186,6 +198,11 @@ class Plan:
     @property
     def estimated_peak_bytes(self) -> int:
         return max(s.estimated_peak_bytes for s in self.stages)
+
+    @property
+    def host_bytes(self) -> int:
+        """The most host memory a stage's L-BFGS history takes (0 unless the state is "host" off the CPU)."""
+        return max(s.host_bytes for s in self.stages)
 
     def target_tile(self) -> int | None:
         """The tile edge for computing targets: the smallest any tiled stage allows (None: whole)."""
@@ -217,7 +234,7 @@ class Plan:
         return {
             "budget_bytes": self.budget_bytes, "device": self.device, "precision": self.precision,
             "optimizer_state": self.optimizer_state, "optimizer": self.optimizer, "lbfgs_history": self.lbfgs_history,
-            "optimizer_note": self.optimizer_note, "estimated_peak_bytes": self.estimated_peak_bytes,
+            "optimizer_note": self.optimizer_note, "estimated_peak_bytes": self.estimated_peak_bytes, "host_bytes": self.host_bytes,
             "stages": [s.to_dict() for s in self.stages],
         }  # fmt: skip
 
@@ -234,12 +251,14 @@ def stage_phases(
     precision: Precision,
     tile: int | None,
     prev_hw: tuple[int, int] | None = None,
+    optimizer_state: str = "device",
 ) -> dict[str, dict[str, int]]:
     """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
     stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
     keep only the targets, the image, its gradient and the optimiser's state; see `Stage.for_loop`).
     `prev_hw`: the previous stage's output size, whose result (and Adam's moments, when they are
-    carried over) the stage holds while it runs."""
+    carried over) the stage holds while it runs. `optimizer_state` "host": L-BFGS's history is not
+    on the device (`optimizer_bytes`)."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     pixels = hw[0] * hw[1]
     image = _image_bytes(pixels)
@@ -269,7 +288,7 @@ def stage_phases(
     # content's colours under `luminance`, the previous stage's result.
     l_images = 2 * image + (image // 2 if tile is not None else image) + (image if luminance else 0) + carried
     net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
-    optimizer = optimizer_bytes(cfg, pixels)
+    optimizer = optimizer_bytes(cfg, pixels, state=optimizer_state)
     # Adam's step makes two image-sized temporaries (none when fused, as a tiled stage runs it);
     # they do not overlap the network's pass.
     step_temps = 2 * image if cfg.optimizer == Optimizer.ADAM and tile is None else 0
@@ -333,7 +352,14 @@ def _tile_candidates(hw: tuple[int, int], layers: Sequence[str]) -> list[int]:
 
 
 def _plan_stages(
-    cfg: StyleConfig, content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], *, precision: Precision, budget: int | None, tile: TileMode | int
+    cfg: StyleConfig,
+    content_wh: tuple[int, int],
+    style_whs: Sequence[tuple[int, int]],
+    *,
+    precision: Precision,
+    budget: int | None,
+    tile: TileMode | int,
+    state: str = "device",
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
@@ -345,12 +371,13 @@ def _plan_stages(
         prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
         def make(t: int | None) -> StagePlan:
-            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev)
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state)
             phase = peak_phase(phases)
+            host = history_bytes(cfg, hw[0] * hw[1]) if state == OptimizerState.HOST.value else 0
             if t is None:
-                return StagePlan(size, hw, "whole", None, (1, 1), 0, phases[phase], phase=phase)
+                return StagePlan(size, hw, "whole", None, (1, 1), 0, phases[phase], phase=phase, host_bytes=host)
             t = snap_tile(t, layers)
-            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), phases[phase], phase=phase)
+            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), phases[phase], phase=phase, host_bytes=host)
 
         def with_target_tile(p: StagePlan) -> StagePlan:  # only for the chosen plan: it searches too
             return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision))
@@ -409,16 +436,40 @@ def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str])
     return 4 * sum((t.cy1 - t.cy0) * (t.cx1 - t.cx0) for t in tile_grid(hw, tile, layers))
 
 
+# L-BFGS with its history in host memory takes L-BFGS's iterations to a result (it is the same
+# algorithm; its iterates differ by rounding) and, at each of them, streams the history through
+# the device: in and back out in the first pass (the pair's slot is known only on the device, so
+# whole chunks return), in again in the second; the copies share one stream, so three crossings.
+# The bus: PCIe 4.0 x16 moves 32 GB/s each way before protocol overhead, about 25 GB/s in pinned
+# copies (PCIe 5.0 x16, as on H100 hosts, about twice that). Neither rate could be measured here
+# (no GPU was lent to this work), so the cost model assumes the slower.
+HOST_BUS_BYTES_PER_S = 25e9
+HOST_HISTORY_CROSSINGS = 3
+# The device's rate in `iteration_cost` units (pixels through the network, a backward counted
+# twice) a second, to put the transfers in the same units as the network's work: a 512 px
+# iteration in TF32 on an H100, about 2 ms as planned (its arithmetic alone is 0.77 ms), is
+# 3 x 512^2 units in 2 ms. An estimate, not a measurement, for the same reason.
+DEVICE_WORK_PER_S = 3 * 512 * 512 / 2e-3
+
+
 def _fallback_key(cfg: StyleConfig) -> str:
     return "adam" if cfg.optimizer == Optimizer.ADAM else f"lbfgs:{cfg.lbfgs_history}"
 
 
-def _time_to_result(cfg: StyleConfig, stages: Sequence[StagePlan]) -> float:
+def _time_to_result(cfg: StyleConfig, stages: Sequence[StagePlan], state: str = "device") -> float:
     """Relative time for a plan's fallback to reach a result: its iterations (relative to
-    L-BFGS's 20) times the work of each stage's iterations."""
+    L-BFGS's 20) times the work of each stage's iterations, plus, for a history in host memory,
+    its transfers over the bus at every iteration, in the same units."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
-    work = sum(n * iteration_cost(s.hw, s.tile, layers) for s, n in zip(stages, cfg.stage_iterations))
+    per_byte = HOST_HISTORY_CROSSINGS * DEVICE_WORK_PER_S / HOST_BUS_BYTES_PER_S if state == OptimizerState.HOST.value else 0.0
+    work = sum(n * (iteration_cost(s.hw, s.tile, layers) + per_byte * s.host_bytes) for s, n in zip(stages, cfg.stage_iterations))
     return ITERATIONS_TO_RESULT.get(_fallback_key(cfg), 1.0) * work
+
+
+def _label(cfg: StyleConfig, state: str) -> str:
+    if cfg.optimizer == Optimizer.ADAM:
+        return "Adam"
+    return "L-BFGS with its history in host memory" if state == OptimizerState.HOST.value else "a shorter L-BFGS history"
 
 
 def plan_run(
@@ -432,19 +483,28 @@ def plan_run(
     tile: TileMode | int = TileMode.AUTO,
     host_bytes: int | None = None,
     optimizer_fallback: bool = True,
+    optimizer_state: OptimizerState | str = OptimizerState.AUTO,
+    host_budget: int | None = None,
 ) -> Plan:
     """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
     largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
 
     When L-BFGS's history does not fit even with the smallest tiles (`optimizer_fallback`), the
-    plan takes whichever of a shorter history (SHORTER_HISTORIES) or Adam (two image-sized
-    moments) fits and is estimated to reach a result soonest: measured iterations to a result
-    (ITERATIONS_TO_RESULT) times the work of its tiles (`iteration_cost`); `Plan.optimizer` says
-    which, and `Plan.changes` what it changes in the configuration.
-    Raises PlanError when even the smallest tile does not fit, naming the budget that would, and
-    when a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
-    machine's memory: tiling cannot help those."""
+    plan takes whichever of a shorter history (SHORTER_HISTORIES), Adam (two image-sized moments)
+    or, off the CPU with `optimizer_state` auto, the whole history in host memory (`host_budget`
+    bytes of it; None: unlimited) fits and is estimated to reach a result soonest: measured
+    iterations to a result (ITERATIONS_TO_RESULT) times the work of its tiles (`iteration_cost`),
+    plus the host history's transfers; `Plan.optimizer` and `Plan.optimizer_state` say which, and
+    `Plan.changes` what it changes in the configuration. `optimizer_state` "host" keeps the
+    history in host memory whatever fits (on the CPU that is the same memory: the plan counts it
+    as the device's); "device" never does.
+    Raises PlanError when even the smallest tile does not fit, naming the budget that would, when
+    a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
+    machine's memory (tiling cannot help those), and when a history asked to live in host memory
+    exceeds `host_budget`."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
+    state = _optimizer_state(optimizer_state, cfg)
+    on_cpu = device.split(":")[0] == "cpu"
     if host_bytes is not None:
         for size in cfg.sizes:
             hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
@@ -457,45 +517,102 @@ def plan_run(
                     params=("size",),
                 )
     failure: _TooSmall | None = None
+    if state == OptimizerState.HOST:
+        # On the CPU the host's memory is the device's: the history streams through it in chunks
+        # (the GPU's code path) and counts against the same budget.
+        model_state = "device" if on_cpu else "host"
+        try:
+            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state)
+        except _TooSmall as e:
+            raise _too_small(e, budget) from None
+        if not on_cpu:
+            _check_host_budget(stages, host_budget)
+        note = "on the CPU host memory is the device's: the history streams through it in chunks and saves none" if on_cpu else ""
+        return _plan(cfg, stages, budget, device, precision, note, state="host")
     try:
         stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile)
         return _plan(cfg, stages, budget, device, precision, "")
     except _TooSmall as e:
         failure = e
-    fallbacks: list[StyleConfig] = []
+    candidates: list[tuple[StyleConfig, str]] = []
     if optimizer_fallback and cfg.optimizer == Optimizer.LBFGS and budget is not None and isinstance(tile, str):
-        fallbacks = [dataclasses.replace(cfg, lbfgs_history=m) for m in SHORTER_HISTORIES if m < cfg.lbfgs_history]
-        fallbacks.append(dataclasses.replace(cfg, optimizer=Optimizer.ADAM))
-    fits: list[tuple[float, StyleConfig, tuple[StagePlan, ...]]] = []
-    for c in fallbacks:
+        candidates = [(dataclasses.replace(cfg, lbfgs_history=m), "device") for m in SHORTER_HISTORIES if m < cfg.lbfgs_history]
+        if state == OptimizerState.AUTO and not on_cpu:
+            candidates.append((cfg, "host"))
+        candidates.append((dataclasses.replace(cfg, optimizer=Optimizer.ADAM), "device"))
+    fits: list[tuple[float, StyleConfig, str, tuple[StagePlan, ...]]] = []
+    for c, where in candidates:
         try:
-            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile)
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where)
         except _TooSmall as e:
-            failure = e
+            failure = e if where == "device" else failure  # a budget that would fit names a device-side plan
             continue
-        fits.append((_time_to_result(c, stages), c, stages))
+        if where == "host" and host_budget is not None and max(s.host_bytes for s in stages) > host_budget:
+            continue
+        fits.append((_time_to_result(c, stages, where), c, where, stages))
     if fits:
-        _, c, stages = min(fits, key=lambda f: f[0])
-        others = [f[1] for f in fits if f[1] is not c]
-        if c.optimizer == Optimizer.ADAM:
-            note = "Adam: sooner to a result than a shorter L-BFGS history" if others else f"Adam instead of L-BFGS: a history of {min(SHORTER_HISTORIES)} does not fit"
-        elif any(o.optimizer == Optimizer.ADAM for o in others):
-            note = f"L-BFGS history {cfg.lbfgs_history} -> {c.lbfgs_history}: sooner to a result than Adam"
-        else:
-            note = f"L-BFGS history shortened from {cfg.lbfgs_history} to {c.lbfgs_history} to fit"
-        return _plan(c, stages, budget, device, precision, note)
-    assert failure is not None and budget is not None
+        _, c, where, stages = min(fits, key=lambda f: f[0])
+        others = list(dict.fromkeys(_label(f[1], f[2]) for f in fits if f[1] is not c))
+        return _plan(c, stages, budget, device, precision, _fallback_note(cfg, c, where, others), state=where)
+    assert failure is not None
+    raise _too_small(failure, budget)
+
+
+def _optimizer_state(value: OptimizerState | str, cfg: StyleConfig) -> OptimizerState:
+    try:
+        state = OptimizerState(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in OptimizerState)
+        raise ConfigError(f"optimizer_state must be one of {choices}, got {value!r}", params=("optimizer_state",)) from None
+    if state == OptimizerState.HOST and cfg.optimizer != Optimizer.LBFGS:
+        raise ConfigError("optimizer_state host keeps L-BFGS's history in host memory, and Adam has none: use auto or device", params=("optimizer_state",))
+    return state
+
+
+def _check_host_budget(stages: Sequence[StagePlan], host_budget: int | None) -> None:
+    need = max(s.host_bytes for s in stages)
+    if host_budget is not None and need > host_budget:
+        raise PlanError(
+            f"L-BFGS's history needs {format_size(need)} of host memory, more than the {format_size(host_budget)} available; "
+            "use a smaller `size` or a shorter `lbfgs_history`, or `optimizer_state` auto",
+            params=("optimizer_state", "size", "lbfgs_history"),
+        )
+
+
+def _too_small(failure: _TooSmall, budget: int | None) -> PlanError:
+    assert budget is not None
     smallest = failure.smallest
-    raise PlanError(
+    return PlanError(
         f"`max_memory` {format_size(budget)} is too small for size {failure.size}: even {smallest.tile} px tiles need about "
         f"{format_size(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
         params=("max_memory", "size"),
     )
 
 
-def _plan(cfg: StyleConfig, stages: tuple[StagePlan, ...], budget: int | None, device: str, precision: Precision, note: str) -> Plan:
+def _fallback_note(cfg: StyleConfig, c: StyleConfig, where: str, others: list[str]) -> str:
+    """Why the plan's optimiser differs from the configuration's, in one line."""
+    than = " or ".join(others)
+    if c.optimizer == Optimizer.ADAM:
+        if not others:
+            return f"Adam instead of L-BFGS: a history of {min(SHORTER_HISTORIES)} does not fit"
+        ratio = ITERATIONS_TO_RESULT["adam"] / ITERATIONS_TO_RESULT.get(_fallback_key(cfg), 1.0)
+        measured = f"measured, Adam takes {ratio:.2f}x L-BFGS's iterations to a result"
+        if _label(cfg, OptimizerState.HOST.value) in others:  # whatever the bus: it only adds to each of L-BFGS's
+            measured += "; a host history adds bus transfers to each of those"
+        return f"Adam: sooner to a result than {than} ({measured})"
+    if where == OptimizerState.HOST.value:
+        why = f"sooner to a result than {than}" if others else "nothing else fits"
+        return f"L-BFGS history {cfg.lbfgs_history} in host memory, streamed: {why}"
+    if "Adam" in others:
+        return f"L-BFGS history {cfg.lbfgs_history} -> {c.lbfgs_history}: sooner to a result than {than}"
+    return f"L-BFGS history shortened from {cfg.lbfgs_history} to {c.lbfgs_history} to fit"
+
+
+def _plan(cfg: StyleConfig, stages: tuple[StagePlan, ...], budget: int | None, device: str, precision: Precision, note: str, *, state: str = "device") -> Plan:
     history = cfg.lbfgs_history if cfg.optimizer == Optimizer.LBFGS else None
-    return Plan(stages, budget, device, precision.value, optimizer=Optimizer(cfg.optimizer).value, lbfgs_history=history, optimizer_note=note)
+    return Plan(
+        stages, budget, device, precision.value, optimizer_state=state, optimizer=Optimizer(cfg.optimizer).value, lbfgs_history=history, optimizer_note=note
+    )
 
 
 def format_size(n: float) -> str:
@@ -504,6 +621,6 @@ def format_size(n: float) -> str:
 
 
 __all__ = [
-    "OVERHEAD", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "optimizer_bytes", "parse_size",
-    "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
+    "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "history_bytes", "optimizer_bytes",
+    "parse_size", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -385,7 +385,9 @@ def stylize_many(
     regions = _RegionTargets(model, model_id(weights, cfg)) if any(r is not None for r in guidance.style_regions) else None
     lookups = [_TargetLookup(source, cache, mid, cfg, regions=regions) for _ in range(n)]  # per image: its cache hits
     regions_note = {} if regions is None else {"style_regions": "torch (fp32): the exported target module has no guidance input"}
-    loop = _Loop(cfg, runtime, clock, callback, n)
+    # L-BFGS's history where the plan keeps it: host memory (pinned beside a CUDA image), streamed.
+    history_device = "cpu" if plan is not None and plan.optimizer_state == "host" else None
+    loop = _Loop(cfg, runtime, clock, callback, n, history_device=history_device)
     stages: list[Stage] = []
     hw = shapes[0]  # this scale's output size, known before anything of the scale can fail
     done: tuple[torch.Tensor, list[Stage]] | None = None  # the last finished scale's images and stages
@@ -575,8 +577,11 @@ class _Loop:
     """The optimiser's iterations over the stages for N images at once, and what each image's
     result reports about them."""
 
-    def __init__(self, cfg: StyleConfig, runtime: Runtime, clock: Stopwatch, callback: Callable[[int, Iterate], None] | None, n: int) -> None:
+    def __init__(
+        self, cfg: StyleConfig, runtime: Runtime, clock: Stopwatch, callback: Callable[[int, Iterate], None] | None, n: int, *, history_device: str | None = None
+    ) -> None:
         self.cfg, self.runtime, self.clock, self.callback, self.n = cfg, runtime, clock, callback, n
+        self.history_device = history_device  # where L-BFGS keeps its history (None: with the image)
         self.stage_iterations = cfg.stage_iterations
         self.total_steps = sum(self.stage_iterations)
         self.step = 0  # iterations of the batch
@@ -615,7 +620,7 @@ class _Loop:
         tiled = isinstance(objective, TiledObjective)
         good_dtype = torch.float16 if tiled and x.dtype == torch.float32 else x.dtype
         good = x.detach().to(good_dtype, copy=True)
-        opt = make_optimizer(cfg, x, per_image=n > 1, fused=tiled)
+        opt = make_optimizer(cfg, x, per_image=n > 1, fused=tiled, history_device=self.history_device)
         stage = stages[0]
         stage_its = self.stage_iterations[stage.index]
         self.stage_start = list(self.kept)
@@ -702,19 +707,24 @@ class _Loop:
         return out
 
 
-def make_optimizer(cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False, fused: bool = False) -> "LBFGS | torch.optim.Adam":
+def make_optimizer(
+    cfg: StyleConfig, x: torch.Tensor, *, capturable: bool = False, per_image: bool = False, fused: bool = False, history_device: str | torch.device | None = None
+) -> "LBFGS | torch.optim.Adam":
     """The configuration's optimiser over the image `x` (`capturable`: Adam for a CUDA graph).
     Adam is elementwise, so one for a batch is one per image; L-BFGS with `per_image` is a
     `BatchedLBFGS`: one history, curvature test and step length per image of the batch.
     `fused`: Adam's fused kernel, which makes no image-sized temporaries in its step (the
-    default implementation makes two); for stages short of memory."""
+    default implementation makes two); for stages short of memory. `history_device`: where
+    L-BFGS keeps its history, streamed through `x`'s device (None: with `x`; the plan's
+    optimiser state "host" is "cpu"); Adam ignores it."""
     if cfg.optimizer == Optimizer.ADAM:
         fuse = fused and not capturable and x.dtype == torch.float32 and x.device.type in ("cpu", "cuda")
         return torch.optim.Adam([x], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, capturable=capturable, fused=fuse or None)
     # The first step and the step cap are in image units ([0, 1] of the pixel range).
     return (BatchedLBFGS if per_image else LBFGS)(
-        x, lr=cfg.lr, history=cfg.lbfgs_history, first_step=cfg.lbfgs_first_step * cfg.pixel_scale, max_step=cfg.lbfgs_max_step * cfg.pixel_scale
-    )
+        x, lr=cfg.lr, history=cfg.lbfgs_history, first_step=cfg.lbfgs_first_step * cfg.pixel_scale, max_step=cfg.lbfgs_max_step * cfg.pixel_scale,
+        history_device=history_device,
+    )  # fmt: skip
 
 
 def kept_point(opt: object, x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,81 @@ def test_lbfgs_history_is_shortened_or_adam_chosen(monkeypatch):
         plan_run(cfg, (2048, 1365), [(64, 64)], budget=int(8e8), optimizer_fallback=False)
 
 
+# L-BFGS's history in host memory. Planning for a CUDA device needs no GPU: the device is a name.
+CUDA_2048 = {"content_wh": (2048, 1365), "style_whs": [(64, 64)], "device": "cuda:0"}
+
+
+def test_host_history_when_asked_fits_where_the_device_history_does_not():
+    cfg = preset("gatys", size=2048, **ONE_STAGE)
+    budget = int(8e8)
+    vec = 3 * 1365 * 2048 * 4
+    # On the device no history fits this budget even in the smallest tiles: Adam.
+    device = plan_run(cfg, **CUDA_2048, budget=budget, optimizer_state="device")
+    assert (device.optimizer, device.optimizer_state) == ("adam", "device")
+    host = plan_run(cfg, **CUDA_2048, budget=budget, optimizer_state="host", host_budget=10**11)
+    assert (host.optimizer, host.lbfgs_history, host.optimizer_state) == ("lbfgs", 20, "host") and host.changes(cfg) == {}
+    (stage,) = host.stages
+    assert stage.mode == "tiled" and stage.estimated_peak_bytes <= budget
+    assert stage.host_bytes == host.host_bytes == 2 * 20 * vec  # the history, off the device
+    assert stage.parts["optimizer"] == 4 * vec + 2 * 64 * 2**20  # the rest of L-BFGS and two chunks in flight
+    d = host.to_dict()
+    assert d["optimizer_state"] == "host" and d["host_bytes"] == 2 * 20 * vec and d["stages"][0]["host_bytes"] == 2 * 20 * vec
+    assert device.to_dict()["host_bytes"] == 0
+    # More host memory than there is: one line naming both.
+    with pytest.raises(PlanError, match=r"L-BFGS's history needs 1.3 GB of host memory, more than the 1.0 GB available") as e:
+        plan_run(cfg, **CUDA_2048, budget=budget, optimizer_state="host", host_budget=10**9)
+    assert "\n" not in str(e.value)
+    # Too little device memory even with the history away: the usual error, naming what would do.
+    with pytest.raises(PlanError, match="is too small for size 2048"):
+        plan_run(cfg, **CUDA_2048, budget=int(6e8), optimizer_state="host")
+
+
+def test_auto_weighs_the_host_history_against_the_other_fallbacks(monkeypatch):
+    cfg = preset("gatys", size=2048, **ONE_STAGE)
+    # Measured, Adam reaches a result in 0.17x L-BFGS's iterations: it wins whatever the bus.
+    auto = plan_run(cfg, **CUDA_2048, budget=int(1e9), host_budget=10**11)
+    assert auto.optimizer == "adam" and auto.optimizer_state == "device"
+    assert auto.optimizer_note.startswith("Adam: sooner to a result than a shorter L-BFGS history or L-BFGS with its history in host memory")
+    assert "0.17x L-BFGS's iterations" in auto.optimizer_note and "bus transfers" in auto.optimizer_note
+    # Were Adam and the shorter histories slow, the host history would be taken (same history).
+    for key in ("adam", "lbfgs:10", "lbfgs:5"):
+        monkeypatch.setitem(ITERATIONS_TO_RESULT, key, 100.0)
+    host = plan_run(cfg, **CUDA_2048, budget=int(1e9), host_budget=10**11)
+    assert (host.optimizer, host.lbfgs_history, host.optimizer_state) == ("lbfgs", 20, "host") and host.changes(cfg) == {}
+    assert host.optimizer_note.startswith("L-BFGS history 20 in host memory, streamed: sooner to a result than")
+    # ... unless it does not fit host memory, or the run is on the CPU, or the state is pinned to the device.
+    assert plan_run(cfg, **CUDA_2048, budget=int(1e9), host_budget=10**9).optimizer_state == "device"
+    assert plan_run(cfg, **{**CUDA_2048, "device": "cpu"}, budget=int(1e9)).optimizer_state == "device"
+    assert plan_run(cfg, **CUDA_2048, budget=int(1e9), optimizer_state="device").optimizer_state == "device"
+    # The bus's cost counts. At 2048x1365 the history (1.3 GB) crossing the bus three times an
+    # iteration costs several times the network's work in the model, so a shorter history, at
+    # 1.12x the iterations, wins; were the bus 1000x faster, the host history would.
+    monkeypatch.setitem(ITERATIONS_TO_RESULT, "lbfgs:10", 500 / 445)
+    monkeypatch.setitem(ITERATIONS_TO_RESULT, "lbfgs:5", 500 / 445)
+    short = plan_run(cfg, **CUDA_2048, budget=int(1e9))
+    assert short.optimizer_state == "device" and short.lbfgs_history in (10, 5)
+    import nst.engine.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "HOST_BUS_BYTES_PER_S", plan_module.HOST_BUS_BYTES_PER_S * 1000)
+    assert plan_run(cfg, **CUDA_2048, budget=int(1e9)).optimizer_state == "host"
+
+
+def test_host_history_on_the_cpu_is_the_same_memory():
+    cfg = preset("gatys", size=512, **ONE_STAGE)
+    device = plan_run(cfg, (512, 341), [(64, 64)], budget=10**10)
+    host = plan_run(cfg, (512, 341), [(64, 64)], budget=10**10, optimizer_state="host")
+    assert host.optimizer_state == "host" and host.host_bytes == 0 and "saves none" in host.optimizer_note
+    assert host.stages[0].parts == device.stages[0].parts  # the history still counts against the budget
+
+
+def test_bad_optimizer_states_are_refused():
+    cfg = preset("gatys", size=256, **ONE_STAGE)
+    with pytest.raises(ConfigError, match="optimizer_state must be one of auto, device, host, got 'disk'"):
+        plan_run(cfg, (256, 256), [(64, 64)], optimizer_state="disk")
+    with pytest.raises(ConfigError, match="Adam has none"):
+        plan_run(preset("seed", size=256, **ONE_STAGE), (256, 256), [(64, 64)], optimizer_state="host")
+
+
 def test_iteration_cost_counts_the_halo_and_both_passes():
     layers = ("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     assert iteration_cost((768, 512), None, layers) == 3 * 768 * 512
