@@ -563,9 +563,9 @@ def _optimizer_state(value: OptimizerState | str, cfg: StyleConfig) -> Optimizer
         state = OptimizerState(value)
     except ValueError:
         choices = ", ".join(m.value for m in OptimizerState)
-        raise ConfigError(f"optimizer_state must be one of {choices}, got {value!r}", params=("optimizer_state",)) from None
+        raise ConfigError(f"`optimizer_state` must be one of {choices}, got {value!r}", params=("optimizer_state",)) from None
     if state == OptimizerState.HOST and cfg.optimizer != Optimizer.LBFGS:
-        raise ConfigError("optimizer_state host keeps L-BFGS's history in host memory, and Adam has none: use auto or device", params=("optimizer_state",))
+        raise ConfigError("`optimizer_state` host keeps L-BFGS's history in host memory, and Adam has none: use auto or device", params=("optimizer_state",))
     return state
 
 
@@ -574,8 +574,8 @@ def _check_host_budget(stages: Sequence[StagePlan], host_budget: int | None) -> 
     if host_budget is not None and need > host_budget:
         raise PlanError(
             f"L-BFGS's history needs {format_size(need)} of host memory, more than the {format_size(host_budget)} available; "
-            "use a smaller `size` or a shorter `lbfgs_history`, or `optimizer_state` auto",
-            params=("optimizer_state", "size", "lbfgs_history"),
+            "use a smaller `size`, or `optimizer_state` auto (a shorter history or Adam)",
+            params=("optimizer_state", "size"),
         )
 
 

@@ -12,7 +12,8 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 # What the GPU run must exercise (benchmarks/README.md): ONNX Runtime's I/O binding, the
-# CUDA-graph step, the sync-free L-BFGS step, the bf16 Gram on the tensor cores, strict fp32.
+# CUDA-graph step, the sync-free L-BFGS step (its history on the device, and streamed from host
+# memory), the bf16 Gram on the tensor cores, strict fp32.
 EXPECTED = (
     "tests/engine/test_onnx_targets.py::test_cuda_io_binding_matches_cpu",
     "tests/engine/test_gpu.py::test_replayed_cuda_graph_adam_step_equals_the_eager_step[fp32]",
@@ -20,6 +21,8 @@ EXPECTED = (
     "tests/engine/test_gpu.py::test_lbfgs_step_never_synchronises_with_the_host",
     "tests/engine/test_gpu.py::test_bf16_gram_runs_on_the_tensor_cores_and_matches_fp32",
     "tests/engine/test_gpu.py::test_fp32_means_fp32_on_the_gpu",
+    "tests/engine/test_gpu.py::test_host_history_saves_its_size_on_the_gpu_and_matches_the_device_history",
+    "tests/engine/test_gpu.py::test_host_history_step_never_synchronises_with_the_host",
 )
 
 

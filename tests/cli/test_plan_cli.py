@@ -119,3 +119,60 @@ def test_bad_plan_options_are_one_error_line(images, tmp_path: Path, args, messa
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--weights", "random", "--size", "96", "--iterations", "1", *args)
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and message in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_host_history_runs_end_to_end_and_matches_the_device_history(images, tmp_path: Path, monkeypatch):
+    """`--optimizer-state host` on the CPU: the same memory, but the chunked, streamed path runs
+    (chunks of 1000 columns here: several for a 48 px image), and the run is the default's up to
+    the chunked sums' rounding."""
+    import nst.engine.lbfgs as lbfgs
+
+    streamed = []
+    store = lbfgs.LBFGS._store_streamed
+    monkeypatch.setattr(lbfgs, "HISTORY_CHUNK_BYTES", 2 * 20 * 4 * 1000)
+    monkeypatch.setattr(lbfgs.LBFGS, "_store_streamed", lambda self, *a: streamed.append(len(self._chunks)) or store(self, *a))
+    outs, reports = {}, {}
+    for state in ("auto", "host"):
+        out, rep = tmp_path / f"{state}.png", tmp_path / f"{state}.json"
+        r = run(
+            "stylize", str(images["content"]), str(images["style"]), "-o", str(out), *SHALLOW[:-2], "--scales", "48", "--size", "48",
+            "--precision", "fp32", "--iterations", "6", "--optimizer-state", state, "--report", str(rep),
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs[state], reports[state] = np.asarray(Image.open(out), dtype=np.int16), json.loads(rep.read_text())
+        if state == "host":
+            assert "warning: memory plan: on the CPU host memory is the device's" in " ".join(r.output.split())
+    h, w = reports["host"]["plan"]["stages"][0]["hw"]
+    assert streamed == [-(-3 * h * w // 1000)] * 5  # the host run's steps after the first, each streamed in its chunks
+    assert (reports["auto"]["plan"]["optimizer_state"], reports["host"]["plan"]["optimizer_state"]) == ("device", "host")
+    assert reports["host"]["config"]["optimizer"] == "lbfgs" and reports["host"]["iterations"] == 6
+    # fp32; the chunked first pass adds in another order, so the losses agree to rounding and
+    # the images to within one 8-bit level.
+    assert reports["host"]["loss"]["history"] == pytest.approx(reports["auto"]["loss"]["history"], rel=1e-4)
+    assert int(np.abs(outs["host"] - outs["auto"]).max()) <= 1
+
+
+def test_dry_run_says_where_the_optimizer_state_lives(images, tmp_path: Path):
+    rep = tmp_path / "plan.json"
+    args = ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "256", "--dry-run", "--device", "cpu"]
+    r = run(*args, "--optimizer-state", "host", "--report", str(rep))
+    assert r.exit_code == 0, r.output
+    assert "optimiser state on host" in r.output
+    assert json.loads(rep.read_text())["plan"]["optimizer_state"] == "host"
+    r = run(*args)
+    assert r.exit_code == 0 and "optimiser state on cpu" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer-state", "disk"], "Invalid value for '--optimizer-state'"),
+        (["--optimizer-state", "host", "--optimizer", "adam"], "error: --optimizer-state host keeps L-BFGS's history in host memory, and Adam has none"),
+    ],
+)
+def test_bad_optimizer_states_are_one_error_line(images, tmp_path: Path, args, message):
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--weights", "random", "--size", "48", "--iterations", "1", *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len([line for line in r.output.splitlines() if "error" in line.lower()]) == 1, r.output
+    assert not (tmp_path / "c.png").exists()

@@ -166,7 +166,7 @@ def test_host_history_on_the_cpu_is_the_same_memory():
 
 def test_bad_optimizer_states_are_refused():
     cfg = preset("gatys", size=256, **ONE_STAGE)
-    with pytest.raises(ConfigError, match="optimizer_state must be one of auto, device, host, got 'disk'"):
+    with pytest.raises(ConfigError, match="`optimizer_state` must be one of auto, device, host, got 'disk'"):
         plan_run(cfg, (256, 256), [(64, 64)], optimizer_state="disk")
     with pytest.raises(ConfigError, match="Adam has none"):
         plan_run(preset("seed", size=256, **ONE_STAGE), (256, 256), [(64, 64)], optimizer_state="host")

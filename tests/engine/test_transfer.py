@@ -442,3 +442,35 @@ def test_auto_scales_leave_out_the_coarse_stages_a_thin_image_cannot_take():
     assert fitted.sizes == (240, 480) and sum(fitted.stage_iterations) == 100
     explicit = preset("gatys", size=480, iterations=100, scales=(120, 480))
     assert fit_scales([thin], [[square]], explicit) is explicit  # the caller's choice stays
+
+
+@pytest.mark.parametrize("tile", [None, 32])
+def test_a_plan_with_the_history_in_host_memory_streams_it_whole_or_tiled(pics, weights, monkeypatch, tile):
+    """`plan.optimizer_state` "host": every stage's L-BFGS (a batched one for two images, a tiled
+    stage's too) keeps its history in host memory and streams it (on the CPU the same memory, the
+    GPU's code path), and the results are the device history's up to the chunked sums' rounding,
+    which L-BFGS amplifies on this tiny problem (see the batched test above): within half an
+    8-bit level, so the saved images differ by at most one."""
+    from nst.engine import lbfgs, transfer
+    from nst.engine.plan import plan_run
+
+    c, s, s2 = pics
+    contents, styles = [c, c.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], [[s], [s2]]
+    cfg = dataclasses.replace(SMALL, size=64, scales=(48, 64), iterations=4, lbfgs_history=4)
+    rt = Runtime(precision="fp32")
+    monkeypatch.setattr(lbfgs, "HISTORY_CHUNK_BYTES", 2 * 2 * 4 * 4 * 500)  # 500 columns a chunk for 2 images, history 4
+    made = []
+    make = transfer.make_optimizer
+    monkeypatch.setattr(transfer, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    results = {}
+    for state in ("device", "host"):
+        plan = plan_run(cfg, c.size, [s.size], tile=tile if tile is not None else "off", optimizer_state=state)
+        assert plan.optimizer_state == state and [p.mode for p in plan.stages] == (["whole", "whole"] if tile is None else ["tiled", "tiled"])
+        results[state] = transfer.stylize_many(contents, styles, cfg, weights=weights, runtime=rt, plan=plan)
+    assert [o.streamed for o in made] == [False, False, True, True] and all(isinstance(o, lbfgs.BatchedLBFGS) for o in made)
+    assert all(len(o._chunks) > 1 for o in made[2:])
+    for h, d in zip(results["host"], results["device"]):
+        assert h.status == d.status == "done" and h.steps == d.steps == 8
+        torch.testing.assert_close(torch.tensor(h.loss_history), torch.tensor(d.loss_history), rtol=1e-4, atol=0)
+        torch.testing.assert_close(h.image, d.image, rtol=0, atol=0.5 / 255)
+        assert float((h.image - d.image).abs().mean()) < 1e-4  # measured about 1e-5
