@@ -46,15 +46,16 @@ The history can live in another device's memory (`history_device`: the host's, p
 parameter is on CUDA) when the device cannot hold it: 2m image-sized fp32 vectors, 32 GB at
 8192x8192 and m = 20. It is then kept as column chunks of at most `chunk_bytes`, each a
 contiguous (B, 2m, k) tensor, and each of the two passes streams it through the device one chunk
-at a time: the first copies a chunk in, writes the new pair's columns into it (the slot is a
-device index, so the whole chunk goes back, not just the pair's rows: the host cannot address a
-slot it has not read), adds the chunk's products to the sum and copies the chunk back; the
-second copies each chunk in and writes its columns of H g. Every copy is `non_blocking` on the
-current stream, from or to pinned memory, so the host only enqueues work, as in the in-device
-version: no host synchronisation. Per step the history crosses the bus twice towards the device
-and once back (overlapping the inward copies where the bus is full duplex and the copies run on
-separate streams; here they share the current stream, which orders them and keeps the
-chunks' device memory safe to reuse). The device holds a chunk or two instead of the history.
+at a time: the first copies a chunk in, writes the new pair's columns into it, adds the chunk's
+products to the sum and copies the whole chunk back (the pair's slot is a device tensor: copying
+only its rows would need its value on the host, a sync); the second copies each chunk in and
+writes its columns of H g. Every copy is `non_blocking`, from or to pinned memory, so the host
+only enqueues work, as in the in-device version: no host synchronisation. Per step the history
+crosses the bus twice towards the device and once back. Copies and products share the current
+stream, which orders them (a chunk is back in host memory before the next pass reads it) and
+lets the allocator reuse a chunk's device memory; copies on a side stream, ordered by events,
+could overlap the outward copy with the next inward one on a full-duplex bus (not done: there
+was no GPU to measure it on). The device holds a chunk or two instead of the history.
 The iterates are the in-device version's up to the order the first pass adds in (its partial
 products are summed over chunks in float64); the second pass's columns are each one small
 product, the same sum as before.
