@@ -15,7 +15,9 @@ from pathlib import Path
 from .errors import EngineError
 from .files import write_atomic
 
-FORMAT_VERSION = "1"  # bump when names, keys or the module's semantics change
+FORMAT_VERSION = "2"  # bump when names, keys or the module's semantics change (and say why in FORMAT_CHANGES)
+# What each format added, for the message that asks for a new export of an older one.
+FORMAT_CHANGES = {"2": "the style layers' features, which tiled runs sum their Grams from"}
 OPSET = 18  # the torch.export-based exporter's floor; TensorRT 10 parses it
 
 INPUT_NAME = "image"  # (1, 3, H, W) fp32 sRGB in [0, 1]; normalisation is inside the graph
@@ -32,6 +34,14 @@ def gram_output(layer: str) -> str:
 def content_output(layer: str) -> str:
     """Output name of a content layer's features, (1, C, H / stride, W / stride) fp32."""
     return f"content_{layer}"
+
+
+def feature_output(layer: str) -> str:
+    """Output name of a style layer's features, (1, C, H / stride, W / stride) fp32.
+
+    A tiled run needs them: it sums each layer's Gram over the positions each tile owns
+    (`tiles.Tile.owned`), which a crop's whole Gram cannot give."""
+    return f"features_{layer}"
 
 
 # metadata_props keys. Values are strings; lists are comma-separated.
@@ -96,7 +106,10 @@ class ModelMeta:
         if missing:
             raise EngineError(f"{where} has no nst metadata ({', '.join(missing)}): export it with `nst export`")
         if props[K_FORMAT] != FORMAT_VERSION:
-            raise EngineError(f"{where} is nst export format {props[K_FORMAT]}, this nst reads {FORMAT_VERSION}: export it again")
+            have = props[K_FORMAT]
+            added = [f"format {v} adds {FORMAT_CHANGES[v]}" for v in sorted(FORMAT_CHANGES, key=int) if have.isdigit() and int(have) < int(v)]
+            why = f" ({'; '.join(added)})" if added else ""
+            raise EngineError(f"{where} is nst export format {have}, this nst reads {FORMAT_VERSION}{why}: export it again with `nst export`")
 
         def names(key: str) -> tuple[str, ...]:
             return tuple(n for n in props.get(key, "").split(",") if n)

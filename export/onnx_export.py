@@ -2,7 +2,9 @@
 
 The target module takes an image and returns every target a run needs in one call: the content
 layers' features and the style layers' normalised Gram matrices (computed in fp32 even when the
-convolutions run in fp16: a Gram sums C*h*w products, which overflows fp16's 65504).
+convolutions run in fp16: a Gram sums C*h*w products, which overflows fp16's 65504). It also
+returns the style layers' features: a tiled run sums each layer's Gram over the positions each
+tile owns, which a crop's whole Gram cannot give. A whole-image run does not fetch them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ExportError(EngineError):
 
 
 class TargetModule(nn.Module):
-    """(1, 3, H, W) fp32 image -> (content features..., normalised Grams...) in fp32."""
+    """(1, 3, H, W) fp32 image -> (content features..., normalised Grams..., style features...) in fp32."""
 
     def __init__(self, features: VGGFeatures, content_layers: Sequence[str], style_layers: Sequence[str], *, fp16: bool = False) -> None:
         super().__init__()
@@ -54,13 +56,18 @@ class TargetModule(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return [M.content_output(n) for n in self.content_layers] + [M.gram_output(n) for n in self.style_layers]
+        return (
+            [M.content_output(n) for n in self.content_layers]
+            + [M.gram_output(n) for n in self.style_layers]
+            + [M.feature_output(n) for n in self.style_layers]
+        )
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.features(image.half() if self.fp16 else image)
         content = [feats[n].float() for n in self.content_layers]  # (1, C, H/s, W/s)
         grams = [gram_matrix(feats[n]) for n in self.style_layers]  # (1, C, C), fp32 inside
-        return (*content, *grams)
+        style = [feats[n].float() for n in self.style_layers]  # (1, C, H/s, W/s): for tiled Grams
+        return (*content, *grams, *style)
 
 
 @dataclass(frozen=True)

@@ -232,3 +232,27 @@ def interrupted_stylize(images: dict[str, Path], tmp_path: Path):
         return p.returncode, err, out
 
     return run
+
+
+def _as_format_1(model: Path, out: Path) -> Path:
+    """What an nst of export format 1 wrote for the same layers: no style-feature outputs, format
+    "1" in its metadata (the graph otherwise the same). Written to `out`."""
+    import onnx
+
+    from nst.engine import onnx_meta as M
+
+    m = onnx.load(str(model))
+    kept = [o for o in m.graph.output if not o.name.startswith(M.feature_output(""))]
+    del m.graph.output[:]
+    m.graph.output.extend(kept)
+    for p in m.metadata_props:
+        if p.key == M.K_FORMAT:
+            p.value = "1"
+    onnx.save(m, str(out))
+    return out
+
+
+@pytest.fixture
+def as_format_1():
+    """`as_format_1(model, out)`: a copy of an exported model as export format 1 wrote it."""
+    return _as_format_1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +31,31 @@ def test_dynamic_height_and_width_and_named_outputs(gatys_export):
     (inp,) = sess.get_inputs()
     assert inp.name == M.INPUT_NAME and inp.shape[:2] == [1, 3] and all(isinstance(d, str) for d in inp.shape[2:])
     names = [o.name for o in sess.get_outputs()]
-    assert names == [M.content_output(n) for n in GATYS.content_layers] + [M.gram_output(n) for n in GATYS.style_layers]
+    grams, features = [M.gram_output(n) for n in GATYS.style_layers], [M.feature_output(n) for n in GATYS.style_layers]
+    assert names == [M.content_output(n) for n in GATYS.content_layers] + grams + features
     out = sess.run(None, {M.INPUT_NAME: np.random.default_rng(0).random((1, 3, 37, 53), dtype=np.float32)})
     assert out[0].shape == (1, 512, 37 // 8, 53 // 8)  # relu4_2: three floored halvings
-    assert [o.shape for o in out[1:]] == [(1, c, c) for c in (64, 128, 256, 512, 512)]
+    assert [o.shape for o in out[1:6]] == [(1, c, c) for c in (64, 128, 256, 512, 512)]
+    # the style layers' features, for tiled Grams: floored halvings too
+    assert [o.shape for o in out[6:]] == [(1, c, 37 // s, 53 // s) for c, s in ((64, 1), (128, 2), (256, 4), (512, 8), (512, 16))]
+    assert all(o.dtype == np.float32 for o in out)
+
+
+def test_verify_covers_the_style_features(gatys_export):
+    """A module whose Grams and content agree but whose style features do not fails verification."""
+    from nst.export.onnx_export import TargetModule
+
+    class WrongFeatures(TargetModule):
+        def forward(self, image):
+            out = super().forward(image)
+            k = len(self.content_layers) + len(self.style_layers)
+            return (*out[:k], *(2 * f for f in out[k:]))
+
+    good = target_module(random_weights(seed=0), ModuleSpec.of(GATYS))
+    verify(gatys_export.path, good, tolerance=TOLERANCE["fp32"], sizes=((40, 40),))
+    bad = WrongFeatures(good.features, good.content_layers, good.style_layers).eval()
+    with pytest.raises(ExportError, match="largest relative error"):
+        verify(gatys_export.path, bad, tolerance=TOLERANCE["fp16"], sizes=((40, 40),))
 
 
 def test_metadata_round_trip(gatys_export):
@@ -153,6 +176,33 @@ def test_store_checks_a_checksum_and_re_exports_a_damaged_model(tmp_path: Path):
     record.unlink()
     again = export_to_store(tmp_path, w, layers)
     assert again.created and "no checksum record" in again.notes[0] and record.is_file()
+
+
+def test_the_store_never_serves_an_older_export_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_format_1):
+    """Format 2 added the style features that tiled runs need. The format is part of the store's
+    key, so a model an older nst stored is not found (exported anew beside it); and one that turns
+    up under the current key anyway is discarded and exported again, with a note."""
+    w = random_weights(seed=0)
+    spec = ModuleSpec(("relu1_2",), ("relu1_1",))
+    key = dict(fingerprint=w.fingerprint, pooling="max", content_layers=spec.content_layers, style_layers=spec.style_layers)
+    current = export_to_store(tmp_path, w, spec).path
+    with monkeypatch.context() as m:
+        m.setattr(M, "FORMAT_VERSION", "1")
+        old = M.store_path(tmp_path, **key)
+    assert old != current
+    old.parent.mkdir(parents=True)
+    as_format_1(current, old)
+    M.write_checksum(old)
+    shutil.rmtree(current.parent)
+    res = export_to_store(tmp_path, w, spec)
+    assert res.created and res.path == current and not res.notes
+    assert M.feature_output("relu1_1") in {o.name for o in ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"]).get_outputs()}
+    # an old model under the current key (copied in by hand, say): discarded, not trusted
+    as_format_1(res.path, tmp_path / "old.onnx")
+    os.replace(tmp_path / "old.onnx", current)
+    M.write_checksum(current)
+    again = export_to_store(tmp_path, w, spec)
+    assert again.created and len(again.notes) == 1 and "format 1" in again.notes[0] and M.read_meta(again.path).format == M.FORMAT_VERSION
 
 
 def test_a_full_disk_is_one_error_naming_the_path(full_disk: Path):
