@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .config import Provider
 from .errors import EngineError
 from .layers import feature_hw, layer_channels
 from .targets import ImageTargets
+from .tiles import tiled_targets
 
 # Provider (config.py) -> ONNX Runtime's name for it.
 PROVIDERS = {Provider.TENSORRT.value: "TensorrtExecutionProvider", Provider.CUDA.value: "CUDAExecutionProvider", Provider.CPU.value: "CPUExecutionProvider"}
@@ -180,7 +181,9 @@ def _model_tag(path: Path) -> str:
 
 
 class OnnxTargets:
-    """A `TargetSource` running an exported target module through ONNX Runtime."""
+    """A `TargetSource` running an exported target module through ONNX Runtime; with `tile`, an
+    image larger than a tile is run one crop at a time (`tiles.tiled_targets`, fed by the module's
+    feature outputs: the same targets, less memory)."""
 
     name = "onnxruntime"
 
@@ -194,6 +197,7 @@ class OnnxTargets:
         profile: ShapeProfile | None = None,
         meta: M.ModelMeta | None = None,
         sha256: str | None = None,
+        tile: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.meta = meta or M.read_meta(self.path)
@@ -204,51 +208,85 @@ class OnnxTargets:
             recorded = M.recorded_sha256(self.path)
             sha256 = M.file_sha256(self.path) if recorded is None else M.check_sha256(self.path, recorded)
         self.sha256 = sha256
+        # Tiled and whole targets are the same numbers up to rounding, as for `TorchTargets`: the
+        # tile is not part of the identity.
         self.identity = f"onnx-sha256-{self.sha256}"
         self.device = torch.device(device)
+        self.tile = tile
         self.session, self.provider, self.fallbacks = open_session(
             self.path, provider, device=self.device, cache_dir=cache_dir, fp16=self.meta.precision == "fp16", profile=profile
         )
         self._outputs = {o.name for o in self.session.get_outputs()}  # type: ignore[attr-defined]
 
-    def _names(self, content_layers: Sequence[str], style_layers: Sequence[str]) -> list[str]:
-        names = [M.content_output(n) for n in content_layers] + [M.gram_output(n) for n in style_layers]
-        lacking = [n for n in names if n not in self._outputs]
+    def _outputs_for(self, hw: Sequence[int], content_layers: Sequence[str], style_layers: Sequence[str], *, tiled: bool) -> list[tuple[str, tuple[int, ...]]]:
+        """(output name, shape) of what one call fetches: the content layers' features, then the
+        style layers' Grams (whole) or their features (tiled; a style layer that is also asked for
+        as content is read once, from its content output)."""
+        def features(layer: str) -> tuple[int, ...]:
+            return (1, layer_channels(layer), *feature_hw(hw, layer))
+
+        outs = [(M.content_output(n), features(n)) for n in content_layers]
+        if tiled:
+            outs += [(M.feature_output(n), features(n)) for n in style_layers if n not in content_layers]
+        else:
+            outs += [(M.gram_output(n), (1, layer_channels(n), layer_channels(n))) for n in style_layers]
+        lacking = [name for name, _ in outs if name not in self._outputs]
         if lacking:
             raise EngineError(f"{self.path} has no output(s) {', '.join(lacking)}: export it with this run's layers")
-        return names
+        return outs
+
+    def _run(self, x: torch.Tensor, outputs: Sequence[tuple[str, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """The session on a contiguous (1, 3, H, W) fp32 image: the named outputs, on `self.device`."""
+        if self.provider != "cpu" and x.is_cuda:
+            return self._run_bound(x, outputs)
+        arrays = self.session.run([name for name, _ in outputs], {M.INPUT_NAME: x.cpu().numpy()})  # type: ignore[attr-defined]
+        return [torch.from_numpy(a).to(self.device) for a in arrays]
+
+    def _crop_features(self, content_layers: Sequence[str], style_layers: Sequence[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """What `tiled_targets` runs on each crop: its layers' features, through the session."""
+        layers = tuple(content_layers) + tuple(n for n in style_layers if n not in content_layers)
+
+        def features(crop: torch.Tensor) -> dict[str, torch.Tensor]:
+            x = crop.contiguous()  # a crop is a strided view of the image
+            return dict(zip(layers, self._run(x, self._outputs_for(x.shape[-2:], content_layers, style_layers, tiled=True))))
+
+        return features
 
     @torch.no_grad()
-    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets:
-        names = self._names(content_layers, style_layers)
-        x = image.detach().to(torch.float32).contiguous()  # (1, 3, H, W)
-        if self.provider != "cpu" and x.is_cuda:
-            outs = self._run_bound(x, content_layers, style_layers)
-        else:
-            arrays = self.session.run(names, {M.INPUT_NAME: x.cpu().numpy()})  # type: ignore[attr-defined]
-            outs = [torch.from_numpy(a).to(self.device) for a in arrays]
+    def compute(
+        self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...], content_dtype: torch.dtype = torch.float32
+    ) -> ImageTargets:
+        """`content_dtype`: what the content features are kept in (fp32 out of the module, then
+        rounded; a tiled image's are rounded crop by crop, so a full fp32 copy is never held)."""
+        x = image.detach().to(torch.float32)  # (1, 3, H, W)
+        if self.tile is not None and max(x.shape[-2:]) > self.tile:
+            self._outputs_for(x.shape[-2:], content_layers, style_layers, tiled=True)  # a missing output: before any work
+            content, grams = tiled_targets(
+                self._crop_features(content_layers, style_layers), x.to(self.device),
+                content_layers=content_layers, style_layers=style_layers, tile=self.tile, content_dtype=content_dtype,
+            )  # fmt: skip
+            return ImageTargets(content, grams)
+        x = x.contiguous()
+        outs = self._run(x, self._outputs_for(x.shape[-2:], content_layers, style_layers, tiled=False))
         k = len(content_layers)
-        return ImageTargets(dict(zip(content_layers, outs[:k])), dict(zip(style_layers, outs[k:])))
+        return ImageTargets({n: o.to(content_dtype) for n, o in zip(content_layers, outs[:k])}, dict(zip(style_layers, outs[k:])))
 
-    def _run_bound(self, x: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str]) -> list[torch.Tensor]:
-        """I/O binding on torch CUDA tensors: no host copies. ORT runs on its own stream, hence the syncs."""
+    def _run_bound(self, x: torch.Tensor, outputs: Sequence[tuple[str, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """I/O binding on torch CUDA tensors: no host copies. ORT runs on its own stream, hence the syncs.
+
+        Only the bound outputs are fetched (a whole image's Grams, or a crop's features): ORT
+        computes the others into buffers of its own."""
         import numpy as np
 
         dev_id = x.device.index or 0
         io = self.session.io_binding()  # type: ignore[attr-defined]
         io.bind_input(M.INPUT_NAME, "cuda", dev_id, np.float32, tuple(x.shape), x.data_ptr())
         outs: list[torch.Tensor] = []
-        for layer in content_layers:
-            c = layer_channels(layer)
-            out = torch.empty((1, c, *feature_hw(x.shape[-2:], layer)), dtype=torch.float32, device=x.device)
-            io.bind_output(M.content_output(layer), "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
+        for name, shape in outputs:
+            out = torch.empty(shape, dtype=torch.float32, device=x.device)
+            io.bind_output(name, "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
             outs.append(out)
-        for layer in style_layers:
-            c = layer_channels(layer)
-            out = torch.empty((1, c, c), dtype=torch.float32, device=x.device)
-            io.bind_output(M.gram_output(layer), "cuda", dev_id, np.float32, tuple(out.shape), out.data_ptr())
-            outs.append(out)
-        torch.cuda.synchronize(x.device)  # the image must be written before ORT's stream reads it
+        torch.cuda.synchronize(x.device)  # the image (a crop's copy too) must be written before ORT's stream reads it
         io.synchronize_inputs()
         self.session.run_with_iobinding(io)  # type: ignore[attr-defined]
         io.synchronize_outputs()

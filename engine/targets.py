@@ -2,8 +2,9 @@
 
 A target source turns one processed image into the content layers' features and the style
 layers' (normalised) Gram matrices. `TorchTargets` runs the PyTorch network; the ONNX Runtime
-source in `onnx_targets.py` runs an exported target module. Both return CPU-independent tensors
-on the run's device, in fp32.
+source in `onnx_targets.py` runs an exported target module. Both return tensors on the run's
+device, the Grams in fp32 and the content features in the `content_dtype` asked for (fp32 by
+default), and both can run an image tile by tile (`tiles.tiled_targets`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ class TargetSource(Protocol):
     # part of every cache key. A source without the attribute counts as "".
     identity: str
 
-    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets: ...
+    def compute(
+        self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...], content_dtype: torch.dtype = torch.float32
+    ) -> ImageTargets:
+        """`content_dtype`: what the content features are kept in. The targets are computed in
+        fp32 either way; a tiled stage asks for its loop's precision, so that a source which
+        makes them piece by piece never holds an image-sized fp32 copy."""
+        ...
 
     def describe(self) -> dict[str, object]: ...
 

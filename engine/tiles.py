@@ -19,7 +19,7 @@ the order of addition.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,6 @@ from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
 from .losses import gram_matrix, gram_style_loss
 
 if TYPE_CHECKING:  # the objective imports the targets, which tile through this module
-    from .features import VGGFeatures
     from .objective import Objective, Terms
 
 
@@ -101,18 +100,26 @@ def _sum(t: torch.Tensor, per_image: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def tiled_targets(
-    net: VGGFeatures, image: torch.Tensor, *, content_layers: Sequence[str], style_layers: Sequence[str], tile: int, content_dtype: torch.dtype = torch.float32
+    features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+    image: torch.Tensor,
+    *,
+    content_layers: Sequence[str],
+    style_layers: Sequence[str],
+    tile: int,
+    content_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """An image's content features (1, C, h, w; kept in `content_dtype`) and normalised Grams
-    (1, C, C), in fp32, through `net` one tile at a time: the same numbers as one pass over the
-    whole image, up to rounding."""
+    (1, C, C), in fp32, one tile at a time: the same numbers as one pass over the whole image, up
+    to rounding. `features(crop)` gives a crop's feature maps of every content and style layer
+    (the PyTorch network, or an exported module through ONNX Runtime); the Grams are summed here,
+    in fp32, over the positions each tile owns."""
     layers = tuple(content_layers) + tuple(style_layers)
     hw = (int(image.shape[-2]), int(image.shape[-1]))
     n = image.shape[0]
     content = {k: image.new_zeros((n, layer_channels(k), *(d // layer_stride(k) for d in hw)), dtype=content_dtype) for k in content_layers}
     sums = {k: image.new_zeros((n, layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in style_layers}
     for t in tile_grid(hw, snap_tile(tile, layers), layers):
-        feats = net(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1])
+        feats = features(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1])
         for k in content:
             s = layer_stride(k)
             content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = feats[k][(..., *t.owned(s))]

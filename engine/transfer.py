@@ -378,6 +378,7 @@ def stylize_many(
     if any(t is not None for t in tiles) and dev.type == "cpu":
         return_freed_memory()  # else freed tile maps stay in the heap (see there)
     # Targets of a tiled run come tile by tile too: a whole-image pass could need more than the loop.
+    # A source given by the caller tiles as it was made to (`OnnxTargets(..., tile=plan.target_tile())`).
     source = targets or TorchTargets(model, tile=plan.target_tile() if plan is not None else None)
     mid = model_id(weights, cfg, source=source)
     # Targets over a style region come from the PyTorch model: the exported target module has no
@@ -555,13 +556,12 @@ class _TargetLookup:
             if hit is not None:
                 self.hits += 1
                 return hit
-        if region is None and content_dtype is not None and isinstance(self.source, TorchTargets):
-            # Rounded as they are made: a full fp32 copy is never held. (Not cached: see the caller.)
-            t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers), content_dtype=content_dtype)
-        elif region is None:
-            t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers))
-            if content_dtype is not None:
-                t = ImageTargets({k: v.to(content_dtype) for k, v in t.content.items()}, t.grams)
+        if region is None:
+            # Rounded as the source makes them (a tiled source never holds a full fp32 copy). Only
+            # asked for when it matters, so a source written before `content_dtype` still serves
+            # whole stages. (Not cached: see the caller.)
+            dtype = {} if content_dtype is None else {"content_dtype": content_dtype}
+            t = self.source.compute(image, content_layers=tuple(content_layers), style_layers=tuple(style_layers), **dtype)
         else:
             assert self.regions is not None
             t = self.regions.compute(image, region, style_layers)

@@ -86,10 +86,10 @@ class _CountingSource:
         self.inner, self.name = inner, inner.name
         self.style_computed = self.content_computed = 0
 
-    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...]) -> ImageTargets:
+    def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...], **kw: torch.dtype) -> ImageTargets:
         self.style_computed += bool(style_layers)
         self.content_computed += bool(content_layers)
-        return self.inner.compute(image, content_layers=content_layers, style_layers=style_layers)
+        return self.inner.compute(image, content_layers=content_layers, style_layers=style_layers, **kw)
 
     def describe(self) -> dict[str, object]:
         return self.inner.describe()

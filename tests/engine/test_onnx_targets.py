@@ -43,6 +43,92 @@ def test_onnx_targets_agree_with_torch(model_path: Path, weights):
     assert not only.content and list(only.grams) == ["relu2_1"]
 
 
+@pytest.fixture(scope="module")
+def half_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nst.engine.weights import random_weights
+    from nst.export import ModuleSpec, export_targets
+
+    path = tmp_path_factory.mktemp("onnx") / "targets-fp16.onnx"
+    return export_targets(random_weights(seed=0), path, ModuleSpec(CONTENT, STYLE, fp16=True)).path
+
+
+def _worst(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """Largest error over the targets, each relative to its reference's largest entry (as `verify`)."""
+    assert got.keys() == ref.keys()
+    return max(float((got[k].float() - v).abs().max() / v.abs().max()) for k, v in ref.items())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tiled_onnx_targets_equal_whole_torch_targets(model_path: Path, half_model_path: Path, weights, precision: str):
+    """Crops through ONNX Runtime, Grams summed over owned positions on the host, against one
+    PyTorch pass over the whole image, at tiles that divide the image and tiles that do not
+    (relu3_1 is both a content and a style layer here: read once per crop).
+
+    Tolerances: against PyTorch, the export's own (`TOLERANCE`: fp32 differs by summation order,
+    6e-7 seen; fp16 convolutions by 9e-4 seen), as a whole ONNX Runtime pass is held to. Against
+    ONNX Runtime's whole pass, tiling changes only the order of the Grams' fp32 sums (and nothing
+    for fp16, whose crops' features are the whole image's): 3e-7 seen, held to 1e-5."""
+    from nst.export import TOLERANCE
+
+    path = model_path if precision == "fp32" else half_model_path
+    feats = VGGFeatures(CONTENT + STYLE)
+    load_into(feats.features, weights)
+    x = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(5))
+    ref = TorchTargets(feats.eval()).compute(x, content_layers=CONTENT, style_layers=STYLE).tensors()
+    whole = OnnxTargets(path, provider="cpu").compute(x, content_layers=CONTENT, style_layers=STYLE).tensors()
+    for tile in (16, 20, 28, 44):  # 64x80 px: 16 divides both edges, 20 one, 28 and 44 neither
+        src = OnnxTargets(path, provider="cpu", tile=tile)
+        got = src.compute(x, content_layers=CONTENT, style_layers=STYLE).tensors()
+        assert all(got[k].shape == v.shape and got[k].dtype == torch.float32 for k, v in ref.items())
+        assert _worst(got, ref) <= TOLERANCE[precision], tile
+        assert _worst(got, whole) <= 1e-5, tile
+    assert src.describe()["source"] == "onnxruntime" and src.describe()["precision"] == precision
+
+
+def test_tiled_onnx_targets_run_crop_by_crop(model_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Tiled: one session call per crop, each fetching features (never a whole image's pass); an
+    image no larger than the tile runs whole, in one call."""
+    src = OnnxTargets(model_path, provider="cpu", tile=20)
+    calls: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+    run = src.session.run
+
+    def spy(names, feeds):
+        calls.append((feeds[M.INPUT_NAME].shape, tuple(names)))
+        return run(names, feeds)
+
+    monkeypatch.setattr(src, "session", type("S", (), {"run": staticmethod(spy)})())
+    src.compute(torch.rand(1, 3, 40, 60), content_layers=(), style_layers=STYLE)
+    assert len(calls) == 2 * 3  # 20 px tiles over 40x60
+    assert all(names == tuple(M.feature_output(n) for n in STYLE) for _, names in calls)
+    assert all(shape[2] < 40 or shape[3] < 60 for shape, _ in calls)  # crops, not the image
+    calls.clear()
+    src.compute(torch.rand(1, 3, 20, 20), content_layers=CONTENT, style_layers=STYLE)
+    assert calls == [((1, 3, 20, 20), tuple(M.content_output(n) for n in CONTENT) + tuple(M.gram_output(n) for n in STYLE))]
+
+
+@pytest.mark.parametrize("tile", [None, 20])
+def test_content_targets_in_the_dtype_asked_for(model_path: Path, tile: int | None):
+    """A tiled bf16 stage keeps its content targets in bf16 (rounded crop by crop); Grams stay fp32."""
+    src = OnnxTargets(model_path, provider="cpu", tile=tile)
+    x = torch.rand(1, 3, 40, 44, generator=torch.Generator().manual_seed(2))
+    full = OnnxTargets(model_path, provider="cpu").compute(x, content_layers=CONTENT, style_layers=STYLE)
+    got = src.compute(x, content_layers=CONTENT, style_layers=STYLE, content_dtype=torch.bfloat16)
+    for k, v in full.content.items():
+        assert got.content[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got.content[k], v.to(torch.bfloat16), rtol=1e-2, atol=1e-2 * float(v.abs().max()))
+    assert all(g.dtype == torch.float32 for g in got.grams.values())
+
+
+def test_an_export_of_an_older_format_is_one_clear_line(model_path: Path, tmp_path: Path, as_format_1):
+    """A model from before the style features were outputs: refused, saying why and what to do."""
+    old = as_format_1(model_path, tmp_path / "old.onnx")
+    with pytest.raises(ValueError) as e:
+        OnnxTargets(old, provider="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "format 1" in msg and f"reads {M.FORMAT_VERSION}" in msg
+    assert "tiled runs" in msg and "export it again" in msg
+
+
 def test_explicit_cpu(model_path: Path):
     src = OnnxTargets(model_path, provider="cpu")
     d = src.describe()
@@ -162,6 +248,20 @@ def test_cuda_io_binding_matches_cpu(model_path: Path):  # pragma: no cover - GP
     assert src.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
     got = src.compute(x.cuda(), content_layers=CONTENT, style_layers=STYLE)
     assert src.describe()["tf32"] is False
+    for name, r in ref.tensors().items():
+        g = got.tensors()[name]
+        assert g.is_cuda
+        assert (g.cpu() - r).abs().max() <= 1e-4 * r.abs().max(), name
+
+
+@pytest.mark.gpu
+def test_cuda_io_binding_of_tiled_crops_matches_cpu(model_path: Path):  # pragma: no cover - GPU machines only
+    """Each crop's features bound to torch CUDA tensors (a crop is copied contiguous first): the
+    tiled targets equal the CPU provider's whole-image ones within the fp32 tolerance."""
+    x = torch.rand(1, 3, 64, 80)
+    ref = OnnxTargets(model_path, provider="cpu").compute(x, content_layers=CONTENT, style_layers=STYLE)
+    src = OnnxTargets(model_path, provider="cuda", device="cuda", tile=28)
+    got = src.compute(x.cuda(), content_layers=CONTENT, style_layers=STYLE)
     for name, r in ref.tensors().items():
         g = got.tensors()[name]
         assert g.is_cuda
