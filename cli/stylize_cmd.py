@@ -363,8 +363,6 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     check_sizes(content_im, style_ims, cfg)
     plan = make_plan(o, cfg, runtime, content_im, style_ims)
     tiled = any(s.mode == "tiled" for s in plan.stages)
-    if tiled and (o.targets == TargetsMode.ONNX or o.onnx is not None):
-        raise UserError("--targets onnx runs each image whole; a tiled plan computes its targets tile by tile in PyTorch: use --targets auto or torch")
     changes = plan.changes(cfg)
     if changes.get("optimizer") is not None:  # through the preset, so Adam gets its own lr
         cfg = dataclasses.replace(o, optimizer=changes["optimizer"]).config()
@@ -385,12 +383,10 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the result shows the method at work, not a painting[/]")
 
     t = time.perf_counter()
-    # A tiled plan's targets come tile by tile from the PyTorch network (ONNX Runtime would run
-    # each image whole, and keep that pass's memory in its arena).
-    mode = TargetsMode.TORCH if tiled else o.targets
-    source, cache, targets_info = choose_targets(mode, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet)
-    if tiled and o.targets == TargetsMode.AUTO:
-        targets_info = {**targets_info, "fallback": "torch: the plan is tiled"}
+    # A tiled plan's targets come tile by tile, from whichever source (`plan.target_tile`).
+    source, cache, targets_info = choose_targets(
+        o.targets, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet, tile=plan.target_tile()
+    )
     phases["target setup"] = time.perf_counter() - t
 
     progress: Progress | None = None

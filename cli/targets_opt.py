@@ -84,9 +84,10 @@ def _sweep(root: Path, *, quiet: bool) -> None:
 
 
 def choose_targets(
-    mode: TargetsMode, *, cfg: StyleConfig, weights: Weights, runtime: Runtime, onnx_path: Path | None, provider: Provider, quiet: bool
+    mode: TargetsMode, *, cfg: StyleConfig, weights: Weights, runtime: Runtime, onnx_path: Path | None, provider: Provider, quiet: bool, tile: int | None = None
 ) -> tuple[TargetSource | None, TargetCacheLike | None, dict[str, object]]:
-    """(source, cache, report info); a None source means PyTorch targets.
+    """(source, cache, report info); a None source means PyTorch targets. `tile`: the edge a
+    tiled plan computes its targets in (`Plan.target_tile`); None, whole images.
 
     The cache is shared by every run but split by source: ONNX Runtime's entries (per model
     precision) and PyTorch's (per precision) never stand in for each other, although they agree
@@ -129,5 +130,5 @@ def choose_targets(
             return None, TargetCache(root, namespace=f"torch-{runtime.precision.value}", on_warning=_warn), info
         info.update(export_info)
         meta = onnx_meta.read_meta(path)
-    source = OnnxTargets(path, provider=provider.value, device=runtime.device, cache_dir=root, profile=shape_profile(cfg), meta=meta, sha256=sha256)
+    source = OnnxTargets(path, provider=provider.value, device=runtime.device, cache_dir=root, profile=shape_profile(cfg), meta=meta, sha256=sha256, tile=tile)
     return source, TargetCache(root, namespace=f"onnxruntime-{meta.precision}", on_warning=_warn), info

@@ -128,3 +128,15 @@ def test_onnx_file_must_match_the_run(images, cache: Path, tmp_path: Path):
     bad.write_bytes(b"\x08garbage")
     r, _ = stylize(images, tmp_path / "b.png", "--onnx", str(bad))
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_an_onnx_file_of_an_older_export_format_is_one_error_line(images, cache: Path, tmp_path: Path, as_format_1):
+    """An export from before the style features were outputs (format 1) cannot tile: refused with
+    what it lacks and what to do, whole or tiled, where the store would export its own anew."""
+    old = as_format_1(next((cache / "models").glob("*/targets.onnx")), tmp_path / "old.onnx")
+    for extra in ([], ["--tile", "32"]):
+        r, _ = stylize(images, tmp_path / "a.png", "--onnx", str(old), *extra)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        (line,) = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert "format 1" in line and "tiled runs" in line and "export it again" in line
+        assert not (tmp_path / "a.png").exists()
