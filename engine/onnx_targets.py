@@ -7,7 +7,8 @@ the CPU with a log line rather than an error. So each GPU provider is checked be
 made (its library must load, a GPU must be visible) and again after (`sess.get_providers()`).
 
 On a GPU the image goes in and the targets come out through I/O binding on torch CUDA tensors,
-so they reach the optimisation loop without a trip through host memory.
+so they reach the optimisation loop without a trip through host memory; a tiled run binds each
+crop and its feature maps the same way, and sums the Grams on the device.
 """
 
 from __future__ import annotations
