@@ -13,7 +13,7 @@ from typing import Any
 from .config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
 _LAZY = {
-    "flow": ("FlowError", "RaftFlow", "RaftWeightsMissing", "find_raft_weights", "optical_flow"),
+    "flow": ("FlowError", "RaftFlow", "RaftWeightsMissing", "find_raft_weights", "flow_pair", "optical_flow"),
     "journal": ("FrameJournal",),
     "media": ("Clip", "Encoded", "FrameSelection", "VideoError", "count_frames", "is_video_path", "open_clip", "read_frames", "write_frame_folder", "write_video"),
     "pipeline": ("WORK_SUFFIX", "ClipJob", "ClipOutcome", "file_digest", "open_job", "run_clip", "work_folder"),

@@ -46,11 +46,15 @@ def dis_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return _to_tensor(dis.calc(_grey_u8(first), _grey_u8(second), None), first.device)
 
 
+# pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags
+FARNEBACK_ARGS = (0.5, 3, 15, 3, 5, 1.2, 0)
+
+
 def farneback_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Farneback with OpenCV's documented example settings (pyramid 0.5 x 3, window 15)."""
     import cv2
 
-    flow = cv2.calcOpticalFlowFarneback(_grey_u8(first), _grey_u8(second), None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    flow = cv2.calcOpticalFlowFarneback(_grey_u8(first), _grey_u8(second), None, *FARNEBACK_ARGS)
     return _to_tensor(flow, first.device)
 
 
@@ -126,15 +130,42 @@ class RaftFlow:
         return flow.to(first.device)
 
 
+def _check(first: torch.Tensor, second: torch.Tensor, method: FlowMethod, raft: RaftFlow | None) -> None:
+    if first.shape != second.shape:
+        raise ValueError(f"flow needs two frames of one size, got {tuple(first.shape)} and {tuple(second.shape)}")
+    if method == FlowMethod.RAFT and raft is None:
+        raise FlowError("`flow` raft needs a loaded RaftFlow (see find_raft_weights)", params=("flow",))
+
+
 def optical_flow(first: torch.Tensor, second: torch.Tensor, *, method: FlowMethod | str = FlowMethod.DIS, raft: RaftFlow | None = None) -> torch.Tensor:
     """Flow from `first` to `second`, (1, 2, H, W) in pixels; `raft` is the loaded model for RAFT."""
     method = FlowMethod(method)
-    if first.shape != second.shape:
-        raise ValueError(f"flow needs two frames of one size, got {tuple(first.shape)} and {tuple(second.shape)}")
+    _check(first, second, method, raft)
     if method == FlowMethod.DIS:
         return dis_flow(first, second)
     if method == FlowMethod.FARNEBACK:
         return farneback_flow(first, second)
-    if raft is None:
-        raise FlowError("`flow` raft needs a loaded RaftFlow (see find_raft_weights)", params=("flow",))
+    assert raft is not None
     return raft(first, second)
+
+
+def flow_pair(first: torch.Tensor, second: torch.Tensor, *, method: FlowMethod | str = FlowMethod.DIS, raft: RaftFlow | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flow from `first` to `second`, flow from `second` to `first`): what a frame's warping and
+    reliability need. The same flows as two `optical_flow` calls, for less: OpenCV's methods take
+    each frame's luma once (and DIS is set up once); RAFT runs both directions as one batch of two.
+    """
+    method = FlowMethod(method)
+    _check(first, second, method, raft)
+    if method == FlowMethod.RAFT:
+        assert raft is not None
+        both = raft(torch.cat([first, second]), torch.cat([second, first]))
+        return both[:1], both[1:]
+    import cv2
+
+    a, b = _grey_u8(first), _grey_u8(second)
+    if method == FlowMethod.DIS:
+        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        flows = dis.calc(a, b, None), dis.calc(b, a, None)
+    else:
+        flows = tuple(cv2.calcOpticalFlowFarneback(p, q, None, *FARNEBACK_ARGS) for p, q in ((a, b), (b, a)))
+    return _to_tensor(flows[0], first.device), _to_tensor(flows[1], first.device)

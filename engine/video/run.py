@@ -28,7 +28,7 @@ from ..targets import ImageTargets, TargetSource, TorchTargets
 from ..transfer import Iterate, RunStatus, TargetCacheLike, build_model, check_sizes, fit_scales, loop_network, stylize
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
-from .flow import RaftFlow, optical_flow
+from .flow import RaftFlow, flow_pair
 from .journal import FrameJournal
 from .media import VideoError
 from .temporal import TemporalTerm, warping_error
@@ -183,8 +183,7 @@ def stylize_video(
             frame_init, extra, warped, rel = init_image, None, None, None
             if prev_content is not None:
                 tf = time.perf_counter()
-                forward = optical_flow(prev_content, content, method=vcfg.flow, raft=raft)
-                backward = optical_flow(content, prev_content, method=vcfg.flow, raft=raft)
+                forward, backward = flow_pair(prev_content, content, method=vcfg.flow, raft=raft)
                 rel = reliability(forward.cpu(), backward.cpu())
                 previous = to_tensor(load_image(journal.frame_path(index - 1)))  # as saved: a resumed run sees the same
                 warped, _ = warp(previous, backward.cpu(), mode=IMAGE_WARP)

@@ -16,7 +16,7 @@ from nst.engine.device import Runtime
 from nst.engine.images import load_image, to_tensor
 from nst.engine.video import (
     FlowError, FlowMethod, FrameJournal, FrameSelection, RaftFlow, TemporalTerm, VideoConfig, find_raft_weights,
-    optical_flow, reliability, stylize_video, temporal_loss, warp, warping_error,
+    flow_pair, optical_flow, reliability, stylize_video, temporal_loss, warp, warping_error,
 )  # fmt: skip
 
 TINY = dataclasses.replace(GATYS, size=48, iterations=3, style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu3_2",))
@@ -77,6 +77,17 @@ def test_opencv_flow_finds_a_known_shift(method):
     assert (warped - first)[..., 8:-8, 8:-8].abs().mean() < 0.02
 
 
+@pytest.mark.parametrize("method", [FlowMethod.DIS, FlowMethod.FARNEBACK])
+def test_flow_pair_is_both_directions_of_optical_flow(method):
+    big = texture(96, 72, seed=4)
+    first, second = big[:, :, 8:56, 8:72], big[:, :, 6:54, 4:68]
+    forward, backward = flow_pair(first, second, method=method)
+    assert torch.equal(forward, optical_flow(first, second, method=method))
+    assert torch.equal(backward, optical_flow(second, first, method=method))
+    with pytest.raises(ValueError, match="one size"):
+        flow_pair(first, second[..., :-1], method=method)
+
+
 def test_raft_needs_weights_and_runs_with_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     with pytest.raises(FlowError, match="RAFT weights .* cannot be downloaded here; use `flow` dis"):
@@ -94,6 +105,14 @@ def test_raft_needs_weights_and_runs_with_a_local_file(tmp_path, monkeypatch):
     a = texture(36, 28)
     flow = optical_flow(a, a, method=FlowMethod.RAFT, raft=raft)  # 36x28 is padded to 40x32 and cropped back
     assert flow.shape == (1, 2, 28, 36) and torch.isfinite(flow).all()
+    # Both directions as one batch of two: each is the single direction's flow, up to the rounding
+    # of a batch of two (a real flow, between two different frames, both ways).
+    b = texture(36, 28, seed=5)
+    forward, backward = flow_pair(a, b, method=FlowMethod.RAFT, raft=raft)
+    for got, want in ((forward, optical_flow(a, b, method=FlowMethod.RAFT, raft=raft)), (backward, optical_flow(b, a, method=FlowMethod.RAFT, raft=raft))):
+        assert got.shape == (1, 2, 28, 36)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert not torch.equal(forward, backward)
     bad = tmp_path / "bad.pth"
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(FlowError, match="not torchvision's raft"):
