@@ -156,8 +156,8 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
         raise UserError("--flow-weights is for --flow raft")
     identity = {"styles": [file_digest(p) for p in styles], "init": file_digest(init) if init is not None else None}
     if len(jobs) == 1 and not on_ray:
-        open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
-        _run_one(a, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet)
+        opened = open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
+        _run_one(a, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, opened=opened)
     else:
         _run_many(a, jobs, style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, on_ray=on_ray)
 
@@ -223,7 +223,10 @@ class _Bars:
         self.progress.update(self.tasks["frame"], total=it.total_steps, completed=it.step, **fields)
 
 
-def _run_one(a: Mapping[str, Any], job: Any, styles: list, init_im: Any, cfg: C.StyleConfig, vcfg: VideoConfig, identity: dict, raft_file: Path | None, *, report: Path | None, quiet: bool) -> None:
+def _run_one(
+    a: Mapping[str, Any], job: Any, styles: list, init_im: Any, cfg: C.StyleConfig, vcfg: VideoConfig, identity: dict, raft_file: Path | None,
+    *, report: Path | None, quiet: bool, opened: tuple[Any, int | None],
+) -> None:
     from nst.engine.video.flow import RaftFlow
     from nst.engine.video.pipeline import run_clip
 
@@ -235,7 +238,7 @@ def _run_one(a: Mapping[str, Any], job: Any, styles: list, init_im: Any, cfg: C.
             bars.progress.start()
         out = run_clip(
             job, styles, cfg, vcfg, weights=w, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft, init_image=init_im,
-            on_start=lambda clip, total: bars.start("video", total), frame_callback=bars.on_frame, callback=bars.on_iterate,
+            on_start=lambda clip, total: bars.start("video", total), frame_callback=bars.on_frame, callback=bars.on_iterate, opened=opened,
         )  # fmt: skip
     finally:
         if bars.progress is not None:

@@ -107,13 +107,16 @@ def run_clip(
     on_start: Callable[[Clip, int | None], None] | None = None,
     frame_callback: Callable[[FrameEvent], None] | None = None,
     callback: Callable[[Iterate], None] | None = None,
+    opened: tuple[Clip, int | None] | None = None,
 ) -> ClipOutcome:
     """Stylise one clip, resuming from its work folder, and write its output (then drop the work
     folder). `identity` names what else decides the frames (style and init digests): the
-    journal resumes only a run with the same input, settings and identity."""
+    journal resumes only a run with the same input, settings and identity. `opened` is what
+    `open_job` returned for this job, where the caller checked it already (it is not opened,
+    counted and decoded twice)."""
     phases: dict[str, float] = {}
     t = time.perf_counter()
-    clip, total = open_job(job, styles, cfg)
+    clip, total = opened if opened is not None else open_job(job, styles, cfg)
     phases["open"] = time.perf_counter() - t
     full_identity = {
         "input": clip.identity(), **identity, "config": cfg.to_dict(), "video": vcfg.to_dict(), "frames": job.selection.to_dict(),

@@ -140,13 +140,19 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_frames(pan, example
     assert not work.exists()
 
 
-def test_frames_folder_in_range_every_and_audio_copied(examples_dir, tmp_path):
+def test_frames_folder_in_range_every_and_audio_copied(examples_dir, tmp_path, monkeypatch):
+    import nst.engine.video.pipeline as pipeline
+
     clip = make_pan(tmp_path / "tone.mp4", examples_dir, frames=8, w=64, h=48, audio=True)
     out, rep = tmp_path / "preview.mkv", tmp_path / "r.json"
+    opened: list[str] = []
+    real_open = pipeline.open_clip
+    monkeypatch.setattr(pipeline, "open_clip", lambda source: opened.append(str(source)) or real_open(source))
     r = runner.invoke(app, ["video", str(clip), style(examples_dir), "-o", str(out), "--size", "40", "--iterations", "2", *FAST,
                             "--frames", "2:8", "--every", "2", "--flow", "farneback", "--report", str(rep), "-q"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert r.output.strip() == ""  # -q
+    assert opened == [str(clip)]  # checked before the weights load, and that opening is the run's
     n, rate, size, audio, _ = probe(out)
     assert (n, rate, size, audio) == (3, Fraction(12), (40, 30), True)  # frames 2, 4, 6 at half the rate, with the tone
     data = json.loads(rep.read_text())
