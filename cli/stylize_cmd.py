@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from nst.engine.device import Runtime
     from nst.engine.plan import Plan
-    from nst.engine.transfer import Iterate, StyleResult
+    from nst.engine.transfer import Iterate, MemoryRequest, StyleResult
     from nst.engine.weights import Weights
 
 
@@ -439,22 +439,21 @@ def parse_tile(text: str) -> str | int:
     return n
 
 
-def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> Plan:
-    """The run's memory plan from --max-memory, --tile and --optimizer-state (budget: the device's
+def memory_request(max_memory: str | None, tile: str, optimizer_state: C.OptimizerState | str = C.OptimizerState.AUTO) -> MemoryRequest:
+    """--max-memory, --tile and --optimizer-state as the engine's request (no budget: the device's
     free memory less a margin; for a history in host memory, the available RAM less one)."""
-    import torch
+    from nst.engine.plan import TileMode, parse_size
+    from nst.engine.transfer import MemoryRequest
 
-    from nst.engine.device import default_memory_budget, host_memory_bytes
-    from nst.engine.plan import TileMode, parse_size, plan_run
-    from nst.engine.transfer import fit_scales
+    t = parse_tile(tile)
+    return MemoryRequest(parse_size(max_memory) if max_memory is not None else None, t if isinstance(t, int) else TileMode(t), C.OptimizerState(optimizer_state))
 
-    tile = parse_tile(o.tile)
-    budget = parse_size(o.max_memory) if o.max_memory is not None else default_memory_budget(runtime.device)
-    return plan_run(
-        fit_scales([content], [styles], cfg), content.size, [s.size for s in styles], precision=runtime.precision, device=str(runtime.device), budget=budget,
-        tile=tile if isinstance(tile, int) else TileMode(tile), host_bytes=host_memory_bytes() if runtime.device.type == "cpu" else None,
-        optimizer_state=o.optimizer_state, host_budget=default_memory_budget(torch.device("cpu")) if runtime.device.type != "cpu" else None,
-    )  # fmt: skip
+
+def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> Plan:
+    """The run's memory plan from --max-memory, --tile and --optimizer-state."""
+    from nst.engine.transfer import plan_for
+
+    return plan_for(content.size, [s.size for s in styles], cfg, runtime, memory_request(o.max_memory, o.tile, o.optimizer_state))
 
 
 def plan_lines(plan: Plan) -> list[str]:

@@ -21,7 +21,7 @@ from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
 from .common import UserError, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
-from .stylize_cmd import PLAN_OPTIONS, config_from_options, keyword_option, same_file, stylize_parameters
+from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
 
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
 
@@ -60,9 +60,10 @@ def _video_parameters() -> list[inspect.Parameter]:
 
 
 # stylize's own options follow the video ones: what it takes per image, it takes per frame. Not
-# taken: its CONTENT, STYLE and -o (replaced above), --save-every and --compare (per image).
+# taken: its CONTENT, STYLE and -o (replaced above), --save-every and --compare (per image). Its
+# memory plan (--max-memory, --tile, --dry-run) is made per clip, for the clip's frame size.
 video_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [*_video_parameters(), *stylize_parameters(without=("content", "styles", "output", "save_every", "compare", *PLAN_OPTIONS))], return_annotation=None
+    [*_video_parameters(), *stylize_parameters(without=("content", "styles", "output", "save_every", "compare"))], return_annotation=None
 )
 
 
@@ -154,23 +155,63 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
         raft_file = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])
     elif a["flow_weights"] is not None:
         raise UserError("--flow-weights is for --flow raft")
+    memory = memory_request(a["max_memory"], a["tile"])
+    if a["dry_run"]:
+        _dry_run(a, jobs, style_ims, cfg, memory, report=report, on_ray=on_ray)
     identity = {"styles": [file_digest(p) for p in styles], "init": file_digest(init) if init is not None else None}
+    a = {**a, "memory": memory}
     if len(jobs) == 1 and not on_ray:
+        from nst.engine.transfer import plan_for
+
         opened = open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
-        _run_one(a, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, opened=opened)
+        runtime = _runtime(a)
+        plan = plan_for((opened[0].width, opened[0].height), [s.size for s in style_ims], cfg, runtime, memory)  # so does a budget too small
+        _run_one({**a, "memory": plan}, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, opened=opened, runtime=runtime)
     else:
         _run_many(a, jobs, style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, on_ray=on_ray)
 
 
-def _setup(a: Mapping[str, Any], cfg: C.StyleConfig, *, quiet: bool) -> tuple[Any, Any, Any, Any, dict[str, object], dict[str, float]]:
-    """(runtime, weights, target source, cache, target info, phases) for a run in this process."""
+def _dry_run(a: Mapping[str, Any], jobs: list, styles: list, cfg: C.StyleConfig, memory: Any, *, report: Path | None, on_ray: bool) -> None:
+    """Print each clip's memory plan (and write them under `plans` in --report); exit 0."""
+    from nst.engine.transfer import plan_for, planned_config
+    from nst.engine.video.pipeline import open_job
+
+    if on_ray:
+        raise UserError("--dry-run plans on this machine's device; with --ray each clip's plan is made on its worker: leave out --ray to see it")
+    runtime = _runtime(a)
+    plans = []
+    for job in jobs:
+        clip, _total = open_job(job, styles, cfg)
+        plan = plan_for((clip.width, clip.height), [s.size for s in styles], cfg, runtime, memory)
+        plans.append({"input": job.source, "plan": plan.to_dict(), "config": planned_config(cfg, plan).to_dict()})
+        if len(jobs) > 1:
+            console.print(f"{job.source}:", highlight=False)
+        if plan.changes(cfg):
+            console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
+        for line in plan_lines(plan):
+            console.print(line, highlight=False)
+    if report is not None:
+        from .report import write_json
+
+        write_json(report, {"status": "dry-run", "plans": plans, "device": str(runtime.device), "precision": runtime.precision.value})
+        if not a["quiet"]:
+            console.print(f"wrote {report} (report)")
+    raise typer.Exit(0)
+
+
+def _runtime(a: Mapping[str, Any]) -> Any:
+    """Where a run in this process runs: --device and --precision resolved."""
     from nst.engine.device import Runtime, resolve_device, resolve_precision
 
+    dev = resolve_device(str(a["device"]))
+    return Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
+
+
+def _setup(a: Mapping[str, Any], cfg: C.StyleConfig, runtime: Any, *, quiet: bool) -> tuple[Any, Any, Any, dict[str, object], dict[str, float]]:
+    """(weights, target source, cache, target info, phases) for a run in this process."""
     from .targets_opt import choose_targets
 
     phases: dict[str, float] = {}
-    dev = resolve_device(str(a["device"]))
-    runtime = Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
     t = time.perf_counter()
     w = load_weights_for(str(a["weights"]), cfg.seed)
     phases["weights"] = time.perf_counter() - t
@@ -179,7 +220,7 @@ def _setup(a: Mapping[str, Any], cfg: C.StyleConfig, *, quiet: bool) -> tuple[An
     t = time.perf_counter()
     source, cache, info = choose_targets(a["targets"], cfg=cfg, weights=w, runtime=runtime, onnx_path=a["onnx"], provider=a["provider"], quiet=quiet)
     phases["target setup"] = time.perf_counter() - t
-    return runtime, w, source, cache, info, phases
+    return w, source, cache, info, phases
 
 
 class _Bars:
@@ -225,12 +266,14 @@ class _Bars:
 
 def _run_one(
     a: Mapping[str, Any], job: Any, styles: list, init_im: Any, cfg: C.StyleConfig, vcfg: VideoConfig, identity: dict, raft_file: Path | None,
-    *, report: Path | None, quiet: bool, opened: tuple[Any, int | None],
+    *, report: Path | None, quiet: bool, opened: tuple[Any, int | None], runtime: Any,
 ) -> None:
     from nst.engine.video.flow import RaftFlow
     from nst.engine.video.pipeline import run_clip
 
-    runtime, w, source, cache, tinfo, phases = _setup(a, cfg, quiet=quiet)
+    if not quiet:
+        _plan_notes(a["memory"], job.source)
+    w, source, cache, tinfo, phases = _setup(a, cfg, runtime, quiet=quiet)
     raft = RaftFlow(raft_file, device=runtime.device) if raft_file is not None else None
     bars = _Bars(quiet)
     try:
@@ -239,12 +282,14 @@ def _run_one(
         out = run_clip(
             job, styles, cfg, vcfg, weights=w, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft, init_image=init_im,
             on_start=lambda clip, total: bars.start("video", total), frame_callback=bars.on_frame, callback=bars.on_iterate, opened=opened,
+            memory=a["memory"],
         )  # fmt: skip
     finally:
         if bars.progress is not None:
             bars.progress.stop()
     phases.update(out.phases)
-    _notes(out, quiet=quiet)
+    _notes(out, quiet=quiet, plan_shown=True)
+    cfg = out.cfg or cfg
     if out.status != "done":
         kept = len(out.journal.entries)
         if out.status == "interrupted":
@@ -261,9 +306,20 @@ def _run_one(
         console.print(_wrote(out))
 
 
-def _notes(out: Any, *, quiet: bool) -> None:
+def _plan_notes(plan: Any, source: str) -> None:
+    """The plan's warning (a changed optimiser) and, when it tiles, its lines."""
+    if plan.optimizer_note:
+        console.print(f"[yellow]warning:[/] memory plan for {source}: {plan.optimizer_note}", highlight=False)
+    if any(s.mode == "tiled" for s in plan.stages):
+        for line in plan_lines(plan):
+            console.print(line, highlight=False)
+
+
+def _notes(out: Any, *, quiet: bool, plan_shown: bool = False) -> None:
     if quiet:
         return
+    if out.plan is not None and not plan_shown:
+        _plan_notes(out.plan, out.job.source)
     if out.journal.restarted:
         console.print(f"[yellow]note:[/] {out.journal.restarted}")
     if out.result.resumed:
@@ -296,7 +352,7 @@ def clip_report(out: Any, phases: Mapping[str, float], runtime: Any, w: Any, tin
         "per_frame": res.frames, "device": str(runtime.device) if runtime is not None else out.worker.get("device"),
         "precision": runtime.precision.value if runtime is not None else out.worker.get("precision"), "weights": w.to_dict(),
         "targets": {**res.targets, **tinfo}, "config": cfg.to_dict(), "video": vcfg.to_dict(), "selection": out.job.selection.to_dict(),
-        "worker": out.worker,
+        "worker": out.worker, "plan": out.plan.to_dict() if out.plan is not None else None,
     }  # fmt: skip
 
 
@@ -368,7 +424,8 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
             if bars.progress is not None:
                 bars.progress.start()
                 task = bars.progress.add_task("videos", total=len(jobs), info="")
-            for job, out, tinfo, err in runner.run(jobs, styles, cfg, vcfg, identity=identity, init_image=init_im, raft_file=str(raft_file) if raft_file else None):
+            for job, out, tinfo, err in runner.run(jobs, styles, cfg, vcfg, identity=identity, init_image=init_im, raft_file=str(raft_file) if raft_file else None,
+                                                     memory=a["memory"]):  # fmt: skip
                 if bars.progress is not None:
                     bars.progress.advance(task)
                 if err is not None:
@@ -378,7 +435,7 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
                     continue
                 results.append((job, out, "" if out.status == "done" else out.message))
                 if out.status == "done":
-                    reports.append(clip_report(out, out.phases, None, w, tinfo, cfg, vcfg))
+                    reports.append(clip_report(out, out.phases, None, w, tinfo, out.cfg or cfg, vcfg))
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -394,7 +451,8 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
 
         if a["threads"] is not None:
             torch.set_num_threads(a["threads"])  # as a Ray worker would: the same sums, the same bytes
-        runtime, w, source, cache, tinfo, phases = _setup(a, cfg, quiet=quiet)
+        runtime = _runtime(a)
+        w, source, cache, tinfo, phases = _setup(a, cfg, runtime, quiet=quiet)
         raft = RaftFlow(raft_file, device=runtime.device) if raft_file is not None else None
         model = build_model(cfg, w, runtime)  # one network for every clip
         bars = _Bars(quiet)
@@ -406,7 +464,7 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
                     out = run_clip(
                         job, styles, cfg, vcfg, weights=w, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft,
                         init_image=init_im, model=model, on_start=lambda clip, total, i=i: bars.start(f"video {i + 1}/{len(jobs)}", total),
-                        frame_callback=bars.on_frame, callback=bars.on_iterate,
+                        frame_callback=bars.on_frame, callback=bars.on_iterate, memory=a["memory"],
                     )  # fmt: skip
                 except EngineError as e:
                     results.append((job, None, flag_message(e)))
@@ -416,7 +474,7 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
                     interrupted = True
                     break
                 if out.status == "done":
-                    reports.append(clip_report(out, {**phases, **out.phases}, runtime, w, tinfo, cfg, vcfg))
+                    reports.append(clip_report(out, {**phases, **out.phases}, runtime, w, tinfo, out.cfg or cfg, vcfg))
         finally:
             if bars.progress is not None:
                 bars.progress.stop()

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import color
-from .config import AUTO, INIT_CHOICES, Optimizer, PreserveColors, StyleConfig, auto_iterations
-from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
+from .config import AUTO, INIT_CHOICES, OTHER_OPTIMIZER_LR, Optimizer, OptimizerState, PreserveColors, StyleConfig, auto_iterations
+from .device import Runtime, autocast_dtype, default_memory_budget, host_memory_bytes, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
@@ -30,7 +30,7 @@ from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
 from .masks import EVERYWHERE, Guidance, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
-from .plan import Plan, style_shape
+from .plan import Plan, TileMode, plan_run, style_shape
 from .stopwatch import Stopwatch
 from .targets import ImageTargets, TargetSource, TorchTargets
 from .tiles import TiledObjective
@@ -170,10 +170,10 @@ def _check_size(hw: tuple[int, int], what: str, cfg: StyleConfig, *, size: int) 
         )
 
 
-def _stage_fits(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleConfig, size: int) -> bool:
+def _stage_fits(content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], cfg: StyleConfig, size: int) -> bool:
     need = min_input_size([deepest_layer(cfg.content_layers + cfg.style_layers)])
-    hw = output_shape(content.width, content.height, size, cfg.size_edge)
-    return min(hw) >= need and all(min(_style_hw(s, hw, cfg)) >= need for s in styles)
+    hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
+    return min(hw) >= need and all(min(style_shape(wh, hw, cfg)) >= need for wh in style_whs)
 
 
 def fit_scales(contents: Sequence[Image.Image], styles: Sequence[Sequence[Image.Image]], cfg: StyleConfig) -> StyleConfig:
@@ -181,11 +181,16 @@ def fit_scales(contents: Sequence[Image.Image], styles: Sequence[Sequence[Image.
     output or a style image would be too small for the layers are left out (a wide, thin image
     starts at a larger size), and the budget is split over the stages kept as `auto` splits it.
     Explicit scales are the caller's choice and stay as they are (too small is then an error)."""
+    return fit_scales_to([c.size for c in contents], [[s.size for s in st] for st in styles], cfg)
+
+
+def fit_scales_to(content_whs: Sequence[tuple[int, int]], style_whs: Sequence[Sequence[tuple[int, int]]], cfg: StyleConfig) -> StyleConfig:
+    """`fit_scales` for images known by their (width, height) alone."""
     if cfg.scales != AUTO:
         return cfg
     sizes = cfg.sizes
     first = 0
-    while first < len(sizes) - 1 and not all(_stage_fits(c, st, cfg, sizes[first]) for c, st in zip(contents, styles)):
+    while first < len(sizes) - 1 and not all(_stage_fits(c, st, cfg, sizes[first]) for c, st in zip(content_whs, style_whs)):
         first += 1
     kept = sizes[first:]
     return replace(cfg, scales=kept, scale_iterations=auto_iterations(cfg.iterations, len(kept)))
@@ -308,6 +313,42 @@ def stylize(
     """
     each = None if callback is None else (lambda _i, it: callback(it))
     return stylize_many([content], [styles], cfg, weights=weights, init_images=[init_image], callback=each, **options)[0]
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """What a run asks of its memory plan (`plan_for`): `budget` in bytes (None: the device's free
+    memory less a margin, `device.default_memory_budget`), `tile` (auto: whole where a stage
+    fits, else the largest tile that does; off; or a tile edge in pixels) and where L-BFGS's
+    history lives (`optimizer_state`)."""
+
+    budget: int | None = None
+    tile: TileMode | int = TileMode.AUTO
+    optimizer_state: OptimizerState = OptimizerState.AUTO
+
+
+def plan_for(content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], cfg: StyleConfig, runtime: Runtime, request: MemoryRequest = MemoryRequest()) -> Plan:
+    """The memory plan of a run on `runtime` for a content and style images of these (width,
+    height): `plan.plan_run` over the stages `fit_scales` keeps. On the CPU the machine's memory
+    bounds what tiling can do (image buffers beyond it are refused); off it, a history in host
+    memory may take the available RAM less a margin."""
+    budget = request.budget if request.budget is not None else default_memory_budget(runtime.device)
+    on_cpu = runtime.device.type == "cpu"
+    return plan_run(
+        fit_scales_to([content_wh], [list(style_whs)], cfg), content_wh, list(style_whs), precision=runtime.precision, device=str(runtime.device),
+        budget=budget, tile=request.tile, host_bytes=host_memory_bytes() if on_cpu else None, optimizer_state=request.optimizer_state,
+        host_budget=None if on_cpu else default_memory_budget(torch.device("cpu")),
+    )  # fmt: skip
+
+
+def planned_config(cfg: StyleConfig, plan: Plan) -> StyleConfig:
+    """`cfg` as `plan` runs it (`Plan.changes`): a switch to Adam takes Adam's own lr, as the
+    presets give it to a run that names the other optimiser, not the one meant for L-BFGS."""
+    changes = plan.changes(cfg)
+    if "optimizer" in changes:
+        opt = Optimizer(changes["optimizer"])
+        return replace(cfg, optimizer=opt, lr=OTHER_OPTIMIZER_LR[opt] * (cfg.pixel_scale if opt == Optimizer.ADAM else 1.0))
+    return replace(cfg, **changes)
 
 
 def stage_shapes(width: int, height: int, cfg: StyleConfig) -> tuple[tuple[int, int], ...]:
@@ -768,5 +809,5 @@ def carry_adam_moments(old: object, new: object) -> None:
 __all__ = [
     "Iterate", "Objective", "RunStatus", "Stage", "StopRun", "StyleResult", "build_model", "gram_matrix", "loop_network",
     "carry_adam_moments", "kept_point", "make_objective", "make_optimizer", "prepare_stage", "resolve_guidance", "stage_shapes", "style_grams", "stylize",
-    "stylize_many", "target_key",
+    "stylize_many", "target_key", "MemoryRequest", "fit_scales_to", "plan_for", "planned_config",
 ]  # fmt: skip

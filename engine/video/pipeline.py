@@ -20,7 +20,8 @@ from ..device import Runtime
 from ..features import VGGFeatures
 from ..jobs.journal import file_digest as sha256_of_file
 from ..targets import TargetSource
-from ..transfer import Iterate, TargetCacheLike, check_sizes
+from ..plan import Plan
+from ..transfer import Iterate, MemoryRequest, TargetCacheLike, check_sizes, plan_for, planned_config
 from ..weights import Weights
 from .config import VideoConfig
 from .flow import RaftFlow
@@ -70,6 +71,8 @@ class ClipOutcome:
     phases: dict[str, float] = field(default_factory=dict)
     encoded: Encoded | None = None  # a video written
     worker: dict[str, object] = field(default_factory=dict)  # where it ran (Ray)
+    plan: Plan | None = None  # the memory plan its frames ran by (with a `memory` request)
+    cfg: StyleConfig | None = None  # the configuration as it ran (a plan may choose Adam)
 
     @property
     def message(self) -> str:
@@ -108,30 +111,38 @@ def run_clip(
     frame_callback: Callable[[FrameEvent], None] | None = None,
     callback: Callable[[Iterate], None] | None = None,
     opened: tuple[Clip, int | None] | None = None,
+    memory: MemoryRequest | Plan | None = None,
 ) -> ClipOutcome:
     """Stylise one clip, resuming from its work folder, and write its output (then drop the work
     folder). `identity` names what else decides the frames (style and init digests): the
     journal resumes only a run with the same input, settings and identity. `opened` is what
     `open_job` returned for this job, where the caller checked it already (it is not opened,
-    counted and decoded twice)."""
+    counted and decoded twice). `memory` asks for a memory plan (`transfer.plan_for`, made on
+    this runtime for the clip's frame size), or is one the caller made so: every frame runs by
+    it, tiled where it says, and with the optimiser it chose."""
     phases: dict[str, float] = {}
     t = time.perf_counter()
     clip, total = opened if opened is not None else open_job(job, styles, cfg)
     phases["open"] = time.perf_counter() - t
+    plan = plan_for((clip.width, clip.height), [s.size for s in styles], cfg, runtime or Runtime(), memory) if isinstance(memory, MemoryRequest) else memory
+    if plan is not None:
+        cfg = planned_config(cfg, plan)
     full_identity = {
         "input": clip.identity(), **identity, "config": cfg.to_dict(), "video": vcfg.to_dict(), "frames": job.selection.to_dict(),
         "weights": weights.fingerprint,
+        # Tiled and whole frames differ by rounding: a run resumes only frames made the same way.
+        **({"tiles": [s.tile if s.mode == "tiled" else None for s in plan.stages]} if plan is not None else {}),
     }  # fmt: skip
     journal = FrameJournal(work_folder(job.output), full_identity)
     if on_start is not None:
         on_start(clip, total)
     result = stylize_video(
         read_frames(clip, job.selection), styles, cfg, vcfg, weights=weights, journal=journal, runtime=runtime, targets=targets,
-        cache=cache, total=total, raft=raft, init_image=init_image, model=model, frame_callback=frame_callback, callback=callback,
+        cache=cache, total=total, raft=raft, init_image=init_image, model=model, frame_callback=frame_callback, callback=callback, plan=plan,
     )  # fmt: skip
     phases.update(result.phases)
     rate = clip.fps if clip.kind == "video" and clip.fps else (job.fps or DEFAULT_FPS)
-    out = ClipOutcome(job, result.status, clip, result, journal, total, job.selection.fps(rate), phases)
+    out = ClipOutcome(job, result.status, clip, result, journal, total, job.selection.fps(rate), phases, plan=plan, cfg=cfg)
     if result.status != "done":
         return out
     t = time.perf_counter()

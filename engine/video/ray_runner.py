@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from ..config import StyleConfig
 from ..errors import ConfigError
 from ..jobs.ray_runner import join_cluster, leave_cluster, ray_capacity
+from ..transfer import MemoryRequest
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
 from .pipeline import ClipJob, ClipOutcome, run_clip
@@ -33,7 +34,7 @@ TargetsFactory = Callable[..., tuple]
 def _run_on_worker(
     job: ClipJob, styles: Sequence[Image.Image], cfg: StyleConfig, vcfg: VideoConfig, weights: Weights, *,
     device: str, precision: str, threads: int | None, targets: TargetsFactory | None, identity: dict[str, object],
-    init_image: Image.Image | None, raft_file: str | None,
+    init_image: Image.Image | None, raft_file: str | None, memory: MemoryRequest | None = None,
 ) -> tuple[ClipOutcome, dict[str, object]]:  # fmt: skip
     """One clip, start to end, in a Ray worker process."""
     import torch
@@ -47,7 +48,8 @@ def _run_on_worker(
     runtime = Runtime(device=dev, precision=resolve_precision(dev, precision))
     source, cache, info = targets(cfg=cfg, weights=weights, runtime=runtime) if targets is not None else (None, None, {})
     raft = RaftFlow(raft_file, device=dev) if vcfg.flow == FlowMethod.RAFT and raft_file else None
-    out = run_clip(job, styles, cfg, vcfg, weights=weights, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft, init_image=init_image)
+    out = run_clip(job, styles, cfg, vcfg, weights=weights, identity=identity, runtime=runtime, targets=source, cache=cache, raft=raft, init_image=init_image,
+                   memory=memory)  # fmt: skip
     out.worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(dev), "precision": runtime.precision.value, "threads": torch.get_num_threads()}
     return out, info
 
@@ -76,16 +78,18 @@ class ClipRayRunner:
 
     def run(
         self, jobs: Sequence[ClipJob], styles: Sequence[Image.Image], cfg: StyleConfig, vcfg: VideoConfig, *,
-        identity: dict[str, object], init_image: Image.Image | None = None, raft_file: str | None = None,
+        identity: dict[str, object], init_image: Image.Image | None = None, raft_file: str | None = None, memory: MemoryRequest | None = None,
     ) -> Iterator[tuple[ClipJob, ClipOutcome | None, dict[str, object], BaseException | None]]:  # fmt: skip
         """(job, outcome, target info, error) for each clip as it finishes; `error` is what a
-        clip raised (a broken input, a worker lost `max_retries` + 1 times) and its outcome None."""
+        clip raised (a broken input, a worker lost `max_retries` + 1 times) and its outcome None.
+        `memory`: each clip's memory plan is made on its worker, for its device (without a budget,
+        that device's free memory less a margin)."""
         task = ray.remote(max_retries=self.max_retries, retry_exceptions=False, **self.ask)(_run_on_worker)
         styles_ref = ray.put(list(styles))
         pending = {}
         for job in jobs:
             ref = task.remote(job, styles_ref, cfg, vcfg, self._weights, device=self.device, precision=self.precision, threads=self.threads,
-                              targets=self.targets, identity=identity, init_image=init_image, raft_file=raft_file)  # fmt: skip
+                              targets=self.targets, identity=identity, init_image=init_image, raft_file=raft_file, memory=memory)  # fmt: skip
             pending[ref] = job
         self._refs = list(pending)
         while pending:

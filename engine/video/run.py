@@ -24,6 +24,7 @@ from ..device import Runtime
 from ..features import VGGFeatures
 from ..errors import ConfigError
 from ..images import load_image, output_shape, resize, to_pil, to_tensor
+from ..plan import Plan
 from ..targets import ImageTargets, TargetSource, TorchTargets
 from ..transfer import Iterate, RunStatus, TargetCacheLike, build_model, check_sizes, fit_scales, loop_network, stylize
 from ..weights import Weights
@@ -138,6 +139,7 @@ def stylize_video(
     model: VGGFeatures | None = None,
     frame_callback: Callable[[FrameEvent], None] | None = None,
     callback: Callable[[Iterate], None] | None = None,
+    plan: Plan | None = None,
 ) -> VideoResult:
     """Stylise `frames` (Pillow images, in order) into `journal`'s work folder, resuming after the
     frames it already holds. Ctrl-C ends the run with status "interrupted", finished frames kept.
@@ -145,6 +147,8 @@ def stylize_video(
     `init_image` is the start of frames that do not start from the previous output (with
     `cfg.init` naming an image file); `total` (the number of frames, if known) is for progress;
     `model` (from `build_model`) lets a caller with several clips build the network once.
+    `plan` (`transfer.plan_for`, made for the frames' size) says which stages run tile by tile;
+    apply its changes to `cfg` first (`transfer.planned_config`).
     """
     runtime = runtime or Runtime()
     if vcfg.flow == FlowMethod.RAFT and raft is None:
@@ -156,7 +160,13 @@ def stylize_video(
     t = time.perf_counter()
     model = model if model is not None else build_model(cfg, weights, runtime)
     net = loop_network(model, runtime)
-    source = _CountingSource(targets or TorchTargets(model))
+    tile = plan.target_tile() if plan is not None else None
+    fallback: dict[str, str] = {}
+    if targets is not None and tile is not None and not isinstance(targets, TorchTargets):
+        # A tiled plan's targets come tile by tile from the PyTorch network (the given source would
+        # run each frame whole), as a tiled `nst stylize` does.
+        targets, fallback = None, {"fallback": "torch: the plan is tiled"}
+    source = _CountingSource(targets or TorchTargets(model, tile=tile))
     memo = _StyleMemo(cache)
     phases["model"] = time.perf_counter() - t
     luminance_only = cfg.preserve_colors == PreserveColors.LUMINANCE
@@ -189,16 +199,19 @@ def stylize_video(
                 warped, _ = warp(previous, backward.cpu(), mode=IMAGE_WARP)
                 warped = warped.clamp(0, 1)
                 phases["flow"] += time.perf_counter() - tf
+                del forward, backward, previous  # a print-size frame's buffers: only what the run uses stays
                 if vcfg.starts_warm:
-                    init = torch.where(rel.disoccluded, content, warped)
-                    frame_init = to_pil(color.luminance(init) if luminance_only else init)
+                    start_at = torch.where(rel.disoccluded, content, warped)
+                    frame_init = to_pil(color.luminance(start_at) if luminance_only else start_at)
                     frame_cfg = dataclasses.replace(frame_cfg, init=WARPED_INIT)
+                    del start_at
                 if vcfg.temporal_weight > 0:
                     target = color.luminance(warped) if luminance_only else warped
                     extra = {"temporal": TemporalTerm(target.to(runtime.device), rel.weights.to(runtime.device), vcfg.temporal_weight)}
+            prev_content = content  # the next frame's flow starts here; the one before is not needed
 
             result = stylize(frame, styles, frame_cfg, weights=weights, runtime=runtime, targets=source, cache=memo,
-                             init_image=frame_init, callback=callback, model=model, loop_model=net, extra_terms=extra)  # fmt: skip
+                             init_image=frame_init, callback=callback, model=model, loop_model=net, extra_terms=extra, plan=plan)  # fmt: skip
             phases["targets"] += result.phases.get("targets", 0.0)
             phases["optimisation"] += result.phases.get("optimisation", 0.0)
             if result.status != "done":
@@ -217,7 +230,6 @@ def stylize_video(
             journal.record(index, result.image, info)
             phases["save"] += time.perf_counter() - ts
             records.append({**journal.entries[-1], "resumed": False})
-            prev_content = content
             if frame_callback is not None:
                 frame_callback(FrameEvent("done", index, total, iterations, float(info["seconds"]), err))  # type: ignore[arg-type]
     except KeyboardInterrupt:
@@ -231,7 +243,7 @@ def stylize_video(
         frames=records,
         resumed=resumed,
         phases=phases,
-        targets={**source.describe(), "style_computed": source.style_computed, "content_computed": source.content_computed},
+        targets={**source.describe(), **fallback, "style_computed": source.style_computed, "content_computed": source.content_computed},
         message=message,
     )
 

@@ -203,11 +203,15 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "--temporal-weight must be"),
         "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here; use --flow dis"),
         "missing style": ([str(pan), str(tmp / "none.jpg"), "-o", out], "image not found"),
+        "budget too small": ([str(pan), s, "-o", out, "--max-memory", "2MB"], "--max-memory 2.0 MB is too small"),
+        "bad tile": ([str(pan), s, "-o", out, "--tile", "8"], "--tile 8 is too small"),
+        "dry run on ray": ([str(pan), s, "-o", out, "--dry-run", "--ray"], "leave out --ray"),
     }
 
 
 @pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
-                                  "output extension", "bad range", "range past end", "every zero", "negative weight", "raft without weights", "missing style"])  # fmt: skip
+                                  "output extension", "bad range", "range past end", "every zero", "negative weight", "raft without weights", "missing style",
+                                  "budget too small", "bad tile", "dry run on ray"])  # fmt: skip
 def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]
     before = pan.read_bytes()
@@ -218,6 +222,45 @@ def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     assert "Traceback" not in r.output and expect in r.output, r.output
     assert [line for line in r.output.splitlines() if line.strip()] == [next(line for line in r.output.splitlines() if line.startswith("error:"))]
     assert pan.read_bytes() == before and not (tmp_path / "o.mp4").exists()
+
+
+def test_tiled_frames_are_the_whole_frames_and_the_report_has_the_plan(pan, examples_dir, tmp_path):
+    """--tile on nst video: each frame's stages run tile by tile (L-BFGS, the gatys default, in
+    fp32: bf16's rounding differs between a tile and the whole image), and the frames are the
+    untiled run's within one 8-bit level."""
+    frames: dict[str, list[np.ndarray]] = {}
+    reports = {}
+    for tile in ("off", "32"):
+        out, rep = tmp_path / f"tile-{tile}", tmp_path / f"tile-{tile}.json"
+        r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "64", "--iterations", "4", *FAST,
+                                "--frames", ":3", "--tile", tile, "--precision", "fp32", "--report", str(rep)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        frames[tile] = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.iterdir())]
+        reports[tile] = json.loads(rep.read_text())
+        if tile != "off":
+            assert "tiled, 32 px tiles" in r.output  # the plan is printed when it tiles
+    whole, tiled = reports["off"]["plan"]["stages"], reports["32"]["plan"]["stages"]
+    assert [s["mode"] for s in whole] == ["whole"] * len(whole)
+    assert tiled[-1]["mode"] == "tiled" and tiled[-1]["tile"] == 32 and tiled[-1]["tiles"] > 1
+    assert reports["32"]["targets"]["source"] == "torch"
+    assert len(frames["off"]) == len(frames["32"]) == 3
+    for a, b in zip(frames["off"], frames["32"]):
+        assert np.abs(a - b).max() <= 1
+
+
+def test_dry_run_prints_each_clips_plan_and_writes_nothing(pan, examples_dir, tmp_path):
+    out, rep = tmp_path / "big.mp4", tmp_path / "plan.json"
+    r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "2048", "--max-memory", "1GB", "--dry-run",
+                            "--device", "cpu", "--precision", "fp32", "--report", str(rep)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "stage" in r.output and "tiled" in r.output and "Adam" in r.output  # L-BFGS's history does not fit 1 GB at 2048 px
+    data = json.loads(rep.read_text())
+    assert data["status"] == "dry-run" and data["plans"][0]["input"] == str(pan)
+    plan = data["plans"][0]["plan"]
+    assert plan["stages"][-1]["mode"] == "tiled" and plan["stages"][-1]["hw"] == [1536, 2048]
+    assert all(s["estimated_peak_bytes"] <= 1e9 for s in plan["stages"])
+    assert data["plans"][0]["config"]["optimizer"] == "adam"
+    assert not out.exists() and not (tmp_path / ("big.mp4" + ".nst-work")).exists()
 
 
 def test_video_cmd_imports_nothing_heavy_at_module_level():
