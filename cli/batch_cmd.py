@@ -23,10 +23,10 @@ from rich.table import Table
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
 from .common import UserError, console, ray_device_and_precision, user_errors
-from .stylize_cmd import CONFIG_OPTIONS, PLAN_OPTIONS, config_from_options, keyword_option, stylize_parameters
+from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
-_REPLACED = ("content", "styles", "output", "report", "compare", *PLAN_OPTIONS)  # a batch plans no memory yet
+_REPLACED = ("content", "styles", "output", "report", "compare", "dry_run")  # each job is planned on its worker, as it runs
 
 
 def batch_command(**a: Any) -> None:
@@ -52,7 +52,7 @@ def _batch_parameters() -> list[inspect.Parameter]:
         opt("ray", Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster: the one RAY_ADDRESS names, else a local one started for the batch.")], False),
         opt("ray_address", Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (host:port, or auto).", show_default=False)], None),
         opt("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker [torch's default here; with Ray the same number, one worker per that many CPUs]. Results on a CPU depend on it.", show_default=False)], None),
-        opt("batch_size", Annotated[int, typer.Option("--batch-size", help="Optimise up to N same-size images together on a worker (one forward and backward for all). No memory planner yet: 1 unless given.")], 1),
+        opt("batch_size", Annotated[int, typer.Option("--batch-size", help="Optimise up to N same-size images together on a worker (one forward and backward for all), as many as the memory budget holds together.")], 1),
         opt("report", Annotated[Optional[Path], typer.Option(help="Write a JSON report of the whole batch here.", show_default=False)], None),
         opt("compare", Annotated[Optional[Path], typer.Option(help="Write each job's content | style | result sheet into this folder.", show_default=False)], None),
     ]
@@ -147,11 +147,13 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     if a["compare"] is not None and Path(a["compare"]).is_file():
         raise UserError(f"--compare {a['compare']} is a file; give a folder for the sheets")
 
+    a["memory"] = memory_request(a["max_memory"], a["tile"])  # a bad --tile or --max-memory fails before the weights load
     seed = config_from_options(base).seed
     w = load_weights_for(str(a["weights"]), seed)
     if w.is_random and not quiet:
         console.print(f"[yellow]weights: {w.description}, not pretrained: the results show the method at work, not paintings[/]")
-    settings = {"weights": w.fingerprint, "precision": str(a["precision"]).strip().lower(), "targets": a["targets"].value, "onnx": str(a["onnx"]) if a["onnx"] else None}
+    settings = {"weights": w.fingerprint, "precision": str(a["precision"]).strip().lower(), "targets": a["targets"].value, "onnx": str(a["onnx"]) if a["onnx"] else None,
+                "max_memory": a["max_memory"], "tile": str(a["tile"]).strip().lower()}  # a plan may choose Adam: it decides the images too
     runner = _runner(a, w, quiet=quiet)
 
     view = _BatchView(quiet=quiet, per_job=a["ray"] is False and a["ray_address"] is None)
@@ -178,6 +180,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
     from .targets_opt import choose_targets
 
     targets = functools.partial(choose_targets, a["targets"], onnx_path=a["onnx"], provider=a["provider"])
+    memory = a["memory"]
     if a["ray"] or a["ray_address"] is not None:
         dev, prec = ray_device_and_precision(a["device"], a["precision"])
         try:
@@ -187,7 +190,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
 
         runner = RayRunner(
             weights=w, device=dev, precision=str(a["precision"]), threads=a["threads"], targets=functools.partial(targets, quiet=True),
-            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}"), batch_size=a["batch_size"],
+            address=a["ray_address"], on_warning=lambda m: console.print(f"[yellow]warning:[/] {m}"), batch_size=a["batch_size"], memory=memory,
         )
         return runner
     from nst.engine.device import resolve_device, resolve_precision
@@ -195,7 +198,7 @@ def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:
 
     dev = resolve_device(str(a["device"]))
     prec = resolve_precision(dev, str(a["precision"]))
-    worker = Worker(w, device=str(dev), precision=prec.value, threads=a["threads"], targets=functools.partial(targets, quiet=quiet))  # type: ignore[arg-type]
+    worker = Worker(w, device=str(dev), precision=prec.value, threads=a["threads"], targets=functools.partial(targets, quiet=quiet), memory=memory)  # type: ignore[arg-type]
     return InProcessRunner(worker, batch_size=a["batch_size"])
 
 
@@ -345,8 +348,8 @@ def batch_report(result: Any, w: Any, where: Mapping[str, object], settings: Map
             continue
         res = o.result
         phases = {"images": o.decode_seconds, "targets": res.phases.get("targets", 0.0), "optimisation": res.phases.get("optimisation", 0.0)}
-        entry = run_report(res, f.job.cfg, Runtime(), w, phases, seconds_per_iteration(res.iteration_seconds), {**res.targets, **o.targets}, f.job.output, f.snapshots, f.snapshots_failed)
-        entry.update(base, status=r.status, device=r.worker.get("device"), precision=r.worker.get("precision"))
+        entry = run_report(res, o.cfg or f.job.cfg, Runtime(), w, phases, seconds_per_iteration(res.iteration_seconds), {**res.targets, **o.targets}, f.job.output, f.snapshots, f.snapshots_failed)
+        entry.update(base, status=r.status, device=r.worker.get("device"), precision=r.worker.get("precision"), plan=o.plan)
         entry.pop("versions", None)
         entries.append(entry)
     for job, r in result.skipped:

@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from ..errors import ConfigError, EngineError
+from ..transfer import MemoryRequest
 from ..weights import Weights
 from .worker import BatchEvent, EventSink, JobInput, JobOutcome, TargetsFactory, Worker
 
@@ -31,8 +32,8 @@ _WORKER_LOST = (RayActorError, WorkerCrashedError, ObjectLostError)
 class _BatchActor:
     """The actor: a Worker, and the input bytes turned back into a JobInput."""
 
-    def __init__(self, weights: Weights, device: str, precision: str, threads: int | None, targets: TargetsFactory | None) -> None:
-        self.worker = Worker(weights, device=device, precision=precision, threads=threads, targets=targets)
+    def __init__(self, weights: Weights, device: str, precision: str, threads: int | None, targets: TargetsFactory | None, memory: MemoryRequest | None = None) -> None:
+        self.worker = Worker(weights, device=device, precision=precision, threads=threads, targets=targets, memory=memory)
 
     def ready(self) -> dict[str, object]:
         return self.worker.describe()
@@ -86,10 +87,12 @@ class RayRunner:
         max_workers: int | None = None,
         batch_size: int = 1,
         on_warning: Callable[[str], None] | None = None,
+        memory: MemoryRequest | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise EngineError(f"device {device!r} with Ray: use auto, cpu or cuda (Ray gives each worker its GPU)")
         self.device, self.precision, self.threads, self.targets = device, precision, threads, targets
+        self.memory = memory  # each actor plans its jobs' memory for its own device
         self.max_attempts, self.max_workers = max_attempts, max_workers
         if batch_size < 1:
             raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
@@ -121,7 +124,7 @@ class RayRunner:
         # room, and its job given to the first free actor.
         cls = ray.remote(max_restarts=0, max_task_retries=0, **ask)(_BatchActor)
         threads = self.threads if "num_gpus" not in ask else None
-        return cls.remote(self._weights, self.device, self.precision, threads, self.targets)  # type: ignore[attr-defined]
+        return cls.remote(self._weights, self.device, self.precision, threads, self.targets, self.memory)  # type: ignore[attr-defined]
 
     def run(self, inputs: Iterable[JobInput], emit: EventSink) -> Iterator[JobOutcome]:
         limit = self._plan[0]

@@ -22,8 +22,9 @@ from ..config import StyleConfig
 from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_memory, resolve_device, resolve_precision
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
-from ..targets import ImageTargets, TargetSource
-from ..transfer import Iterate, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, stage_shapes, stylize_many
+from ..plan import Plan
+from ..targets import ImageTargets, TargetSource, TorchTargets
+from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, plan_for, planned_config, stage_shapes, stylize_many
 from ..weights import Weights
 from .joblist import Job
 
@@ -62,6 +63,8 @@ class JobOutcome:
     decode_seconds: float = 0.0
     worker: dict[str, object] = field(default_factory=dict)
     targets: dict[str, object] = field(default_factory=dict)  # the source's report info
+    plan: dict[str, object] | None = None  # the memory plan it ran by (`Plan.to_dict`), with the worker's `memory`
+    cfg: StyleConfig | None = None  # the settings as it ran them, when its plan changed them (Adam for L-BFGS)
 
 
 @dataclass
@@ -134,7 +137,8 @@ class Worker:
     pooling; each network keeps its target source and a memory of targets."""
 
     def __init__(
-        self, weights: Weights, *, device: str = "auto", precision: str = "auto", threads: int | None = None, targets: TargetsFactory | None = None
+        self, weights: Weights, *, device: str = "auto", precision: str = "auto", threads: int | None = None, targets: TargetsFactory | None = None,
+        memory: MemoryRequest | None = None,
     ) -> None:
         if threads is not None:
             # CPU results depend on the thread count (the order of parallel sums): a batch fixes it
@@ -144,6 +148,7 @@ class Worker:
         dev = resolve_device(device)
         self.runtime = Runtime(device=dev, precision=resolve_precision(dev, precision))
         self.targets_factory = targets
+        self.memory = memory  # with it, each job runs by its memory plan (made here, for this device)
         self._networks: dict[tuple, _Network] = {}
         self._styles: OrderedDict[str, Image.Image] = OrderedDict()  # decoded style images by hash
 
@@ -198,6 +203,7 @@ class Worker:
         where = self.describe()
         outs = [JobOutcome(inp.job.key, "failed", worker=where, attempts=inp.attempt) for inp in inputs]
         groups: dict[tuple, list[tuple[int, Image.Image, list[Image.Image], Image.Image | None]]] = {}
+        plans: dict[int, Plan] = {}
         for i, inp in enumerate(inputs):
             job = inp.job
             ti = time.perf_counter()
@@ -206,27 +212,58 @@ class Worker:
                 styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
                 init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
                 check_sizes(content, styles, job.cfg)
-            except (ImageError, ValueError, OSError) as e:
+                cfg = job.cfg
+                if self.memory is not None:
+                    plans[i] = plan_for(content.size, [s.size for s in styles], cfg, self.runtime, self.memory)
+                    cfg = planned_config(cfg, plans[i])
+                    outs[i].plan = plans[i].to_dict()
+                    outs[i].cfg = cfg if cfg != job.cfg else None
+            except (ImageError, ValueError, OSError) as e:  # PlanError (a budget too small) is a ValueError
                 outs[i].reason = _one_line(e)
                 continue
             outs[i].decode_seconds = time.perf_counter() - ti
-            groups.setdefault((job.cfg, stage_shapes(content.width, content.height, job.cfg)), []).append((i, content, styles, init))
-        for (cfg, _), members in groups.items():
-            if any(o.status == "interrupted" for o in outs):  # Ctrl-C: the rest are not started
-                for i, *_ in members:
-                    outs[i].status, outs[i].reason = "interrupted", "not started"
-                continue
-            tg = time.perf_counter()
-            self._run_group(cfg, [inputs[i].job for i, *_ in members], members, [outs[i] for i, *_ in members], on_iterate, on_snapshot)
-            for i, *_ in members:
-                outs[i].seconds = time.perf_counter() - tg + outs[i].decode_seconds
-                if len(members) > 1:
-                    outs[i].worker = {**where, "batch": len(members)}
+            # A tiled plan runs its job alone; whole ones share a group as far as the budget holds.
+            alone = i if i in plans and any(st.mode == "tiled" for st in plans[i].stages) else None
+            groups.setdefault((cfg, stage_shapes(content.width, content.height, cfg), alone), []).append((i, content, styles, init))
+        for (cfg, _, _), group in groups.items():
+            for members in self._fitting(group, plans):
+                self._run_members(cfg, inputs, members, outs, plans, where, on_iterate, on_snapshot)
         for o in outs:
             o.seconds = o.seconds or time.perf_counter() - t0
         return outs
 
-    def _run_group(self, cfg: StyleConfig, jobs: list[Job], members: list, outs: list[JobOutcome], on_iterate, on_snapshot) -> None:  # noqa: ANN001
+    def _fitting(self, group: list, plans: dict[int, Plan]) -> list[list]:
+        """`group` cut into runs whose whole-image estimates, added up, fit the plan's budget (one
+        job at least): a group optimised as one tensor needs each member's activations at once."""
+        if not plans or self.memory is None:
+            return [group]
+        runs: list[list] = [[]]
+        used = 0
+        for m in group:
+            plan = plans[m[0]]
+            need = plan.estimated_peak_bytes
+            if runs[-1] and plan.budget_bytes is not None and used + need > plan.budget_bytes:
+                runs.append([])
+                used = 0
+            runs[-1].append(m)
+            used += need
+        return runs
+
+    def _run_members(self, cfg: StyleConfig, inputs: Sequence[JobInput], members: list, outs: list[JobOutcome], plans: dict[int, Plan], where: dict, on_iterate, on_snapshot) -> None:  # noqa: ANN001
+        """Run one group of jobs (one tensor) and time it."""
+        if any(o.status == "interrupted" for o in outs):  # Ctrl-C: the rest are not started
+            for i, *_ in members:
+                outs[i].status, outs[i].reason = "interrupted", "not started"
+            return
+        tg = time.perf_counter()
+        plan = plans.get(members[0][0]) if len(members) == 1 else None  # a group's members all run whole
+        self._run_group(cfg, [inputs[i].job for i, *_ in members], members, [outs[i] for i, *_ in members], on_iterate, on_snapshot, plan=plan)
+        for i, *_ in members:
+            outs[i].seconds = time.perf_counter() - tg + outs[i].decode_seconds
+            if len(members) > 1:
+                outs[i].worker = {**where, "batch": len(members)}
+
+    def _run_group(self, cfg: StyleConfig, jobs: list[Job], members: list, outs: list[JobOutcome], on_iterate, on_snapshot, *, plan: Plan | None = None) -> None:  # noqa: ANN001
         def callback(k: int, it: Iterate) -> None:
             job = jobs[k]
             if cfg.save_every and it.step % cfg.save_every == 0 and it.step != it.total_steps:
@@ -239,11 +276,16 @@ class Worker:
 
         try:
             net = self._network(cfg)
+            source, cache, info = net.source, net.cache, dict(net.info)
+            if plan is not None and plan.target_tile() is not None and source is not None and not isinstance(source, TorchTargets):
+                # A tiled plan's targets come tile by tile from the PyTorch network (the source would
+                # run the image whole), uncached here: the cache holds this source's targets.
+                source, cache, info = None, None, {**info, "fallback": "torch: the plan is tiled"}
             for o in outs:
-                o.targets = dict(net.info)
+                o.targets = dict(info)
             results = stylize_many(
-                [m[1] for m in members], [m[2] for m in members], cfg, weights=self.weights, runtime=self.runtime, targets=net.source,
-                cache=net.cache, init_images=[m[3] for m in members], callback=callback, model=net.model,
+                [m[1] for m in members], [m[2] for m in members], cfg, weights=self.weights, runtime=self.runtime, targets=source,
+                cache=cache, init_images=[m[3] for m in members], callback=callback, model=net.model, plan=plan,
             )  # fmt: skip
         except (ImageError, ValueError, OSError) as e:
             for o in outs:

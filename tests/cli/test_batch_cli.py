@@ -113,6 +113,8 @@ def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
         (["--jobs", "BADCOL"], "cannot change per row"),
         (["--jobs", "BADVAL"], "line 2: bad size 'big'"),
         (["--jobs", "BADENUM"], "bad optimizer 'sgd' (use lbfgs, adam)"),
+        (["--style", "STYLE", "--tile", "8"], "--tile 8 is too small"),
+        (["--style", "STYLE", "--max-memory", "lots"], "memory size 'lots' not understood"),
     ],
 )
 def test_mistakes_are_one_line(batch_dir, extra, message):
@@ -128,6 +130,30 @@ def test_mistakes_are_one_line(batch_dir, extra, message):
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     assert r.output.count("error:") == 1
+
+
+def test_tile_and_max_memory_plan_each_job(batch_dir):
+    """--tile N runs each job tile by tile (its report's plan says so; the images are the untiled
+    ones within one level in fp32); a --max-memory too small for any tile fails each job with
+    the plan's reason and the batch exits 1."""
+    tmp = batch_dir["tmp"]
+    contents = [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
+    images = {}
+    for tile in ("off", "16"):
+        out, rep = tmp / f"out-{tile}", tmp / f"r-{tile}.json"
+        r = runner.invoke(app, ["batch", *contents, "--style", str(batch_dir["a"]), "-o", str(out), *FAST, "--precision", "fp32", "--tile", tile,
+                                "--report", str(rep), "-q"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        jobs = json.loads(rep.read_text())["jobs"]
+        assert {j["plan"]["stages"][-1]["mode"] for j in jobs} == {"whole" if tile == "off" else "tiled"}
+        images[tile] = {j["job"]: np.asarray(Image.open(out / j["job"]), dtype=np.int16) for j in jobs}
+    for key, whole in images["off"].items():
+        assert np.abs(whole - images["16"][key]).max() <= 1, key
+    r = runner.invoke(app, ["batch", *contents, "--style", str(batch_dir["a"]), "-o", str(tmp / "small"), *FAST, "--max-memory", "1kB"])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    reasons = [j["reason"] for j in _journal(tmp / "small")]
+    assert len(reasons) == 2 and all("`max_memory` 1.0 kB is too small for size 32" in x for x in reasons), reasons
 
 
 def test_output_folder_that_is_a_file(batch_dir):

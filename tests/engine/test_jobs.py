@@ -407,3 +407,38 @@ def test_stopping_a_batched_run_keeps_latest_images_and_starts_nothing_more(fold
     assert [o.status for o in outs] == ["interrupted", "interrupted", "interrupted"]
     assert [o.result.steps for o in outs[:2]] == [2, 2] and outs[0].result.image.shape == (1, 3, 21, 32)
     assert outs[2].result is None and outs[2].reason == "not started"
+
+
+def test_a_memory_plan_runs_tiled_jobs_alone_and_groups_only_what_fits_together(folder, weights):
+    """With `memory`, each job runs by its own plan, made on the worker: a tiled job runs alone
+    (tile by tile, the whole image's result within rounding), same-size whole jobs share a tensor
+    only as far as their estimates added up fit the budget, and a budget too small for any tile
+    is the job's one-line reason."""
+    from nst.engine.device import Runtime
+    from nst.engine.jobs import read_input
+    from nst.engine.plan import TileMode
+    from nst.engine.transfer import MemoryRequest, plan_for
+
+    twin = _img(folder["dir"] / "twin.png", 48, 32, 7)  # a.png's size
+    cfg = dataclasses.replace(TINY, size=48, scales=(48,), iterations=3)
+    jobs = [Job(f"{p.stem}.png", p, (folder["s1"],), p, cfg) for p in (folder["a"], twin)]
+    inputs = [read_input(j) for j in jobs]
+    style = Image.open(folder["s1"]).size
+    whole = plan_for((48, 32), [style], cfg, Runtime(device=torch.device("cpu")), MemoryRequest(tile=TileMode.OFF)).estimated_peak_bytes
+
+    def run(memory):
+        return Worker(weights, device="cpu", precision="fp32", memory=memory).run_many(inputs)
+
+    free = run(None)
+    assert all(o.status == "done" and o.worker["batch"] == 2 and o.plan is None for o in free)
+    tiled = run(MemoryRequest(tile=16))
+    for o, ref in zip(tiled, free):
+        assert o.status == "done" and "batch" not in o.worker, o.reason
+        assert o.plan["stages"][-1]["mode"] == "tiled" and o.plan["stages"][-1]["tiles"] > 1
+        assert (o.result.image - ref.result.image).abs().max() * 255 <= 1
+    one = run(MemoryRequest(budget=int(1.5 * whole), tile=TileMode.OFF))
+    assert all(o.status == "done" and "batch" not in o.worker and o.plan["stages"][-1]["mode"] == "whole" for o in one)
+    two = run(MemoryRequest(budget=int(2.5 * whole), tile=TileMode.OFF))
+    assert all(o.status == "done" and o.worker["batch"] == 2 for o in two)
+    small = run(MemoryRequest(budget=1000))
+    assert all(o.status == "failed" and "`max_memory` 1.0 kB is too small" in o.reason and o.result is None for o in small)
