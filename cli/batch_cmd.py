@@ -147,7 +147,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     if a["compare"] is not None and Path(a["compare"]).is_file():
         raise UserError(f"--compare {a['compare']} is a file; give a folder for the sheets")
 
-    a["memory"] = memory_request(a["max_memory"], a["tile"])  # a bad --tile or --max-memory fails before the weights load
+    a["memory"] = memory_request(a["max_memory"], a["tile"], a["optimizer_state"])  # a bad --tile or --max-memory fails before the weights load
     seed = config_from_options(base).seed
     w = load_weights_for(str(a["weights"]), seed)
     if w.is_random and not quiet:

@@ -532,10 +532,6 @@ def keyword_option(name: str, annotation: Any, default: Any = inspect.Parameter.
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-# The memory plan's options: `nst stylize` only for now (batch and video run each image whole).
-PLAN_OPTIONS = ("max_memory", "tile", "dry_run", "tile_grams", "optimizer_state")
-
-
 def stylize_parameters(*, without: Collection[str]) -> list[inspect.Parameter]:
     """`stylize`'s options as keyword-only parameters, less `without`: a command that takes them
     as they are declares them through this (in its `__signature__`), so none is copied."""

@@ -155,7 +155,7 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
         raft_file = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])
     elif a["flow_weights"] is not None:
         raise UserError("--flow-weights is for --flow raft")
-    memory = memory_request(a["max_memory"], a["tile"])
+    memory = memory_request(a["max_memory"], a["tile"], a["optimizer_state"])
     if a["dry_run"]:
         _dry_run(a, jobs, style_ims, cfg, memory, report=report, on_ray=on_ray)
     identity = {"styles": [file_digest(p) for p in styles], "init": file_digest(init) if init is not None else None}
