@@ -222,8 +222,9 @@ class Worker:
                 outs[i].reason = _one_line(e)
                 continue
             outs[i].decode_seconds = time.perf_counter() - ti
-            # A tiled plan runs its job alone; whole ones share a group as far as the budget holds.
-            alone = i if i in plans and any(st.mode == "tiled" for st in plans[i].stages) else None
+            # A plan that tiles or keeps L-BFGS's history in host memory runs its job alone (a group
+            # runs whole, its history on the device); whole ones share a group as far as the budget holds.
+            alone = i if i in plans and (plans[i].optimizer_state == "host" or any(st.mode == "tiled" for st in plans[i].stages)) else None
             groups.setdefault((cfg, stage_shapes(content.width, content.height, cfg), alone), []).append((i, content, styles, init))
         for (cfg, _, _), group in groups.items():
             for members in self._fitting(group, plans):
