@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import color
 from .config import AUTO, INIT_CHOICES, OTHER_OPTIMIZER_LR, Optimizer, OptimizerState, PreserveColors, StyleConfig, auto_iterations
-from .device import Runtime, autocast_dtype, default_memory_budget, host_memory_bytes, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
+from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
 from .images import ImageError, load_image, output_shape, resize, to_tensor
@@ -332,12 +332,14 @@ def plan_for(content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], 
     height): `plan.plan_run` over the stages `fit_scales` keeps. On the CPU the machine's memory
     bounds what tiling can do (image buffers beyond it are refused); off it, a history in host
     memory may take the available RAM less a margin."""
-    budget = request.budget if request.budget is not None else default_memory_budget(runtime.device)
+    from . import device  # looked up at the call: what the machine has is read when planning
+
+    budget = request.budget if request.budget is not None else device.default_memory_budget(runtime.device)
     on_cpu = runtime.device.type == "cpu"
     return plan_run(
         fit_scales_to([content_wh], [list(style_whs)], cfg), content_wh, list(style_whs), precision=runtime.precision, device=str(runtime.device),
-        budget=budget, tile=request.tile, host_bytes=host_memory_bytes() if on_cpu else None, optimizer_state=request.optimizer_state,
-        host_budget=None if on_cpu else default_memory_budget(torch.device("cpu")),
+        budget=budget, tile=request.tile, host_bytes=device.host_memory_bytes() if on_cpu else None, optimizer_state=request.optimizer_state,
+        host_budget=None if on_cpu else device.default_memory_budget(torch.device("cpu")),
     )  # fmt: skip
 
 
