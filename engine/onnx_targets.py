@@ -223,11 +223,25 @@ class OnnxTargets:
         self.identity = f"onnx-sha256-{self.sha256}"
         self.device = torch.device(device)
         self.tile = tile
+        self._opened = {"cache_dir": cache_dir, "profile": profile}
+        self._tiled: dict[int, OnnxTargets] = {}
         # A tiled source is one short of memory: no arena holding a crop's buffers through the loop.
         self.session, self.provider, self.fallbacks = open_session(
             self.path, provider, device=self.device, cache_dir=cache_dir, fp16=self.meta.precision == "fp16", profile=profile, arena=tile is None
         )
         self._outputs = {o.name for o in self.session.get_outputs()}  # type: ignore[attr-defined]
+
+    def with_tile(self, tile: int) -> "OnnxTargets":
+        """This model on the provider that loaded, computing images larger than `tile` crop by crop:
+        a session of its own without the memory arena, opened once per tile edge and kept (a
+        video's frames or a batch's jobs ask again and again)."""
+        if tile == self.tile:
+            return self
+        if tile not in self._tiled:
+            tiled = OnnxTargets(self.path, provider=self.provider, device=self.device, meta=self.meta, sha256=self.sha256, tile=tile, **self._opened)  # type: ignore[arg-type]
+            tiled.fallbacks = dict(self.fallbacks)
+            self._tiled[tile] = tiled
+        return self._tiled[tile]
 
     def _outputs_for(self, hw: Sequence[int], content_layers: Sequence[str], style_layers: Sequence[str], *, tiled: bool) -> list[tuple[str, tuple[int, ...]]]:
         """(output name, shape) of what one call fetches: the content layers' features, then the

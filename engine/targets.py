@@ -60,6 +60,15 @@ class TargetSource(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+def tiled_source(source: TargetSource, tile: int) -> TargetSource | None:
+    """`source` computing images larger than `tile` tile by tile (its `with_tile`, which both
+    sources here have), or None for a source that cannot: its caller then uses PyTorch's."""
+    if getattr(source, "tile", None) == tile:
+        return source
+    with_tile = getattr(source, "with_tile", None)
+    return with_tile(tile) if with_tile is not None else None
+
+
 class TorchTargets:
     """Targets from the PyTorch feature extractor, in fp32, without autograd; with `tile`, an image
     larger than a tile is run one tile at a time (`tiles.tiled_targets`: the same targets, less
@@ -71,6 +80,10 @@ class TorchTargets:
     def __init__(self, model: VGGFeatures, *, tile: int | None = None) -> None:
         self.model = model
         self.tile = tile
+
+    def with_tile(self, tile: int) -> "TorchTargets":
+        """This source, computing images larger than `tile` tile by tile."""
+        return self if tile == self.tile else TorchTargets(self.model, tile=tile)
 
     @torch.no_grad()
     def compute(

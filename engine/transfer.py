@@ -32,7 +32,7 @@ from .masks import EVERYWHERE, Guidance, StyleGroup, group_styles, guided_style_
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
 from .plan import Plan, TileMode, plan_run, style_shape
 from .stopwatch import Stopwatch
-from .targets import ImageTargets, TargetSource, TorchTargets
+from .targets import ImageTargets, TargetSource, TorchTargets, tiled_source
 from .tiles import TiledObjective
 from .weights import Weights, load_into
 
@@ -421,8 +421,10 @@ def stylize_many(
     if any(t is not None for t in tiles) and dev.type == "cpu":
         return_freed_memory()  # else freed tile maps stay in the heap (see there)
     # Targets of a tiled run come tile by tile too: a whole-image pass could need more than the loop.
-    # A source given by the caller tiles as it was made to (`OnnxTargets(..., tile=plan.target_tile())`).
-    source = targets or TorchTargets(model, tile=plan.target_tile() if plan is not None else None)
+    # A source given by the caller is made to tile at the plan's edge (`with_tile`); one that cannot
+    # gives way to PyTorch's.
+    tile = plan.target_tile() if plan is not None else None
+    source = (tiled_source(targets, tile) if tile is not None and targets is not None else targets) or TorchTargets(model, tile=tile)
     mid = model_id(weights, cfg, source=source)
     # Targets over a style region come from the PyTorch model: the exported target module has no
     # guidance input. They are cached under the PyTorch model's identity and the region.

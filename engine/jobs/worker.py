@@ -23,7 +23,7 @@ from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_m
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
 from ..plan import Plan
-from ..targets import ImageTargets, TargetSource, TorchTargets
+from ..targets import ImageTargets, TargetSource
 from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, plan_for, planned_config, stage_shapes, stylize_many
 from ..weights import Weights
 from .joblist import Job
@@ -277,16 +277,12 @@ class Worker:
 
         try:
             net = self._network(cfg)
-            source, cache, info = net.source, net.cache, dict(net.info)
-            if plan is not None and plan.target_tile() is not None and source is not None and not isinstance(source, TorchTargets):
-                # A tiled plan's targets come tile by tile from the PyTorch network (the source would
-                # run the image whole), uncached here: the cache holds this source's targets.
-                source, cache, info = None, None, {**info, "fallback": "torch: the plan is tiled"}
             for o in outs:
-                o.targets = dict(info)
+                o.targets = dict(net.info)
+            # A tiled plan makes the source tile (`stylize_many`: the same source at the plan's tile edge).
             results = stylize_many(
-                [m[1] for m in members], [m[2] for m in members], cfg, weights=self.weights, runtime=self.runtime, targets=source,
-                cache=cache, init_images=[m[3] for m in members], callback=callback, model=net.model, plan=plan,
+                [m[1] for m in members], [m[2] for m in members], cfg, weights=self.weights, runtime=self.runtime, targets=net.source,
+                cache=net.cache, init_images=[m[3] for m in members], callback=callback, model=net.model, plan=plan,
             )  # fmt: skip
         except (ImageError, ValueError, OSError) as e:
             for o in outs:

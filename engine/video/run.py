@@ -25,7 +25,7 @@ from ..features import VGGFeatures
 from ..errors import ConfigError
 from ..images import load_image, output_shape, resize, to_pil, to_tensor
 from ..plan import Plan
-from ..targets import ImageTargets, TargetSource, TorchTargets
+from ..targets import ImageTargets, TargetSource, TorchTargets, tiled_source
 from ..transfer import Iterate, RunStatus, TargetCacheLike, build_model, check_sizes, fit_scales, loop_network, stylize
 from ..weights import Weights
 from .config import FlowMethod, VideoConfig
@@ -162,10 +162,9 @@ def stylize_video(
     net = loop_network(model, runtime)
     tile = plan.target_tile() if plan is not None else None
     fallback: dict[str, str] = {}
-    if targets is not None and tile is not None and not isinstance(targets, TorchTargets):
-        # A tiled plan's targets come tile by tile from the PyTorch network (the given source would
-        # run each frame whole), as a tiled `nst stylize` does.
-        targets, fallback = None, {"fallback": "torch: the plan is tiled"}
+    if targets is not None and tile is not None:  # a tiled plan's targets come tile by tile, as a tiled `stylize`'s
+        targets = tiled_source(targets, tile)
+        fallback = {} if targets is not None else {"fallback": "torch: the source cannot tile"}
     source = _CountingSource(targets or TorchTargets(model, tile=tile))
     memo = _StyleMemo(cache)
     phases["model"] = time.perf_counter() - t

@@ -230,22 +230,26 @@ def test_tiled_frames_are_the_whole_frames_and_the_report_has_the_plan(pan, exam
     untiled run's within one 8-bit level."""
     frames: dict[str, list[np.ndarray]] = {}
     reports = {}
-    for tile in ("off", "32"):
-        out, rep = tmp_path / f"tile-{tile}", tmp_path / f"tile-{tile}.json"
-        r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "64", "--iterations", "4", *FAST,
+    for tile, targets in (("off", "torch"), ("32", "torch"), ("32", "onnx")):
+        key = f"{tile}-{targets}"
+        out, rep = tmp_path / key, tmp_path / f"{key}.json"
+        r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "64", "--iterations", "4", *FAST, "--targets", targets,
                                 "--frames", ":3", "--tile", tile, "--precision", "fp32", "--report", str(rep)])  # fmt: skip
         assert r.exit_code == 0, r.output
-        frames[tile] = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.iterdir())]
-        reports[tile] = json.loads(rep.read_text())
+        frames[key] = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.iterdir())]
+        reports[key] = json.loads(rep.read_text())
         if tile != "off":
             assert "tiled, 32 px tiles" in r.output  # the plan is printed when it tiles
-    whole, tiled = reports["off"]["plan"]["stages"], reports["32"]["plan"]["stages"]
+    whole = reports["off-torch"]["plan"]["stages"]
     assert [s["mode"] for s in whole] == ["whole"] * len(whole)
-    assert tiled[-1]["mode"] == "tiled" and tiled[-1]["tile"] == 32 and tiled[-1]["tiles"] > 1
-    assert reports["32"]["targets"]["source"] == "torch"
-    assert len(frames["off"]) == len(frames["32"]) == 3
-    for a, b in zip(frames["off"], frames["32"]):
-        assert np.abs(a - b).max() <= 1
+    for key in ("32-torch", "32-onnx"):
+        tiled = reports[key]["plan"]["stages"]
+        assert tiled[-1]["mode"] == "tiled" and tiled[-1]["tile"] == 32 and tiled[-1]["tiles"] > 1
+        assert reports[key]["targets"]["source"] == ("torch" if key.endswith("torch") else "onnxruntime")
+        assert "fallback" not in reports[key]["targets"]
+        assert len(frames[key]) == len(frames["off-torch"]) == 3
+        for a, b in zip(frames["off-torch"], frames[key]):
+            assert np.abs(a - b).max() <= 1, key
 
 
 def test_dry_run_prints_each_clips_plan_and_writes_nothing(pan, examples_dir, tmp_path):

@@ -106,6 +106,43 @@ def test_tiled_onnx_targets_run_crop_by_crop(model_path: Path, monkeypatch: pyte
     assert calls == [((1, 3, 20, 20), tuple(M.content_output(n) for n in CONTENT) + tuple(M.gram_output(n) for n in STYLE))]
 
 
+def test_with_tile_gives_one_tiled_session_per_edge_and_stylize_uses_it(model_path: Path, weights):
+    """A whole-image source made to tile (`with_tile`): its own session without the arena, opened
+    once per edge, the same targets within the fp32 sums' rounding. `stylize` with a tiled plan
+    makes a given source tile at the plan's edge (a video's or a batch's source is made before
+    their plans), so its crops are what the session sees."""
+    import dataclasses
+
+    from nst.engine.config import GATYS
+    from nst.engine.device import Runtime
+    from nst.engine.targets import tiled_source
+    from nst.engine.transfer import MemoryRequest, plan_for, stylize
+
+    src = OnnxTargets(model_path, provider="cpu")
+    tiled = src.with_tile(20)
+    assert tiled.tile == 20 and src.tile is None and src.with_tile(20) is tiled and tiled.with_tile(20) is tiled
+    assert tiled_source(src, 20) is tiled and tiled.session.get_session_options().enable_cpu_mem_arena is False
+    x = torch.rand(1, 3, 40, 60, generator=torch.Generator().manual_seed(3))
+    assert _worst(tiled.compute(x, content_layers=CONTENT, style_layers=STYLE).tensors(), src.compute(x, content_layers=CONTENT, style_layers=STYLE).tensors()) <= 1e-5
+    feats = VGGFeatures(CONTENT + STYLE)
+    torch_src = TorchTargets(feats)
+    assert torch_src.with_tile(20).tile == 20 and torch_src.with_tile(20).model is torch_src.model
+    assert tiled_source(type("Whole", (), {"compute": None})(), 20) is None  # a source that cannot tile: PyTorch's instead
+
+    from PIL import Image
+
+    cfg = dataclasses.replace(GATYS, size=96, scales=(96,), iterations=1, content_layers=CONTENT, style_layers=STYLE)
+    content, style = Image.new("RGB", (96, 96), (200, 90, 40)), Image.new("RGB", (40, 40), (20, 60, 200))
+    plan = plan_for(content.size, [style.size], cfg, Runtime(), MemoryRequest(tile=16))
+    assert plan.target_tile() < 96
+    shapes: list[tuple[int, ...]] = []
+    crop_tiled = src.with_tile(plan.target_tile())
+    run = crop_tiled.session.run
+    crop_tiled.session = type("S", (), {"run": staticmethod(lambda names, feeds: shapes.append(feeds[M.INPUT_NAME].shape) or run(names, feeds))})()
+    r = stylize(content, [style], cfg, weights=weights, targets=src, plan=plan)
+    assert r.targets["source"] == "onnxruntime" and shapes and all(max(sh[2:]) < 96 for sh in shapes)
+
+
 def test_a_tiled_session_keeps_no_memory_arena(model_path: Path):
     """ONNX Runtime's CPU arena would hold a crop's buffers through the whole optimisation of a run
     that tiles to save memory (575 MB for 256 px tiles of a 1024 px image, measured): off when tiled."""
