@@ -11,13 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "config": ("GATYS", "PRESETS", "SEED", "LossForm", "Optimizer", "Pooling", "Precision", "Preset", "PreserveColors", "SizeEdge", "StyleConfig", "preset"),
+    "config": ("GATYS", "PRESETS", "SEED", "LossForm", "Optimizer", "OptimizerState", "Pooling", "Precision", "Preset", "PreserveColors", "SizeEdge", "StyleConfig", "preset"),
     "device": ("DeviceError", "Runtime", "resolve_device", "resolve_precision"),
     "features": ("LAYER_NAMES", "VGGFeatures"),
     "images": ("ImageError", "load_image", "save_image"),
     "losses": ("content_loss", "gram_matrix", "style_loss", "tv_loss"),
-    "plan": ("Plan", "PlanError", "parse_size", "plan_run"),
-    "transfer": ("Iterate", "StopRun", "StyleResult", "stylize"),
+    "plan": ("Plan", "PlanError", "TileMode", "parse_size", "plan_run"),
+    "transfer": ("Iterate", "MemoryRequest", "StopRun", "StyleResult", "plan_for", "planned_config", "stylize"),
     "weights": ("Weights", "WeightsError", "load_weights", "random_weights"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -39,11 +39,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .config import GATYS, PRESETS, SEED, LossForm, Optimizer, Pooling, Precision, Preset, PreserveColors, SizeEdge, StyleConfig, preset
+    from .config import GATYS, PRESETS, SEED, LossForm, Optimizer, OptimizerState, Pooling, Precision, Preset, PreserveColors, SizeEdge, StyleConfig, preset
     from .device import DeviceError, Runtime, resolve_device, resolve_precision
     from .features import LAYER_NAMES, VGGFeatures
     from .images import ImageError, load_image, save_image
     from .losses import content_loss, gram_matrix, style_loss, tv_loss
-    from .plan import Plan, PlanError, parse_size, plan_run
-    from .transfer import Iterate, StopRun, StyleResult, stylize
+    from .plan import Plan, PlanError, TileMode, parse_size, plan_run
+    from .transfer import Iterate, MemoryRequest, StopRun, StyleResult, plan_for, planned_config, stylize
     from .weights import Weights, WeightsError, load_weights, random_weights
