@@ -244,15 +244,20 @@ def test_estimate_is_within_20_percent_of_the_measured_peak():
     buffers (L-BFGS's history in fp32; Adam's moments, bf16 content targets and the half-precision
     last finite image in bf16) are much of the peak: at most 30% over and 10% under (the tiles'
     activations are counted on the safe side: measured 1.10x to 1.24x). The processes run side
-    by side."""
+    by side. A whole case is measured three times and the least peak kept: the same run in a
+    fresh process peaked anywhere from 182 to 232 MB at 224 px (the allocator's slack, not the
+    run's tensors), which alone moved the ratio from 1.0 to 0.78."""
     cases = {(224, 0, "fp32", "lbfgs"): (0.8, 1.2), (320, 0, "fp32", "lbfgs"): (0.8, 1.2), (448, 0, "fp32", "lbfgs"): (0.8, 1.2),
              (1024, 128, "fp32", "lbfgs"): (0.9, 1.3), (1536, 256, "bf16", "adam"): (0.9, 1.3)}  # fmt: skip
-    procs = {case: _measure(*case) for case in cases}
-    for case, proc in procs.items():
-        out, _ = proc.communicate(timeout=400)
-        assert proc.returncode == 0
-        got = json.loads(out.strip().splitlines()[-1])
-        ratio = got["estimate"] / got["measured"]
+    procs = {case: [_measure(*case) for _ in range(1 if case[1] else 3)] for case in cases}
+    for case, runs in procs.items():
+        got = []
+        for proc in runs:
+            out, _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0
+            got.append(json.loads(out.strip().splitlines()[-1]))
+        least = min(got, key=lambda g: g["measured"])
+        ratio = least["estimate"] / least["measured"]
         low, high = cases[case]
         assert low <= ratio <= high, (case, got, ratio)
 
