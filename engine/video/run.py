@@ -85,6 +85,9 @@ class _CountingSource:
 
     def __init__(self, inner: TargetSource) -> None:
         self.inner, self.name = inner, inner.name
+        # What `stylize_many` checks before making a source tile (`targets.tiled_source`): the
+        # inner source's edge, so a tiled plan keeps this wrapper (and the source it wraps).
+        self.tile = getattr(inner, "tile", None)
         self.style_computed = self.content_computed = 0
 
     def compute(self, image: torch.Tensor, *, content_layers: tuple[str, ...], style_layers: tuple[str, ...], **kw: torch.dtype) -> ImageTargets:

@@ -247,6 +247,7 @@ def test_tiled_frames_are_the_whole_frames_and_the_report_has_the_plan(pan, exam
         assert tiled[-1]["mode"] == "tiled" and tiled[-1]["tile"] == 32 and tiled[-1]["tiles"] > 1
         assert reports[key]["targets"]["source"] == ("torch" if key.endswith("torch") else "onnxruntime")
         assert "fallback" not in reports[key]["targets"]
+        assert reports[key]["targets"]["content_computed"] >= 3  # each frame's content through the clip's (counted) source
         assert len(frames[key]) == len(frames["off-torch"]) == 3
         for a, b in zip(frames["off-torch"], frames[key]):
             assert np.abs(a - b).max() <= 1, key
