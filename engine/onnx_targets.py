@@ -122,16 +122,16 @@ def provider_problem(provider: str) -> str | None:
     return None
 
 
-def _session_options(*, arena: bool = True) -> "object":
-    """`arena` False: the CPU's buffers go back to the allocator after each run. ONNX Runtime's CPU
-    arena keeps the largest run's buffers for the session's life, which a tiled run (one short of
-    memory) would then hold through its whole optimisation: measured on a 1024 px image in 256 px
-    tiles (Gatys layers, fp32), the arena held 575 MB after the targets and peaked at 2.6x
-    PyTorch's tiled pass; without it, 48 MB and 1.2x, at 1.05x the time."""
+def _session_options() -> "object":
+    """No CPU memory arena: the CPU's buffers go back to the allocator after each run. ONNX
+    Runtime's CPU arena keeps the largest run's buffers for the session's life, which a run would
+    then hold through its whole optimisation: measured on a 1024 px image in 256 px tiles (Gatys
+    layers, fp32), the arena held 575 MB after the targets and peaked at 2.6x PyTorch's tiled
+    pass, without it 48 MB and 1.2x, at 1.05x the time; after a whole 768 px image, 920 MB."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = arena
+    so.enable_cpu_mem_arena = False
     # Fatal only. Its warnings about node placement are noise here, and its errors (a failed
     # allocation, say) also come back as the exception the caller turns into one `error:` line;
     # logged too, they would print a coloured multi-line copy of it first.
@@ -140,10 +140,10 @@ def _session_options(*, arena: bool = True) -> "object":
 
 
 def open_session(
-    path: Path, provider: Provider | str, *, device: torch.device, cache_dir: Path | None, fp16: bool, profile: ShapeProfile | None, arena: bool = True
+    path: Path, provider: Provider | str, *, device: torch.device, cache_dir: Path | None, fp16: bool, profile: ShapeProfile | None
 ) -> tuple["object", str, dict[str, str]]:
     """(session, provider that loaded, {skipped provider: reason}). EngineError for an explicit one
-    that cannot load. `arena`: keep the CPU memory arena (see `_session_options`)."""
+    that cannot load."""
     import onnxruntime as ort
 
     try:
@@ -169,7 +169,7 @@ def open_session(
                 chain.append((PROVIDERS["cuda"], cuda_options(device_id=device_id)))
             chain.append(PROVIDERS["cpu"])
             try:
-                sess = ort.InferenceSession(str(path), _session_options(arena=arena), providers=chain)
+                sess = ort.InferenceSession(str(path), _session_options(), providers=chain)
             except Exception as e:  # ORT raises its own Fail/RuntimeException types
                 reason = f"session failed: {str(e).strip().splitlines()[0]}"
             else:
@@ -225,11 +225,9 @@ class OnnxTargets:
         self.tile = tile
         self._opened = {"cache_dir": cache_dir, "profile": profile}
         self._tiled: dict[int, OnnxTargets] = {}
-        # No CPU arena: it would hold the largest pass's buffers through the whole optimisation, which
-        # no plan counts (at 768 px, fp32, Gatys layers: 920 MB held after a whole image's targets,
-        # 0-60 MB without, for 1.1x the pass's time; a tiled run's crops likewise, see _session_options).
+        # No CPU arena (`_session_options`): what it held through the optimisation no plan counts.
         self.session, self.provider, self.fallbacks = open_session(
-            self.path, provider, device=self.device, cache_dir=cache_dir, fp16=self.meta.precision == "fp16", profile=profile, arena=False
+            self.path, provider, device=self.device, cache_dir=cache_dir, fp16=self.meta.precision == "fp16", profile=profile
         )
         self._outputs = {o.name for o in self.session.get_outputs()}  # type: ignore[attr-defined]
 
