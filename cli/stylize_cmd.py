@@ -20,7 +20,7 @@ from nst.engine.files import intermediate_path, remove, temporaries_beside
 
 from .common import UserError, console, fail, load_weights_for, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
-from .targets_opt import TargetsMode, choose_targets
+from .targets_opt import TargetsMode, choose_targets, planned_source_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -387,13 +387,17 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     # `auto` takes them from the network the loop holds anyway: ONNX Runtime's session is a second
     # copy of the weights (measured at 2048 px, 1 GB budget, fp32: peak RSS 2.10 GB with it, 1.75
     # without). `--targets onnx` (or `--onnx`) still runs them tile by tile through ONNX Runtime.
-    by_torch = tiled and o.targets == TargetsMode.AUTO and o.onnx is None
+    # The plan counts ONNX Runtime's session where the run opens one (`make_plan`); under auto, a
+    # run that would not fit whole with it plans (and runs) without.
+    counted = any("source" in s.parts for s in plan.stages)
+    by_torch = o.targets == TargetsMode.AUTO and o.onnx is None and planned_source_bytes(o.targets, cfg=cfg, onnx_path=None) > 0 and (tiled or not counted)
     source, cache, targets_info = choose_targets(
         TargetsMode.TORCH if by_torch else o.targets, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet,
         tile=plan.target_tile(),
     )  # fmt: skip
     if by_torch:
-        targets_info = {**targets_info, "fallback": "torch: the plan is tiled (no second copy of the weights)"}
+        why = "the plan is tiled" if tiled else "the memory budget fits the run whole only"
+        targets_info = {**targets_info, "fallback": f"torch: {why} without ONNX Runtime's copy of the weights"}
     phases["target setup"] = time.perf_counter() - t
 
     progress: Progress | None = None
@@ -457,10 +461,27 @@ def memory_request(max_memory: str | None, tile: str, optimizer_state: C.Optimiz
 
 
 def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> Plan:
-    """The run's memory plan from --max-memory, --tile and --optimizer-state."""
+    """The run's memory plan from --max-memory, --tile and --optimizer-state, counting ONNX
+    Runtime's session where the targets come from one. Under `--targets auto` a run that does not
+    fit whole with the session takes its targets from the loop's network instead (`_execute`), so
+    its plan counts none."""
     from nst.engine.transfer import plan_for
 
-    return plan_for(content.size, [s.size for s in styles], cfg, runtime, memory_request(o.max_memory, o.tile, o.optimizer_state))
+    request = memory_request(o.max_memory, o.tile, o.optimizer_state)
+    whs = (content.size, [s.size for s in styles])
+    from nst.engine.plan import PlanError
+
+    source = planned_source_bytes(o.targets, cfg=cfg, onnx_path=o.onnx)
+    optional = bool(source) and TargetsMode(o.targets) == TargetsMode.AUTO and o.onnx is None  # auto can do without it
+    try:
+        plan = plan_for(*whs, cfg, runtime, dataclasses.replace(request, source_bytes=source))
+    except PlanError:
+        if not optional:
+            raise
+        return plan_for(*whs, cfg, runtime, request)
+    if optional and any(s.mode == "tiled" for s in plan.stages):
+        plan = plan_for(*whs, cfg, runtime, request)
+    return plan
 
 
 def plan_lines(plan: Plan) -> list[str]:

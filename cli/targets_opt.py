@@ -58,6 +58,30 @@ def _onnx_missing() -> str | None:
     return None
 
 
+def planned_source_bytes(mode: TargetsMode | str, *, cfg: StyleConfig, onnx_path: Path | None) -> int:
+    """What the run's target source will hold beside the loop's network, for its memory plan made
+    before the source opens: an ONNX Runtime session (a copy of the weights) where the targets
+    come from one (`--targets onnx`, `--onnx`, or `auto` where ONNX Runtime is installed), else 0.
+    Looks without importing ONNX Runtime; a model file that cannot be read counts as fp32 (the
+    run then says what is wrong with it)."""
+    import importlib.util
+
+    from nst.engine.plan import onnx_session_bytes
+
+    mode = TargetsMode(mode)
+    if mode == TargetsMode.TORCH:
+        return 0
+    if mode == TargetsMode.AUTO and onnx_path is None and any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
+        return 0
+    precision = "fp32"
+    if onnx_path is not None:
+        try:
+            precision = onnx_meta.read_meta(Path(onnx_path)).precision
+        except (ValueError, OSError, ImportError):
+            pass
+    return onnx_session_bytes(tuple(cfg.content_layers) + tuple(cfg.style_layers), precision)
+
+
 def _model_for(cfg: StyleConfig, weights: Weights, root: Path, *, quiet: bool) -> tuple[Path, str, dict[str, object]]:
     """The store's target module for this run and its checked sha256, exported (and verified) the first time."""
     from nst.export import ModuleSpec, export_to_store

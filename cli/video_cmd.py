@@ -6,6 +6,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -22,6 +23,7 @@ from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoCo
 
 from .common import UserError, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
+from .targets_opt import planned_source_bytes
 
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
 
@@ -155,7 +157,8 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
         raft_file = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])
     elif a["flow_weights"] is not None:
         raise UserError("--flow-weights is for --flow raft")
-    memory = memory_request(a["max_memory"], a["tile"], a["optimizer_state"])
+    # The plans count ONNX Runtime's session where the targets come from one.
+    memory = dataclasses.replace(memory_request(a["max_memory"], a["tile"], a["optimizer_state"]), source_bytes=planned_source_bytes(a["targets"], cfg=cfg, onnx_path=a["onnx"]))
     if a["dry_run"]:
         _dry_run(a, jobs, style_ims, cfg, memory, report=report, on_ray=on_ray)
     identity = {"styles": [file_digest(p) for p in styles], "init": file_digest(init) if init is not None else None}

@@ -243,6 +243,14 @@ class OnnxTargets:
         )
         self._outputs = {o.name for o in self.session.get_outputs()}  # type: ignore[attr-defined]
 
+    @property
+    def resident_bytes(self) -> int:
+        """What the session holds beside the loop's network, as a memory plan counts it
+        (`plan.onnx_session_bytes`); its tiled forms share it."""
+        from .plan import onnx_session_bytes
+
+        return onnx_session_bytes(self.meta.layers, self.meta.precision)
+
     def with_tile(self, tile: int) -> "OnnxTargets":
         """This model on the provider that loaded, computing images larger than `tile` crop by crop:
         the same session, called on crops (a session is a copy of the weights, and tiling changes

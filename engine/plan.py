@@ -85,6 +85,19 @@ def weight_bytes(layers: Sequence[str], precision: Precision) -> int:
     return params * (4 + lowp)
 
 
+# What an ONNX Runtime session of an exported target module holds for its life, as a multiple of
+# the module's weights: its own copy of them and the graph. Measured on the CPU provider for the
+# Gatys layers in fp32 (52 MB of weights): 61 MB resident after opening, 1.2x.
+ONNX_SESSION_FACTOR = 1.2
+
+
+def onnx_session_bytes(layers: Sequence[str], model_precision: str = "fp32") -> int:
+    """The memory an ONNX Runtime session of a target module cut after the deepest of `layers`
+    holds beside the loop's network (`model_precision`: the export's, fp32 or fp16)."""
+    fp32 = weight_bytes(layers, Precision.FP32)
+    return int(ONNX_SESSION_FACTOR * (fp32 if model_precision == "fp32" else fp32 // 2))
+
+
 def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: Precision, pooling: Pooling, grad: bool = True, n: int = 1) -> int:
     """Bytes the network's pass over an (H, W) input holds at its peak.
 
@@ -252,13 +265,16 @@ def stage_phases(
     tile: int | None,
     prev_hw: tuple[int, int] | None = None,
     optimizer_state: str = "device",
+    source_bytes: int = 0,
 ) -> dict[str, dict[str, int]]:
     """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
     stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
     keep only the targets, the image, its gradient and the optimiser's state; see `Stage.for_loop`).
     `prev_hw`: the previous stage's output size, whose result (and Adam's moments, when they are
     carried over) the stage holds while it runs. `optimizer_state` "host": L-BFGS's history is not
-    on the device (`optimizer_bytes`)."""
+    on the device (`optimizer_bytes`). `source_bytes`: what the targets' source holds beside the
+    loop's network through both phases (ONNX Runtime's session, `onnx_session_bytes`), the part
+    `source`."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     pixels = hw[0] * hw[1]
     image = _image_bytes(pixels)
@@ -295,6 +311,8 @@ def stage_phases(
     loop_phase = {"weights": weights, "images": l_images, "targets": content_loop + grams, "optimizer": optimizer, "activations": max(net, step_temps)}
     phases = {"targets": targets_phase, "loop": loop_phase}
     for parts in phases.values():
+        if source_bytes:
+            parts["source"] = source_bytes
         parts["overhead"] = int(OVERHEAD * sum(parts.values()))
     return phases
 
@@ -360,6 +378,7 @@ def _plan_stages(
     budget: int | None,
     tile: TileMode | int,
     state: str = "device",
+    source_bytes: int = 0,
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
@@ -371,7 +390,7 @@ def _plan_stages(
         prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
         def make(t: int | None) -> StagePlan:
-            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state)
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, source_bytes=source_bytes)
             phase = peak_phase(phases)
             host = history_bytes(cfg, hw[0] * hw[1]) if state == OptimizerState.HOST.value else 0
             if t is None:
@@ -485,6 +504,7 @@ def plan_run(
     optimizer_fallback: bool = True,
     optimizer_state: OptimizerState | str = OptimizerState.AUTO,
     host_budget: int | None = None,
+    source_bytes: int = 0,
 ) -> Plan:
     """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
     largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
@@ -501,7 +521,8 @@ def plan_run(
     Raises PlanError when even the smallest tile does not fit, naming the budget that would, when
     a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
     machine's memory (tiling cannot help those), and when a history asked to live in host memory
-    exceeds `host_budget`."""
+    exceeds `host_budget`. `source_bytes`: what the targets' source holds beside the loop's
+    network (ONNX Runtime's session: `onnx_session_bytes`), counted in every stage."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     state = _optimizer_state(optimizer_state, cfg)
     on_cpu = device.split(":")[0] == "cpu"
@@ -522,7 +543,7 @@ def plan_run(
         # (the GPU's code path) and counts against the same budget.
         model_state = "device" if on_cpu else "host"
         try:
-            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state)
+            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, source_bytes=source_bytes)
         except _TooSmall as e:
             raise _too_small(e, budget) from None
         if not on_cpu:
@@ -530,7 +551,7 @@ def plan_run(
         note = "on the CPU host memory is the device's: the history streams through it in chunks and saves none" if on_cpu else ""
         return _plan(cfg, stages, budget, device, precision, note, state="host")
     try:
-        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile)
+        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, source_bytes=source_bytes)
         return _plan(cfg, stages, budget, device, precision, "")
     except _TooSmall as e:
         failure = e
@@ -543,7 +564,7 @@ def plan_run(
     fits: list[tuple[float, StyleConfig, str, tuple[StagePlan, ...]]] = []
     for c, where in candidates:
         try:
-            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where)
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, source_bytes=source_bytes)
         except _TooSmall as e:
             failure = e if where == "device" else failure  # a budget that would fit names a device-side plan
             continue
@@ -620,7 +641,8 @@ def format_size(n: float) -> str:
     return format_bytes(n, decimal=True)
 
 
+
 __all__ = [
-    "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "history_bytes", "optimizer_bytes",
-    "parse_size", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
+    "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "history_bytes", "optimizer_bytes",
+    "parse_size", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -60,6 +60,13 @@ class TargetSource(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+def resident_bytes(source: TargetSource | None) -> int:
+    """What `source` holds beside the loop's network for as long as it lives (a memory plan's
+    `source` part): ONNX Runtime's session is its own copy of the weights; PyTorch's runs the
+    loop's network (0)."""
+    return int(getattr(source, "resident_bytes", 0)) if source is not None else 0
+
+
 def tiled_source(source: TargetSource, tile: int) -> TargetSource | None:
     """`source` computing images larger than `tile` tile by tile (its `with_tile`, which both
     sources here have), or None for a source that cannot: its caller then uses PyTorch's."""

@@ -7,6 +7,7 @@ it never writes a file: the driver alone writes outputs and the journal.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_m
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
 from ..plan import Plan
-from ..targets import ImageTargets, TargetSource
+from ..targets import ImageTargets, TargetSource, resident_bytes
 from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, plan_for, planned_config, stage_shapes, stylize_many
 from ..weights import Weights
 from .joblist import Job
@@ -214,7 +215,9 @@ class Worker:
                 check_sizes(content, styles, job.cfg)
                 cfg = job.cfg
                 if self.memory is not None:
-                    plans[i] = plan_for(content.size, [s.size for s in styles], cfg, self.runtime, self.memory)
+                    # The plan counts the target source's own memory (ONNX Runtime's session).
+                    memory = dataclasses.replace(self.memory, source_bytes=resident_bytes(self._network(cfg).source))
+                    plans[i] = plan_for(content.size, [s.size for s in styles], cfg, self.runtime, memory)
                     cfg = planned_config(cfg, plans[i])
                     outs[i].plan = plans[i].to_dict()
                     outs[i].cfg = cfg if cfg != job.cfg else None

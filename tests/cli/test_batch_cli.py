@@ -139,16 +139,20 @@ def test_tile_and_max_memory_plan_each_job(batch_dir):
     tmp = batch_dir["tmp"]
     contents = [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
     images = {}
-    for tile in ("off", "16"):
-        out, rep = tmp / f"out-{tile}", tmp / f"r-{tile}.json"
+    for tile, targets in (("off", "torch"), ("16", "torch"), ("16", "onnx")):
+        out, rep = tmp / f"out-{tile}-{targets}", tmp / f"r-{tile}-{targets}.json"
         r = runner.invoke(app, ["batch", *contents, "--style", str(batch_dir["a"]), "-o", str(out), *FAST, "--precision", "fp32", "--tile", tile,
-                                "--report", str(rep), "-q"])  # fmt: skip
+                                "--targets", targets, "--report", str(rep), "-q"])  # fmt: skip
         assert r.exit_code == 0, r.output
         jobs = json.loads(rep.read_text())["jobs"]
         assert {j["plan"]["stages"][-1]["mode"] for j in jobs} == {"whole" if tile == "off" else "tiled"}
-        images[tile] = {j["job"]: np.asarray(Image.open(out / j["job"]), dtype=np.int16) for j in jobs}
-    for key, whole in images["off"].items():
-        assert np.abs(whole - images["16"][key]).max() <= 1, key
+        # each worker's plan counts its target source's own memory: ONNX Runtime's session, none for PyTorch's
+        assert all(j["targets"]["source"] == {"torch": "torch", "onnx": "onnxruntime"}[targets] for j in jobs)
+        assert all(("source" in j["plan"]["stages"][-1]["parts"]) == (targets == "onnx") for j in jobs)
+        images[tile, targets] = {j["job"]: np.asarray(Image.open(out / j["job"]), dtype=np.int16) for j in jobs}
+    for key, whole in images["off", "torch"].items():
+        assert np.abs(whole - images["16", "torch"][key]).max() <= 1, key
+        assert np.abs(whole - images["16", "onnx"][key]).max() <= 1, key
     r = runner.invoke(app, ["batch", *contents, "--style", str(batch_dir["a"]), "-o", str(tmp / "small"), *FAST, "--max-memory", "1kB"])
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output

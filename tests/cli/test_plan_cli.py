@@ -101,6 +101,33 @@ def test_a_tiled_plan_computes_its_targets_tile_by_tile_from_the_source_asked_fo
     assert int(np.abs(outs["onnx"] - outs["torch"]).max()) <= 1
 
 
+def test_the_plan_counts_onnx_runtimes_session_where_the_targets_come_from_it(images, tmp_path: Path):
+    """ONNX Runtime's session is a copy of the weights held through the run: the plan's part
+    `source` where the targets come from it, none for PyTorch's. Under auto, a budget that holds
+    the run whole only without the session runs it whole on PyTorch's targets, and says so."""
+    from nst.engine.plan import onnx_session_bytes
+
+    base = ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "o.png"), *SHALLOW, "--size", "64", "--precision", "fp32", "--iterations", "1"]
+
+    def plan_of(*args: str) -> dict:
+        rep = tmp_path / "r.json"
+        r = run(*base, *args, "--report", str(rep))
+        assert r.exit_code == 0, r.output
+        return json.loads(rep.read_text())
+
+    session = onnx_session_bytes(("relu2_2", "relu1_1", "relu2_1", "relu3_1"))
+    (onnx,) = plan_of("--targets", "onnx", "--tile", "off", "--dry-run")["plan"]["stages"]
+    (torch_,) = plan_of("--targets", "torch", "--tile", "off", "--dry-run")["plan"]["stages"]
+    assert onnx["parts"]["source"] == session and "source" not in torch_["parts"]
+    assert onnx["estimated_peak_bytes"] > torch_["estimated_peak_bytes"] + session
+    report = plan_of("--targets", "auto", "--max-memory", str(torch_["estimated_peak_bytes"]))
+    (stage,) = report["plan"]["stages"]
+    assert stage["mode"] == "whole" and "source" not in stage["parts"] and report["status"] == "done"
+    assert report["targets"]["source"] == "torch" and "whole only without ONNX Runtime" in report["targets"]["fallback"]
+    report = plan_of("--targets", "auto")  # the default budget: whole, with the session
+    assert report["plan"]["stages"][0]["parts"]["source"] == session and report["targets"]["source"] == "onnxruntime"
+
+
 def test_dry_run_prints_a_tiled_plan_for_a_print_size_output(images, tmp_path: Path):
     rep = tmp_path / "plan.json"
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "8192", "--max-memory", "8GB", "--dry-run", "--device", "cpu", "--report", str(rep))

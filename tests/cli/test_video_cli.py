@@ -264,6 +264,7 @@ def test_dry_run_prints_each_clips_plan_and_writes_nothing(pan, examples_dir, tm
     plan = data["plans"][0]["plan"]
     assert plan["stages"][-1]["mode"] == "tiled" and plan["stages"][-1]["hw"] == [1536, 2048]
     assert all(s["estimated_peak_bytes"] <= 1e9 for s in plan["stages"])
+    assert all(s["parts"]["source"] > 0 for s in plan["stages"])  # --targets auto: ONNX Runtime's session, tiled or whole
     assert data["plans"][0]["config"]["optimizer"] == "adam"
     assert not out.exists() and not (tmp_path / ("big.mp4" + ".nst-work")).exists()
 

@@ -13,7 +13,10 @@ import pytest
 
 from nst.engine.config import GATYS, SEED, Optimizer, Precision, preset
 from nst.engine.errors import ConfigError
-from nst.engine.plan import ITERATIONS_TO_RESULT, OVERHEAD, PlanError, TileMode, iteration_cost, parse_size, plan_run, stage_parts
+from nst.engine.plan import (
+    ITERATIONS_TO_RESULT, ONNX_SESSION_FACTOR, OVERHEAD, PlanError, TileMode, iteration_cost, onnx_session_bytes, parse_size, plan_run, stage_parts, stage_phases,
+    weight_bytes,
+)  # fmt: skip
 from nst.engine.tiles import tile_halo
 
 ONE_STAGE = {"scales": ()}
@@ -70,6 +73,26 @@ def test_parts_grow_with_the_image_and_shrink_with_the_tile():
     whole = stage_parts(cfg, (2048, 2048), [(64, 64)], precision=Precision.FP32, tile=None)
     assert tiled["activations"] < whole["activations"] / 10 and tiled["optimizer"] == whole["optimizer"]
     assert stage_parts(cfg, (512, 512), [], precision=Precision.BF16, tile=None)["activations"] < large["activations"]
+
+
+def test_an_onnx_runtime_session_is_counted_in_every_stage():
+    """A run whose targets come from ONNX Runtime holds its session (a copy of the weights) beside
+    the loop's network: the part `source`, in both phases of every stage, and a budget that held
+    the run whole without it tiles with it."""
+    cfg = preset("gatys", size=512, scales=(256, 512), iterations=1)
+    session = onnx_session_bytes(cfg.content_layers + cfg.style_layers)
+    assert session == int(ONNX_SESSION_FACTOR * weight_bytes(cfg.content_layers + cfg.style_layers, Precision.FP32))
+    assert onnx_session_bytes(cfg.content_layers + cfg.style_layers, "fp16") == pytest.approx(session / 2, abs=1)
+    without = plan_run(cfg, (512, 512), [(256, 256)])
+    with_it = plan_run(cfg, (512, 512), [(256, 256)], source_bytes=session)
+    for a, b in zip(without.stages, with_it.stages):
+        assert "source" not in a.parts and b.parts["source"] == session
+        assert b.estimated_peak_bytes - a.estimated_peak_bytes == pytest.approx(session * (1 + OVERHEAD), rel=1e-3)
+    phases = stage_phases(cfg, (512, 512), [(256, 256)], precision=Precision.FP32, tile=None, source_bytes=session)
+    assert all(p["source"] == session for p in phases.values())
+    budget = without.stages[-1].estimated_peak_bytes
+    assert plan_run(cfg, (512, 512), [(256, 256)], budget=budget).stages[-1].mode == "whole"
+    assert plan_run(cfg, (512, 512), [(256, 256)], budget=budget, source_bytes=session).stages[-1].mode == "tiled"
 
 
 def test_lbfgs_history_is_shortened_or_adam_chosen(monkeypatch):
