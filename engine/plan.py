@@ -605,7 +605,7 @@ def _too_small(failure: _TooSmall, budget: int | None) -> PlanError:
     smallest = failure.smallest
     return PlanError(
         f"`max_memory` {format_size(budget)} is too small for size {failure.size}: even {smallest.tile} px tiles need about "
-        f"{format_size(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
+        f"{format_size_up(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
         params=("max_memory", "size"),
     )
 
@@ -641,8 +641,15 @@ def format_size(n: float) -> str:
     return format_bytes(n, decimal=True)
 
 
+def format_size_up(n: int) -> str:
+    """`format_size` rounded up: a size that, given back as `--max-memory`, is at least `n` bytes."""
+    shown = n
+    while parse_size(format_size(shown).replace(" ", "")) < n:
+        shown = math.ceil(shown * 1.001) + 1
+    return format_size(shown)
+
 
 __all__ = [
-    "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "history_bytes", "optimizer_bytes",
+    "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
     "parse_size", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 from nst.engine.config import GATYS, SEED, Optimizer, Precision, preset
 from nst.engine.errors import ConfigError
 from nst.engine.plan import (
-    ITERATIONS_TO_RESULT, ONNX_SESSION_FACTOR, OVERHEAD, PlanError, TileMode, iteration_cost, onnx_session_bytes, parse_size, plan_run, stage_parts, stage_phases,
+    ITERATIONS_TO_RESULT, ONNX_SESSION_FACTOR, OVERHEAD, PlanError, TileMode, format_size_up, iteration_cost, onnx_session_bytes, parse_size, plan_run, stage_parts, stage_phases,
     weight_bytes,
 )  # fmt: skip
 from nst.engine.tiles import tile_halo
@@ -209,8 +209,16 @@ def test_too_small_a_budget_names_one_that_works():
     msg = str(e.value)
     assert "`max_memory` 100 MB is too small for size 4096" in msg and "\n" not in msg
     value, unit = re.search(r"need about ([\d.]+) (MB|GB)", msg).groups()
-    enough = int(float(value) * (10**6 if unit == "MB" else 10**9) * 1.01)
-    assert plan_run(cfg, (4096, 4096), [(64, 64)], budget=enough).stages[0].mode == "tiled"
+    named = parse_size(f"{value}{unit}")
+    assert plan_run(cfg, (4096, 4096), [(64, 64)], budget=named).stages[0].mode == "tiled"  # the size named, as given back, does
+
+
+@pytest.mark.parametrize("n", [999, 3_749_999_999, 3_750_000_001, 123_456_789, 10**9, 2**40])
+def test_a_size_named_as_enough_is_rounded_up(n):
+    """`format_size_up`: what an error names as enough is at least that when given back as
+    --max-memory, and no more than a rounding step above it (`format_size` rounds to nearest)."""
+    text = format_size_up(n)
+    assert n <= parse_size(text.replace(" ", "")) <= n * 1.06, text
 
 
 def test_images_larger_than_the_machine_are_refused_before_any_plan():
