@@ -160,24 +160,24 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
     # The plans count ONNX Runtime's session where the targets come from one.
     memory = dataclasses.replace(memory_request(a["max_memory"], a["tile"], a["optimizer_state"]), source_bytes=planned_source_bytes(a["targets"], cfg=cfg, onnx_path=a["onnx"]))
     if a["dry_run"]:
-        _dry_run(a, jobs, style_ims, cfg, memory, report=report, on_ray=on_ray)
+        _dry_run(a, jobs, style_ims, cfg, vcfg, memory, report=report, on_ray=on_ray)
     identity = {"styles": [file_digest(p) for p in styles], "init": file_digest(init) if init is not None else None}
     a = {**a, "memory": memory}
     if len(jobs) == 1 and not on_ray:
-        from nst.engine.transfer import plan_for
+        from nst.engine.video.pipeline import plan_clip
 
         opened = open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
         runtime = _runtime(a)
-        plan = plan_for((opened[0].width, opened[0].height), [s.size for s in style_ims], cfg, runtime, memory)  # so does a budget too small
+        plan = plan_clip((opened[0].width, opened[0].height), [s.size for s in style_ims], cfg, vcfg, runtime, memory)  # so does a budget too small
         _run_one({**a, "memory": plan}, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, opened=opened, runtime=runtime)
     else:
         _run_many(a, jobs, style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, on_ray=on_ray)
 
 
-def _dry_run(a: Mapping[str, Any], jobs: list, styles: list, cfg: C.StyleConfig, memory: Any, *, report: Path | None, on_ray: bool) -> None:
+def _dry_run(a: Mapping[str, Any], jobs: list, styles: list, cfg: C.StyleConfig, vcfg: VideoConfig, memory: Any, *, report: Path | None, on_ray: bool) -> None:
     """Print each clip's memory plan (and write them under `plans` in --report); exit 0."""
-    from nst.engine.transfer import plan_for, planned_config
-    from nst.engine.video.pipeline import open_job
+    from nst.engine.transfer import planned_config
+    from nst.engine.video.pipeline import open_job, plan_clip
 
     if on_ray:
         raise UserError("--dry-run plans on this machine's device; with --ray each clip's plan is made on its worker: leave out --ray to see it")
@@ -185,7 +185,7 @@ def _dry_run(a: Mapping[str, Any], jobs: list, styles: list, cfg: C.StyleConfig,
     plans = []
     for job in jobs:
         clip, _total = open_job(job, styles, cfg)
-        plan = plan_for((clip.width, clip.height), [s.size for s in styles], cfg, runtime, memory)
+        plan = plan_clip((clip.width, clip.height), [s.size for s in styles], cfg, vcfg, runtime, memory)
         plans.append({"input": job.source, "plan": plan.to_dict(), "config": planned_config(cfg, plan).to_dict()})
         if len(jobs) > 1:
             console.print(f"{job.source}:", highlight=False)

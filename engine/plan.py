@@ -19,7 +19,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,16 +265,16 @@ def stage_phases(
     tile: int | None,
     prev_hw: tuple[int, int] | None = None,
     optimizer_state: str = "device",
-    source_bytes: int = 0,
+    held: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, int]]:
     """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
     stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
     keep only the targets, the image, its gradient and the optimiser's state; see `Stage.for_loop`).
     `prev_hw`: the previous stage's output size, whose result (and Adam's moments, when they are
     carried over) the stage holds while it runs. `optimizer_state` "host": L-BFGS's history is not
-    on the device (`optimizer_bytes`). `source_bytes`: what the targets' source holds beside the
-    loop's network through both phases (ONNX Runtime's session, `onnx_session_bytes`), the part
-    `source`."""
+    on the device (`optimizer_bytes`). `held`: parts held beside the stage through both phases, by
+    name: `source`, what the targets' source holds beside the loop's network (ONNX Runtime's
+    session, `onnx_session_bytes`); `video`, what a clip's loop keeps beside each frame's run."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     pixels = hw[0] * hw[1]
     image = _image_bytes(pixels)
@@ -311,8 +311,7 @@ def stage_phases(
     loop_phase = {"weights": weights, "images": l_images, "targets": content_loop + grams, "optimizer": optimizer, "activations": max(net, step_temps)}
     phases = {"targets": targets_phase, "loop": loop_phase}
     for parts in phases.values():
-        if source_bytes:
-            parts["source"] = source_bytes
+        parts.update({k: v for k, v in (held or {}).items() if v})
         parts["overhead"] = int(OVERHEAD * sum(parts.values()))
     return phases
 
@@ -378,7 +377,7 @@ def _plan_stages(
     budget: int | None,
     tile: TileMode | int,
     state: str = "device",
-    source_bytes: int = 0,
+    held: Mapping[str, int] | None = None,
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
@@ -390,7 +389,7 @@ def _plan_stages(
         prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
         def make(t: int | None) -> StagePlan:
-            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, source_bytes=source_bytes)
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, held=held)
             phase = peak_phase(phases)
             host = history_bytes(cfg, hw[0] * hw[1]) if state == OptimizerState.HOST.value else 0
             if t is None:
@@ -504,7 +503,7 @@ def plan_run(
     optimizer_fallback: bool = True,
     optimizer_state: OptimizerState | str = OptimizerState.AUTO,
     host_budget: int | None = None,
-    source_bytes: int = 0,
+    held: Mapping[str, int] | None = None,
 ) -> Plan:
     """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
     largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
@@ -521,8 +520,8 @@ def plan_run(
     Raises PlanError when even the smallest tile does not fit, naming the budget that would, when
     a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
     machine's memory (tiling cannot help those), and when a history asked to live in host memory
-    exceeds `host_budget`. `source_bytes`: what the targets' source holds beside the loop's
-    network (ONNX Runtime's session: `onnx_session_bytes`), counted in every stage."""
+    exceeds `host_budget`. `held`: bytes held beside the run by part (`stage_phases`), counted
+    in every stage."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     state = _optimizer_state(optimizer_state, cfg)
     on_cpu = device.split(":")[0] == "cpu"
@@ -543,7 +542,7 @@ def plan_run(
         # (the GPU's code path) and counts against the same budget.
         model_state = "device" if on_cpu else "host"
         try:
-            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, source_bytes=source_bytes)
+            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held)
         except _TooSmall as e:
             raise _too_small(e, budget) from None
         if not on_cpu:
@@ -551,7 +550,7 @@ def plan_run(
         note = "on the CPU host memory is the device's: the history streams through it in chunks and saves none" if on_cpu else ""
         return _plan(cfg, stages, budget, device, precision, note, state="host")
     try:
-        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, source_bytes=source_bytes)
+        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held)
         return _plan(cfg, stages, budget, device, precision, "")
     except _TooSmall as e:
         failure = e
@@ -564,7 +563,7 @@ def plan_run(
     fits: list[tuple[float, StyleConfig, str, tuple[StagePlan, ...]]] = []
     for c, where in candidates:
         try:
-            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, source_bytes=source_bytes)
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held)
         except _TooSmall as e:
             failure = e if where == "device" else failure  # a budget that would fit names a device-side plan
             continue

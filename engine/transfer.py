@@ -322,12 +322,14 @@ class MemoryRequest:
     fits, else the largest tile that does; off; or a tile edge in pixels) and where L-BFGS's
     history lives (`optimizer_state`). `source_bytes`: what the run's target source holds beside
     the loop's network (`targets.resident_bytes`: ONNX Runtime's session is a copy of the weights;
-    PyTorch's source is the loop's network)."""
+    PyTorch's source is the loop's network). `video_bytes`: what a clip's loop keeps beside each
+    frame's run on the run's device (`video.pipeline.frame_bytes`)."""
 
     budget: int | None = None
     tile: TileMode | int = TileMode.AUTO
     optimizer_state: OptimizerState = OptimizerState.AUTO
     source_bytes: int = 0
+    video_bytes: int = 0
 
 
 def plan_for(content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], cfg: StyleConfig, runtime: Runtime, request: MemoryRequest = MemoryRequest()) -> Plan:
@@ -342,7 +344,7 @@ def plan_for(content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], 
     return plan_run(
         fit_scales_to([content_wh], [list(style_whs)], cfg), content_wh, list(style_whs), precision=runtime.precision, device=str(runtime.device),
         budget=budget, tile=request.tile, host_bytes=device.host_memory_bytes() if on_cpu else None, optimizer_state=request.optimizer_state,
-        host_budget=None if on_cpu else device.default_memory_budget(torch.device("cpu")), source_bytes=request.source_bytes,
+        host_budget=None if on_cpu else device.default_memory_budget(torch.device("cpu")), held={"source": request.source_bytes, "video": request.video_bytes},
     )  # fmt: skip
 
 

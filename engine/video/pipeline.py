@@ -7,6 +7,7 @@ output.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..config import StyleConfig
+from ..config import PreserveColors, StyleConfig
 from ..device import Runtime
+from ..images import output_shape
 from ..features import VGGFeatures
 from ..jobs.journal import file_digest as sha256_of_file
 from ..targets import TargetSource
@@ -93,6 +95,33 @@ def open_job(job: ClipJob, styles: Sequence[Image.Image], cfg: StyleConfig) -> t
     return clip, total
 
 
+def frame_bytes(frame_wh: tuple[int, int], cfg: StyleConfig, vcfg: VideoConfig, device: str = "cpu") -> int:
+    """What a clip's loop keeps beside each frame's `stylize` (a frame after the first), on the
+    run's device: a clip's memory plan counts it as the part `video`. On the host: the content frame
+    (kept for the next frame's flow), the previous output warped onto it, the flow's reliability
+    (an fp32 weight plane and two bool masks), and the frame and its start image in 8 bits. With
+    the temporal term: its target and weights (on the CPU the host's own tensors, off it a copy on
+    the device) and the term's autograd buffers at the output size (three images). Off the CPU
+    only the device's share counts against the budget."""
+    h, w = output_shape(frame_wh[0], frame_wh[1], cfg.sizes[-1], cfg.size_edge)
+    plane = h * w * 4
+    image = 3 * plane
+    luminance = cfg.preserve_colors == PreserveColors.LUMINANCE
+    temporal = vcfg.temporal_weight > 0
+    terms = 3 * image if temporal else 0
+    if str(device).split(":")[0] == "cpu":
+        host = 2 * image + plane + 2 * h * w + 2 * 3 * h * w
+        return host + terms + (plane if temporal and luminance else 0)  # a luminance target is a new plane
+    return terms + ((plane if luminance else image) + plane if temporal else 0)
+
+
+def plan_clip(frame_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], cfg: StyleConfig, vcfg: VideoConfig, runtime: Runtime, memory: MemoryRequest) -> Plan:
+    """A clip's memory plan (`transfer.plan_for` for its frame size), counting what the clip's loop
+    keeps beside each frame (`frame_bytes`)."""
+    memory = dataclasses.replace(memory, video_bytes=frame_bytes(frame_wh, cfg, vcfg, str(runtime.device)))
+    return plan_for(frame_wh, list(style_whs), cfg, runtime, memory)
+
+
 def run_clip(
     job: ClipJob,
     styles: Sequence[Image.Image],
@@ -124,7 +153,7 @@ def run_clip(
     t = time.perf_counter()
     clip, total = opened if opened is not None else open_job(job, styles, cfg)
     phases["open"] = time.perf_counter() - t
-    plan = plan_for((clip.width, clip.height), [s.size for s in styles], cfg, runtime or Runtime(), memory) if isinstance(memory, MemoryRequest) else memory
+    plan = plan_clip((clip.width, clip.height), [s.size for s in styles], cfg, vcfg, runtime or Runtime(), memory) if isinstance(memory, MemoryRequest) else memory
     if plan is not None:
         cfg = planned_config(cfg, plan)
     full_identity = {

@@ -84,15 +84,15 @@ def test_an_onnx_runtime_session_is_counted_in_every_stage():
     assert session == int(ONNX_SESSION_FACTOR * weight_bytes(cfg.content_layers + cfg.style_layers, Precision.FP32))
     assert onnx_session_bytes(cfg.content_layers + cfg.style_layers, "fp16") == pytest.approx(session / 2, abs=1)
     without = plan_run(cfg, (512, 512), [(256, 256)])
-    with_it = plan_run(cfg, (512, 512), [(256, 256)], source_bytes=session)
+    with_it = plan_run(cfg, (512, 512), [(256, 256)], held={"source": session})
     for a, b in zip(without.stages, with_it.stages):
         assert "source" not in a.parts and b.parts["source"] == session
         assert b.estimated_peak_bytes - a.estimated_peak_bytes == pytest.approx(session * (1 + OVERHEAD), rel=1e-3)
-    phases = stage_phases(cfg, (512, 512), [(256, 256)], precision=Precision.FP32, tile=None, source_bytes=session)
+    phases = stage_phases(cfg, (512, 512), [(256, 256)], precision=Precision.FP32, tile=None, held={"source": session})
     assert all(p["source"] == session for p in phases.values())
     budget = without.stages[-1].estimated_peak_bytes
     assert plan_run(cfg, (512, 512), [(256, 256)], budget=budget).stages[-1].mode == "whole"
-    assert plan_run(cfg, (512, 512), [(256, 256)], budget=budget, source_bytes=session).stages[-1].mode == "tiled"
+    assert plan_run(cfg, (512, 512), [(256, 256)], budget=budget, held={"source": session}).stages[-1].mode == "tiled"
 
 
 def test_lbfgs_history_is_shortened_or_adam_chosen(monkeypatch):

@@ -250,3 +250,30 @@ def test_temporal_weight_zero_is_independent_frames(examples, weights, tmp_path)
     saved = to_tensor(Image.open(tmp_path / "v" / "frames" / "000003.png"))
     assert torch.equal(saved, (alone.image * 255 + 0.5).floor() / 255)
     assert "temporal" not in r.frames[2]["terms"] and r.warping_errors[2] is not None
+
+
+def test_a_clips_plan_counts_what_its_loop_keeps_beside_each_frame():
+    """The part `video` of a clip's plan (`frame_bytes`): on the CPU the frame loop's host tensors
+    (content frame, warped previous output, reliability, two 8-bit images) and the temporal term's
+    buffers; off it only the term's (its target and weights copied to the device, and its autograd
+    buffers); nothing on a GPU without the term. A still image's plan has no such part."""
+    from nst.engine.images import output_shape
+    from nst.engine.plan import OVERHEAD
+    from nst.engine.transfer import MemoryRequest, plan_for
+    from nst.engine.video.pipeline import frame_bytes, plan_clip
+
+    cfg = dataclasses.replace(GATYS, size=512, scales=())
+    wh = (640, 480)
+    h, w = output_shape(*wh, 512, cfg.size_edge)
+    image = 3 * h * w * 4
+    cpu, gpu = frame_bytes(wh, cfg, VideoConfig(), "cpu"), frame_bytes(wh, cfg, VideoConfig(), "cuda:0")
+    assert cpu > gpu > 0 and frame_bytes(wh, cfg, VideoConfig(temporal_weight=0), "cuda:0") == 0
+    assert frame_bytes(wh, cfg, VideoConfig(temporal_weight=0), "cpu") == cpu - 3 * image  # the term's autograd buffers
+    assert gpu == 3 * image + image + image // 3  # and its target and weights, copied to the device
+    grey = dataclasses.replace(cfg, preserve_colors="luminance")
+    assert frame_bytes(wh, grey, VideoConfig(), "cuda:0") == gpu - image + image // 3  # a one-plane target
+    request = MemoryRequest(budget=10**11)
+    clip = plan_clip(wh, [(256, 256)], cfg, VideoConfig(), Runtime(device=torch.device("cpu")), request)
+    still = plan_for(wh, [(256, 256)], cfg, Runtime(device=torch.device("cpu")), request)
+    assert clip.stages[-1].parts["video"] == cpu and "video" not in still.stages[-1].parts
+    assert clip.estimated_peak_bytes - still.estimated_peak_bytes == pytest.approx(cpu * (1 + OVERHEAD), rel=1e-3)
