@@ -465,12 +465,11 @@ def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: 
     Runtime's session where the targets come from one. Under `--targets auto` a run that does not
     fit whole with the session takes its targets from the loop's network instead (`_execute`), so
     its plan counts none."""
+    from nst.engine.plan import PlanError
     from nst.engine.transfer import plan_for
 
     request = memory_request(o.max_memory, o.tile, o.optimizer_state)
     whs = (content.size, [s.size for s in styles])
-    from nst.engine.plan import PlanError
-
     source = planned_source_bytes(o.targets, cfg=cfg, onnx_path=o.onnx)
     optional = bool(source) and TargetsMode(o.targets) == TargetsMode.AUTO and o.onnx is None  # auto can do without it
     try:
