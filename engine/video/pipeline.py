@@ -110,7 +110,7 @@ def frame_bytes(frame_wh: tuple[int, int], cfg: StyleConfig, vcfg: VideoConfig, 
     temporal = vcfg.temporal_weight > 0
     terms = 3 * image if temporal else 0
     if str(device).split(":")[0] == "cpu":
-        host = 2 * image + plane + 2 * h * w + 2 * 3 * h * w
+        host = 2 * image + plane + 2 * h * w + 3 * h * w + 3 * frame_wh[0] * frame_wh[1]  # the decoded frame at its own size
         return host + terms + (plane if temporal and luminance else 0)  # a luminance target is a new plane
     return terms + ((plane if luminance else image) + plane if temporal else 0)
 
