@@ -361,7 +361,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
-    plan = make_plan(o, cfg, runtime, content_im, style_ims)
+    plan, torch_because = make_plan(o, cfg, runtime, content_im, style_ims)
     tiled = any(s.mode == "tiled" for s in plan.stages)
     changes = plan.changes(cfg)
     if changes.get("optimizer") is not None:  # through the preset, so Adam gets its own lr
@@ -387,17 +387,14 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     # `auto` takes them from the network the loop holds anyway: ONNX Runtime's session is a second
     # copy of the weights (measured at 2048 px, 1 GB budget, fp32: peak RSS 2.10 GB with it, 1.75
     # without). `--targets onnx` (or `--onnx`) still runs them tile by tile through ONNX Runtime.
-    # The plan counts ONNX Runtime's session where the run opens one (`make_plan`); under auto, a
-    # run that would not fit whole with it plans (and runs) without.
-    counted = any("source" in s.parts for s in plan.stages)
-    by_torch = o.targets == TargetsMode.AUTO and o.onnx is None and planned_source_bytes(o.targets, cfg=cfg, onnx_path=None) > 0 and (tiled or not counted)
+    # The plan counts ONNX Runtime's session where the run opens one; under auto, a run that would
+    # not fit whole with it plans (and runs) without (`make_plan` says why).
     source, cache, targets_info = choose_targets(
-        TargetsMode.TORCH if by_torch else o.targets, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet,
+        TargetsMode.TORCH if torch_because else o.targets, cfg=cfg, weights=w, runtime=runtime, onnx_path=o.onnx, provider=o.provider, quiet=o.quiet,
         tile=plan.target_tile(),
     )  # fmt: skip
-    if by_torch:
-        why = "the plan is tiled" if tiled else "the memory budget fits the run whole only"
-        targets_info = {**targets_info, "fallback": f"torch: {why} without ONNX Runtime's copy of the weights"}
+    if torch_because:
+        targets_info = {**targets_info, "fallback": f"torch: {torch_because} without ONNX Runtime's copy of the weights"}
     phases["target setup"] = time.perf_counter() - t
 
     progress: Progress | None = None
@@ -460,11 +457,11 @@ def memory_request(max_memory: str | None, tile: str, optimizer_state: C.Optimiz
     return MemoryRequest(parse_size(max_memory) if max_memory is not None else None, t if isinstance(t, int) else TileMode(t), C.OptimizerState(optimizer_state))
 
 
-def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> Plan:
+def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: Image.Image, styles: Sequence[Image.Image]) -> tuple[Plan, str | None]:
     """The run's memory plan from --max-memory, --tile and --optimizer-state, counting ONNX
-    Runtime's session where the targets come from one. Under `--targets auto` a run that does not
-    fit whole with the session takes its targets from the loop's network instead (`_execute`), so
-    its plan counts none."""
+    Runtime's session where the targets come from one; and None, or why the targets come from the
+    loop's network instead: under `--targets auto` a run that does not fit whole with the session
+    takes them from there, and its plan counts none."""
     from nst.engine.plan import PlanError
     from nst.engine.transfer import plan_for
 
@@ -474,13 +471,13 @@ def make_plan(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, content: 
     optional = bool(source) and TargetsMode(o.targets) == TargetsMode.AUTO and o.onnx is None  # auto can do without it
     try:
         plan = plan_for(*whs, cfg, runtime, dataclasses.replace(request, source_bytes=source))
+        if not (optional and any(s.mode == "tiled" for s in plan.stages)):
+            return plan, None
     except PlanError:
         if not optional:
             raise
-        return plan_for(*whs, cfg, runtime, request)
-    if optional and any(s.mode == "tiled" for s in plan.stages):
-        plan = plan_for(*whs, cfg, runtime, request)
-    return plan
+    plan = plan_for(*whs, cfg, runtime, request)
+    return plan, "the plan is tiled" if any(s.mode == "tiled" for s in plan.stages) else "the memory budget fits the run whole only"
 
 
 def plan_lines(plan: Plan) -> list[str]:
