@@ -75,7 +75,9 @@ def test_ray_batch_is_byte_identical_to_in_process_and_records_a_bad_image(clust
 
 def test_a_worker_killed_mid_job_is_retried_on_another_and_written_once(cluster, files, weights):
     out = files["tmp"] / "out"
-    cfg = dataclasses.replace(GATYS, size=32, iterations=250, style_layers=("relu1_1",), content_layers=("relu1_2",))
+    # About 3.7 s a job on one thread here: the kill, 1 s after the driver hears "started", lands
+    # mid-job. At 250 iterations (1.7 s) a job could end before it, and the kill hit an idle worker.
+    cfg = dataclasses.replace(GATYS, size=32, iterations=1000, style_layers=("relu1_1",), content_layers=("relu1_2",))
     contents = sorted(files["dir"].glob("*.png"))
     jobs = [Job(s.name, s.content, s.styles, out / s.name, cfg) for s in job_grid(contents, [(files["style"],)])]
     killed: list[int] = []
@@ -95,7 +97,7 @@ def test_a_worker_killed_mid_job_is_retried_on_another_and_written_once(cluster,
     victim = retries[0].job.key
     recs = read_journal(out / JOURNAL_NAME)
     assert sorted(recs) == sorted(j.key for j in jobs)
-    assert recs[victim].attempts == 2 and recs[victim].worker["pid"] != killed[0] and recs[victim].steps == 250
+    assert recs[victim].attempts == 2 and recs[victim].worker["pid"] != killed[0] and recs[victim].steps == cfg.iterations
     assert all(r.attempts == 1 for k, r in recs.items() if k != victim)
     lines = _lines(out)
     assert len(lines) == 3 and len({x["job"] for x in lines}) == 3  # written once
