@@ -9,7 +9,7 @@ from .config import Pooling
 from .errors import ConfigError
 
 # The geometry is torch-free data in `layers`; its names stay importable from here.
-from .layers import CONV_INDICES, LAYER_INDEX, LAYER_NAMES, VGG19_CFG, layer_channels, layer_stride  # noqa: F401
+from .layers import CONV_INDICES, LAYER_INDEX, LAYER_NAMES, VGG19_CFG, layer_channels, layer_stride, tile_margins  # noqa: F401
 
 # The PyTorch VGG-19 expects sRGB in [0, 1] normalised by ImageNet's mean and std, unlike
 # Simonyan et al.'s Caffe model (BGR, 0-255, mean subtracted only). These are the values of
@@ -61,6 +61,9 @@ class VGGFeatures(nn.Module):
         self._taps = {LAYER_INDEX[n]: n for n in self.layers}
         depth = max(self._taps) + 1
         self.features = build_features(depth=depth, pooling=self.pooling, tapped=frozenset(self._taps))
+        self._strides = [layer_stride(n) for n in LAYER_NAMES[:depth]]
+        margins = tile_margins(self.layers)
+        self._margins = [margins[n] for n in LAYER_NAMES[:depth]]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)
@@ -69,11 +72,38 @@ class VGGFeatures(nn.Module):
     def depth(self) -> int:
         return len(self.features)
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, owned: tuple[int, int, int, int] | None = None) -> dict[str, torch.Tensor]:
+        """With `owned`, the rows and columns `(y0, y1, x0, x1)` of `image` (a tile's crop with its
+        halo) that the caller keeps: each tap is returned at those positions only (`y0 // stride :
+        y1 // stride`, ...), and each layer's output is cut down as the network goes to what the
+        deeper taps still need, so the halo costs less at each depth. The kept features are the
+        same as the whole crop's. `y0` and `x0` must be multiples of the deepest tap's stride, as
+        must `y1` and `x1` unless they are the image's edge."""
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
         out: dict[str, torch.Tensor] = {}
+        if owned is None:
+            for i, layer in enumerate(self.features):
+                x = layer(x)
+                if i in self._taps:
+                    out[self._taps[i]] = x
+            return out
+        y0, y1, x0, x1 = owned
+        oy = ox = 0  # where the kept part of the current layer's output starts, in image pixels
+        last = len(self.features) - 1
         for i, layer in enumerate(self.features):
             x = layer(x)
+            s = self._strides[i]
+            # Cut a conv's output (before its ReLU, which then runs in place on the cut copy and
+            # the whole output is freed) and a pooling's, to the layer's margin around `owned`.
+            if i < last and LAYER_NAMES[i].startswith(("conv", "pool")):
+                m = self._margins[i]
+                top, left = max(oy, y0 - m), max(ox, x0 - m)
+                r0, c0 = top // s - oy // s, left // s - ox // s
+                r1, c1 = min(x.shape[-2], (y1 + m) // s - oy // s), min(x.shape[-1], (x1 + m) // s - ox // s)
+                if r0 > 0 or c0 > 0 or r1 < x.shape[-2] or c1 < x.shape[-1]:
+                    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+                    x = x[:, :, r0:r1, c0:c1].contiguous(memory_format=fmt)
+                    oy, ox = top, left
             if i in self._taps:
-                out[self._taps[i]] = x
+                out[self._taps[i]] = x[:, :, y0 // s - oy // s : y1 // s - oy // s, x0 // s - ox // s : x1 // s - ox // s]
         return out

@@ -94,3 +94,19 @@ def receptive_reach(name: str) -> int:
 def receptive_field(name: str) -> int:
     """Edge in input pixels of the window one output position of a layer depends on."""
     return 2 * receptive_reach(name) + layer_stride(name)
+
+
+def tile_margins(names: Iterable[str]) -> dict[str, int]:
+    """For a network cut after the deepest of `names`, run on a tile's crop: the pixels of context
+    each layer's output must keep around the tile's own region so that every deeper layer still
+    sees all it sees in the whole image. That is the reach of the convolutions still to come,
+    rounded up to the deepest stride while a pooling is still to come (so pooling windows fall where
+    they fall in the whole image). At the first layer it is the tile's halo; at the deepest, 0."""
+    deepest = deepest_layer(names)
+    chain = LAYER_NAMES[: LAYER_INDEX[deepest] + 1]
+    deep = layer_stride(deepest)
+    margins: dict[str, int] = {}
+    for i, name in enumerate(chain):
+        m = sum(layer_stride(n) for n in chain[i + 1 :] if n.startswith("conv"))
+        margins[name] = -(-m // deep) * deep if layer_stride(name) < deep else m
+    return margins

@@ -27,6 +27,7 @@ import torch
 
 from .config import LossForm, TileGrams
 from .device import autocast
+from .features import VGGFeatures
 from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
 from .losses import gram_matrix, gram_style_loss
 
@@ -118,13 +119,19 @@ def tiled_targets(
     n = image.shape[0]
     content = {k: image.new_zeros((n, layer_channels(k), *(d // layer_stride(k) for d in hw)), dtype=content_dtype) for k in content_layers}
     sums = {k: image.new_zeros((n, layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in style_layers}
+    cuts = isinstance(features, VGGFeatures)  # the network keeps only what the owned positions need
     for t in tile_grid(hw, snap_tile(tile, layers), layers):
-        feats = features(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1])
+        crop = image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1]
+        if cuts:
+            owned = features(crop, owned=(t.y0 - t.cy0, t.y1 - t.cy0, t.x0 - t.cx0, t.x1 - t.cx0))
+        else:
+            feats = features(crop)
+            owned = {k: feats[k][(..., *t.owned(layer_stride(k)))] for k in layers}
         for k in content:
             s = layer_stride(k)
-            content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = feats[k][(..., *t.owned(s))]
+            content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = owned[k]
         for k in sums:
-            sums[k] += gram_matrix(feats[k][(..., *t.owned(layer_stride(k)))], normalize=False)
+            sums[k] += gram_matrix(owned[k], normalize=False)
     grams = {k: g / (g.shape[-1] * (hw[0] // layer_stride(k)) * (hw[1] // layer_stride(k))) for k, g in sums.items()}
     return content, grams
 
@@ -175,13 +182,15 @@ class TiledObjective:
     def tiles(self, hw: tuple[int, int]) -> list[Tile]:
         return tile_grid(hw, self.tile, self.layers)
 
-    def _features(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _features(self, crop: torch.Tensor, t: Tile) -> dict[str, torch.Tensor]:
+        """Every layer's features at the positions tile `t` owns (the network cuts the halo down
+        as it goes deeper: `VGGFeatures.forward`'s `owned`)."""
         o = self.objective
         img = crop / o.cfg.pixel_scale
         if o.runtime.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         with autocast(o.runtime):
-            return o.net(img)
+            return o.net(img, owned=(t.y0 - t.cy0, t.y1 - t.cy0, t.x0 - t.cx0, t.x1 - t.cx0))
 
     @staticmethod
     def _crop(x: torch.Tensor, t: Tile) -> torch.Tensor:
@@ -189,9 +198,10 @@ class TiledObjective:
 
     @staticmethod
     def _owned_features(feats: dict[str, torch.Tensor], e: "_StyleEntry", t: Tile) -> torch.Tensor:
-        """The entry's layer's features at the positions tile `t` owns, times its guidance there."""
+        """The entry's layer's features (`_features`: at the positions tile `t` owns), times its
+        guidance there."""
         s = layer_stride(e.layer)
-        f = feats[e.layer][(..., *t.owned(s))]
+        f = feats[e.layer]
         if e.guide is None:
             return f
         return f.float() * e.guide[:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s].float()
@@ -203,7 +213,7 @@ class TiledObjective:
         if not sums:
             return sums
         for t in self.tiles(x.shape[-2:]):
-            feats = self._features(self._crop(x.detach(), t))
+            feats = self._features(self._crop(x.detach(), t), t)
             for e, acc in zip(self.entries, sums):
                 acc += gram_matrix(self._owned_features(feats, e, t), normalize=False)
         return sums
@@ -241,10 +251,9 @@ class TiledObjective:
         zero = crop.new_zeros((n,) if each else (), dtype=torch.float32)
         c = zero
         for k, wt in o.content_weights.items():
-            rows, cols = t.owned(layer_stride(k))
             s = layer_stride(k)
             owned = (slice(None), slice(None), slice(t.y0 // s, t.y1 // s), slice(t.x0 // s, t.x1 // s))
-            sq = (feats[k][:, :, rows, cols].float() - o.content_feats[k][owned].float()).pow(2)
+            sq = (feats[k].float() - o.content_feats[k][owned].float()).pow(2)
             if k in o.content_guides:  # a content mask: each position's squared error weighted
                 sq = sq * o.content_guides[k][owned].float()
             part = _sum(sq, each)
@@ -284,7 +293,7 @@ class TiledObjective:
         content = tv = None
         for t in self.tiles(hw):
             crop = self._crop(x.detach(), t).clone().requires_grad_(True)
-            feats = self._features(crop)
+            feats = self._features(crop, t)
             c, tv_part = self._local_terms(x, crop, t, feats)
             surrogate = cfg.content_weight * c + cfg.tv_weight * tv_part
             for i, (e, a) in enumerate(zip(self.entries, lin)):

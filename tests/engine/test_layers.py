@@ -48,3 +48,20 @@ def test_receptive_reach_is_where_a_change_stops_reaching():
         near[..., 4 * stride + stride + reach - 1] += 1.0
         assert torch.equal(net(far)["relu3_1"][0, :, :, 4], base)
         assert not torch.equal(net(near)["relu3_1"][0, :, :, 4], base)
+
+
+def test_tile_margins_shrink_from_the_halo_to_nothing_on_the_pooling_grid():
+    """What a tile's crop keeps at each layer (`VGGFeatures.forward`'s `owned`): the halo at the
+    first layer, the reach still to come after it, on 16 px steps while a pooling is to come."""
+    from nst.engine.layers import receptive_reach, tile_margins
+    from nst.engine.tiles import tile_halo
+
+    layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1", "relu4_2"]
+    m = tile_margins(layers)
+    assert list(m) == list(LAYER_NAMES[: LAYER_NAMES.index("relu5_1") + 1])
+    assert m["conv1_1"] == tile_halo(layers) == 80 and m["relu5_1"] == 0 and m["conv5_1"] == 0
+    assert m["pool4"] == 16 and m["conv4_4"] == 16 and m["conv4_1"] == 48 and m["conv3_1"] == 64
+    assert all(a >= b for a, b in zip(m.values(), list(m.values())[1:]))  # never grows with depth
+    for name, margin in m.items():
+        reach_left = receptive_reach("relu5_1") - receptive_reach(name)
+        assert margin >= reach_left and (margin % 16 == 0 or layer_stride(name) == 16), name
