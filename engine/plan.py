@@ -27,7 +27,7 @@ from .config import Optimizer, OptimizerState, Pooling, Precision, PreserveColor
 from .device import autocast_dtype, format_bytes
 from .errors import ConfigError
 from .images import output_shape
-from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels
+from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels, tile_margins
 from .lbfgs import HISTORY_CHUNK_BYTES
 from .tiles import grid_shape, snap_tile, tile_grid, tile_halo, tile_step
 
@@ -98,18 +98,32 @@ def onnx_session_bytes(layers: Sequence[str], model_precision: str = "fp32") -> 
     return int(ONNX_SESSION_FACTOR * (fp32 if model_precision == "fp32" else fp32 // 2))
 
 
-def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: Precision, pooling: Pooling, grad: bool = True, n: int = 1) -> int:
+def activation_bytes(
+    layers: Sequence[str], hw: tuple[int, int], *, precision: Precision, pooling: Pooling, grad: bool = True, n: int = 1, tile: int | None = None
+) -> int:
     """Bytes the network's pass over an (H, W) input holds at its peak.
 
     With `grad`: everything autograd keeps for the backward pass (each conv's input, each ReLU's
     output, which is the same tensor when it runs in place, each max pooling's int64 indices) plus
     the two largest gradients in flight, and the loss's fp32 copies of the tapped features. Without:
     the largest two consecutive maps (a no-grad forward frees each map after the next) and the
-    tapped maps, which the pass returns, each with an fp32 copy for its Gram or target."""
+    tapped maps, which the pass returns, each with an fp32 copy for its Gram or target.
+
+    `tile`: (H, W) is the crop of a tile of `tile` px with its halo, which the network cuts down
+    as it goes (`VGGFeatures.forward`'s `owned`): each layer's map covers the tile and that layer's
+    margin (`tile_margins`), the taps the tile alone."""
     e = _precision_bytes(precision)
     h, w = hw
     depth = LAYER_INDEX[deepest_layer(layers)] + 1
     taps = set(layers)
+    margins = tile_margins(layers)
+
+    def map_hw(name: str, margin: int | None = None) -> tuple[int, int]:
+        if tile is None:
+            return feature_hw(hw, name)
+        m = margins[name] if margin is None else margin
+        return feature_hw((min(h, tile + 2 * m), min(w, tile + 2 * m)), name)
+
     kept = _image_bytes(h * w) * 3  # the image scaled, in channels-last and normalised (fp32)
     if e == 2:
         kept += 3 * h * w * e  # autocast's copy of the first conv's input
@@ -117,7 +131,7 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
     pair = 0
     for name in LAYER_NAMES[:depth]:
         c = layer_channels(name)
-        fh, fw = feature_hw(hw, name)
+        fh, fw = map_hw(name)
         size = c * fh * fw * e
         if name.startswith("conv"):
             kept += size
@@ -134,12 +148,12 @@ def activation_bytes(layers: Sequence[str], hw: tuple[int, int], *, precision: P
         prev = size
     tapped = 0
     for t in taps:
-        fh, fw = feature_hw(hw, t)
+        fh, fw = map_hw(t, 0)
         tapped += layer_channels(t) * fh * fw * e
         # an fp32 map per tapped layer: the content loss's difference, or in bf16 the Gram's input
         kept += layer_channels(t) * fh * fw * 4
     if not grad:
-        return n * (pair + tapped + max(layer_channels(t) * math.prod(feature_hw(hw, t)) * 4 for t in taps))
+        return n * (pair + tapped + max(layer_channels(t) * math.prod(map_hw(t, 0)) * 4 for t in taps))
     return n * (kept + 2 * largest)
 
 
@@ -297,13 +311,13 @@ def stage_phases(
     if tile is None:
         t_net = max(activation_bytes(layers, s, precision=Precision.FP32, pooling=cfg.pooling, grad=False) for s in [hw, *style_hws])
     else:  # the targets' tile is chosen to need no more than the loop's (`_target_tile`)
-        t_net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+        t_net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile)
     targets_phase = {"weights": weights, "images": t_images, "targets": content_loop + grams, "activations": max(t_net, image)}
 
     # Loop: the image, its gradient, the last finite copy (half precision when tiled), the
     # content's colours under `luminance`, the previous stage's result.
     l_images = 2 * image + (image // 2 if tile is not None else image) + (image if luminance else 0) + carried
-    net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+    net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile)
     optimizer = optimizer_bytes(cfg, pixels, state=optimizer_state)
     # Adam's step makes two image-sized temporaries (none when fused, as a tiled stage runs it);
     # they do not overlap the network's pass.
@@ -351,7 +365,7 @@ def _crop(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> tuple[int, i
 
 def _target_tile(cfg: StyleConfig, hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], tile: int, precision: Precision) -> int:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
-    allowed = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling)
+    allowed = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile)
     largest = max([max(hw), *(max(s) for s in style_hws)])
     best = tile
     for t in range(tile, snap_tile(largest, layers) + tile_step(layers), tile_step(layers)):

@@ -72,6 +72,14 @@ def test_parts_grow_with_the_image_and_shrink_with_the_tile():
     tiled = stage_parts(cfg, (2048, 2048), [(64, 64)], precision=Precision.FP32, tile=256)
     whole = stage_parts(cfg, (2048, 2048), [(64, 64)], precision=Precision.FP32, tile=None)
     assert tiled["activations"] < whole["activations"] / 10 and tiled["optimizer"] == whole["optimizer"]
+    # The network cuts a tile's halo as it goes deeper (`VGGFeatures.forward`'s `owned`): a tile's
+    # maps are less than its whole crop's, more than the tile's own.
+    from nst.engine.plan import activation_bytes
+
+    layers = cfg.content_layers + cfg.style_layers
+    crop = (256 + 2 * 80, 256 + 2 * 80)
+    cut, uncut, own = (activation_bytes(layers, hw, precision=Precision.FP32, pooling=cfg.pooling, tile=t) for hw, t in ((crop, 256), (crop, None), ((256, 256), None)))
+    assert own < cut < 0.9 * uncut, (own, cut, uncut)
     assert stage_parts(cfg, (512, 512), [], precision=Precision.BF16, tile=None)["activations"] < large["activations"]
 
 
