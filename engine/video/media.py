@@ -247,11 +247,15 @@ def _encode(tmp: Path, muxer: str, encoder: str, frames: Sequence[Path], fps: Fr
     w, h = first.width - first.width % 2, first.height - first.height % 2
     if w < 2 or h < 2:
         raise VideoError(f"frames of {first.width}x{first.height} are too small to encode")
+    # Frames are numbered in this time base. Not the stream's: the muxer replaces that when it
+    # writes the header, on the first packet, which H.264's lookahead delays by some 40 frames;
+    # frames numbered in the new one all fell on time 0 and the mux failed ("pts < dts").
+    tick = Fraction(1) / fps
     with av.open(str(tmp), "w", format=muxer) as out:
         stream = out.add_stream(encoder, rate=fps)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1) / fps
+        stream.time_base = tick
         if encoder == "libx264":
             stream.options = {"crf": "18", "preset": "medium"}
         elif encoder.startswith("libvpx"):
@@ -269,7 +273,7 @@ def _encode(tmp: Path, muxer: str, encoder: str, frames: Sequence[Path], fps: Fr
             with Image.open(f) as im:
                 frame = av.VideoFrame.from_image(im.convert("RGB").crop((0, 0, w, h)))
             frame.pts = i
-            frame.time_base = stream.time_base
+            frame.time_base = tick
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():

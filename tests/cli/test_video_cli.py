@@ -62,6 +62,27 @@ def probe(path: Path) -> tuple[int, Fraction, tuple[int, int], bool, str]:
         return n, Fraction(s.average_rate), (s.codec_context.width, s.codec_context.height), bool(c.streams.audio), s.codec_context.name
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])
+def test_a_clip_longer_than_the_encoders_lookahead_is_written_in_order(tmp_path, suffix):
+    """The muxer writes its header on the first packet, which the encoder holds back for its
+    lookahead (H.264 at `medium`: some 40 frames; VP9 25), and then changes the stream's time
+    base: frames must keep the one they were numbered in. 100 frames of 32x24, 25 fps."""
+    from nst.engine.video.media import write_video
+
+    frames = []
+    for i in range(100):
+        frames.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(np.full((24, 32, 3), (2 * i, 255 - 2 * i, 128), np.uint8)).save(frames[-1])
+    out = tmp_path / f"long{suffix}"
+    enc = write_video(frames, out, fps=Fraction(25))
+    assert enc.frames == 100
+    with av.open(str(out)) as c:
+        s = c.streams.video[0]
+        times = [float(f.pts * f.time_base) for f in c.decode(s)]
+    assert len(times) == 100 and Fraction(s.average_rate) == 25
+    assert times == pytest.approx([i / 25 for i in range(100)], abs=1e-3)  # one frame every 40 ms, in order
+
+
 @pytest.fixture(scope="module")
 def pan(tmp_path_factory, examples_dir) -> Path:
     return make_pan(tmp_path_factory.mktemp("pan") / "pan.mp4", examples_dir)
