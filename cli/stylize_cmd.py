@@ -498,6 +498,8 @@ def plan_lines(plan: Plan) -> list[str]:
         parts = [f"{k} {format_size(v)}" for k, v in s.parts.items()]
         lines.append("      " + ", ".join(parts[:3]) + ",")
         lines.append("      " + ", ".join(parts[3:]))
+    if plan.write_bytes:
+        lines.append(f"  writing the video, after the last frame: the encoder {format_size(plan.write_bytes)}")
     return lines
 
 

@@ -168,7 +168,7 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
 
         opened = open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
         runtime = _runtime(a)
-        plan = plan_clip((opened[0].width, opened[0].height), [s.size for s in style_ims], cfg, vcfg, runtime, memory)  # so does a budget too small
+        plan = plan_clip((opened[0].width, opened[0].height), [s.size for s in style_ims], cfg, vcfg, runtime, memory, encoder=jobs[0].encoder)  # so does a budget too small
         _run_one({**a, "memory": plan}, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, opened=opened, runtime=runtime)
     else:
         _run_many(a, jobs, style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, on_ray=on_ray)
@@ -185,7 +185,7 @@ def _dry_run(a: Mapping[str, Any], jobs: list, styles: list, cfg: C.StyleConfig,
     plans = []
     for job in jobs:
         clip, _total = open_job(job, styles, cfg)
-        plan = plan_clip((clip.width, clip.height), [s.size for s in styles], cfg, vcfg, runtime, memory)
+        plan = plan_clip((clip.width, clip.height), [s.size for s in styles], cfg, vcfg, runtime, memory, encoder=job.encoder)
         plans.append({"input": job.source, "plan": plan.to_dict(), "config": planned_config(cfg, plan).to_dict()})
         if len(jobs) > 1:
             console.print(f"{job.source}:", highlight=False)

@@ -221,6 +221,9 @@ class Plan:
     optimizer: str = "lbfgs"  # the optimiser the plan fits: the configuration's, or Adam
     lbfgs_history: int | None = None  # L-BFGS's history the plan fits (None for Adam)
     optimizer_note: str = ""  # why the optimiser or its history differs from the configuration's
+    # A video clip's plan: what its encoder holds while it writes the clip, after the last frame
+    # (`video.pipeline.encoder_bytes`); 0 for a folder of frames or a still image.
+    write_bytes: int = 0
 
     @property
     def estimated_peak_bytes(self) -> int:
@@ -262,7 +265,7 @@ class Plan:
             "budget_bytes": self.budget_bytes, "device": self.device, "precision": self.precision,
             "optimizer_state": self.optimizer_state, "optimizer": self.optimizer, "lbfgs_history": self.lbfgs_history,
             "optimizer_note": self.optimizer_note, "estimated_peak_bytes": self.estimated_peak_bytes, "host_bytes": self.host_bytes,
-            "stages": [s.to_dict() for s in self.stages],
+            "write_bytes": self.write_bytes, "stages": [s.to_dict() for s in self.stages],
         }  # fmt: skip
 
 

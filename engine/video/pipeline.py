@@ -22,13 +22,13 @@ from ..images import output_shape
 from ..features import VGGFeatures
 from ..jobs.journal import file_digest as sha256_of_file
 from ..targets import TargetSource
-from ..plan import Plan
+from ..plan import Plan, PlanError, format_size, format_size_up, weight_bytes
 from ..transfer import Iterate, MemoryRequest, TargetCacheLike, check_sizes, plan_for, planned_config
 from ..weights import Weights
 from .config import VideoConfig
 from .flow import RaftFlow
 from .journal import FrameJournal
-from .media import DEFAULT_FPS, Clip, Encoded, FrameSelection, VideoError, count_frames, is_video_path, open_clip, read_frames, write_frame_folder, write_video
+from .media import DEFAULT_FPS, Clip, Encoded, FrameSelection, VideoError, choose_encoder, count_frames, is_video_path, open_clip, read_frames, write_frame_folder, write_video
 from .run import FrameEvent, VideoResult, stylize_video
 
 WORK_SUFFIX = ".nst-work"  # the work folder beside the output: OUTPUT.nst-work/
@@ -57,6 +57,11 @@ class ClipJob:
     @property
     def to_video(self) -> bool:
         return is_video_path(self.output)
+
+    @property
+    def encoder(self) -> str | None:
+        """The encoder that will write the output (`media.choose_encoder`); None for a folder."""
+        return choose_encoder(self.output)[1] if self.to_video else None
 
 
 @dataclass
@@ -115,11 +120,50 @@ def frame_bytes(frame_wh: tuple[int, int], cfg: StyleConfig, vcfg: VideoConfig, 
     return terms + ((plane if luminance else image) + plane if temporal else 0)
 
 
-def plan_clip(frame_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], cfg: StyleConfig, vcfg: VideoConfig, runtime: Runtime, memory: MemoryRequest) -> Plan:
+# What an encoder holds while it writes a clip, per pixel of a frame: the frames in its lookahead
+# and their analysis planes. Measured on this project's CPU (write_video of 60-80 frames, the peak
+# resident memory it added): libx264 at preset medium 204-224 B/px at 1024x768 and 2048x1536,
+# libvpx-vp9 196, mpeg4 55. Rounded up.
+ENCODER_BYTES_PER_PIXEL = {"libx264": 240, "libopenh264": 240, "libvpx-vp9": 240, "libvpx": 240, "libaom-av1": 240}
+OTHER_ENCODER_BYTES_PER_PIXEL = 64
+
+
+def encoder_bytes(frame_wh: tuple[int, int], encoder: str) -> int:
+    """Host memory `write_video` takes to encode frames of (W, H) with `encoder`."""
+    return frame_wh[0] * frame_wh[1] * ENCODER_BYTES_PER_PIXEL.get(encoder, OTHER_ENCODER_BYTES_PER_PIXEL)
+
+
+def plan_clip(
+    frame_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]], cfg: StyleConfig, vcfg: VideoConfig, runtime: Runtime, memory: MemoryRequest,
+    *, encoder: str | None = None,
+) -> Plan:
     """A clip's memory plan (`transfer.plan_for` for its frame size), counting what the clip's loop
-    keeps beside each frame (`frame_bytes`)."""
+    keeps beside each frame (`frame_bytes`). With `encoder` (the output is a video file), also what
+    writing it takes once the frames are done (`Plan.write_bytes`: the encoder's frames in flight,
+    with the network still loaded beside it, on the host): a PlanError when that is over the
+    budget (off the CPU, over the host memory available)."""
+    import torch
+
+    from .. import device  # looked up at the call, as `plan_for` does
+
     memory = dataclasses.replace(memory, video_bytes=frame_bytes(frame_wh, cfg, vcfg, str(runtime.device)))
-    return plan_for(frame_wh, list(style_whs), cfg, runtime, memory)
+    plan = plan_for(frame_wh, list(style_whs), cfg, runtime, memory)
+    if encoder is None:
+        return plan
+    h, w = output_shape(frame_wh[0], frame_wh[1], cfg.sizes[-1], cfg.size_edge)
+    need = encoder_bytes((w - w % 2, h - h % 2), encoder)
+    beside = weight_bytes(tuple(cfg.content_layers) + tuple(cfg.style_layers), runtime.precision) + (memory.source_bytes or 0)
+    on_cpu = runtime.device.type == "cpu"
+    budget = (memory.budget if memory.budget is not None else device.default_memory_budget(runtime.device)) if on_cpu else device.default_memory_budget(torch.device("cpu"))
+    if need + beside > budget:
+        where = f"the {format_size(budget)} budget" if on_cpu else f"the {format_size(budget)} of host memory available"
+        raise PlanError(
+            f"writing the {w}x{h} video needs about {format_size(need + beside)} ({encoder}'s frames in flight {format_size(need)}, "
+            f"the network {format_size(beside)}), more than {where}: "
+            + (f"give --max-memory {format_size_up(need + beside)} or more, " if on_cpu else "")
+            + "or write the frames to a folder (-o DIR)"
+        )
+    return dataclasses.replace(plan, write_bytes=need)
 
 
 def run_clip(
@@ -153,7 +197,7 @@ def run_clip(
     t = time.perf_counter()
     clip, total = opened if opened is not None else open_job(job, styles, cfg)
     phases["open"] = time.perf_counter() - t
-    plan = plan_clip((clip.width, clip.height), [s.size for s in styles], cfg, vcfg, runtime or Runtime(), memory) if isinstance(memory, MemoryRequest) else memory
+    plan = plan_clip((clip.width, clip.height), [s.size for s in styles], cfg, vcfg, runtime or Runtime(), memory, encoder=job.encoder) if isinstance(memory, MemoryRequest) else memory
     if plan is not None:
         cfg = planned_config(cfg, plan)
     full_identity = {

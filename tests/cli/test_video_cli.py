@@ -288,6 +288,8 @@ def test_dry_run_prints_each_clips_plan_and_writes_nothing(pan, examples_dir, tm
     assert all(s["parts"]["source"] > 0 for s in plan["stages"])  # --targets auto: ONNX Runtime's session, tiled or whole
     # the frame loop's own: 5.75 images of 12 bytes an output pixel, and the 96x72 frame as decoded
     assert all(s["parts"]["video"] == 69 * 1536 * 2048 + 3 * 96 * 72 for s in plan["stages"])
+    # after the last frame, libx264 writes the .mp4: its frames in flight, 240 B a pixel
+    assert plan["write_bytes"] == 240 * 1536 * 2048 and "writing the video, after the last frame: the encoder 755 MB" in r.output
     assert data["plans"][0]["config"]["optimizer"] == "adam"
     assert not out.exists() and not (tmp_path / ("big.mp4" + ".nst-work")).exists()
 

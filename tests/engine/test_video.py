@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -277,3 +278,32 @@ def test_a_clips_plan_counts_what_its_loop_keeps_beside_each_frame():
     still = plan_for(wh, [(256, 256)], cfg, Runtime(device=torch.device("cpu")), request)
     assert clip.stages[-1].parts["video"] == cpu and "video" not in still.stages[-1].parts
     assert clip.estimated_peak_bytes - still.estimated_peak_bytes == pytest.approx(cpu * (1 + OVERHEAD), rel=1e-3)
+
+
+def test_a_clips_plan_counts_its_encoder_and_refuses_a_budget_it_does_not_fit():
+    """Writing a video file comes after the last frame, with the network still loaded: the plan's
+    `write_bytes` (240 B a pixel for H.264, measured 204-224), and a budget the loop fits but the
+    encoder does not is one PlanError naming a budget that does. A folder of frames has no encoder."""
+    from nst.engine.plan import PlanError, parse_size, weight_bytes
+    from nst.engine.transfer import MemoryRequest
+    from nst.engine.video.pipeline import encoder_bytes, plan_clip
+
+    cfg = dataclasses.replace(GATYS, size=2048, scales=())
+    cpu = Runtime(device=torch.device("cpu"), precision=Precision.FP32)
+    wh = (2560, 1440)  # out: 2048x1152
+    loop = plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=10**11))
+    assert loop.write_bytes == 0  # frames to a folder: nothing to encode
+    need = encoder_bytes((2048, 1152), "libx264")
+    assert need == 2048 * 1152 * 240 and encoder_bytes((2048, 1152), "mpeg4") < need / 3
+    planned = plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=10**11), encoder="libx264")
+    assert planned.write_bytes == need and planned.to_dict()["write_bytes"] == need
+    assert planned.estimated_peak_bytes == loop.estimated_peak_bytes  # the loop's peak is its own
+    # A budget the loop fits in tiles (from 581 MB), but the encoder (566 MB) and the weights do not.
+    layers = cfg.content_layers + cfg.style_layers
+    small = need + weight_bytes(layers, Precision.FP32) - 10**6
+    tiled = plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=small))
+    assert tiled.estimated_peak_bytes <= small
+    with pytest.raises(PlanError, match=r"writing the 2048x1152 video needs about .*libx264.*give --max-memory (\S+ [MG]B) or more, or write the frames to a folder") as e:
+        plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=small), encoder="libx264")
+    named = parse_size(re.search(r"--max-memory (\S+ [MG]B)", str(e.value)).group(1).replace(" ", ""))
+    assert plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=named), encoder="libx264").write_bytes == need
