@@ -27,7 +27,7 @@ from .config import Optimizer, OptimizerState, Pooling, Precision, PreserveColor
 from .device import autocast_dtype, format_bytes
 from .errors import ConfigError
 from .images import output_shape
-from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels, tile_margins
+from .layers import LAYER_INDEX, LAYER_NAMES, deepest_layer, feature_hw, layer_channels, layer_stride, tile_margins
 from .lbfgs import HISTORY_CHUNK_BYTES
 from .tiles import grid_shape, snap_tile, tile_grid, tile_halo, tile_step
 
@@ -464,11 +464,30 @@ ITERATIONS_TO_RESULT = {"lbfgs:20": 1.0, "lbfgs:10": 500 / 445, "lbfgs:5": 500 /
 
 def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str]) -> int:
     """The relative work of one iteration over an (H, W) image: pixels through the network, a
-    forward counted 1 and a backward 2. Whole: 3 per pixel. Tiled: each tile's crop, with its halo,
-    forward without gradients (the Grams' pass), then forward and backward: 4 per crop pixel."""
+    forward counted 1 and a backward 2. Whole: 3 per pixel. Tiled: each tile's crop forward without
+    gradients (the Grams' pass), then forward and backward: 4 per pixel of the crop as the network
+    runs it, which cuts the halo down as it goes deeper (`VGGFeatures.forward`'s `owned`): each
+    convolution's share of the work (its multiply-adds a pixel) over the part of the crop it runs on."""
     if tile is None:
         return 3 * hw[0] * hw[1]
-    return 4 * sum((t.cy1 - t.cy0) * (t.cx1 - t.cx0) for t in tile_grid(hw, tile, layers))
+    margins = tile_margins(layers)
+    chain = LAYER_NAMES[: LAYER_INDEX[deepest_layer(layers)] + 1]
+    convs = []  # (its multiply-adds a pixel of the input image, the margin of the map it runs on)
+    for i, name in enumerate(chain):
+        if name.startswith("conv"):
+            cin = 3 if i == 0 else layer_channels(chain[i - 1])
+            convs.append((cin * layer_channels(name) / layer_stride(name) ** 2, None if i == 0 else margins[chain[i - 1]]))
+    total = sum(w for w, _ in convs)
+    work = 0.0
+    for t in tile_grid(hw, tile, layers):
+        for w, m in convs:
+            if m is None:  # the first conv runs on the whole crop
+                rows, cols = t.cy1 - t.cy0, t.cx1 - t.cx0
+            else:
+                rows = min(t.cy1, t.y1 + m) - max(t.cy0, t.y0 - m)
+                cols = min(t.cx1, t.x1 + m) - max(t.cx0, t.x0 - m)
+            work += w / total * rows * cols
+    return round(4 * work)
 
 
 # L-BFGS with its history in host memory takes L-BFGS's iterations to a result (it is the same
