@@ -8,13 +8,14 @@
 #   WHEELS_DIR  wheels to install beside nst (onnxruntime-gpu, platformdirs, ...). A wheel cut into
 #               NAME.whl.part-00, NAME.whl.part-01, ... is joined first; WHEELS_DIR/SHA256SUMS, if
 #               there, is checked against the joined wheels. "-" or nothing: nst alone.
-#   STEP        env install pytest bench graph stylize (the default), ablate, tensorrt, or all.
+#   STEP        env install pytest bench graph stylize (the default), ablate, tensorrt, large
+#               (print sizes, tiled: issue 11's GPU measurements), or all.
 #               Every step after install needs install's PATH: it runs (or reuses) install itself.
 #
 # Environment (all optional):
 #   OUT          where the results go (default ./gpu-run); at most 8 files, flat: run.log,
 #                bench.json bench.csv bench.png, graph.json, stylize.json stylize.png, and
-#                ablate.json or tensorrt.json when those steps run
+#                ablate.json, tensorrt.json or large.json when those steps run
 #   SITE         the private install target (default ${TMPDIR:-/tmp}/nst-gpu-site); replaced
 #                unless it already holds these wheels and this source tree
 #   PYTHON       the interpreter that has torch (default python3)
@@ -22,7 +23,8 @@
 #                where torch sees none, unless DEVICE=cpu (a plumbing check, not a measurement)
 #   DRY_RUN=1    print the commands and run nothing
 #   SIZES, ABLATE_SIZES, GRAPH_SIZES, PRECISIONS, ITERATIONS, STYLIZE_SIZE, STYLIZE_ITERATIONS,
-#   and STEP_TIMEOUT (seconds per step, default 420) override the sweep.
+#   LARGE_SIZES, LARGE_TILES, LARGE_ITERATIONS and STEP_TIMEOUT (seconds per step, default 420)
+#   override the sweep.
 #
 # Exit status: 0 when every step that ran passed (skipped steps do not count), else 1.
 
@@ -35,7 +37,7 @@ WHEELS="${1:--}"
 [ "$#" -gt 0 ] && shift
 STEPS=("$@")
 [ "${#STEPS[@]}" -eq 0 ] && STEPS=(env install pytest bench graph stylize)
-[ "${STEPS[*]}" = "all" ] && STEPS=(env install pytest bench graph stylize ablate tensorrt)
+[ "${STEPS[*]}" = "all" ] && STEPS=(env install pytest bench graph stylize ablate tensorrt large)
 
 OUT="${OUT:-$REPO/gpu-run}"
 SITE="${SITE:-${TMPDIR:-/tmp}/nst-gpu-site}"
@@ -49,6 +51,9 @@ PRECISIONS="${PRECISIONS:-fp32,tf32,bf16}"
 ITERATIONS="${ITERATIONS:-20}"
 STYLIZE_SIZE="${STYLIZE_SIZE:-512}"
 STYLIZE_ITERATIONS="${STYLIZE_ITERATIONS:-1000}"
+LARGE_SIZES="${LARGE_SIZES:-8192,16384}"
+LARGE_TILES="${LARGE_TILES:-2048}"
+LARGE_ITERATIONS="${LARGE_ITERATIONS:-2}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-420}"
 
 mkdir -p "$OUT"
@@ -211,6 +216,12 @@ step_stylize() {  # the end-to-end target: read the report's phases, not the pro
         --report "$OUT/stylize.json")
 }
 
+step_large() {  # issue 11: square print sizes in tiles, time per iteration and torch.cuda.max_memory_allocated
+    run_logged large nst bench --device "$DEVICE" --weights random --sizes "$LARGE_SIZES" --precision bf16 \
+        --optimizer adam --tile "$LARGE_TILES" --iterations "$LARGE_ITERATIONS" --warmup 1 --no-optimizer-phase --no-targets-phase \
+        --json "$OUT/large.json"
+}
+
 step_tensorrt() {  # optional: needs the TensorRT 10 libraries (tensorrt-cu13 10.x) in the wheels
     local libs
     libs="$("$PYTHON" -c 'import os, tensorrt_libs; print(os.path.dirname(tensorrt_libs.__file__))' 2>/dev/null)"
@@ -282,8 +293,8 @@ EOF
 say "nst GPU run: steps ${STEPS[*]}; wheels $WHEELS; results in $OUT; private target $SITE"
 for step in "${STEPS[@]}"; do
     case "$step" in
-        env|install|pytest|bench|ablate|graph|stylize|tensorrt) ;;
-        *) say "error: unknown step $step (use env install pytest bench graph stylize ablate tensorrt, or all)"; exit 2 ;;
+        env|install|pytest|bench|ablate|graph|stylize|tensorrt|large) ;;
+        *) say "error: unknown step $step (use env install pytest bench graph stylize ablate tensorrt large, or all)"; exit 2 ;;
     esac
     if [ "$step" != env ] && [ "$step" != install ] && [ "$INSTALLED" = 0 ]; then
         say "== install (needed by $step)"
@@ -293,7 +304,7 @@ for step in "${STEPS[@]}"; do
     say "== $step"
     if [ "${STATUS[install]:-}" = FAILED ] && [ "$step" != env ]; then record "$step" "skipped (install failed)"; continue; fi
     case "$step" in
-        bench|ablate|graph|stylize|tensorrt)
+        bench|ablate|graph|stylize|tensorrt|large)
             if ! have_gpu; then say "$step: skipped: torch sees no CUDA GPU (DEVICE=$DEVICE)"; record "$step" "skipped (no GPU)"; continue; fi ;;
     esac
     "step_$step"

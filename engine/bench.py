@@ -392,7 +392,7 @@ def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device
         if case.loop == "reference":
             loss_fn = reference_loss(cfg, weights, runtime, content, style)
         else:
-            loss_fn, _ = fast_loss(cfg, weights, runtime, content, style)
+            loss_fn, _ = fast_loss(cfg, weights, runtime, content, style, tile=case.tile)
             if case.tile is not None:  # the same loss and gradient, one tile (and its halo) at a time
                 loss_fn = TiledObjective(loss_fn, case.tile, grams=case.tile_grams)
         if case.compile:

@@ -34,9 +34,13 @@ if TYPE_CHECKING:  # bench imports this module; the case type is only named in a
     from .bench import BenchCase
 
 
-def fast_loss(cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor) -> tuple[Callable, VGGFeatures]:
+def fast_loss(
+    cfg: StyleConfig, weights: Weights, runtime: Runtime, content: torch.Tensor, style: torch.Tensor, *, tile: int | None = None
+) -> tuple[Callable, VGGFeatures]:
+    """The loop's objective and its network. `tile`: targets are computed tile by tile too, so a
+    print-size case that only fits tiled does not run out of memory before its first step."""
     model = build_model(cfg, weights, runtime)
-    source = TorchTargets(model)
+    source = TorchTargets(model, tile=tile)
     ct = source.compute(content, content_layers=cfg.content_layers, style_layers=())
     st = source.compute(style, content_layers=(), style_layers=cfg.style_layers)
     grams = style_grams(cfg, [st], [style], [1.0], device=content.device)

@@ -64,6 +64,15 @@ def test_script_parses_and_a_dry_run_names_every_command(tmp_path: Path):
 
 
 @needs_bash
+def test_the_large_step_benches_print_sizes_in_tiles(tmp_path: Path):
+    """Issue 11's GPU part as a step of its own (its JSON is the one more file back)."""
+    run = _run(["-", "large"], tmp_path, DRY_RUN="1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert ("nst bench --device cuda --weights random --sizes 8192,16384 --precision bf16 --optimizer adam --tile 2048 --iterations 2"
+            f" --warmup 1 --no-optimizer-phase --no-targets-phase --json {tmp_path / 'out'}/large.json") in run.stdout
+
+
+@needs_bash
 def test_unknown_step_is_one_error(tmp_path: Path):
     run = _run(["-", "benchmark"], tmp_path, DRY_RUN="1")
     assert run.returncode == 2 and "error: unknown step benchmark" in run.stdout
