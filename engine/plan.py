@@ -269,6 +269,14 @@ class Plan:
         }  # fmt: skip
 
 
+def shared_bytes(plan: Plan) -> int:
+    """Of a plan's peak, what jobs optimised together as one tensor hold once, not once each: the
+    network's weights and the target source's session (parts `weights` and `source`, with their
+    share of the overhead), at the stage and phase of the peak."""
+    stage = max(plan.stages, key=lambda s: s.estimated_peak_bytes)
+    return int((stage.parts.get("weights", 0) + stage.parts.get("source", 0)) * (1 + OVERHEAD))
+
+
 def _image_bytes(pixels: int) -> int:
     return 3 * pixels * 4
 
@@ -686,5 +694,5 @@ def format_size_up(n: int) -> str:
 
 __all__ = [
     "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
-    "parse_size", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
+    "parse_size", "shared_bytes", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -23,7 +23,7 @@ from ..config import StyleConfig
 from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_memory, resolve_device, resolve_precision
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
-from ..plan import Plan
+from ..plan import Plan, shared_bytes
 from ..targets import ImageTargets, TargetSource, resident_bytes
 from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, plan_for, planned_config, stage_shapes, stylize_many
 from ..weights import Weights
@@ -237,20 +237,22 @@ class Worker:
         return outs
 
     def _fitting(self, group: list, plans: dict[int, Plan]) -> list[list]:
-        """`group` cut into runs whose whole-image estimates, added up, fit the plan's budget (one
-        job at least): a group optimised as one tensor needs each member's activations at once."""
+        """`group` cut into runs whose whole-image estimates fit the plan's budget together (one
+        job at least): a group optimised as one tensor needs each member's images, targets,
+        optimiser state and activations at once, and the network's weights and the target
+        source's session once (`shared_bytes`)."""
         if not plans or self.memory is None:
             return [group]
         runs: list[list] = [[]]
         used = 0
         for m in group:
             plan = plans[m[0]]
-            need = plan.estimated_peak_bytes
-            if runs[-1] and plan.budget_bytes is not None and used + need > plan.budget_bytes:
+            need, shared = plan.estimated_peak_bytes, shared_bytes(plan)
+            if runs[-1] and plan.budget_bytes is not None and used + need - shared > plan.budget_bytes:
                 runs.append([])
                 used = 0
+            used += need - shared if runs[-1] else need
             runs[-1].append(m)
-            used += need
         return runs
 
     def _run_members(self, cfg: StyleConfig, inputs: Sequence[JobInput], members: list, outs: list[JobOutcome], plans: dict[int, Plan], where: dict, on_iterate, on_snapshot) -> None:  # noqa: ANN001

@@ -416,7 +416,7 @@ def test_a_memory_plan_runs_tiled_jobs_alone_and_groups_only_what_fits_together(
     is the job's one-line reason."""
     from nst.engine.device import Runtime
     from nst.engine.jobs import read_input
-    from nst.engine.plan import TileMode
+    from nst.engine.plan import OVERHEAD, TileMode
     from nst.engine.transfer import MemoryRequest, plan_for
 
     twin = _img(folder["dir"] / "twin.png", 48, 32, 7)  # a.png's size
@@ -440,5 +440,15 @@ def test_a_memory_plan_runs_tiled_jobs_alone_and_groups_only_what_fits_together(
     assert all(o.status == "done" and "batch" not in o.worker and o.plan["stages"][-1]["mode"] == "whole" for o in one)
     two = run(MemoryRequest(budget=int(2.5 * whole), tile=TileMode.OFF))
     assert all(o.status == "done" and o.worker["batch"] == 2 for o in two)
+    # Together they hold the network's weights (and a target session) once: two fit in twice the
+    # estimate less that share, not in a byte less.
+    need = one[0].plan["estimated_peak_bytes"]
+    peak = max(one[0].plan["stages"], key=lambda st: st["estimated_peak_bytes"])
+    shared = int((peak["parts"]["weights"] + peak["parts"].get("source", 0)) * (1 + OVERHEAD))
+    assert 0 < shared < need
+    fits = run(MemoryRequest(budget=2 * need - shared, tile=TileMode.OFF))
+    assert all(o.status == "done" and o.worker["batch"] == 2 for o in fits)
+    apart = run(MemoryRequest(budget=2 * need - shared - 1, tile=TileMode.OFF))
+    assert all(o.status == "done" and "batch" not in o.worker for o in apart)
     small = run(MemoryRequest(budget=1000))
     assert all(o.status == "failed" and "`max_memory` 1.0 kB is too small" in o.reason and o.result is None for o in small)
