@@ -475,7 +475,8 @@ def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str])
     forward counted 1 and a backward 2. Whole: 3 per pixel. Tiled: each tile's crop forward without
     gradients (the Grams' pass), then forward and backward: 4 per pixel of the crop as the network
     runs it, which cuts the halo down as it goes deeper (`VGGFeatures.forward`'s `owned`): each
-    convolution's share of the work (its multiply-adds a pixel) over the part of the crop it runs on."""
+    convolution's share of the work (its multiply-adds a pixel) over the part of the crop it runs on.
+    The last tile's forward is run once (`TiledObjective`: pass 2 starts from pass 1's graph of it)."""
     if tile is None:
         return 3 * hw[0] * hw[1]
     margins = tile_margins(layers)
@@ -486,16 +487,18 @@ def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str])
             cin = 3 if i == 0 else layer_channels(chain[i - 1])
             convs.append((cin * layer_channels(name) / layer_stride(name) ** 2, None if i == 0 else margins[chain[i - 1]]))
     total = sum(w for w, _ in convs)
-    work = 0.0
+    areas = []
     for t in tile_grid(hw, tile, layers):
+        area = 0.0
         for w, m in convs:
             if m is None:  # the first conv runs on the whole crop
                 rows, cols = t.cy1 - t.cy0, t.cx1 - t.cx0
             else:
                 rows = min(t.cy1, t.y1 + m) - max(t.cy0, t.y0 - m)
                 cols = min(t.cx1, t.x1 + m) - max(t.cx0, t.x0 - m)
-            work += w / total * rows * cols
-    return round(4 * work)
+            area += w / total * rows * cols
+        areas.append(area)
+    return round(4 * sum(areas) - areas[-1])
 
 
 # L-BFGS with its history in host memory takes L-BFGS's iterations to a result (it is the same

@@ -209,14 +209,30 @@ class TiledObjective:
     @torch.no_grad()
     def gram_sums(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Pass 1: each entry's unnormalised (guided) Gram over the whole image, (N, C, C) fp32."""
+        return self._pass1(x, keep_last=False)[0]
+
+    def _pass1(self, x: torch.Tensor, *, keep_last: bool) -> tuple[list[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]] | None]:
+        """`gram_sums`, and with `keep_last` the last tile's crop and features run with autograd
+        (its graph kept), which pass 2 then starts with instead of running that tile forward again:
+        one tile's forward less an iteration, and no more memory than pass 2's own tiles hold."""
         sums = [x.new_zeros((x.shape[0], layer_channels(e.layer), layer_channels(e.layer)), dtype=torch.float32) for e in self.entries]
-        if not sums:
-            return sums
-        for t in self.tiles(x.shape[-2:]):
-            feats = self._features(self._crop(x.detach(), t), t)
-            for e, acc in zip(self.entries, sums):
-                acc += gram_matrix(self._owned_features(feats, e, t), normalize=False)
-        return sums
+        if not sums:  # no style term: nothing to gather, pass 2 runs every tile
+            return sums, None
+        tiles = self.tiles(x.shape[-2:])
+        kept = None
+        for i, t in enumerate(tiles):
+            last = keep_last and i == len(tiles) - 1
+            crop = self._crop(x.detach(), t)
+            with torch.enable_grad() if last else torch.no_grad():
+                if last:
+                    crop = crop.clone().requires_grad_(True)
+                feats = self._features(crop, t)
+            with torch.no_grad():
+                for e, acc in zip(self.entries, sums):
+                    acc += gram_matrix(self._owned_features(feats, e, t), normalize=False)
+            if last:
+                kept = (crop, feats)
+        return sums, kept
 
     def _style(self, sums: list[torch.Tensor], hw: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The weighted style term from the whole image's Gram sums, and its gradient with respect
@@ -285,15 +301,24 @@ class TiledObjective:
         hw = (int(x.shape[-2]), int(x.shape[-1]))
         one_pass = self.grams == TileGrams.PREVIOUS
         reuse = one_pass and bool(self.previous) and self.previous[0].shape[0] == x.shape[0]  # type: ignore[index]
-        style, lin = self._style(self.previous if reuse else self.gram_sums(x), hw)  # type: ignore[arg-type]
+        tiles = self.tiles(hw)
+        kept = None  # pass 1's last tile, run with autograd: pass 2 starts with it
+        if reuse:
+            sums = self.previous
+        else:
+            sums, kept = self._pass1(x, keep_last=not one_pass)
+        style, lin = self._style(sums, hw)  # type: ignore[arg-type]
         # One pass: this call's Grams, gathered from the second pass's features, for the loss
         # (exact) and the next call's linearisation.
         gathered = [torch.zeros_like(g) for g in lin] if one_pass else []
         grad = torch.zeros_like(x) if x.grad is None else x.grad
         content = tv = None
-        for t in self.tiles(hw):
-            crop = self._crop(x.detach(), t).clone().requires_grad_(True)
-            feats = self._features(crop, t)
+        for t in tiles if kept is None else [tiles[-1], *tiles[:-1]]:
+            if kept is not None:
+                (crop, feats), kept = kept, None
+            else:
+                crop = self._crop(x.detach(), t).clone().requires_grad_(True)
+                feats = self._features(crop, t)
             c, tv_part = self._local_terms(x, crop, t, feats)
             surrogate = cfg.content_weight * c + cfg.tv_weight * tv_part
             for i, (e, a) in enumerate(zip(self.entries, lin)):

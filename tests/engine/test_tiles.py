@@ -91,6 +91,22 @@ def test_tiled_gradient_adds_to_an_existing_gradient(weights):
     torch.testing.assert_close(x.grad, 2 * once, rtol=1e-4, atol=1e-9)
 
 
+def test_exact_grams_run_the_last_tile_forward_once(weights):
+    """Pass 1 runs its last tile with autograd and pass 2 starts from that graph: 2n - 1 forwards
+    for n tiles, with the whole image's gradient."""
+    objective, x = _problem(dataclasses.replace(GATYS, **SHALLOW), weights)
+    objective.loss_and_grad(x)
+    whole = x.grad.clone()
+    tiled = TiledObjective(objective, 20)
+    calls = []
+    hook = objective.net.register_forward_hook(lambda *_: calls.append(1))
+    x.grad = None
+    tiled.loss_and_grad(x)
+    hook.remove()
+    assert len(tiled.tiles(HW)) == 9 and len(calls) == 2 * 9 - 1
+    assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
+
+
 def test_previous_grams_are_one_pass_and_exact_at_the_same_image(weights):
     """`tile_grams=previous`: the first call runs both passes (no Grams yet); a call at the same
     image linearises around the Grams the last call gathered, which are this image's, so its
