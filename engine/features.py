@@ -64,6 +64,7 @@ class VGGFeatures(nn.Module):
         self._strides = [layer_stride(n) for n in LAYER_NAMES[:depth]]
         margins = tile_margins(self.layers)
         self._margins = [margins[n] for n in LAYER_NAMES[:depth]]
+        self._subset_margins: dict[tuple[str, ...], list[int]] = {}
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)
@@ -72,31 +73,38 @@ class VGGFeatures(nn.Module):
     def depth(self) -> int:
         return len(self.features)
 
-    def forward(self, image: torch.Tensor, owned: tuple[int, int, int, int] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, owned: tuple[int, int, int, int] | None = None, only: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """With `owned`, the rows and columns `(y0, y1, x0, x1)` of `image` (a tile's crop with its
         halo) that the caller keeps: each tap is returned at those positions only (`y0 // stride :
         y1 // stride`, ...), and each layer's output is cut down as the network goes to what the
         deeper taps still need, so the halo costs less at each depth. The kept features are the
         same as the whole crop's. `y0` and `x0` must be multiples of the deepest tap's stride, as
-        must `y1` and `x1` unless they are the image's edge."""
+        must `y1` and `x1` unless they are the image's edge.
+
+        `only`: these taps alone; the network stops after the deepest of them (and, with `owned`,
+        keeps only the margins they need)."""
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
         out: dict[str, torch.Tensor] = {}
+        if only is not None and not set(only) <= set(self.layers):
+            raise ConfigError(f"`only` asks for layers this network does not tap: {', '.join(sorted(set(only) - set(self.layers)))}")
+        taps = self._taps if only is None else {LAYER_INDEX[n]: n for n in only}
+        last = max(taps)
         if owned is None:
-            for i, layer in enumerate(self.features):
+            for i, layer in enumerate(self.features[: last + 1]):
                 x = layer(x)
-                if i in self._taps:
-                    out[self._taps[i]] = x
+                if i in taps:
+                    out[taps[i]] = x
             return out
+        margins = self._margins if only is None else self._margins_for(tuple(taps.values()))
         y0, y1, x0, x1 = owned
         oy = ox = 0  # where the kept part of the current layer's output starts, in image pixels
-        last = len(self.features) - 1
-        for i, layer in enumerate(self.features):
+        for i, layer in enumerate(self.features[: last + 1]):
             x = layer(x)
             s = self._strides[i]
             # Cut a conv's output (before its ReLU, which then runs in place on the cut copy and
             # the whole output is freed) and a pooling's, to the layer's margin around `owned`.
             if i < last and LAYER_NAMES[i].startswith(("conv", "pool")):
-                m = self._margins[i]
+                m = margins[i]
                 top, left = max(oy, y0 - m), max(ox, x0 - m)
                 r0, c0 = top // s - oy // s, left // s - ox // s
                 r1, c1 = min(x.shape[-2], (y1 + m) // s - oy // s), min(x.shape[-1], (x1 + m) // s - ox // s)
@@ -104,6 +112,14 @@ class VGGFeatures(nn.Module):
                     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
                     x = x[:, :, r0:r1, c0:c1].contiguous(memory_format=fmt)
                     oy, ox = top, left
-            if i in self._taps:
-                out[self._taps[i]] = x[:, :, y0 // s - oy // s : y1 // s - oy // s, x0 // s - ox // s : x1 // s - ox // s]
+            if i in taps:
+                out[taps[i]] = x[:, :, y0 // s - oy // s : y1 // s - oy // s, x0 // s - ox // s : x1 // s - ox // s]
         return out
+
+    def _margins_for(self, names: tuple[str, ...]) -> list[int]:
+        """`tile_margins` of a subset of the taps, by layer index (cached)."""
+        key = tuple(sorted(names, key=LAYER_INDEX.__getitem__))
+        if key not in self._subset_margins:
+            margins = tile_margins(key)
+            self._subset_margins[key] = [margins[n] for n in LAYER_NAMES[: LAYER_INDEX[key[-1]] + 1]]
+        return self._subset_margins[key]

@@ -182,15 +182,17 @@ class TiledObjective:
     def tiles(self, hw: tuple[int, int]) -> list[Tile]:
         return tile_grid(hw, self.tile, self.layers)
 
-    def _features(self, crop: torch.Tensor, t: Tile) -> dict[str, torch.Tensor]:
+    def _features(self, crop: torch.Tensor, t: Tile, *, style_only: bool = False) -> dict[str, torch.Tensor]:
         """Every layer's features at the positions tile `t` owns (the network cuts the halo down
-        as it goes deeper: `VGGFeatures.forward`'s `owned`)."""
+        as it goes deeper: `VGGFeatures.forward`'s `owned`). `style_only`: the style layers'
+        alone (pass 1), so a content layer deeper than all of them is not run."""
         o = self.objective
         img = crop / o.cfg.pixel_scale
         if o.runtime.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
+        only = tuple(dict.fromkeys(e.layer for e in self.entries)) if style_only else None
         with autocast(o.runtime):
-            return o.net(img, owned=(t.y0 - t.cy0, t.y1 - t.cy0, t.x0 - t.cx0, t.x1 - t.cx0))
+            return o.net(img, owned=(t.y0 - t.cy0, t.y1 - t.cy0, t.x0 - t.cx0, t.x1 - t.cx0), only=only)
 
     @staticmethod
     def _crop(x: torch.Tensor, t: Tile) -> torch.Tensor:
@@ -226,7 +228,7 @@ class TiledObjective:
             with torch.enable_grad() if last else torch.no_grad():
                 if last:
                     crop = crop.clone().requires_grad_(True)
-                feats = self._features(crop, t)
+                feats = self._features(crop, t, style_only=not last)
             with torch.no_grad():
                 for e, acc in zip(self.entries, sums):
                     acc += gram_matrix(self._owned_features(feats, e, t), normalize=False)

@@ -18,6 +18,7 @@ from PIL import Image
 from nst.engine.config import GATYS, SEED, Optimizer, Precision, PreserveColors
 from nst.engine.device import Runtime
 from nst.engine.features import VGGFeatures
+from nst.engine.layers import LAYER_INDEX
 from nst.engine.objective import make_objective, style_grams
 from nst.engine.plan import plan_run
 from nst.engine.targets import TorchTargets
@@ -105,6 +106,20 @@ def test_exact_grams_run_the_last_tile_forward_once(weights):
     hook.remove()
     assert len(tiled.tiles(HW)) == 9 and len(calls) == 2 * 9 - 1
     assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
+    # A content layer deeper than every style layer is left out of pass 1: conv3_2 runs once a tile.
+    deep = dataclasses.replace(GATYS, content_layers=("relu3_2",), style_layers=SHALLOW["style_layers"])
+    objective, x = _problem(deep, weights)
+    objective.loss_and_grad(x)
+    whole = x.grad.clone()
+    runs = []
+    hook = objective.net.features[LAYER_INDEX["conv3_2"]].register_forward_hook(lambda *_: runs.append(1))
+    x.grad = None
+    TiledObjective(objective, 20).loss_and_grad(x)
+    hook.remove()
+    assert len(runs) == 9
+    assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="does not tap: relu4_1"):
+        objective.net(x, only=("relu4_1",))
 
 
 def test_previous_grams_are_one_pass_and_exact_at_the_same_image(weights):
