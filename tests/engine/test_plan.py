@@ -321,3 +321,37 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
 
 def test_seed_presets_deeper_content_layer_widens_the_halo():
     assert plan_run(dataclasses.replace(SEED, size=2048), (2048, 2048), [], tile=512).stages[0].halo == 96
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_estimate_is_within_20_percent_of_cuda_max_memory_allocated(precision, weights):
+    """The issue's check on a GPU: whole-image mode at three sizes, the plan's estimate against
+    what `torch.cuda.max_memory_allocated` saw over the run (from the memory already allocated
+    before it: the CUDA context is not a tensor and is not counted by either). Written without a
+    GPU; never run yet."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from nst.engine.device import Runtime
+    from nst.engine.transfer import MemoryRequest, plan_for, stylize
+
+    dev = torch.device("cuda")
+    runtime = Runtime(device=dev, precision=Precision(precision))
+    rng = np.random.default_rng(0)
+    for size in (512, 1024, 1536):
+        content = Image.fromarray(rng.integers(0, 256, (size * 2 // 3, size, 3), dtype=np.uint8))
+        style = Image.fromarray(rng.integers(0, 256, (size // 2, size // 2, 3), dtype=np.uint8))
+        cfg = preset("gatys", size=size, scales=(), iterations=2)
+        plan = plan_for(content.size, [style.size], cfg, runtime, MemoryRequest(tile=TileMode.OFF))
+        assert plan.stages[0].mode == "whole"
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        stylize(content, [style], cfg, weights=weights, runtime=runtime, plan=plan)
+        torch.cuda.synchronize(dev)
+        measured = torch.cuda.max_memory_allocated(dev) - base
+        ratio = plan.estimated_peak_bytes / measured
+        assert 0.8 <= ratio <= 1.2, (size, precision, plan.estimated_peak_bytes, measured, ratio)
