@@ -26,7 +26,7 @@ import torch
 from . import onnx_meta as M
 from .config import Provider
 from .errors import EngineError
-from .layers import feature_hw, layer_channels
+from .layers import feature_hw, layer_channels, layer_stride
 from .targets import ImageTargets
 from .tiles import tiled_targets
 
@@ -288,13 +288,20 @@ class OnnxTargets:
         arrays = self.session.run([name for name, _ in outputs], {M.INPUT_NAME: x.cpu().numpy()})  # type: ignore[attr-defined]
         return [torch.from_numpy(a).to(self.device) for a in arrays]
 
-    def _crop_features(self, content_layers: Sequence[str], style_layers: Sequence[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-        """What `tiled_targets` runs on each crop: its layers' features, through the session."""
+    def _crop_features(self, content_layers: Sequence[str], style_layers: Sequence[str]) -> Callable[[torch.Tensor, tuple[int, int, int, int]], dict[str, torch.Tensor]]:
+        """What `tiled_targets` runs on each crop: its layers' features through the session (the
+        whole crop: the graph is fixed), at the positions the tile owns."""
         layers = tuple(content_layers) + tuple(n for n in style_layers if n not in content_layers)
 
-        def features(crop: torch.Tensor) -> dict[str, torch.Tensor]:
+        def features(crop: torch.Tensor, owned: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
             x = crop.contiguous()  # a crop is a strided view of the image
-            return dict(zip(layers, self._run(x, self._outputs_for(x.shape[-2:], content_layers, style_layers, tiled=True))))
+            y0, y1, x0, x1 = owned
+            maps = self._run(x, self._outputs_for(x.shape[-2:], content_layers, style_layers, tiled=True))
+            owned_maps = {}
+            for k, f in zip(layers, maps):
+                s = layer_stride(k)
+                owned_maps[k] = f[:, :, y0 // s : y1 // s, x0 // s : x1 // s]
+            return owned_maps
 
         return features
 

@@ -27,7 +27,6 @@ import torch
 
 from .config import LossForm, TileGrams
 from .device import autocast
-from .features import VGGFeatures
 from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
 from .losses import gram_matrix, gram_style_loss
 
@@ -67,17 +66,15 @@ class Tile:
     cx0: int
     cx1: int
 
-    def owned(self, stride: int) -> tuple[slice, slice]:
-        """The positions this tile owns of a layer with `stride`, in the crop's feature map.
-
-        Position i of such a layer belongs to the tile whose rows hold pixel `stride * i`. The cuts
-        are multiples of the deepest stride, and the last tile ends at the image's edge, where
-        `H // stride` is the layer's height: either way `y1 // stride` is the end."""
-        return (
-            slice(self.y0 // stride - self.cy0 // stride, self.y1 // stride - self.cy0 // stride),
-            slice(self.x0 // stride - self.cx0 // stride, self.x1 // stride - self.cx0 // stride),
-        )
-
+    @property
+    def in_crop(self) -> tuple[int, int, int, int]:
+        """The tile's own rows and columns, `(y0, y1, x0, x1)`, in its crop's pixels: what
+        `VGGFeatures.forward(owned=)` keeps. Of a layer with `stride`, the tile owns positions
+        `y0 // stride : y1 // stride` (and likewise for columns) of the crop's map: position i
+        belongs to the tile whose rows hold pixel `stride * i`. The cuts are multiples of the
+        deepest stride, and the last tile ends at the image's edge, where `H // stride` is the
+        layer's height: either way `y1 // stride` is the end."""
+        return self.y0 - self.cy0, self.y1 - self.cy0, self.x0 - self.cx0, self.x1 - self.cx0
 
 def tile_grid(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Tile]:
     """Tiles of about `tile` px (snapped to the deepest stride) covering an (H, W) image, row by row;
@@ -101,7 +98,7 @@ def _sum(t: torch.Tensor, per_image: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def tiled_targets(
-    features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+    features: Callable[[torch.Tensor, tuple[int, int, int, int]], Mapping[str, torch.Tensor]],
     image: torch.Tensor,
     *,
     content_layers: Sequence[str],
@@ -111,22 +108,17 @@ def tiled_targets(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """An image's content features (1, C, h, w; kept in `content_dtype`) and normalised Grams
     (1, C, C), in fp32, one tile at a time: the same numbers as one pass over the whole image, up
-    to rounding. `features(crop)` gives a crop's feature maps of every content and style layer
-    (the PyTorch network, or an exported module through ONNX Runtime); the Grams are summed here,
-    in fp32, over the positions each tile owns."""
+    to rounding. `features(crop, owned)` gives a crop's feature maps of every content and style
+    layer at the positions the tile owns (`Tile.in_crop`): the PyTorch network, which cuts the halo
+    down as it goes, or an exported module through ONNX Runtime; the Grams are summed here, in
+    fp32."""
     layers = tuple(content_layers) + tuple(style_layers)
     hw = (int(image.shape[-2]), int(image.shape[-1]))
     n = image.shape[0]
     content = {k: image.new_zeros((n, layer_channels(k), *(d // layer_stride(k) for d in hw)), dtype=content_dtype) for k in content_layers}
     sums = {k: image.new_zeros((n, layer_channels(k), layer_channels(k)), dtype=torch.float32) for k in style_layers}
-    cuts = isinstance(features, VGGFeatures)  # the network keeps only what the owned positions need
     for t in tile_grid(hw, snap_tile(tile, layers), layers):
-        crop = image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1]
-        if cuts:
-            owned = features(crop, owned=(t.y0 - t.cy0, t.y1 - t.cy0, t.x0 - t.cx0, t.x1 - t.cx0))
-        else:
-            feats = features(crop)
-            owned = {k: feats[k][(..., *t.owned(layer_stride(k)))] for k in layers}
+        owned = features(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1], t.in_crop)
         for k in content:
             s = layer_stride(k)
             content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = owned[k]
@@ -192,7 +184,7 @@ class TiledObjective:
             img = img.contiguous(memory_format=torch.channels_last)
         only = tuple(dict.fromkeys(e.layer for e in self.entries)) if style_only else None
         with autocast(o.runtime):
-            return o.net(img, owned=(t.y0 - t.cy0, t.y1 - t.cy0, t.x0 - t.cx0, t.x1 - t.cx0), only=only)
+            return o.net(img, owned=t.in_crop, only=only)
 
     @staticmethod
     def _crop(x: torch.Tensor, t: Tile) -> torch.Tensor:

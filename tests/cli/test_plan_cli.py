@@ -76,9 +76,9 @@ def test_a_tiled_plan_computes_its_targets_tile_by_tile_from_the_source_asked_fo
         inner = module.tiled_targets
 
         def counted(features, image, *, _inner=inner, _name=module.__name__, **kw):
-            def each(crop):
+            def each(crop, owned):
                 crops.append(_name)
-                return features(crop)
+                return features(crop, owned)
 
             return _inner(each, image, **kw)
 
