@@ -142,10 +142,6 @@ def plan_clip(
     writing it takes once the frames are done (`Plan.write_bytes`: the encoder's frames in flight,
     with the network still loaded beside it, on the host): a PlanError when that is over the
     budget (off the CPU, over the host memory available)."""
-    import torch
-
-    from .. import device  # looked up at the call, as `plan_for` does
-
     memory = dataclasses.replace(memory, video_bytes=frame_bytes(frame_wh, cfg, vcfg, str(runtime.device)))
     plan = plan_for(frame_wh, list(style_whs), cfg, runtime, memory)
     if encoder is None:
@@ -154,7 +150,14 @@ def plan_clip(
     need = encoder_bytes((w - w % 2, h - h % 2), encoder)
     beside = weight_bytes(tuple(cfg.content_layers) + tuple(cfg.style_layers), runtime.precision) + (memory.source_bytes or 0)
     on_cpu = runtime.device.type == "cpu"
-    budget = (memory.budget if memory.budget is not None else device.default_memory_budget(runtime.device)) if on_cpu else device.default_memory_budget(torch.device("cpu"))
+    if on_cpu:
+        budget = plan.budget_bytes  # as `plan_for` resolved it
+    else:
+        import torch
+
+        from .. import device  # looked up at the call, as `plan_for` does
+
+        budget = device.default_memory_budget(torch.device("cpu"))
     if need + beside > budget:
         where = f"the {format_size(budget)} budget" if on_cpu else f"the {format_size(budget)} of host memory available"
         raise PlanError(
