@@ -42,19 +42,22 @@ def test_halo_and_grid_follow_the_layers():
     assert bool((owned == 1).all())  # every pixel belongs to exactly one tile
 
 
-def _problem(cfg, weights, *, styles: int = 1, seed: int = 0):
+def _problem(cfg, weights, *, styles: int = 1, seed: int = 0, hw: tuple[int, int] = HW, runtime: Runtime | None = None):
+    runtime = runtime or Runtime()
+    dev = runtime.device
     net = VGGFeatures(cfg.content_layers + cfg.style_layers, pooling=cfg.pooling)
     load_into(net.features, weights)
+    net = net.to(dev)
     gen = torch.Generator().manual_seed(seed)
-    content = torch.rand(1, 3, *HW, generator=gen)
-    style_ims = [torch.rand(1, 3, 40, 36 + 8 * i, generator=gen) for i in range(styles)]
+    content = torch.rand(1, 3, *hw, generator=gen).to(dev)
+    style_ims = [torch.rand(1, 3, 40, 36 + 8 * i, generator=gen).to(dev) for i in range(styles)]
     src = TorchTargets(net)
     ct = src.compute(content, content_layers=cfg.content_layers, style_layers=())
     sts = [src.compute(s, content_layers=(), style_layers=cfg.style_layers) for s in style_ims]
     blend = [(i + 1) / sum(range(1, styles + 1)) for i in range(styles)]
-    grams = style_grams(cfg, sts, style_ims, blend, device=content.device)
-    objective = make_objective(net, Runtime(), cfg, ct.content, grams, HW)
-    x = (torch.rand(1, 3, *HW, generator=gen) * cfg.pixel_scale).requires_grad_(True)
+    grams = style_grams(cfg, sts, style_ims, blend, device=dev)
+    objective = make_objective(net, runtime, cfg, ct.content, grams, hw)
+    x = (torch.rand(1, 3, *hw, generator=gen) * cfg.pixel_scale).to(dev).requires_grad_(True)
     return objective, x
 
 
@@ -312,19 +315,9 @@ def _deep_tiled_error(weights, device: torch.device, channels_last: bool, hw: tu
     tiled gradient against the whole image's, relative to its largest entry."""
     from nst.engine.device import precision_context
 
-    cfg = GATYS
     runtime = Runtime(device=device, precision=Precision.FP32, channels_last=channels_last)
-    net = VGGFeatures(cfg.content_layers + cfg.style_layers, pooling=cfg.pooling)
-    load_into(net.features, weights)
-    net = net.to(device)
-    gen = torch.Generator().manual_seed(0)
-    content, style = torch.rand(1, 3, *hw, generator=gen).to(device), torch.rand(1, 3, 128, 128, generator=gen).to(device)
     with precision_context(runtime):
-        src = TorchTargets(net)
-        ct = src.compute(content, content_layers=cfg.content_layers, style_layers=())
-        st = src.compute(style, content_layers=(), style_layers=cfg.style_layers)
-        objective = make_objective(net, runtime, cfg, ct.content, style_grams(cfg, [st], [style], [1.0], device=device), hw)
-        x = (torch.rand(1, 3, *hw, generator=gen) * cfg.pixel_scale).to(device).requires_grad_(True)
+        objective, x = _problem(GATYS, weights, hw=hw, runtime=runtime)
         objective.loss_and_grad(x)
         whole = x.grad.clone()
         errors = []
