@@ -132,6 +132,20 @@ def load_weights_for(spec: str, seed: int) -> Weights:
     return w
 
 
+def _element_label(p: object) -> str:
+    """`path` for a list of paths, else the element type's name: from the annotation where typer
+    keeps it (`type_descriptor`, typer >= 0.24 or so), else from click's parameter type (older
+    typer, built on click)."""
+    descriptor = getattr(p, "type_descriptor", None)
+    if descriptor is not None:
+        (element,) = typing.get_args(descriptor.annotation) or (str,)
+        return "path" if isinstance(element, type) and issubclass(element, os.PathLike) else getattr(element, "__name__", "value").lower()
+    kind = getattr(p, "type", None)
+    if kind is None:
+        return "value"
+    return "path" if type(kind).__name__ == "Path" else str(getattr(kind, "name", "value") or "value").lower()
+
+
 class Command(typer.core.TyperCommand):
     """A command whose variadic arguments show their element type in the help (`STYLE <path>...`)
     where typer would show the Python annotation (`<list[Path]>`)."""
@@ -140,8 +154,7 @@ class Command(typer.core.TyperCommand):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         for p in self.params:
             if isinstance(p, typer.core.TyperArgument) and p.nargs != 1:
-                (element,) = typing.get_args(p.type_descriptor.annotation) or (str,)
-                label = "path" if isinstance(element, type) and issubclass(element, os.PathLike) else getattr(element, "__name__", "value").lower()
+                label = _element_label(p)
                 p.display_type_rich = lambda ctx, label=label: f"<{label}>..."  # type: ignore[method-assign]
 
 

@@ -134,3 +134,21 @@ def test_torch_hub_dir_is_torchs(env: dict[str, str], monkeypatch: pytest.Monkey
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert torch_hub_dir() == Path(torch.hub.get_dir())
+
+
+def test_variadic_arguments_are_labelled_with_old_and_new_typer():
+    """`STYLE <path>...` from the annotation (typer's `type_descriptor`) or, on an older typer
+    built on click (the GPU machine's), from click's parameter type: an older typer once broke
+    `nst --help` there."""
+    import types
+    from pathlib import Path
+
+    import click
+
+    from nst.cli.common import _element_label
+
+    assert _element_label(types.SimpleNamespace(type_descriptor=types.SimpleNamespace(annotation=list[Path]))) == "path"
+    assert _element_label(types.SimpleNamespace(type_descriptor=types.SimpleNamespace(annotation=list[int]))) == "int"
+    assert _element_label(types.SimpleNamespace(type=click.Path())) == "path"
+    assert _element_label(types.SimpleNamespace(type=click.INT)) == "integer"
+    assert _element_label(types.SimpleNamespace()) == "value"
