@@ -19,7 +19,7 @@ from nst.engine.config import Precision, Preset, TileGrams, preset
 from nst.engine.files import write_atomic
 from nst.engine.layers import deepest_layer
 
-from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors
+from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors, warn
 from .report import versions, write_figure, write_json
 
 if TYPE_CHECKING:
@@ -116,13 +116,16 @@ def bench_command(
             return
         rows: list[BenchRow] = []
         peaks: dict = {}
+        meta = _meta(dev, w)
         with console.status("benchmarking") as status:
             for i, case in enumerate(cases, 1):
-                status.update(f"case {i}/{len(cases)}: {case.loop} {case.preset} {case.optimizer} {case.precision.value} {case.height}x{case.width}")
+                what = f"case {i}/{len(cases)}: {case.loop} {case.preset} {case.optimizer} {case.precision.value} {case.height}x{case.width}"
+                status.update(what)
                 if every and dev.type == "cpu" and case.precision == Precision.FP16:
                     rows.append(skipped_row(case, dev, CPU_FP16_REASON))
                     continue
                 rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))
+                _partial(json_path, rows, meta, what)
             if optimizer_phase:
                 for o in opts:
                     for h, wd in hw:
@@ -151,9 +154,8 @@ def bench_command(
             console.print(_narrow_table(rows, dev))
         for reason in dict.fromkeys(f"{r.precision} {r.loop}: {r.reason}" for r in rows if r.status != "ok"):
             console.print(f"[yellow]skipped[/] {reason}")
-        meta = _meta(dev, w)
         if json_path is not None:
-            write_json(json_path, {"results": [r.to_dict() for r in rows], **meta})
+            write_json(json_path, {"results": [r.to_dict() for r in rows], **meta, "complete": True})
             console.print(f"wrote {json_path}")
         if csv_path is not None:
             write_csv(csv_path, rows)
@@ -174,6 +176,25 @@ def _tiles(text: str) -> list[int | None]:
         else:
             raise UserError(f"--tile takes off and tile edges of 16 px or more, got {part!r}")
     return list(dict.fromkeys(out)) or [None]
+
+
+_UNWRITABLE: set[Path] = set()
+
+
+def _partial(json_path: Path | None, rows: list[BenchRow], meta: dict[str, object], what: str) -> None:
+    """After each case: the rows so far in --json (`complete: false`), so a sweep stopped by a time
+    limit keeps what it measured; and, where the console is no terminal (a log), one line per case,
+    since the spinner prints nothing there."""
+    if json_path is not None and json_path not in _UNWRITABLE:
+        try:
+            write_json(json_path, {"results": [r.to_dict() for r in rows], **meta, "complete": False})
+        except OSError as e:  # once: the final write will say it again if it still fails
+            _UNWRITABLE.add(json_path)
+            warn(f"could not write the rows so far to {json_path}: {e.strerror or e}")
+    if not console.is_terminal:
+        r = rows[-1]
+        got = f"{r.ms_per_iteration:.2f} ms/it" if r.status == "ok" and r.ms_per_iteration is not None else "skipped (why: below the table)"
+        console.print(f"{what}: {got}", highlight=False)
 
 
 def _meta(dev: torch.device, w: Weights) -> dict[str, object]:

@@ -227,3 +227,33 @@ def test_bench_times_the_loop_tile_by_tile(tmp_path: Path, monkeypatch: pytest.M
     assert "tile 32" in r.output
     bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "8"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --tile takes off and tile edges of 16 px or more"), bad.output
+
+
+def test_a_sweep_stopped_midway_keeps_its_rows_so_far(tmp_path: Path, monkeypatch):
+    """--json is written after every case (`complete: false`), so a sweep killed by a time limit
+    (the GPU run's did) keeps what it measured; a log gets one line per case."""
+    import nst.engine.bench as bench_cmd  # the command imports bench_case from here when it runs
+
+    real, calls = bench_cmd.bench_case, []
+
+    def stop_at_the_second(case, **kw):
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal does mid-sweep
+        return real(case, **kw)
+
+    monkeypatch.setattr(bench_cmd, "bench_case", stop_at_the_second)
+    j = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--sizes", "32", "--precision", "fp32", "--optimizer", "adam,lbfgs", "--iterations", "1",
+                            "--warmup", "0", "--no-targets-phase", "--no-optimizer-phase", "--json", str(j)])
+    assert r.exit_code != 0
+    data = json.loads(j.read_text())
+    assert data["complete"] is False and [row["optimizer"] for row in data["results"]] == ["adam"]
+    assert data["results"][0]["status"] == "ok" and data["results"][0]["ms_per_iteration"] > 0
+    assert "case 1/2: fast gatys adam fp32 32x32:" in r.output and "ms/it" in r.output
+    monkeypatch.setattr(bench_cmd, "bench_case", real)
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--sizes", "32", "--precision", "fp32", "--optimizer", "adam,lbfgs", "--iterations", "1",
+                            "--warmup", "0", "--no-targets-phase", "--no-optimizer-phase", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(j.read_text())
+    assert data["complete"] is True and len(data["results"]) == 2
