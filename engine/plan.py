@@ -35,6 +35,10 @@ from .tiles import grid_shape, snap_tile, tile_grid, tile_halo, tile_step
 # buffers, the allocator's rounding, temporaries of the loss. Measured against peak RSS on the CPU
 # (tests/engine/test_plan.py).
 OVERHEAD = 0.10
+# The same on a CUDA device, against `torch.cuda.max_memory_allocated` once cuDNN has tuned its
+# kernels: nothing. Measured on an H100 (fp32, whole image, 512 and 1024 px): the counted tensors
+# alone came to 1.09x and 1.10x of the peak, so the CPU's share made 1.20x and 1.21x.
+CUDA_OVERHEAD = 0.0
 # The smallest tile `auto` tries, in multiples of the deepest stride: below it the halo is most
 # of every tile and the run slows for little saving.
 MIN_TILE_STEPS = 4
@@ -291,6 +295,7 @@ def stage_phases(
     prev_hw: tuple[int, int] | None = None,
     optimizer_state: str = "device",
     held: Mapping[str, int] | None = None,
+    overhead: float = OVERHEAD,
 ) -> dict[str, dict[str, int]]:
     """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
     stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
@@ -337,7 +342,7 @@ def stage_phases(
     phases = {"targets": targets_phase, "loop": loop_phase}
     for parts in phases.values():
         parts.update({k: v for k, v in (held or {}).items() if v})
-        parts["overhead"] = int(OVERHEAD * sum(parts.values()))
+        parts["overhead"] = int(overhead * sum(parts.values()))
     return phases
 
 
@@ -403,6 +408,7 @@ def _plan_stages(
     tile: TileMode | int,
     state: str = "device",
     held: Mapping[str, int] | None = None,
+    overhead: float = OVERHEAD,
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
@@ -414,7 +420,7 @@ def _plan_stages(
         prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
         def make(t: int | None) -> StagePlan:
-            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, held=held)
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, held=held, overhead=overhead)
             phase = peak_phase(phases)
             host = history_bytes(cfg, hw[0] * hw[1]) if state == OptimizerState.HOST.value else 0
             if t is None:
@@ -572,6 +578,7 @@ def plan_run(
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     state = _optimizer_state(optimizer_state, cfg)
     on_cpu = device.split(":")[0] == "cpu"
+    overhead = OVERHEAD if on_cpu else CUDA_OVERHEAD
     if host_bytes is not None:
         for size in cfg.sizes:
             hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
@@ -589,7 +596,7 @@ def plan_run(
         # (the GPU's code path) and counts against the same budget.
         model_state = "device" if on_cpu else "host"
         try:
-            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held)
+            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held, overhead=overhead)
         except _TooSmall as e:
             raise _too_small(e, budget) from None
         if not on_cpu:
@@ -597,7 +604,7 @@ def plan_run(
         note = "on the CPU host memory is the device's: the history streams through it in chunks and saves none" if on_cpu else ""
         return _plan(cfg, stages, budget, device, precision, note, state="host")
     try:
-        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held)
+        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held, overhead=overhead)
         return _plan(cfg, stages, budget, device, precision, "")
     except _TooSmall as e:
         failure = e
@@ -610,7 +617,7 @@ def plan_run(
     fits: list[tuple[float, StyleConfig, str, tuple[StagePlan, ...]]] = []
     for c, where in candidates:
         try:
-            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held)
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held, overhead=overhead)
         except _TooSmall as e:
             failure = e if where == "device" else failure  # a budget that would fit names a device-side plan
             continue
@@ -696,6 +703,6 @@ def format_size_up(n: int) -> str:
 
 
 __all__ = [
-    "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
+    "CUDA_OVERHEAD", "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
     "parse_size", "shared_bytes", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -155,7 +155,7 @@ def test_host_history_when_asked_fits_where_the_device_history_does_not():
     assert "\n" not in str(e.value)
     # Too little device memory even with the history away: the usual error, naming what would do.
     with pytest.raises(PlanError, match="is too small for size 2048"):
-        plan_run(cfg, **CUDA_2048, budget=int(6e8), optimizer_state="host")
+        plan_run(cfg, **CUDA_2048, budget=int(5e8), optimizer_state="host")
 
 
 def test_auto_weighs_the_host_history_against_the_other_fallbacks(monkeypatch):
@@ -324,6 +324,21 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
         assert low <= ratio <= high, (case, got, ratio)
 
 
+def test_a_cuda_plan_counts_no_allocator_overhead():
+    """CUDA's peak is read from the caching allocator's own count of tensor bytes, which the parts
+    already model (OVERHEAD is the CPU's malloc and oneDNN slack); the rest of the plan is the same."""
+    from nst.engine.plan import CUDA_OVERHEAD
+
+    cfg = preset("gatys", size=1024, scales=())
+    cpu = plan_run(cfg, (1024, 683), [(512, 512)], tile=TileMode.OFF, device="cpu").stages[0]
+    gpu = plan_run(cfg, (1024, 683), [(512, 512)], tile=TileMode.OFF, device="cuda:0").stages[0]
+    assert CUDA_OVERHEAD < OVERHEAD
+    assert gpu.parts["overhead"] == int(CUDA_OVERHEAD * sum(v for k, v in gpu.parts.items() if k != "overhead"))
+    assert cpu.parts["overhead"] > 0
+    assert {k: v for k, v in gpu.parts.items() if k != "overhead"} == {k: v for k, v in cpu.parts.items() if k != "overhead"}
+    assert gpu.estimated_peak_bytes < cpu.estimated_peak_bytes
+
+
 def test_seed_presets_deeper_content_layer_widens_the_halo():
     assert plan_run(dataclasses.replace(SEED, size=2048), (2048, 2048), [], tile=512).stages[0].halo == 96
 
@@ -333,8 +348,12 @@ def test_seed_presets_deeper_content_layer_widens_the_halo():
 def test_estimate_is_within_20_percent_of_cuda_max_memory_allocated(precision, weights):
     """The issue's check on a GPU: whole-image mode at three sizes, the plan's estimate against
     what `torch.cuda.max_memory_allocated` saw over the run (from the memory already allocated
-    before it: the CUDA context is not a tensor and is not counted by either). Written without a
-    GPU; never run yet."""
+    before it: the CUDA context is not a tensor and is not counted by either), once cuDNN has
+    tuned its kernels for the run's shapes. The tuning itself tries kernels with workspaces as
+    large as the free memory (on an H100 the first run peaked at 35 GB at 512 px and 70 GB at
+    1024 px, fp32); it is a one-off per shape, and not what the run needs. First run on an H100:
+    the tuned runs came to 1.20x and 1.21x of the estimate with the CPU's overhead share, hence
+    CUDA_OVERHEAD; at 1536 px and in bf16 it has not run since."""
     import numpy as np
     import torch
     from PIL import Image
@@ -351,6 +370,7 @@ def test_estimate_is_within_20_percent_of_cuda_max_memory_allocated(precision, w
         cfg = preset("gatys", size=size, scales=(), iterations=2)
         plan = plan_for(content.size, [style.size], cfg, runtime, MemoryRequest(tile=TileMode.OFF))
         assert plan.stages[0].mode == "whole"
+        stylize(content, [style], cfg, weights=weights, runtime=runtime, plan=plan)  # cuDNN tunes its kernels
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
