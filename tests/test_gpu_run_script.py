@@ -123,3 +123,14 @@ def test_install_keeps_every_console_script_and_nst_runs_from_the_target(tmp_pat
     assert "not reinstalled" in again.stdout
     if "torch sees no CUDA GPU" in again.stdout:
         assert again.returncode == 0 and "graph     skipped (no GPU)" in again.stdout
+
+
+@needs_bash
+def test_the_lease_script_parses_and_names_its_phases(tmp_path: Path):
+    """benchmarks/gpu_lease.sh, the run fitted to a 15-minute lease: its phases are start, part and
+    finish; anything else is its usage and exit status 2, before it touches anything."""
+    lease = ROOT / "benchmarks" / "gpu_lease.sh"
+    assert subprocess.run(["bash", "-n", str(lease)]).returncode == 0
+    run = subprocess.run(["bash", str(lease), "begin"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and "usage:" in run.stderr and "start|part|finish" in run.stderr
+    assert "gpu_run.sh" in lease.read_text()  # it drives the same steps
