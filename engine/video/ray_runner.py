@@ -107,11 +107,21 @@ class ClipRayRunner:
             yield job, outcome, info, None
 
     def close(self) -> None:
-        """Cancel what is still running (its work folders keep the finished frames)."""
-        for ref in self._refs:
+        """Cancel the clips still running (their work folders keep the finished frames): only those
+        not finished, and without force, which Ray delivers as Ctrl-C in the task. Force-cancelling
+        every task, finished ones included, once aborted the calling process itself: Ray 2.60's
+        driver failed its check "Tried to complete task that was not pending" when a cancelled
+        task's reply came in, and took the CI's pytest down with it (logged in
+        /tmp/ray/session_latest/logs/python-core-driver-*.log)."""
+        refs, self._refs = self._refs, []
+        if refs:
             try:
-                ray.cancel(ref, force=True)
-            except Exception:  # finished or gone
-                pass
-        self._refs = []
+                _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+            except Exception:  # the cluster is gone: nothing left to cancel
+                running = []
+            for ref in running:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # finished or gone meanwhile
+                    pass
         leave_cluster(self._joined_here)

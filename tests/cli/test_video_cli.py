@@ -307,7 +307,12 @@ def test_video_cmd_imports_nothing_heavy_at_module_level():
 
 
 @pytest.mark.slow
-def test_several_videos_here_and_on_ray_one_per_worker_give_the_same_frames(cluster, examples_dir, tmp_path):
+def test_several_videos_here_and_on_ray_one_per_worker_give_the_same_frames(cluster, examples_dir, tmp_path, monkeypatch):
+    import ray
+
+    cancelled: list[object] = []
+    real_cancel = ray.cancel
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: (cancelled.append((ref, kw)), real_cancel(ref, **kw))[1])
     a = make_pan(tmp_path / "a.mp4", examples_dir, frames=4, w=64, h=48)
     b = make_pan(tmp_path / "b.mp4", examples_dir, frames=3, step=2, w=64, h=48)
     broken = tmp_path / "broken.mp4"
@@ -330,6 +335,9 @@ def test_several_videos_here_and_on_ray_one_per_worker_give_the_same_frames(clus
     assert all(v["worker"]["pid"] != os.getpid() and v["worker"]["threads"] == 1 for v in ray_["videos"])
     by_input = {v["input"]["path"]: v["temporal"]["warping_error_per_frame"] for v in here["videos"]}
     assert {v["input"]["path"]: v["temporal"]["warping_error_per_frame"] for v in ray_["videos"]} == by_input
+    # Every clip had finished: closing the runner cancels none (force-cancelling finished tasks
+    # once aborted this very process inside Ray).
+    assert cancelled == []
 
 
 def test_readme_video_example_runs(examples_dir, tmp_path):
