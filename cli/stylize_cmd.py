@@ -107,7 +107,7 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
         masks=parse_list(a.get("masks"), what="mask", option="--masks") or None,
         style_regions=parse_list(a.get("style_regions"), what="mask", option="--style-regions") or None,
-        content_mask=a.get("content_mask"), tile_grams=a.get("tile_grams"),
+        content_mask=a.get("content_mask"), tile_grams=a.get("tile_grams"), lbfgs_patience=a.get("lbfgs_patience"),
     )  # fmt: skip
     if isinstance(overrides["scales"], tuple) and a["size"] is not None and overrides["scales"][-1] != a["size"]:
         raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")
@@ -204,6 +204,7 @@ def stylize_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of each stage and exit without optimising.")] = False,
     tile_grams: Annotated[Optional[C.TileGrams], typer.Option(help="A tiled stage's Grams: exact (a pass without gradients first) or previous (the last iteration's: one pass, an approximate gradient) [exact].", show_default=False)] = None,
     optimizer_state: Annotated[C.OptimizerState, typer.Option(help="Where L-BFGS's history lives: device, host (host memory, streamed through the device every step; on the CPU the same memory), or auto (the device when it fits, else the fallback soonest to a result).")] = C.OptimizerState.AUTO,
+    lbfgs_patience: Annotated[Optional[int], typer.Option(help=f"End an L-BFGS scale after this many iterations without a lower loss; 0: run every iteration {_default('lbfgs_patience')}.", show_default=False)] = None,
 ) -> None:
     """Stylise CONTENT in the manner of one or more STYLE images.
 
@@ -257,6 +258,7 @@ class StylizeOptions:
     dry_run: bool
     tile_grams: C.TileGrams | None
     optimizer_state: C.OptimizerState
+    lbfgs_patience: int | None = None
 
     @property
     def init_path(self) -> Path | None:
@@ -537,6 +539,10 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
         extra = {"device, precision": f"{runtime.device}, {runtime.precision.value}{chosen}",
                  "target source": f"{tinfo.get('source')} ({tinfo.get('provider')}{', fp32 as TF32' if tinfo.get('tf32') else ''}), cache {tinfo.get('cache')}"}  # fmt: skip
         console.print(timing_table(phases, per, iterations=result.steps, extra=extra))
+        lowp = runtime.precision in (C.Precision.BF16, C.Precision.FP16)
+        for e in result.stopped_early:
+            console.print(f"L-BFGS found no lower loss after iteration {e['best_iteration']} at {e['size'][1]}x{e['size'][0]}: ended that scale at "
+                          f"iteration {e['iteration']} of {e['iterations']} (--lbfgs-patience){'; --precision fp32 goes further' if lowp else ''}", highlight=False)
         if result.status == RunStatus.DONE:  # otherwise the status line below says where the image went
             console.print(f"wrote {o.output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
         for extra_path, what in ((o.compare, "comparison sheet"), (o.report, "report")):
@@ -578,6 +584,7 @@ def run_report(
         "status": result.status.value,
         "phases": phases,
         "iterations": result.steps,
+        "stopped_early": result.stopped_early,
         "seconds_per_iteration": per,
         "loss": {"initial": hist[0] if hist else None, "final": result.final_loss, "terms": result.loss_terms, "history": hist},
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""),

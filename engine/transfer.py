@@ -10,6 +10,7 @@ import copy
 import enum
 import functools
 import hashlib
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -81,6 +82,9 @@ class StyleResult:
     iteration_seconds: list[float]  # per-iteration wall time, measured at sync points
     targets: dict[str, object]  # source, provider, cache, seconds
     message: str = ""
+    # Stages that L-BFGS ended early, having found no lower loss in `lbfgs_patience` iterations:
+    # {"stage", "size" (H, W), "iteration", "iterations", "best_iteration"} each.
+    stopped_early: list[dict[str, object]] = field(default_factory=list)
     # The loss of the image kept, where the run knows it: L-BFGS keeps its last accepted point, the
     # lowest loss of the last stage; Adam's last update is not evaluated, so its last loss is the
     # step before. None without iterations.
@@ -511,6 +515,7 @@ def stylize_many(
                 iteration_seconds=loop.iteration_seconds[: loop.steps[i] + (loop.status[i] == RunStatus.NONFINITE)],
                 targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"], **regions_note},
                 message=loop.message[i],
+                stopped_early=loop.stopped_early[i],
                 final_loss=loop.final_loss(history, i),
             )
         )
@@ -645,6 +650,7 @@ class _Loop:
         self.stopped: dict[int, tuple[torch.Tensor, Stage]] = {}  # image -> (its result, its stage) when it stopped early
         self.stage_start = [0] * n  # where each image's current stage begins in its `history` entries
         self.prev_opt: object | None = None  # the last stage's optimiser (for `carry_adam_moments`)
+        self.stopped_early: list[list[dict[str, object]]] = [[] for _ in range(n)]  # per image (`StyleResult.stopped_early`)
 
     def final_loss(self, history: torch.Tensor, i: int) -> float | None:
         """The loss of image i's kept image (see `StyleResult.final_loss`)."""
@@ -682,6 +688,11 @@ class _Loop:
                 img = color.combine_luminance(img, stages[i].content_rgb)
             return img.cpu()
 
+        # L-BFGS's stall: the stage ends once every running image has gone `patience` iterations
+        # without a lower loss, read at the sync points only (every iteration on the CPU).
+        patience = cfg.lbfgs_patience if not isinstance(opt, torch.optim.Optimizer) else 0
+        best, best_it, checked, stalled = [math.inf] * n, [0] * n, 0, False
+
         self.clock.start("optimisation")
         last_sync, last_sync_step = time.perf_counter(), self.step
         try:
@@ -715,6 +726,13 @@ class _Loop:
                         x.data.copy_(good)
                         break
                     good.copy_(x.detach())
+                    if patience:
+                        for j, row in enumerate(torch.stack(self.history[-(it - checked) :]).float().tolist(), start=checked + 1):
+                            for i in self.running:
+                                if row[i] < best[i]:
+                                    best[i], best_it[i] = row[i], j
+                        checked = it
+                        stalled = it < stage_its and all(it - best_it[i] >= patience for i in self.running)
                 if it == 1 and cfg.carry_adam_moments:
                     carry_adam_moments(self.prev_opt, opt)
                 if isinstance(opt, torch.optim.Optimizer):  # Adam
@@ -739,6 +757,10 @@ class _Loop:
                                 terms={k: v[i].detach() for k, v in terms.items()}, elapsed=elapsed, snapshot=functools.partial(snapshot, i),
                             ),
                         )  # fmt: skip
+                if stalled:  # the iteration counted, as every evaluated one does; the image is L-BFGS's best point
+                    for i in self.running:
+                        self.stopped_early[i].append({"stage": stage.index, "size": list(stage.hw), "iteration": it, "iterations": stage_its, "best_iteration": best_it[i]})
+                    break
         except (KeyboardInterrupt, StopRun):
             for i in self.running:
                 self.status[i] = RunStatus.INTERRUPTED

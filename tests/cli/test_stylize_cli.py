@@ -217,3 +217,14 @@ def test_real_out_of_memory_names_the_allocation(images, tmp_path: Path):
     m = re.search(r"\(an allocation of (\d+(?:\.\d)?) (B|KiB|MiB|GiB) failed\) at size 1024; try a smaller --size", lines[0])
     assert m and float(m.group(1)) >= 1, lines[0]  # a size in a unit that shows it, never "0.0 GiB"
     assert not out.exists()
+
+
+def test_lbfgs_patience_reaches_the_run_and_its_report(images, tmp_path: Path):
+    out, report = tmp_path / "o.png", tmp_path / "r.json"
+    r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--lbfgs-patience", "7", "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    assert data["config"]["lbfgs_patience"] == 7 and data["stopped_early"] == [] and data["iterations"] == 4
+    r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "p.png"), *FAST, "--lbfgs-patience", "-1"])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "lbfgs_patience must be 0 (never stop early) or more, got -1" in r.output
+    assert not (tmp_path / "p.png").exists()

@@ -44,6 +44,7 @@ def test_result_config_runs_the_last_stage_to_the_limit():
     assert (short.optimizer, short.lbfgs_history) == ("lbfgs", 5) and result_config(ResultCase(64), max_iterations=5).lbfgs_history == 20
     ref = BR.reference_config(ResultCase(64, optimizer="adam", precision=Precision.BF16, scales="auto"))
     assert ref.optimizer == Optimizer.LBFGS and ref.sizes == (64,) and ref.stage_iterations == (BR.REFERENCE_ITERATIONS,)
+    assert ref.lbfgs_patience == 0  # every one of its iterations: the lowest loss of all of them
 
 
 def test_reference_is_computed_once_and_kept(pair, weights, tmp_path, monkeypatch):

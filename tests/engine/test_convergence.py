@@ -25,7 +25,8 @@ def photos():
 
 
 def _relative_curve(photos, weights, *, size: int, iterations: int, scale: float = 1.0, precision: str = "fp32", **kw) -> list[float]:
-    base = preset("gatys", size=size, iterations=iterations, scales=(size,), **kw)
+    # Every iteration (no lbfgs_patience): these compare whole curves, and bf16 levels off early.
+    base = preset("gatys", size=size, iterations=iterations, scales=(size,), **{"lbfgs_patience": 0, **kw})
     cfg = dataclasses.replace(base, content_weight=base.content_weight * scale, style_weight=base.style_weight * scale, tv_weight=base.tv_weight * scale)
     r = stylize(*photos[:1], [photos[1]], cfg, weights=weights, runtime=Runtime(precision=Precision(precision)))
     assert r.status == "done" and len(r.loss_history) == iterations

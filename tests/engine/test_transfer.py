@@ -474,3 +474,25 @@ def test_a_plan_with_the_history_in_host_memory_streams_it_whole_or_tiled(pics, 
         torch.testing.assert_close(torch.tensor(h.loss_history), torch.tensor(d.loss_history), rtol=1e-4, atol=0)
         torch.testing.assert_close(h.image, d.image, rtol=0, atol=0.5 / 255)
         assert float((h.image - d.image).abs().mean()) < 1e-4  # measured about 1e-5
+
+
+def test_an_lbfgs_scale_that_stops_improving_ends_early(pics, weights):
+    """bf16 L-BFGS stops finding lower losses well above fp32's (its steps fall below bf16's
+    resolution and cycle); with `lbfgs_patience` a scale ends that many iterations after its last
+    lower loss, keeping that loss's image, and says so. Up to the stop it is the run without a
+    patience, iteration for iteration. fp32 here keeps improving and runs every iteration."""
+    content, style, _ = pics
+    cfg = preset("gatys", size=32, scales=(), iterations=200, lbfgs_patience=30)
+    bf16 = Runtime(precision=resolve_precision(torch.device("cpu"), "bf16"))
+    short = stylize(content, [style], cfg, weights=weights, runtime=bf16)
+    (stop,) = short.stopped_early
+    h = short.loss_history
+    assert stop["stage"] == 0 and stop["size"] == [21, 32] and stop["iterations"] == 200
+    assert short.steps == len(h) == stop["iteration"] == stop["best_iteration"] + 30 < 200  # checked at every iteration on the CPU
+    best = stop["best_iteration"] - 1  # iterations count from 1
+    assert h[best] == min(h) and h.index(min(h)) == best and short.final_loss == h[best]
+    full = stylize(content, [style], dataclasses.replace(cfg, lbfgs_patience=0), weights=weights, runtime=bf16)
+    assert full.steps == 200 and full.stopped_early == []
+    assert full.loss_history[: short.steps] == h
+    fp32 = stylize(content, [style], dataclasses.replace(cfg, iterations=40), weights=weights, runtime=Runtime())
+    assert fp32.steps == 40 and fp32.stopped_early == []
