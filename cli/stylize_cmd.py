@@ -204,6 +204,7 @@ def stylize_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the memory plan of each stage and exit without optimising.")] = False,
     tile_grams: Annotated[Optional[C.TileGrams], typer.Option(help="A tiled stage's Grams: exact (a pass without gradients first) or previous (the last iteration's: one pass, an approximate gradient) [exact].", show_default=False)] = None,
     optimizer_state: Annotated[C.OptimizerState, typer.Option(help="Where L-BFGS's history lives: device, host (host memory, streamed through the device every step; on the CPU the same memory), or auto (the device when it fits, else the fallback soonest to a result).")] = C.OptimizerState.AUTO,
+    cudnn_benchmark: Annotated[bool, typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN tunes its convolutions once per shape (GPU only); the tuning briefly takes workspaces as large as the free GPU memory, which --max-memory does not limit.")] = True,
     lbfgs_patience: Annotated[Optional[int], typer.Option(help=f"End an L-BFGS scale after this many iterations without a lower loss; 0: run every iteration {_default('lbfgs_patience')}.", show_default=False)] = None,
 ) -> None:
     """Stylise CONTENT in the manner of one or more STYLE images.
@@ -258,6 +259,7 @@ class StylizeOptions:
     dry_run: bool
     tile_grams: C.TileGrams | None
     optimizer_state: C.OptimizerState
+    cudnn_benchmark: bool = True
     lbfgs_patience: int | None = None
 
     @property
@@ -310,7 +312,7 @@ def _configure(o: StylizeOptions) -> tuple[C.StyleConfig, Runtime]:
         if paths and len(paths) != len(o.styles):
             raise UserError(f"{name} has {len(paths)} mask(s) for {len(o.styles)} style image(s); give one per style, in their order (- for everywhere)")
     dev = resolve_device(o.device)
-    return cfg, Runtime(device=dev, precision=resolve_precision(dev, o.precision))
+    return cfg, Runtime(device=dev, precision=resolve_precision(dev, o.precision), cudnn_benchmark=o.cudnn_benchmark)
 
 
 @dataclass
@@ -589,6 +591,7 @@ def run_report(
         "loss": {"initial": hist[0] if hist else None, "final": result.final_loss, "terms": result.loss_terms, "history": hist},
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})" if runtime.device.type == "cuda" else ""),
         "precision": runtime.precision.value,
+        "cudnn_benchmark": runtime.cudnn_benchmark,
         "weights": w.to_dict(),
         "targets": tinfo,
         "config": cfg.to_dict(),

@@ -219,12 +219,16 @@ def test_real_out_of_memory_names_the_allocation(images, tmp_path: Path):
     assert not out.exists()
 
 
-def test_lbfgs_patience_reaches_the_run_and_its_report(images, tmp_path: Path):
+def test_lbfgs_patience_and_cudnn_benchmark_reach_the_run_and_its_report(images, tmp_path: Path):
     out, report = tmp_path / "o.png", tmp_path / "r.json"
     r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--lbfgs-patience", "7", "--report", str(report)])
     assert r.exit_code == 0, r.output
     data = json.loads(report.read_text())
     assert data["config"]["lbfgs_patience"] == 7 and data["stopped_early"] == [] and data["iterations"] == 4
+    assert data["cudnn_benchmark"] is True
+    r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--no-cudnn-benchmark", "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(report.read_text())["cudnn_benchmark"] is False  # the run's Runtime had it off
     r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "p.png"), *FAST, "--lbfgs-patience", "-1"])
     assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "lbfgs_patience must be 0 (never stop early) or more, got -1" in r.output
     assert not (tmp_path / "p.png").exists()
