@@ -6,12 +6,14 @@
 # 1000-iteration stylisation and the ablation (PyTorch against ONNX Runtime targets on CUDA).
 #
 # usage (from the repository root on the device, see benchmarks/README.md, "Runbook"):
-#   benchmarks/gpu_lease.sh start    # carry .whl/p00: stage it, start bench/large/graph behind
+#   benchmarks/gpu_lease.sh start    # carry .whl/p00: stage it, start graph/large/bench behind
 #   benchmarks/gpu_lease.sh part     # carry .whl/p01 (then .whl/p02): stage it, show progress
 #   benchmarks/gpu_lease.sh finish   # carry .whl/p03: install, wait, pytest, stylize, ablate,
 #                                    # and pack every result into $OUT
-# Environment: FINISH_S (seconds the finish call may take, default 540), WAIT_S (longest wait for
-# the background steps, default 300); gpu_run.sh's own variables pass through.
+# Environment: BG_STEPS (the background's steps, default "graph large bench": the CUDA-graph rows
+# first, since the 2026-11-26 run found 512 px launch-bound and never reached them), FINISH_S
+# (seconds the finish call may take, default 540), WAIT_S (longest wait for the background steps,
+# default 300); gpu_run.sh's own variables pass through.
 
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,7 +48,7 @@ start)
     mkdir -p "$BG/repo" && tar -C "$REPO" --exclude=./.whl --exclude=./.venv --exclude=./.git -cf - . | tar -C "$BG/repo" -xf -
     cp "$WHEELS"/nst-*.whl "$WHEELS"/platformdirs-*.whl "$BG/wheels/"
     OUT="$BG/out" SITE=/tmp/nst-bg-site ITERATIONS="${ITERATIONS:-10}" STEP_TIMEOUT="${STEP_TIMEOUT:-200}" \
-        setsid nohup bash "$BG/repo/benchmarks/gpu_run.sh" "$BG/wheels" env bench large graph \
+        setsid nohup bash "$BG/repo/benchmarks/gpu_run.sh" "$BG/wheels" env ${BG_STEPS:-graph large bench} \
         >"$BG/console.log" 2>&1 </dev/null &
     sleep 5
     progress

@@ -170,7 +170,7 @@ def stylize_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output image; the format comes from the extension.")] = Path("out.png"),
     preset: Annotated[C.Preset, typer.Option(help="Starting settings; options given here override it.")] = C.Preset.GATYS,
     size: Annotated[Optional[int], typer.Option(help=f"Longest side of the output in pixels {_default('size')} (the seed preset measures its 400 px on the height).", show_default=False)] = None,
-    iterations: Annotated[Optional[int], typer.Option(help=f"Iterations per scale; with --scales auto, the total split across the scales {_default('iterations')}.", show_default=False)] = None,
+    iterations: Annotated[Optional[int], typer.Option(help=f"Iterations per scale; with --scales auto, the total split across the scales {_default('iterations')}. L-BFGS ends a scale sooner once it stops improving (--lbfgs-patience).", show_default=False)] = None,
     optimizer: Annotated[Optional[C.Optimizer], typer.Option(help=_default("optimizer"), show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"Step size: L-BFGS scale or Adam learning rate {_default('lr')}; with the other --optimizer, L-BFGS 1 or Adam 0.05 in [0, 1] units.", show_default=False)] = None,
     content_weight: Annotated[Optional[float], typer.Option(help=_default("content_weight"), show_default=False)] = None,
