@@ -364,3 +364,39 @@ def test_readme_documents_every_video_option():
     stylize_opts = {o for p in get_command(app).commands["stylize"].params for o in p.opts}  # type: ignore[attr-defined]
     missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o not in text and o not in stylize_opts and o != "--help"]
     assert not missing, f"video options not in the README: {missing}"
+
+
+def test_a_clip_whose_frames_cannot_fit_on_the_disk_is_refused_before_any_work(pan, examples_dir, tmp_path, monkeypatch):
+    """The finished frames wait as PNG in OUTPUT.nst-work until the output is written: a clip
+    whose frames cannot fit on that disk (each at least half its raw size) is one error line, and
+    frames already in the folder count as done."""
+    import collections
+    import shutil
+
+    from nst.engine.config import preset
+    from nst.engine.video import pipeline
+    from nst.engine.video.media import VideoError
+
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": 30_000}
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(10**12, 0, free["bytes"]))
+    out = tmp_path / "o.mp4"
+    r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--size", "48", "--iterations", "1", *FAST])
+    # 12 frames of 48x36: 31,104 bytes at half their raw size, more than 30,000
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in r.output
+    assert "12 frames of 48x36 need at least 31.1 kB" in r.output and "30.0 kB free" in r.output and "--frames A:B" in r.output
+    assert not out.exists() and not pipeline.work_folder(out).exists()
+    # Two frames already finished there: ten to go, 25,920 bytes, which fit.
+    job = pipeline.ClipJob(str(pan), out)
+    done = pipeline.work_folder(out) / "frames"
+    done.mkdir(parents=True)
+    for k in (1, 2):
+        (done / f"{k:06d}.png").write_bytes(b"")
+    cfg = preset("gatys", size=48, scales=())
+    pipeline.check_disk(job, (96, 72), 12, cfg)
+    shutil.rmtree(done)
+    with pytest.raises(VideoError, match="12 frames of 48x36"):
+        pipeline.check_disk(job, (96, 72), 12, cfg)
+    pipeline.check_disk(job, (96, 72), None, cfg)  # a count not known: not checked
