@@ -512,14 +512,16 @@ def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str])
 # the device: in and back out in the first pass (the pair's slot is known only on the device, so
 # whole chunks return), in again in the second; the copies share one stream, so three crossings.
 # The bus: PCIe 4.0 x16 moves 32 GB/s each way before protocol overhead, about 25 GB/s in pinned
-# copies (PCIe 5.0 x16, as on H100 hosts, about twice that). Neither rate could be measured here
-# (no GPU was lent to this work), so the cost model assumes the slower.
+# copies (PCIe 5.0 x16, as on H100 hosts, about twice that). The bus was not measured (the one
+# GPU run, on an H100, had no time for it), so the cost model assumes the slower.
 HOST_BUS_BYTES_PER_S = 25e9
 HOST_HISTORY_CROSSINGS = 3
 # The device's rate in `iteration_cost` units (pixels through the network, a backward counted
 # twice) a second, to put the transfers in the same units as the network's work: a 512 px
 # iteration in TF32 on an H100, about 2 ms as planned (its arithmetic alone is 0.77 ms), is
-# 3 x 512^2 units in 2 ms. An estimate, not a measurement, for the same reason.
+# 3 x 512^2 units in 2 ms: 393M units/s. Set before any GPU run; measured since on an H100
+# (benchmarks/h100-bench-adam.json), where the network is the limit: bf16 at 2048 px 28.1 ms an
+# iteration, 449M units/s; fp32 204 ms, 62M. (At 512 px the step waits on the host.)
 DEVICE_WORK_PER_S = 3 * 512 * 512 / 2e-3
 
 
