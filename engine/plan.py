@@ -39,6 +39,12 @@ OVERHEAD = 0.10
 # kernels: nothing. Measured on an H100 (fp32, whole image, 512 and 1024 px): the counted tensors
 # alone came to 1.09x and 1.10x of the peak, so the CPU's share made 1.20x and 1.21x.
 CUDA_OVERHEAD = 0.0
+
+
+def allocator_overhead(device: str) -> float:
+    """The overhead share a plan on `device` counts: OVERHEAD on the CPU, CUDA_OVERHEAD elsewhere."""
+    return OVERHEAD if device.split(":")[0] == "cpu" else CUDA_OVERHEAD
+
 # The smallest tile `auto` tries, in multiples of the deepest stride: below it the halo is most
 # of every tile and the run slows for little saving.
 MIN_TILE_STEPS = 4
@@ -276,9 +282,9 @@ class Plan:
 def shared_bytes(plan: Plan) -> int:
     """Of a plan's peak, what jobs optimised together as one tensor hold once, not once each: the
     network's weights and the target source's session (parts `weights` and `source`, with their
-    share of the overhead), at the stage and phase of the peak."""
+    share of the overhead on the plan's device), at the stage and phase of the peak."""
     stage = max(plan.stages, key=lambda s: s.estimated_peak_bytes)
-    return int((stage.parts.get("weights", 0) + stage.parts.get("source", 0)) * (1 + OVERHEAD))
+    return int((stage.parts.get("weights", 0) + stage.parts.get("source", 0)) * (1 + allocator_overhead(plan.device)))
 
 
 def _image_bytes(pixels: int) -> int:
@@ -580,7 +586,7 @@ def plan_run(
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     state = _optimizer_state(optimizer_state, cfg)
     on_cpu = device.split(":")[0] == "cpu"
-    overhead = OVERHEAD if on_cpu else CUDA_OVERHEAD
+    overhead = allocator_overhead(device)
     if host_bytes is not None:
         for size in cfg.sizes:
             hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
@@ -706,5 +712,5 @@ def format_size_up(n: int) -> str:
 
 __all__ = [
     "CUDA_OVERHEAD", "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
-    "parse_size", "shared_bytes", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
+    "parse_size", "allocator_overhead", "shared_bytes", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

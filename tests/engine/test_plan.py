@@ -337,6 +337,13 @@ def test_a_cuda_plan_counts_no_allocator_overhead():
     assert cpu.parts["overhead"] > 0
     assert {k: v for k, v in gpu.parts.items() if k != "overhead"} == {k: v for k, v in cpu.parts.items() if k != "overhead"}
     assert gpu.estimated_peak_bytes < cpu.estimated_peak_bytes
+    # What jobs optimised together hold once carries the same share (none on CUDA).
+    from nst.engine.plan import shared_bytes
+
+    gpu_plan = plan_run(cfg, (1024, 683), [(512, 512)], tile=TileMode.OFF, device="cuda:0")
+    assert shared_bytes(gpu_plan) == gpu_plan.stages[0].parts["weights"]
+    cpu_plan = plan_run(cfg, (1024, 683), [(512, 512)], tile=TileMode.OFF, device="cpu")
+    assert shared_bytes(cpu_plan) == int(cpu_plan.stages[0].parts["weights"] * (1 + OVERHEAD))
 
 
 def test_seed_presets_deeper_content_layer_widens_the_halo():
