@@ -117,6 +117,7 @@ def bench_command(
         rows: list[BenchRow] = []
         peaks: dict = {}
         meta = _meta(dev, w)
+        partial_json = json_path  # None once a write of the rows so far has failed
         with console.status("benchmarking") as status:
             for i, case in enumerate(cases, 1):
                 what = f"case {i}/{len(cases)}: {case.loop} {case.preset} {case.optimizer} {case.precision.value} {case.height}x{case.width}"
@@ -125,7 +126,7 @@ def bench_command(
                     rows.append(skipped_row(case, dev, CPU_FP16_REASON))
                     continue
                 rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))
-                _partial(json_path, rows, meta, what)
+                partial_json = _partial(partial_json, rows, meta, what)
             if optimizer_phase:
                 for o in opts:
                     for h, wd in hw:
@@ -178,23 +179,22 @@ def _tiles(text: str) -> list[int | None]:
     return list(dict.fromkeys(out)) or [None]
 
 
-_UNWRITABLE: set[Path] = set()
-
-
-def _partial(json_path: Path | None, rows: list[BenchRow], meta: dict[str, object], what: str) -> None:
+def _partial(json_path: Path | None, rows: list[BenchRow], meta: dict[str, object], what: str) -> Path | None:
     """After each case: the rows so far in --json (`complete: false`), so a sweep stopped by a time
     limit keeps what it measured; and, where the console is no terminal (a log), one line per case,
-    since the spinner prints nothing there."""
-    if json_path is not None and json_path not in _UNWRITABLE:
+    since the spinner prints nothing there. Returns where to write them next time: None after a
+    failed write (one warning; the final write says it again if it still fails)."""
+    if json_path is not None:
         try:
             write_json(json_path, {"results": [r.to_dict() for r in rows], **meta, "complete": False})
-        except OSError as e:  # once: the final write will say it again if it still fails
-            _UNWRITABLE.add(json_path)
+        except OSError as e:
             warn(f"could not write the rows so far to {json_path}: {e.strerror or e}")
+            json_path = None
     if not console.is_terminal:
         r = rows[-1]
         got = f"{r.ms_per_iteration:.2f} ms/it" if r.status == "ok" and r.ms_per_iteration is not None else "skipped (why: below the table)"
         console.print(f"{what}: {got}", highlight=False)
+    return json_path
 
 
 def _meta(dev: torch.device, w: Weights) -> dict[str, object]:
