@@ -38,12 +38,16 @@ def _to_tensor(flow: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0).to(device)
 
 
-def dis_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def _dis():  # noqa: ANN202 - cv2's DISOpticalFlow
     """DIS at OpenCV's `MEDIUM` preset (variational refinement on): good on small frames, fast."""
     import cv2
 
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    return _to_tensor(dis.calc(_grey_u8(first), _grey_u8(second), None), first.device)
+    return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+
+def dis_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """DIS (`_dis`) from `first` to `second`."""
+    return _to_tensor(_dis().calc(_grey_u8(first), _grey_u8(second), None), first.device)
 
 
 # pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags
@@ -164,7 +168,7 @@ def flow_pair(first: torch.Tensor, second: torch.Tensor, *, method: FlowMethod |
 
     a, b = _grey_u8(first), _grey_u8(second)
     if method == FlowMethod.DIS:
-        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        dis = _dis()
         flows = dis.calc(a, b, None), dis.calc(b, a, None)
     else:
         flows = tuple(cv2.calcOpticalFlowFarneback(p, q, None, *FARNEBACK_ARGS) for p, q in ((a, b), (b, a)))
