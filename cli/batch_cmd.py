@@ -22,7 +22,7 @@ from rich.table import Table
 
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
-from .common import UserError, console, ray_device_and_precision, user_errors
+from .common import UserError, check_writable, console, ray_device_and_precision, user_errors
 from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
@@ -105,6 +105,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     out_dir = Path(a["output"])
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"-o {out_dir} is a file; nst batch writes into a folder")
+    check_writable(out_dir, "-o", folder=True)  # a file where one of its folders would be
     if a["jobs"] is not None:
         if a["contents"] or a["style"]:
             raise UserError("--jobs FILE.csv lists the jobs: give it instead of CONTENT... and --style, not with them")
@@ -146,6 +147,8 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
             raise UserError(f"{what} {extra} would overwrite an input or an output")
     if a["compare"] is not None and Path(a["compare"]).is_file():
         raise UserError(f"--compare {a['compare']} is a file; give a folder for the sheets")
+    check_writable(a["compare"], "--compare", folder=True)
+    check_writable(a["report"], "--report", example="report.json")
 
     a["memory"] = memory_request(a["max_memory"], a["tile"], a["optimizer_state"])  # a bad --tile or --max-memory fails before the weights load
     seed = config_from_options(base).seed

@@ -19,7 +19,7 @@ from nst.engine.config import Precision, Preset, TileGrams, preset
 from nst.engine.files import write_atomic
 from nst.engine.layers import deepest_layer
 
-from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors, warn
+from .common import UserError, cache_dir, check_writable, console, load_weights_for, parse_list, user_errors, warn
 from .report import versions, write_figure, write_json
 
 if TYPE_CHECKING:
@@ -104,6 +104,8 @@ def bench_command(
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")
         if any(b < 1 for b in batch_sizes):
             raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
+        for path, flag, example in ((json_path, "--json", "bench.json"), (csv_path, "--csv", "bench.csv"), (plot_path, "--plot", "bench.png")):
+            check_writable(path, flag, example=example)  # not only once the cases have run
         if to_result:
             from .bench_result import result_cases
 

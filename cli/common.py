@@ -117,6 +117,18 @@ def user_errors() -> Iterator[None]:
         raise
 
 
+def check_writable(path: Path | None, what: str, *, folder: bool = False, example: str | None = None) -> None:
+    """Refuse, before any work, a path that nothing can be written at: a folder where a file goes
+    (suggesting `example` inside it), a file where a folder goes, or a file where one of its
+    folders would be. Otherwise the run would do its work and fail only when writing it."""
+    from nst.engine.files import in_the_way
+
+    problem = None if path is None else in_the_way(path, folder=folder)
+    if problem is not None:
+        hint = f"; give a file name such as {Path(path) / example}" if example and Path(path).is_dir() else ""  # type: ignore[arg-type]
+        raise UserError(f"cannot write {what} {path}: {problem}{hint}")
+
+
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 

@@ -10,7 +10,7 @@ import typer
 from nst.engine import config as C
 from nst.engine.onnx_meta import OPSET
 
-from .common import UserError, cache_dir, console, load_weights_for, parse_list, user_errors
+from .common import UserError, cache_dir, check_writable, console, load_weights_for, parse_list, user_errors
 
 
 def export_command(
@@ -38,6 +38,7 @@ def export_command(
         cfg = C.preset(preset, **{k: v for k, v in overrides.items() if v is not None})
         if output is not None and output.suffix.lower() != ".onnx":
             raise UserError(f"the output {output} should end in .onnx")
+        check_writable(output, "-o", example="targets.onnx")
         from nst.export import TOLERANCE, ModuleSpec, export_targets, export_to_store
 
         w = load_weights_for(weights, cfg.seed)

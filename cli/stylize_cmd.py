@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nst.engine import config as C
 from nst.engine.files import intermediate_path, remove, temporaries_beside
 
-from .common import UserError, console, fail, load_weights_for, parse_list, user_errors
+from .common import UserError, check_writable, console, fail, load_weights_for, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
 from .targets_opt import TargetsMode, choose_targets, planned_source_bytes
 
@@ -67,6 +67,7 @@ def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None
             raise UserError(f"{what} {out} is one of the input images; inputs are never overwritten, choose another name")
     if out.exists() and out.is_dir():
         raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'out.png'}")
+    check_writable(out, what)  # a file where one of its folders would be
 
 
 def build_config(preset: C.Preset, overrides: dict[str, object]) -> C.StyleConfig:
@@ -297,6 +298,8 @@ def _check_paths(o: StylizeOptions) -> None:
     for extra, what in ((o.report, "report"), (o.compare, "comparison sheet")):
         if extra is not None and any(same_file(extra, p) for p in [*inputs, o.output]):
             raise UserError(f"the {what} path {extra} would overwrite an input or the output")
+    check_writable(o.report, "--report", example="report.json")
+    check_writable(o.compare, "--compare", example="compare.png")
     if o.compare is not None:
         output_format(o.compare)
 

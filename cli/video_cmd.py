@@ -21,7 +21,7 @@ from nst.engine import config as C
 from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
+from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
 from .targets_opt import planned_source_bytes
 
@@ -110,14 +110,18 @@ def _check_output(output: Path, inputs: list[Path], report: Path | None) -> None
             raise UserError(f"output {output} is one of the inputs; inputs are never overwritten, choose another name")
     if report is not None and any(same_file(report, p) for p in [*inputs, output]):
         raise UserError(f"the report path {report} would overwrite an input or the output")
+    check_writable(report, "--report", example="report.json")
     if is_video_path(output):
         if output.is_dir():
             raise UserError(f"output {output} is a folder; give a file name or a folder without a video extension")
+        check_writable(output, "output")  # a file where one of its folders would be
         choose_encoder(output)  # an FFmpeg without a fitting encoder fails here, before any work
     elif output.suffix or (output.exists() and not output.is_dir()):
         raise UserError(f"output {output}: use a video file (.mp4, .mkv, .mov, .webm, .avi) or a folder for the frames")
     elif output.is_dir() and any(output.iterdir()):
         raise UserError(f"output folder {output} is not empty; choose a new or empty folder for the frames")
+    else:
+        check_writable(output, "output", folder=True)
 
 
 def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the run's phases

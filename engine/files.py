@@ -10,6 +10,7 @@ without a tag). Sweeping only stale ones keeps a live writer's file safe.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -51,6 +52,19 @@ def temp_prefix(stem: str) -> str:
     return f".{stem}.~{os.getpid()}-{_host()}."
 
 
+def in_the_way(path: Path, *, folder: bool = False) -> str | None:
+    """What stops a file (or with `folder`, a folder) being made at `path`, known before any
+    work: a folder (a file) already there, or a file where one of its folders would be. None
+    when nothing is in the way (the path or its folders may still be missing: writers make them)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return f"{path} is a file, not a folder" if folder else f"{path} is a folder"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a folder"
+    return None
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
 
@@ -58,8 +72,13 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     writers of one path both succeed and the last rename wins. The file gets the permissions a
     plain write would give it (a replaced file keeps its own), not the temporary file's 0600.
     A SIGKILL leaves the temporary, named for `temporaries_beside` and `sweep` to find.
+    A folder at `path`, or a file where one of its folders would be, is an OSError naming `path`.
     """
     path = Path(path)
+    problem = in_the_way(path)
+    if problem is not None:  # named for `path`, not for a temporary or a folder mkdir tried
+        raise (IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path)) if path.is_dir()
+               else NotADirectoryError(errno.ENOTDIR, f"cannot make its folder: {problem}", str(path)))  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     # Named before it exists (unique by the writer's pid and host in the prefix, and 32 random
     # bits) and made inside the `try`: a Ctrl-C that Python raises as the creating system call

@@ -138,3 +138,58 @@ def test_too_thin_names_what_can_help_and_the_advice_works(images: dict[str, Pat
     # A style image too small: there --style-scale does help, and is named.
     r = runner.invoke(app, ["stylize", str(images["content"]), s, "-o", str(out), *BASE, "--style-scale", "0.1"])
     assert r.exit_code == 2 and "a larger --style-scale" in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize("case", [
+    "stylize report is a folder", "stylize report under a file", "stylize output under a file", "stylize compare is a folder",
+    "batch report is a folder", "batch output under a file", "video report is a folder", "video output under a file",
+    "bench json is a folder", "bench csv under a file", "export output under a file",
+])  # fmt: skip
+def test_a_path_nothing_can_be_written_at_is_refused_before_any_work(case: str, images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A report, sheet, table or output whose path is a folder, or lies under a file, was found
+    only when written: after the whole run, as `error: .<temporary>.tmp: Is a directory` or
+    `error: file: File exists`. Now it is one line naming the path, before the weights load."""
+    import nst.cli.bench_cmd as bench_cmd
+    import nst.cli.common as common
+    import nst.cli.export_cmd as export_cmd
+    import nst.cli.stylize_cmd as stylize_cmd
+    import nst.cli.video_cmd as video_cmd
+    from PIL import Image
+
+    def no_work(*a, **k):
+        raise AssertionError("the weights were loaded: work began before the paths were checked")
+
+    for module in (common, stylize_cmd, video_cmd, bench_cmd, export_cmd):
+        monkeypatch.setattr(module, "load_weights_for", no_work)
+    c, s = str(images["content"]), str(images["style"])
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    file.write_text("x")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.open(c).save(frames / f"{i:04d}.png")
+    run = ["--weights", "random", "--size", "48", "--iterations", "1", "-q"]
+    o = str(tmp_path / "o.png")
+    bench = ["bench", "--device", "cpu", "--weights", "random", "--sizes", "32", "--precision", "fp32", "--iterations", "1", "--warmup", "0"]
+    args, path, why = {
+        "stylize report is a folder": (["stylize", c, s, "-o", o, *run, "--report", str(folder)], folder, "is a folder; give a file name such as"),
+        "stylize report under a file": (["stylize", c, s, "-o", o, *run, "--report", str(file / "r.json")], file / "r.json", f"{file} is a file, not a folder"),
+        "stylize output under a file": (["stylize", c, s, "-o", str(file / "o.png"), *run], file / "o.png", f"{file} is a file, not a folder"),
+        "stylize compare is a folder": (["stylize", c, s, "-o", o, *run, "--compare", str(folder)], folder, "is a folder"),
+        "batch report is a folder": (["batch", c, "--style", s, "-o", str(tmp_path / "out"), *run, "--report", str(folder)], folder, "is a folder"),
+        "batch output under a file": (["batch", c, "--style", s, "-o", str(file / "out"), *run], file / "out", f"{file} is a file, not a folder"),
+        "video report is a folder": (["video", str(frames), s, "-o", str(tmp_path / "v.mp4"), *run, "--report", str(folder)], folder, "is a folder"),
+        "video output under a file": (["video", str(frames), s, "-o", str(file / "v.mp4"), *run], file / "v.mp4", f"{file} is a file, not a folder"),
+        "bench json is a folder": ([*bench, "--json", str(folder)], folder, "is a folder; give a file name such as"),
+        "bench csv under a file": ([*bench, "--csv", str(file / "b.csv")], file / "b.csv", f"{file} is a file, not a folder"),
+        "export output under a file": (["export", "--weights", "random", "-o", str(file / "t.onnx")], file / "t.onnx", f"{file} is a file, not a folder"),
+    }[case]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    line = " ".join(r.output.split())
+    assert r.output.startswith("error: cannot write") and f" {path}: " in line and why in line, r.output
+    assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output and ".tmp" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n in ["content.png", "style.jpg", "style2.png", "folder", "file", "frames"])
+    assert list(folder.iterdir()) == [] and file.read_text() == "x"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nst.engine.files import write_atomic
+from nst.engine.files import in_the_way, write_atomic
 
 
 def _mode(path) -> int:
@@ -93,3 +93,31 @@ def test_temporaries_name_their_writer_and_only_stale_ones_go(tmp_path, killed_w
     removed = remove(found.values())
     assert {t.path.name for t in removed} == {t.path.name for t in killed} | {old.name}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.notes.txt", Path(live).name, young.name])
+
+
+def test_a_folder_or_a_file_in_the_way_is_an_error_naming_the_path_not_a_temporary(tmp_path):
+    """Writing over a folder used to fail at the rename as `.<stem>.~<pid>...tmp: Is a directory`,
+    and under a file as mkdir's `<file>: File exists`. Both now name the path asked for, before
+    any temporary is made."""
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    file.write_text("x")
+    with pytest.raises(IsADirectoryError) as e:
+        write_atomic(folder, lambda tmp: tmp.write_text("y"))
+    assert e.value.filename == str(folder) and e.value.strerror == "is a folder, not a file"
+    with pytest.raises(NotADirectoryError) as e:
+        write_atomic(file / "sub" / "r.json", lambda tmp: tmp.write_text("y"))
+    assert e.value.filename == str(file / "sub" / "r.json") and e.value.strerror == f"cannot make its folder: {file} is a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and list(folder.iterdir()) == [] and file.read_text() == "x"
+
+
+def test_in_the_way_for_files_and_folders(tmp_path):
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    file.write_text("x")
+    assert in_the_way(tmp_path / "new" / "deeper" / "o.png") is None  # missing folders are made
+    assert in_the_way(file) is None and in_the_way(folder, folder=True) is None  # replaced / written into
+    assert in_the_way(folder) == f"{folder} is a folder"
+    assert in_the_way(file, folder=True) == f"{file} is a file, not a folder"
+    assert in_the_way(file / "a" / "b.json") == f"{file} is a file, not a folder"
+    assert in_the_way(file / "frames", folder=True) == f"{file} is a file, not a folder"
