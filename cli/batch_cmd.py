@@ -22,7 +22,7 @@ from rich.table import Table
 
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
-from .common import UserError, check_writable, console, ray_device_and_precision, user_errors
+from .common import UserError, check_threads, check_writable, console, flag_message, ray_device_and_precision, user_errors
 from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
@@ -116,8 +116,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         if not a["style"]:
             raise UserError("give at least one --style image")
         specs = job_grid(expand_images(a["contents"], exclude=out_dir), style_sets(a["style"], exclude=out_dir), name=a["name"])
-    if a["threads"] is not None and a["threads"] < 1:
-        raise UserError(f"--threads must be 1 or more, got {a['threads']}")
+    check_threads(a["threads"])
     if a["batch_size"] < 1:
         raise UserError(f"--batch-size must be 1 or more, got {a['batch_size']}")
 
@@ -132,7 +131,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
             try:
                 configs[key] = config_from_options(opts)
             except (UserError, ValueError) as e:
-                raise UserError(f"{where}: {e}" if where else str(e)) from None
+                raise UserError(f"{where}: {flag_message(e)}" if where else flag_message(e)) from None
         cfg = configs[key]
         if cfg.style_blend and len(cfg.style_blend) != len(spec.styles):  # type: ignore[attr-defined]
             raise UserError(f"{where or spec.name}: --style-blend has {len(cfg.style_blend)} weights for {len(spec.styles)} style images")  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from nst.engine.config import Precision, Preset, TileGrams, preset
+from nst.engine.config import Precision, Preset, TileGrams, check_seed, preset
 from nst.engine.files import write_atomic
 from nst.engine.layers import deepest_layer
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
     from nst.engine.bench import BenchRow
     from nst.engine.weights import Weights
+
+# A bound on --iterations and --warmup: a 20-digit count overflowed torch with a traceback.
+MAX_ITERATIONS = 1_000_000
 
 
 def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "") -> list[str]:
@@ -45,8 +48,8 @@ def bench_command(
     optimizer: Annotated[str, typer.Option("--optimizer", help="Comma list of lbfgs (ours), adam, torch-lbfgs (torch.optim.LBFGS); with --to-result also lbfgs:H, L-BFGS with a history of H.")] = "lbfgs",
     preset_names: Annotated[str, typer.Option("--preset", help="Comma list of presets whose layer sets and losses to run: gatys, seed.")] = "gatys",
     loop: Annotated[str, typer.Option("--loop", help="Comma list: fast (what stylize runs), reference (the notebook's: content, style and output through all of VGG19 every step).")] = "fast",
-    iterations: Annotated[int, typer.Option("--iterations", min=1, help="Timed iterations per case.")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed iterations first (autotuning, allocator, compile).")] = 3,
+    iterations: Annotated[int, typer.Option("--iterations", min=1, max=MAX_ITERATIONS, help="Timed iterations per case.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, max=MAX_ITERATIONS, help="Untimed iterations first (autotuning, allocator, compile).")] = 3,
     weights: Annotated[str, typer.Option("--weights", help="random (natural here: the cost does not depend on the values), imagenet or a file.")] = "random",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights and images.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -64,7 +67,7 @@ def bench_command(
     flops: Annotated[bool, typer.Option("--flops", help="Print the per-layer FLOP count for the sizes and presets, and exit.")] = False,
     to_result: Annotated[bool, typer.Option("--to-result", help="Instead of throughput: seconds until each setting's loss is within 1% of a reference (500 single-scale fp32 L-BFGS iterations, computed once and cached).")] = False,
     result_scales: Annotated[Optional[list[str]], typer.Option("--result-scales", metavar="SCALES", help="--to-result: a scales setting to time, repeatable: single, auto, or sizes with iterations such as 64:100,128:50,256 [single, auto].", show_default=False)] = None,
-    result_iterations: Annotated[int, typer.Option("--result-iterations", min=1, help="--to-result: most iterations at the output size before a setting counts as not reached.")] = 500,
+    result_iterations: Annotated[int, typer.Option("--result-iterations", min=1, max=MAX_ITERATIONS, help="--to-result: most iterations at the output size before a setting counts as not reached.")] = 500,
     content: Annotated[Optional[Path], typer.Option("--content", help="--to-result: content image [seeded synthetic images].", show_default=False)] = None,
     style: Annotated[Optional[Path], typer.Option("--style", help="--to-result: style image.", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
@@ -83,6 +86,7 @@ def bench_command(
     from nst.engine.device import resolve_device, resolve_precision
 
     with user_errors():
+        check_seed(seed)
         hw = [parse_size(s) for s in parse_list(sizes, what="size")]
         if not hw:
             raise UserError("--sizes is empty: give e.g. 256,512")

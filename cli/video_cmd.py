@@ -21,7 +21,7 @@ from nst.engine import config as C
 from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
+from .common import UserError, check_threads, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
 from .targets_opt import planned_source_bytes
 
@@ -149,8 +149,7 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
     selection = FrameSelection.parse(a["frames"], int(a["every"]))
     if a["fps"] is not None and not (0 < float(a["fps"]) <= 1000):
         raise UserError(f"--fps must be above 0 and at most 1000, got {a['fps']}")
-    if a["threads"] is not None and a["threads"] < 1:
-        raise UserError(f"--threads must be 1 or more, got {a['threads']}")
+    check_threads(a["threads"])
     fps = Fraction(str(a["fps"])).limit_denominator(1001) if a["fps"] is not None else None
     jobs = [ClipJob(src, out, selection, fps) for src, out in zip(inputs, outputs)]
 

@@ -277,8 +277,8 @@ def validate(cfg: StyleConfig) -> None:
             raise ConfigError(f"{len(weights)} {what} layer weights given for {len(layers)} {what} layers")
         if any(not w >= 0 for w in weights):
             raise ConfigError(f"{what} layer weights must be >= 0")
-    if any(not w >= 0 for w in cfg.style_blend) or (cfg.style_blend and sum(cfg.style_blend) <= 0):
-        raise ConfigError("style blend weights must be >= 0 and not all zero")
+    if any(not 0 <= w < float("inf") for w in cfg.style_blend) or (cfg.style_blend and sum(cfg.style_blend) <= 0):
+        raise ConfigError("style blend weights must be finite, >= 0 and not all zero")
     if not (0.05 <= cfg.style_scale <= 8):
         raise ConfigError(f"style_scale must be between 0.05 and 8, got {cfg.style_scale}")
     if cfg.pixel_scale not in (1.0, 255.0):
@@ -290,6 +290,16 @@ def validate(cfg: StyleConfig) -> None:
             raise ConfigError(f"`{name}` has an empty entry: give a mask image path, or - for everywhere", params=(name,))
     if not cfg.init:
         raise ConfigError(f"init must be one of {', '.join(INIT_CHOICES)} or an image path")
+    check_seed(cfg.seed)
+
+
+MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; numpy's none below 0
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed no generator here takes (a huge one overflowed in torch with a traceback)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"`seed` must be 0 to {MAX_SEED}, got {seed}", params=("seed",))
 
 
 def content_layer_weights(cfg: StyleConfig) -> tuple[float, ...]:

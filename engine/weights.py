@@ -108,6 +108,9 @@ def random_weights(*, seed: int = 0) -> Weights:
     """Seeded random weights, initialised as torchvision initialises VGG (Kaiming, fan-out)."""
     import torch
 
+    from .config import check_seed
+
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for key, shape in expected_shapes().items():
@@ -175,7 +178,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"{path} is a folder, not a weights file" if path.is_dir() else f"weights file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(64)
     kind = file_format(head, path.stat().st_size)

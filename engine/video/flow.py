@@ -70,7 +70,7 @@ def find_raft_weights(*, hub_dir: Path | None = None, path: Path | None = None) 
     """A RAFT weights file: `path` if given, else torchvision's file in the torch hub cache."""
     if path is not None:
         if not Path(path).is_file():
-            raise FlowError(f"RAFT weights file not found: {path}")
+            raise FlowError(f"{path} is a folder, not a RAFT weights file" if Path(path).is_dir() else f"RAFT weights file not found: {path}")
         return Path(path)
     folder = Path(hub_dir if hub_dir is not None else torch.hub.get_dir()) / "checkpoints"
     for name in RAFT_FILES.values():

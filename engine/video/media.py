@@ -44,6 +44,11 @@ def is_video_path(path: Path) -> bool:
     return Path(path).suffix.lower() in CONTAINERS
 
 
+# `every`'s bound: the output's frame rate is the source's over it, and a 20-digit one overflowed
+# FFmpeg's rational with a traceback. A million frames is over nine hours at 30 fps.
+MAX_EVERY = 1_000_000
+
+
 @dataclass(frozen=True)
 class FrameSelection:
     """`--frames A:B` and `--every N`: source frames A (from 0) up to B (excluded), every Nth."""
@@ -55,8 +60,8 @@ class FrameSelection:
     def __post_init__(self) -> None:
         if self.start < 0 or (self.stop is not None and self.stop <= self.start):
             raise ConfigError(f"`frames` range {self.start}:{'' if self.stop is None else self.stop} is empty: use A:B with 0 <= A < B", params=("frames",))
-        if self.every < 1:
-            raise ConfigError(f"`every` must be 1 or more, got {self.every}", params=("every",))
+        if not 1 <= self.every <= MAX_EVERY:
+            raise ConfigError(f"`every` must be 1 to {MAX_EVERY}, got {self.every}", params=("every",))
 
     @classmethod
     def parse(cls, text: str | None, every: int = 1) -> "FrameSelection":

@@ -70,7 +70,12 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "imagenet offline": (["stylize", c, s, "-o", out, *BASE[2:]], "nst weights import FILE"),
         "bad enum": (["stylize", c, s, "-o", out, *BASE, "--optimizer", "sgd"], "sgd"),
         "bad int": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "big"], "Invalid value for '--size'"),
+        # A seed past 64 bits overflowed torch's generator with a traceback; an infinite blend weight made the loss nan.
+        "seed huge": (["stylize", c, s, "-o", out, *BASE, "--seed", "99999999999999999999"], "--seed must be 0 to 9223372036854775807, got 99999999999999999999"),
+        "seed negative": (["stylize", c, s, "-o", out, *BASE, "--seed", "-1"], "--seed must be 0 to"),
+        "blend infinite": (["stylize", c, s, "-o", out, *BASE, "--style-blend", "1e400"], "style blend weights must be finite"),
         "import missing": (["weights", "import", str(tmp / "none.pth")], "weights file not found"),
+        "import a folder": (["weights", "import", str(tmp)], f"{tmp} is a folder, not a weights file"),
     }
 
 
@@ -80,7 +85,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "style scale", "init missing",
     "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "bad enum",
-    "bad int", "import missing",
+    "bad int", "seed huge", "seed negative", "blend infinite", "import missing", "import a folder",
 ])  # fmt: skip
 def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):
     before = {p: p.read_bytes() for p in images.values()}

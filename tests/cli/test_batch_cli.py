@@ -107,7 +107,9 @@ def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
         ([], "at least one --style"),
         (["--style", "STYLE", "--name", "{style}.png"], "would both write"),
         (["--style", "STYLE", "--name", "{who}.png"], "unknown field {who}"),
-        (["--style", "STYLE", "--threads", "0"], "--threads must be 1 or more"),
+        (["--style", "STYLE", "--threads", "0"], "--threads must be 1 to 1024"),
+        (["--style", "STYLE", "--threads", "99999999"], "--threads must be 1 to 1024"),  # torch's pool of that size never returned
+        (["--style", "STYLE", "--seed", "99999999999999999999"], "--seed must be 0 to 9223372036854775807"),
         (["--style", "STYLE", "--device", "cuda:3", "--ray"], "with Ray"),
         (["--style", "STYLE", "--size", "5"], "out of range"),
         (["--jobs", "BADCOL"], "cannot change per row"),

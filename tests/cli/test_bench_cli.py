@@ -107,6 +107,7 @@ def test_flops_prints_the_table_and_totals():
         (["--loop", "slow"], "loop"),
         (["--sizes", "8"], "too small"),
         (["--device", "cuda:7"], "cuda"),
+        (["--seed", "99999999999999999999"], "--seed must be 0 to 9223372036854775807"),  # overflowed torch with a traceback
     ],
 )
 def test_bad_values_are_one_line_errors(args, message):
@@ -114,6 +115,13 @@ def test_bad_values_are_one_line_errors(args, message):
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0].lower(), r.output
+
+
+@pytest.mark.parametrize("flag", ["--iterations", "--warmup", "--result-iterations"])
+def test_a_20_digit_iteration_count_is_a_usage_error_not_an_overflow(flag):
+    r = runner.invoke(app, ["bench", "--device", "cpu", "--sizes", "32", flag, "99999999999999999999"])
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for '{flag}'" in r.output and "1000000" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypatch):

@@ -221,6 +221,8 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "bad range": ([str(pan), s, "-o", out, "--frames", "5:2"], "--frames range 5:2 is empty"),
         "range past end": ([str(pan), s, "-o", out, "--frames", "40:50"], "none of them in the range 40:50"),
         "every zero": ([str(pan), s, "-o", out, "--every", "0"], "every must be"),
+        "every huge": ([str(pan), s, "-o", out, "--every", "99999999999999999999"], "--every must be 1 to 1000000"),
+        "threads huge": ([str(pan), s, "-o", out, "--threads", "99999999"], "--threads must be 1 to 1024"),
         "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "--temporal-weight must be"),
         "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here; use --flow dis"),
         "missing style": ([str(pan), str(tmp / "none.jpg"), "-o", out], "image not found"),
@@ -231,7 +233,7 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
 
 
 @pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
-                                  "output extension", "bad range", "range past end", "every zero", "negative weight", "raft without weights", "missing style",
+                                  "output extension", "bad range", "range past end", "every zero", "every huge", "threads huge", "negative weight", "raft without weights", "missing style",
                                   "budget too small", "bad tile", "dry run on ray"])  # fmt: skip
 def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]

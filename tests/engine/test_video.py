@@ -95,6 +95,8 @@ def test_raft_needs_weights_and_runs_with_a_local_file(tmp_path, monkeypatch):
         find_raft_weights()
     with pytest.raises(FlowError, match="not found"):
         find_raft_weights(path=tmp_path / "missing.pth")
+    with pytest.raises(FlowError, match="is a folder, not a RAFT weights file"):
+        find_raft_weights(path=tmp_path)
     from torchvision.models.optical_flow import raft_small
 
     torch.manual_seed(0)
