@@ -68,6 +68,37 @@ def images(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def exported_store(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A cache folder whose model store holds the random weights' export for the test module's
+    `LAYERS` (CLI flags), made by `nst export` once per module."""
+    from typer.testing import CliRunner
+
+    from nst.cli.app import app
+
+    d = tmp_path_factory.mktemp("store")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NST_CACHE_DIR", str(d))
+    try:
+        r = CliRunner().invoke(app, ["export", "--weights", "random", *request.module.LAYERS])
+        assert r.exit_code == 0, r.output
+    finally:
+        mp.undo()
+    return d
+
+
+@pytest.fixture
+def models_cache(exported_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh cache folder (NST_CACHE_DIR) per test holding a copy of `exported_store`'s models:
+    no second export."""
+    import shutil
+
+    d = tmp_path / "cache"
+    shutil.copytree(exported_store / "models", d / "models")
+    monkeypatch.setenv("NST_CACHE_DIR", str(d))
+    return d
+
+
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES

@@ -18,29 +18,10 @@ LAYERS = ["--content-layers", "relu2_2", "--style-layers", "relu1_1,relu2_1"]
 FAST = ["--weights", "random", "--size", "48", "--iterations", "4", *LAYERS]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder whose model store has this module's model, exported once."""
-    d = tmp_path_factory.mktemp("store")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NST_CACHE_DIR", str(d))
-    try:
-        r = runner.invoke(app, ["export", "--weights", "random", *LAYERS])
-        assert r.exit_code == 0, r.output
-    finally:
-        mp.undo()
-    return d
-
-
 @pytest.fixture
-def cache(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh cache folder per test holding a copy of the exported model (no second export)."""
-    import shutil
-
-    d = tmp_path / "cache"
-    shutil.copytree(store / "models", d / "models")
-    monkeypatch.setenv("NST_CACHE_DIR", str(d))
-    return d
+def cache(models_cache: Path) -> Path:
+    """A fresh cache folder holding this module's model (`LAYERS`), exported once (conftest)."""
+    return models_cache
 
 
 def stylize(images: dict[str, Path], out: Path, *extra: str):
