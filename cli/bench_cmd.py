@@ -79,8 +79,6 @@ def bench_command(
 
     Per case: ms/iteration, TFLOP/s, percent of peak and peak memory.
     """
-    import torch
-
     from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
     from nst.engine.bench_targets import bench_targets
     from nst.engine.device import resolve_device, resolve_precision

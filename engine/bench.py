@@ -223,12 +223,8 @@ def case_images(case: BenchCase, device: torch.device, seed: int) -> tuple[torch
     return content, style
 
 
-def skipped_row(case: BenchCase, device: torch.device, reason: str) -> BenchRow:
-    """A row for a case that was not run, with the reason."""
-    return skipped_row(case, device, reason)
-
-
 def skipped_row(case: BenchCase, device: torch.device, reason: str, **extra: object) -> BenchRow:
+    """A row for a case that was not run, with the reason (and any `extra` fields)."""
     fields: dict[str, object] = dict(
         size=f"{case.height}x{case.width}", precision=case.precision.value, device=str(device),
         ms_per_iteration=None, ms_per_iteration_p10=None, ms_per_iteration_p90=None,

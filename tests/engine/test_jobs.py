@@ -110,8 +110,8 @@ def test_jobs_csv_rows_overrides_and_errors(folder, tmp_path):
     csv = tmp_path / "jobs.csv"
     csv.write_text(
         "content,style,output,Size,--style-weight\n"
-        f"in/a.png,styles/s1.png,one.png,40,\n"
-        f'in/b.jpg,"styles/s1.png,styles/s2.png",,,1e3\n'
+        "in/a.png,styles/s1.png,one.png,40,\n"
+        'in/b.jpg,"styles/s1.png,styles/s2.png",,,1e3\n'
         "\n"
     )
     rows = read_jobs_csv(csv)

@@ -18,7 +18,6 @@ from nst.engine.layers import feature_hw
 from nst.engine.losses import content_loss, gram_matrix, guided_gram, style_loss
 from nst.engine.masks import group_styles, layer_guides, make_guidance, mask_tensor, stage_guide
 from nst.engine.transfer import build_model, stylize, target_key
-from nst.engine.weights import load_into
 
 FP32 = Runtime(device=torch.device("cpu"), precision=Precision.FP32)
 SHALLOW = dict(style_layers=("relu1_1", "relu2_1", "relu3_1"), content_layers=("relu3_2",), style_layer_weights=())
@@ -187,8 +186,6 @@ def test_all_white_masks_give_the_unmasked_image(weights, pictures):
 def test_style_regions_and_multiscale(weights, pictures):
     """A region of ones gives the whole image's targets; a half region other ones; masks follow
     every scale; regional targets are cached under a key with the region in it."""
-    from nst.engine.cache import TargetCache
-
     content, a = pictures["content"], pictures["a"]
     cfg = preset("gatys", size=48, scales=(32, 48), iterations=2, **SHALLOW)
     whole = stylize(content, [a], cfg, weights=weights, runtime=FP32).image

@@ -12,7 +12,7 @@ from nst.engine import color
 from nst.engine.config import GATYS, SEED, Optimizer, PreserveColors, preset
 from nst.engine.features import VGGFeatures
 from nst.engine.images import ImageError, load_image, to_tensor, resize
-from nst.engine.losses import content_loss, gram_matrix, style_loss, tv_loss
+from nst.engine.losses import gram_matrix, style_loss
 from nst.engine.targets import ImageTargets, TorchTargets
 from nst.engine.transfer import StopRun, build_model, stylize
 from nst.engine.device import Runtime, resolve_precision
