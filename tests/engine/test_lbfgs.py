@@ -144,6 +144,33 @@ def test_same_iterates_for_any_loss_scale(scale):
     assert (got[-1] - x_star).norm() < 0.1 * (x0 - x_star).norm()
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1e-3, 1e4])
+def test_same_iterates_at_any_loss_scale_while_every_pair_fails_the_curvature_test(scale):
+    """A double well, sum((x^2 - 1)^2), started at x = 0.1 where its curvature is negative: the
+    first pairs all fail the curvature test, so H is gamma * I. With gamma starting at 1 those
+    steps were raw gradients, as large as the loss: about 4e-9 per iteration at scale 1e-8 and 4e-4
+    at 1e-3 (stuck), and at 1 and 1e4 the cap's. Starting at the first step's scale they are the
+    same steps at every scale, and the run crosses into the wells (x = +-1)."""
+    f = lambda x: ((x * x - 1.0) ** 2).sum()  # noqa: E731
+    x0 = torch.full((8,), 0.1) + 0.01 * torch.arange(8.0)
+    def run(c: float) -> tuple[list[torch.Tensor], LBFGS]:
+        x = x0.clone().requires_grad_(True)
+        opt = LBFGS(x, history=5, first_step=0.05, max_step=0.5)
+        out = []
+        for _ in range(60):
+            x.grad = None
+            loss = c * f(x)
+            loss.backward()
+            opt.step(loss.detach())
+            out.append(opt.point().clone())
+        return out, opt
+    ref, _ = run(1.0)
+    got, opt = run(scale)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), f"iterate {i} at scale {scale}"
+    assert int(opt._accepted) > 0 and float(f(got[-1])) < 1e-3 * float(f(x0))  # in the wells
+
+
 def test_torch_stalls_on_a_small_loss_where_ours_does_not():
     # What the relative test fixes: at scale 1e-12 torch rejects every pair (y.s < 1e-10) and its
     # first step, min(1, 1/|g|_1) = 1, is a plain gradient step of a tiny gradient.
