@@ -28,7 +28,8 @@ any positive constant gives the same iterates, up to rounding:
   torch's `min(1, 1/|g|_1) * lr` shrinks with the loss and can fall below fp32's resolution.
   Until a pair passes the curvature test, H is gamma * I with gamma that first step's scale,
   where torch's is 1: a plain gradient step, as small as the loss (a run whose first pairs
-  failed, negative curvature along -g, barely moved).
+  failed, negative curvature along -g, barely moved). Each such step that lowers the loss
+  doubles gamma, as a line search extrapolates, until a pair passes.
 - `max_step` caps the largest entry's move in every step (a device-side `clamp`, no sync). With
   no line search, a pair of tiny positive curvature from a non-convex region makes H huge along
   it: measured, one step moved pixels by 389 (of a [0, 1] range) and the loss rose 8e9-fold.
@@ -238,7 +239,16 @@ class LBFGS:
             # Not Armijo's sufficient decrease: a loss computed in bf16 can repeat exactly, and a
             # step that leaves it unchanged must not be shortened for ever.
             accept = torch.isfinite(f) & (f <= self._base_f)
+        none_yet = self._accepted == 0
         ab = self._remember(g - self._prev_g, self._prev_s, g, accept)
+        # While no pair has passed, a step that lowered the loss but whose pair failed the
+        # curvature test (the loss is concave along it, so no quadratic model has a minimum
+        # there) doubles the next one: a line search's extrapolation, spread over iterations,
+        # bounded by `max_step` and by the taking back of a step whose loss rose. Measured from
+        # chelsea with starry_night at 128 px (fp32, random weights): the first pair passed at
+        # iteration 6 instead of 41, and the loss after 50 iterations was 0.00127 against 0.0029.
+        grow = none_yet & (self._accepted == 0) & accept
+        self._gamma = torch.where(grow, self._gamma * 2, self._gamma)
         s = self._capped(self._direction(g, ab) * self.lr)
         keep = accept.unsqueeze(1)  # (B, 1)
         if f is not None and self._base_f is not None:

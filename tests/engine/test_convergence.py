@@ -51,15 +51,16 @@ def test_fp32_gatys_at_96px_falls_90_percent_in_100_iterations(curve96):
 
 def test_lbfgs_moves_where_its_first_curvature_pairs_all_fail(weights):
     """chelsea with starry_night at 64 px from the content image: the loss is concave along -g
-    for its first ~40 iterations, so every pair fails the curvature test. Those steps used to be
+    for its first iterations, so every pair fails the curvature test. Those steps used to be
     plain gradient steps of the normalised loss's tiny gradient: 30 iterations took the loss down
-    0.75%. At the first step's scale they took it down 21% (measured), and later pairs pass."""
+    0.75%. At the first step's scale, doubling while the loss falls, the first pair passes at
+    iteration 6 and 30 iterations take the loss to 1.4% of its start (measured)."""
     from pathlib import Path
 
     ex = Path(__file__).resolve().parents[2] / "examples"
     cfg = preset("gatys", size=64, scales=(), iterations=30, lbfgs_patience=0)
     r = stylize(load_image(ex / "chelsea.png"), [load_image(ex / "starry_night.jpeg")], cfg, weights=weights, runtime=Runtime())
-    assert min(r.loss_history) < 0.9 * r.loss_history[0], f"loss fell to {min(r.loss_history) / r.loss_history[0]:.4f} of its start"
+    assert min(r.loss_history) < 0.1 * r.loss_history[0], f"loss fell to {min(r.loss_history) / r.loss_history[0]:.4f} of its start"
 
 
 @pytest.mark.parametrize("scale", [1e-8, 1e8])

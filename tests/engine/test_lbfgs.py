@@ -171,6 +171,28 @@ def test_same_iterates_at_any_loss_scale_while_every_pair_fails_the_curvature_te
     assert int(opt._accepted) > 0 and float(f(got[-1])) < 1e-3 * float(f(x0))  # in the wells
 
 
+def test_while_no_pair_passes_each_step_that_lowers_the_loss_doubles():
+    """Concave along the steps (the double well near 0), a quadratic model has no minimum: the
+    steps double, as a line search extrapolates, and the run reaches the wells in 7 iterations
+    where steps of the first one's size took 11."""
+    f = lambda x: ((x * x - 1.0) ** 2).sum()  # noqa: E731
+    x0 = torch.full((8,), 0.1) + 0.01 * torch.arange(8.0)
+    x = x0.clone().requires_grad_(True)
+    opt = LBFGS(x, history=5, first_step=0.05, max_step=0.5)
+    points, reached = [x0.clone()], None
+    for i in range(20):
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        opt.step(loss.detach())
+        points.append(opt.point().clone())
+        if reached is None and float(f(points[-1])) < 1e-3 * float(f(x0)):
+            reached = i + 1
+    moves = [float((b - a).abs().max()) for a, b in zip(points[1:4], points[2:5])]  # accepted points 1..4: no pair has passed yet
+    assert all(later >= 1.8 * earlier for earlier, later in zip(moves, moves[1:])), moves
+    assert reached is not None and reached <= 8
+
+
 def test_torch_stalls_on_a_small_loss_where_ours_does_not():
     # What the relative test fixes: at scale 1e-12 torch rejects every pair (y.s < 1e-10) and its
     # first step, min(1, 1/|g|_1) = 1, is a plain gradient step of a tiny gradient.
