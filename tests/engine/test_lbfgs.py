@@ -191,6 +191,17 @@ def test_while_no_pair_passes_each_step_that_lowers_the_loss_doubles():
     moves = [float((b - a).abs().max()) for a, b in zip(points[1:4], points[2:5])]  # accepted points 1..4: no pair has passed yet
     assert all(later >= 1.8 * earlier for earlier, later in zip(moves, moves[1:])), moves
     assert reached is not None and reached <= 8
+    # Without losses nothing is taken back, so nothing bounds a growing step: it keeps its size.
+    x = x0.clone().requires_grad_(True)
+    opt = LBFGS(x, history=5, first_step=0.05)
+    xs = [x0.clone()]
+    for _ in range(4):
+        x.grad = None
+        f(x).backward()
+        opt.step()
+        xs.append(x.detach().clone())
+    plain = [float((b - a).abs().max()) for a, b in zip(xs[1:], xs[2:])]
+    assert int(opt._accepted) == 0 and all(later < 1.3 * earlier for earlier, later in zip(plain, plain[1:])), plain
 
 
 def test_torch_stalls_on_a_small_loss_where_ours_does_not():
