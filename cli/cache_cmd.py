@@ -12,7 +12,7 @@ from rich.table import Table
 from nst.engine.cache import TargetCache
 from nst.engine.files import STALE_AFTER
 
-from .common import cache_dir, console, user_errors
+from .common import cache_dir, console, usable_cache_dir, user_errors
 
 cache_app = typer.Typer(help="The target cache and the exported models in the cache folder.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Pri
     runs left (with whether each is stale).
     """
     with user_errors():
-        info = TargetCache(cache_dir()).info()
+        info = TargetCache(usable_cache_dir()).info()
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -69,6 +69,6 @@ def cache_clear_command() -> None:
     Imported weights stay.
     """
     with user_errors():
-        removed = TargetCache(cache_dir()).clear()
+        removed = TargetCache(usable_cache_dir()).clear()
     temps = f", {removed['temporaries']} temporaries" if removed["temporaries"] else ""
     console.print(f"removed {removed['entries']} target entries and {removed['models']} models{temps} ({_mb(removed['bytes'])}) from {cache_dir()}")

@@ -41,6 +41,19 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("nst", appauthor=False))
 
 
+def usable_cache_dir() -> Path:
+    """`cache_dir()` for a command that needs it (`nst cache`, `nst export` into the store): one
+    error line when a file stands there or where one of its folders would be. (`stylize` and the
+    others go on without a cache then, with a warning.)"""
+    from nst.engine.files import in_the_way
+
+    d = cache_dir()
+    problem = in_the_way(d, folder=True)
+    if problem is not None:
+        raise UserError(f"the cache folder {d} cannot be used: {problem}; set {CACHE_ENV} to a folder")
+    return d
+
+
 def torch_hub_dir() -> Path:
     """torch.hub's folder, found by `torch.hub.get_dir()`'s rule without importing torch:
     `$TORCH_HOME/hub`, else `$XDG_CACHE_HOME/torch/hub`, else `~/.cache/torch/hub`."""

@@ -10,7 +10,7 @@ import typer
 from nst.engine import config as C
 from nst.engine.onnx_meta import OPSET
 
-from .common import UserError, cache_dir, check_writable, console, load_weights_for, parse_list, user_errors
+from .common import UserError, check_writable, console, load_weights_for, parse_list, usable_cache_dir, user_errors
 
 
 def export_command(
@@ -39,6 +39,7 @@ def export_command(
         if output is not None and output.suffix.lower() != ".onnx":
             raise UserError(f"the output {output} should end in .onnx")
         check_writable(output, "-o", example="targets.onnx")
+        store = usable_cache_dir() if output is None else None  # before the export's work
         from nst.export import TOLERANCE, ModuleSpec, export_targets, export_to_store
 
         w = load_weights_for(weights, cfg.seed)
@@ -47,7 +48,7 @@ def export_command(
         if output is not None:
             res = export_targets(w, output, spec)
         else:
-            res = export_to_store(cache_dir(), w, spec)
+            res = export_to_store(store, w, spec)
     for note in res.notes:
         console.print(f"[yellow]warning:[/] {note}")
     if res.verification is None:

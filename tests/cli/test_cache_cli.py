@@ -27,3 +27,24 @@ def test_info_and_clear(images, tmp_path: Path, _private_cache: Path):
     assert cleared.exit_code == 0 and "removed 2 target entries and 1 models" in cleared.output
     assert json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout) | {"folder": ""} == {
         "folder": "", "entries": 0, "bytes": 0, "models": [], "model_bytes": 0, "temporaries": [], "temporary_bytes": 0}  # fmt: skip
+
+
+def test_a_file_where_the_cache_folder_goes_is_one_error_line(images, tmp_path: Path, monkeypatch):
+    """`nst cache info` printed an empty table for it, `nst cache clear` said it removed nothing,
+    and `nst export` did the export's work before failing to write into it. `stylize`, for which
+    the cache is only an optimisation, goes on without it after one warning."""
+    file = tmp_path / "cache"
+    file.write_text("x")
+    monkeypatch.setenv("NST_CACHE_DIR", str(file))
+    for args in (["cache", "info"], ["cache", "clear"], ["export", "--weights", "random"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"error: the cache folder {file} cannot be used: {file} is a file, not a folder; set NST_CACHE_DIR to a folder"), r.output
+        assert r.output.strip().count("\n") == 0 and "exporting" not in r.output, r.output
+    out = tmp_path / "o.png"
+    r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(out), "--weights", "random", "--size", "48",
+                            "--iterations", "1", "--targets", "torch", "-q"])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    (warning,) = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert "target cache" in warning and "going on without caching" in warning, r.output
+    assert file.read_text() == "x"
