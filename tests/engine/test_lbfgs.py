@@ -368,6 +368,27 @@ def test_batched_equals_each_problem_alone(losses, kw):
         assert float(fs[2](points[-1][2])) < 1e-6 * float(fs[2](x0[2]))
 
 
+def test_batched_steps_double_per_problem_until_its_first_pair_passes():
+    """A double well started where it is concave (no pair passes at first, so its steps double)
+    beside a quadratic (its first pair passes, so its steps never do): each row takes the steps
+    it takes alone, the doubling decided per row."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(N_DIM, N_DIM, generator=gen)
+    a = a @ a.T + torch.eye(N_DIM)
+    fs = [lambda x: 1e-3 * ((x * x - 1.0) ** 2).sum(), lambda x: 1e-6 * 0.5 * x @ a @ x]
+    x0 = torch.stack([0.02 + 0.01 * torch.arange(float(N_DIM)), torch.randn(N_DIM, generator=gen)])
+    kw = {"history": 5, "first_step": 0.05, "max_step": 0.5}
+    its, points, opt = _together(fs, x0, steps=15, losses=True, **kw)
+    for i, f in enumerate(fs):
+        ref, ref_points, ref_opt = _alone(f, x0[i], steps=15, losses=True, **kw)
+        for k in range(15):
+            torch.testing.assert_close(points[k][i], ref_points[k], rtol=1e-5, atol=1e-6, msg=f"problem {i}, point {k}")
+        assert int(opt._accepted[i]) == int(ref_opt._accepted)
+    well = [float((b[0] - a[0]).abs().max()) for a, b in zip([x0, *points[:2]], points[:3])]
+    assert well[1] >= 1.8 * well[0] and well[2] >= 1.8 * well[1], well  # 0.05, then doubled twice
+    assert float(fs[0](points[-1][0])) < 1e-2 * float(fs[0](x0[0]))
+
+
 def test_batched_problem_going_non_finite_leaves_the_others_alone():
     # One problem's loss and gradient turn NaN at one step: its trial is taken back (it stays
     # finite), and the other rows take exactly the steps they take when nothing went wrong.
