@@ -20,9 +20,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from nst.engine import config as C
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
-from .common import UserError, check_threads, check_writable, console, flag_message, ray_device_and_precision, user_errors
+from .common import UserError, check_writable, console, flag_message, ray_device_and_precision, user_errors
 from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
@@ -116,7 +117,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         if not a["style"]:
             raise UserError("give at least one --style image")
         specs = job_grid(expand_images(a["contents"], exclude=out_dir), style_sets(a["style"], exclude=out_dir), name=a["name"])
-    check_threads(a["threads"])
+    C.check_threads(a["threads"])
     if a["batch_size"] < 1:
         raise UserError(f"--batch-size must be 1 or more, got {a['batch_size']}")
 

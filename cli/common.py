@@ -142,15 +142,6 @@ def check_writable(path: Path | None, what: str, *, folder: bool = False, exampl
         raise UserError(f"cannot write {what} {path}: {problem}{hint}")
 
 
-# --threads: torch.set_num_threads(99999999) never returned (a thread pool of that size).
-MAX_THREADS = 1024
-
-
-def check_threads(threads: int | None) -> None:
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise UserError(f"--threads must be 1 to {MAX_THREADS}, got {threads}")
-
-
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 

@@ -21,7 +21,7 @@ from nst.engine import config as C
 from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, check_threads, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
+from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
 from .targets_opt import planned_source_bytes
 
@@ -149,7 +149,7 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
     selection = FrameSelection.parse(a["frames"], int(a["every"]))
     if a["fps"] is not None and not (0 < float(a["fps"]) <= 1000):
         raise UserError(f"--fps must be above 0 and at most 1000, got {a['fps']}")
-    check_threads(a["threads"])
+    C.check_threads(a["threads"])
     fps = Fraction(str(a["fps"])).limit_denominator(1001) if a["fps"] is not None else None
     jobs = [ClipJob(src, out, selection, fps) for src, out in zip(inputs, outputs)]
 
@@ -453,10 +453,7 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
         from nst.engine.video.flow import RaftFlow
         from nst.engine.video.pipeline import run_clip
 
-        import torch
-
-        if a["threads"] is not None:
-            torch.set_num_threads(a["threads"])  # as a Ray worker would: the same sums, the same bytes
+        C.set_threads(a["threads"])  # as a Ray worker would: the same sums, the same bytes
         runtime = _runtime(a)
         w, source, cache, tinfo, phases = _setup(a, cfg, runtime, quiet=quiet)
         raft = RaftFlow(raft_file, device=runtime.device) if raft_file is not None else None

@@ -302,6 +302,26 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"`seed` must be 0 to {MAX_SEED}, got {seed}", params=("seed",))
 
 
+# CPU threads of a run (`threads`): torch.set_num_threads(99999999) never returned (a thread
+# pool of that size).
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count torch cannot sensibly take (None: torch's default)."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"`threads` must be 1 to {MAX_THREADS}, got {threads}", params=("threads",))
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU thread count, checked (None: leave torch's default)."""
+    check_threads(threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def content_layer_weights(cfg: StyleConfig) -> tuple[float, ...]:
     return cfg.content_layer_weights or tuple(1.0 for _ in cfg.content_layers)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from ..config import StyleConfig
+from ..config import StyleConfig, set_threads
 from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_memory, resolve_device, resolve_precision
 from ..features import VGGFeatures
 from ..images import ImageError, decode_image
@@ -141,10 +141,9 @@ class Worker:
         self, weights: Weights, *, device: str = "auto", precision: str = "auto", threads: int | None = None, targets: TargetsFactory | None = None,
         memory: MemoryRequest | None = None,
     ) -> None:
-        if threads is not None:
-            # CPU results depend on the thread count (the order of parallel sums): a batch fixes it
-            # so that every worker computes the same bytes.
-            torch.set_num_threads(threads)
+        # CPU results depend on the thread count (the order of parallel sums): a batch fixes it
+        # so that every worker computes the same bytes.
+        set_threads(threads)
         self.weights = weights
         dev = resolve_device(device)
         self.runtime = Runtime(device=dev, precision=resolve_precision(dev, precision))

@@ -39,11 +39,11 @@ def _run_on_worker(
     """One clip, start to end, in a Ray worker process."""
     import torch
 
+    from ..config import set_threads
     from ..device import Runtime, resolve_device, resolve_precision
     from .flow import RaftFlow
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads or None)
     dev = resolve_device(device)
     runtime = Runtime(device=dev, precision=resolve_precision(dev, precision))
     source, cache, info = targets(cfg=cfg, weights=weights, runtime=runtime) if targets is not None else (None, None, {})

@@ -67,3 +67,23 @@ def test_choices_given_as_strings_become_their_enums():
     assert cfg.to_dict()["pooling"] == "avg"
     with pytest.raises(ConfigError, match="pooling must be one of max, avg, got 'mean'"):
         preset("gatys", pooling="mean")
+
+
+def test_thread_counts_are_checked_where_torch_is_given_them():
+    """The bound lives with the call (`set_threads`, used by the batch worker, the video Ray worker
+    and nst video), so the Python API cannot hang torch with a thread pool of 99999999 either."""
+    import torch
+
+    from nst.engine.config import MAX_THREADS, check_threads, set_threads
+    from nst.engine.errors import ConfigError
+
+    before = torch.get_num_threads()
+    for bad in (0, -1, MAX_THREADS + 1, 99999999):
+        with pytest.raises(ConfigError, match=f"`threads` must be 1 to {MAX_THREADS}, got {bad}"):
+            set_threads(bad)
+        assert torch.get_num_threads() == before
+    check_threads(None)
+    set_threads(None)
+    assert torch.get_num_threads() == before
+    set_threads(before)
+    assert torch.get_num_threads() == before
