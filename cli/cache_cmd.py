@@ -12,7 +12,7 @@ from rich.table import Table
 from nst.engine.cache import TargetCache
 from nst.engine.files import STALE_AFTER
 
-from .common import cache_dir, console, usable_cache_dir, user_errors
+from .common import console, usable_cache_dir, user_errors
 
 cache_app = typer.Typer(help="The target cache and the exported models in the cache folder.", no_args_is_help=True)
 
@@ -69,6 +69,7 @@ def cache_clear_command() -> None:
     Imported weights stay.
     """
     with user_errors():
-        removed = TargetCache(usable_cache_dir()).clear()
+        folder = usable_cache_dir()
+        removed = TargetCache(folder).clear()
     temps = f", {removed['temporaries']} temporaries" if removed["temporaries"] else ""
-    console.print(f"removed {removed['entries']} target entries and {removed['models']} models{temps} ({_mb(removed['bytes'])}) from {cache_dir()}")
+    console.print(f"removed {removed['entries']} target entries and {removed['models']} models{temps} ({_mb(removed['bytes'])}) from {folder}")
