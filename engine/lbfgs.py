@@ -239,7 +239,6 @@ class LBFGS:
             # Not Armijo's sufficient decrease: a loss computed in bf16 can repeat exactly, and a
             # step that leaves it unchanged must not be shortened for ever.
             accept = torch.isfinite(f) & (f <= self._base_f)
-        none_yet = self._accepted == 0
         ab = self._remember(g - self._prev_g, self._prev_s, g, accept)
         # While no pair has passed, a step that lowered the loss but whose pair failed the
         # curvature test (the loss is concave along it, so no quadratic model has a minimum
@@ -248,9 +247,9 @@ class LBFGS:
         # chelsea with starry_night at 128 px (fp32, random weights): the first pair passed at
         # iteration 6 instead of 41, and the loss after 50 iterations was 0.00127 against 0.0029.
         # Without losses (every trial accepted, nothing taken back) the steps keep their size.
+        # (No pair kept now means none before: the count only grows.)
         if f is not None and self._base_f is not None:
-            grow = none_yet & (self._accepted == 0) & accept
-            self._gamma = torch.where(grow, self._gamma * 2, self._gamma)
+            self._gamma = torch.where((self._accepted == 0) & accept, self._gamma * 2, self._gamma)
         s = self._capped(self._direction(g, ab) * self.lr)
         keep = accept.unsqueeze(1)  # (B, 1)
         if f is not None and self._base_f is not None:
