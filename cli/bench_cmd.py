@@ -15,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from nst.engine.config import Precision, Preset, TileGrams, check_seed, preset
+from nst.engine.config import MAX_ITERATIONS, Precision, Preset, TileGrams, check_seed, preset
 from nst.engine.files import write_atomic
 from nst.engine.layers import deepest_layer
 
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
     from nst.engine.bench import BenchRow
     from nst.engine.weights import Weights
-
-# A bound on --iterations and --warmup: a 20-digit count overflowed torch with a traceback.
-MAX_ITERATIONS = 1_000_000
-
 
 def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "") -> list[str]:
     """`text` as a comma list of `allowed`; `alone` names a value that stands by itself (told in the error)."""

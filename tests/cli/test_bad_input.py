@@ -73,6 +73,8 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         # A seed past 64 bits overflowed torch's generator with a traceback; an infinite blend weight made the loss nan.
         "seed huge": (["stylize", c, s, "-o", out, *BASE, "--seed", "99999999999999999999"], "--seed must be 0 to 9223372036854775807, got 99999999999999999999"),
         "seed negative": (["stylize", c, s, "-o", out, *BASE, "--seed", "-1"], "--seed must be 0 to"),
+        # A 20-digit --iterations ran until interrupted.
+        "iterations huge": (["stylize", c, s, "-o", out, *BASE[:2], "--iterations", "99999999999999999999"], "--iterations must be 0 to 1,000,000, got 99999999999999999999"),
         "blend infinite": (["stylize", c, s, "-o", out, *BASE, "--style-blend", "1e400"], "style blend weights must be finite"),
         "import missing": (["weights", "import", str(tmp / "none.pth")], "weights file not found"),
         "import a folder": (["weights", "import", str(tmp)], f"{tmp} is a folder, not a weights file"),
@@ -85,7 +87,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "style scale", "init missing",
     "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "bad enum",
-    "bad int", "seed huge", "seed negative", "blend infinite", "import missing", "import a folder",
+    "bad int", "seed huge", "seed negative", "iterations huge", "blend infinite", "import missing", "import a folder",
 ])  # fmt: skip
 def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):
     before = {p: p.read_bytes() for p in images.values()}

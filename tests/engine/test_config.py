@@ -28,6 +28,10 @@ def test_config_validation_messages():
         dataclasses.replace(GATYS, scales=(512, 256))
     with pytest.raises(ConfigError, match="tv_weight must be a finite number"):
         dataclasses.replace(GATYS, tv_weight=-1)
+    with pytest.raises(ConfigError, match="`iterations` must be 0 to 1,000,000, got 1000001"):
+        dataclasses.replace(GATYS, iterations=1_000_001)
+    with pytest.raises(ConfigError, match=r"one count \(0 to 1,000,000\) per stage"):
+        dataclasses.replace(GATYS, scales=(128, 256), scale_iterations=(1, 10**7))
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("picasso")
     assert preset("seed", iterations=5).iterations == 5 and preset("seed").lr == 5.0
