@@ -59,6 +59,19 @@ def _pattern(w: int, h: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture
+def noise_png():
+    """Writes a w x h image of seeded uniform noise to a path (its format by the extension) and
+    returns the path: inputs whose sizes a test chooses."""
+
+    def write(path: Path, w: int, h: int, seed: int) -> Path:
+        rng = np.random.default_rng(seed)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+        return path
+
+    return write
+
+
+@pytest.fixture
 def images(tmp_path: Path) -> dict[str, Path]:
     """A 96x64 content and two 64x64 style images as PNG/JPEG files."""
     paths = {"content": tmp_path / "content.png", "style": tmp_path / "style.jpg", "style2": tmp_path / "style2.png"}

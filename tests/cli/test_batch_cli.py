@@ -22,20 +22,14 @@ runner = CliRunner()
 FAST = ["--weights", "random", "--size", "32", "--iterations", "2", "--targets", "torch", "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_2"]
 
 
-def _img(path: Path, w: int, h: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture
-def batch_dir(tmp_path: Path) -> dict[str, Path]:
+def batch_dir(tmp_path: Path, noise_png) -> dict[str, Path]:
     d = tmp_path / "photos"
     d.mkdir()
-    _img(d / "cat.png", 48, 32, 1)
-    _img(d / "dog.jpg", 32, 48, 2)
+    noise_png(d / "cat.png", 48, 32, 1)
+    noise_png(d / "dog.jpg", 32, 48, 2)
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    return {"dir": d, "a": _img(tmp_path / "monet.png", 40, 40, 3), "b": _img(tmp_path / "kahlo.jpg", 40, 32, 4), "tmp": tmp_path}
+    return {"dir": d, "a": noise_png(tmp_path / "monet.png", 40, 40, 3), "b": noise_png(tmp_path / "kahlo.jpg", 40, 32, 4), "tmp": tmp_path}
 
 
 def _journal(out: Path) -> list[dict]:

@@ -37,23 +37,17 @@ TINY = dataclasses.replace(GATYS, size=32, iterations=2, style_layers=("relu1_1"
 SETTINGS = {"weights": "w", "precision": "fp32", "targets": "torch"}
 
 
-def _img(path: Path, w: int, h: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture
-def folder(tmp_path: Path) -> dict[str, Path]:
+def folder(tmp_path: Path, noise_png) -> dict[str, Path]:
     d = tmp_path / "in"
     d.mkdir()
     s = tmp_path / "styles"
     s.mkdir()
     files = {
-        "a": _img(d / "a.png", 48, 32, 1),
-        "b": _img(d / "b.jpg", 32, 40, 2),
-        "s1": _img(s / "s1.png", 40, 40, 3),
-        "s2": _img(s / "s2.png", 36, 36, 4),
+        "a": noise_png(d / "a.png", 48, 32, 1),
+        "b": noise_png(d / "b.jpg", 32, 40, 2),
+        "s1": noise_png(s / "s1.png", 40, 40, 3),
+        "s2": noise_png(s / "s2.png", 36, 36, 4),
     }
     (d / "notes.txt").write_text("not an image")
     (d / ".hidden.png").write_bytes(b"")
@@ -205,7 +199,7 @@ def _jobs(folder, out: Path, cfg=TINY) -> list[Job]:
     return [Job(s.name, s.content, s.styles, out / s.name, cfg) for s in specs]
 
 
-def test_one_network_and_targets_once_per_style_then_rerun_skips(folder, tmp_path, weights):
+def test_one_network_and_targets_once_per_style_then_rerun_skips(noise_png, folder, tmp_path, weights):
     out = tmp_path / "out"
     sources: list = []
     worker = _worker(weights, sources)
@@ -232,7 +226,7 @@ def test_one_network_and_targets_once_per_style_then_rerun_skips(folder, tmp_pat
     assert {j.key: j.output.stat().st_mtime_ns for j in jobs} == before and len(calls) == 4
 
     # a changed content, a deleted output and a changed setting each bring their jobs back
-    _img(folder["a"], 48, 32, 99)
+    noise_png(folder["a"], 48, 32, 99)
     (out / "b--s1.jpg").unlink()
     res3 = run_batch(jobs, out, InProcessRunner(worker), settings=SETTINGS)
     assert sorted(f.job.key for f in res3.finished) == ["a--s1.png", "a--s2.png", "b--s1.jpg"]
@@ -242,11 +236,11 @@ def test_one_network_and_targets_once_per_style_then_rerun_skips(folder, tmp_pat
     assert sorted(json.loads(x)["job"] for x in lines) == sorted(j.key for j in jobs)  # each job once
 
 
-def test_failures_are_recorded_and_the_batch_goes_on(folder, tmp_path, weights):
+def test_failures_are_recorded_and_the_batch_goes_on(noise_png, folder, tmp_path, weights):
     out = tmp_path / "out"
     broken = folder["dir"] / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    thin = _img(folder["dir"] / "thin.png", 300, 4, 5)
+    thin = noise_png(folder["dir"] / "thin.png", 300, 4, 5)
     specs = job_grid([folder["a"], broken, thin], [(folder["s1"],)])
     jobs = [Job(s.name, s.content, s.styles, out / s.name, TINY) for s in specs]
     res = run_batch(jobs, out, InProcessRunner(_worker(weights, [])), settings=SETTINGS)
@@ -359,10 +353,10 @@ def test_a_killed_batchs_temporaries_are_swept_by_the_rerun(folder, tmp_path, we
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_batch_size_optimises_same_size_jobs_together_with_the_same_results(folder, tmp_path, weights):
+def test_batch_size_optimises_same_size_jobs_together_with_the_same_results(noise_png, folder, tmp_path, weights):
     """--batch-size 2: jobs are ordered so that same-size contents meet; each pair runs as one
     tensor; the images are those of one job at a time, within rounding."""
-    twin = _img(folder["dir"] / "twin.png", 48, 32, 7)  # the same size as a.png; b.jpg is not
+    twin = noise_png(folder["dir"] / "twin.png", 48, 32, 7)  # the same size as a.png; b.jpg is not
     specs = job_grid([folder["a"], folder["b"], twin], [(folder["s1"],)])
     cfg = dataclasses.replace(TINY, iterations=3)
     results = {}
@@ -389,13 +383,13 @@ def test_batch_size_must_be_positive(weights):
         InProcessRunner(Worker(weights, device="cpu", precision="fp32"), batch_size=0)
 
 
-def test_stopping_a_batched_run_keeps_latest_images_and_starts_nothing_more(folder, weights):
+def test_stopping_a_batched_run_keeps_latest_images_and_starts_nothing_more(noise_png, folder, weights):
     """StopRun (what Ctrl-C does) in the first group: its jobs are interrupted with their latest
     images; a second group (another size) is not started."""
     from nst.engine.jobs import read_input
     from nst.engine.transfer import StopRun
 
-    twin = _img(folder["dir"] / "twin.png", 48, 32, 7)
+    twin = noise_png(folder["dir"] / "twin.png", 48, 32, 7)
     cfg = dataclasses.replace(TINY, iterations=50)
     jobs = [Job(f"{p.stem}.png", p, (folder["s1"],), p, cfg) for p in (folder["a"], twin, folder["b"])]
 
@@ -409,7 +403,7 @@ def test_stopping_a_batched_run_keeps_latest_images_and_starts_nothing_more(fold
     assert outs[2].result is None and outs[2].reason == "not started"
 
 
-def test_a_memory_plan_runs_tiled_jobs_alone_and_groups_only_what_fits_together(folder, weights):
+def test_a_memory_plan_runs_tiled_jobs_alone_and_groups_only_what_fits_together(noise_png, folder, weights):
     """With `memory`, each job runs by its own plan, made on the worker: a tiled job runs alone
     (tile by tile, the whole image's result within rounding), same-size whole jobs share a tensor
     only as far as their estimates added up fit the budget, and a budget too small for any tile
@@ -419,7 +413,7 @@ def test_a_memory_plan_runs_tiled_jobs_alone_and_groups_only_what_fits_together(
     from nst.engine.plan import OVERHEAD, TileMode
     from nst.engine.transfer import MemoryRequest, plan_for
 
-    twin = _img(folder["dir"] / "twin.png", 48, 32, 7)  # a.png's size
+    twin = noise_png(folder["dir"] / "twin.png", 48, 32, 7)  # a.png's size
     cfg = dataclasses.replace(TINY, size=48, scales=(48,), iterations=3)
     jobs = [Job(f"{p.stem}.png", p, (folder["s1"],), p, cfg) for p in (folder["a"], twin)]
     inputs = [read_input(j) for j in jobs]

@@ -14,9 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from nst.cli.app import app
@@ -29,19 +27,13 @@ runner = CliRunner()
 FAST = ["--weights", "random", "--size", "32", "--iterations", "3", "--targets", "torch", "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_2", "--threads", "1"]
 
 
-def _img(path: Path, w: int, h: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
+def files(tmp_path: Path, noise_png) -> dict[str, Path]:
     d = tmp_path / "photos"
     d.mkdir()
     for i, (w, h) in enumerate([(48, 32), (32, 48), (40, 40)]):
-        _img(d / f"p{i}.png", w, h, i)
-    return {"dir": d, "style": _img(tmp_path / "style.png", 40, 40, 9), "tmp": tmp_path}
+        noise_png(d / f"p{i}.png", w, h, i)
+    return {"dir": d, "style": noise_png(tmp_path / "style.png", 40, 40, 9), "tmp": tmp_path}
 
 
 def _lines(out: Path) -> list[dict]:
@@ -132,9 +124,9 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command(cluster, files):
     assert len(_images(out)) == 3
 
 
-def test_ray_workers_optimise_batches_too(cluster, files):
+def test_ray_workers_optimise_batches_too(noise_png, cluster, files):
     """--batch-size 2 on the cluster: the same bytes as --batch-size 2 in this process."""
-    _img(files["dir"] / "p3.png", 48, 32, 3)  # p0 and p3 have the same size
+    noise_png(files["dir"] / "p3.png", 48, 32, 3)  # p0 and p3 have the same size
     local, remote = files["tmp"] / "local", files["tmp"] / "ray"
     args = ["batch", str(files["dir"]), "--style", str(files["style"]), *FAST, "--batch-size", "2", "-q"]
     assert runner.invoke(app, [*args, "-o", str(local)]).exit_code == 0
