@@ -549,6 +549,8 @@ def _style_groups(
     its styles' blend weights, renormalised), the mask at this stage's size and each layer's."""
     groups = []
     for idx, mask in group_styles(guidance.masks):
+        if sum(blends[0][i] for i in idx) == 0:
+            continue  # its styles' blend weights are all 0: the group's term weighs nothing
         guides = None if mask is None else layer_guides(stage_guide(mask, hw).to(device), cfg.style_layers)
         blended = []
         for (_, targets), sg, b in zip(per_image, stages, blends):

@@ -85,6 +85,21 @@ def test_white_masks_give_the_unmasked_image(images, masks, tmp_path: Path):
     assert np.abs(a - np.asarray(Image.open(c).resize((48, 32)), dtype=np.int16)).max() > 8  # the run did something
 
 
+def test_a_style_blended_at_0_under_its_mask_drops_out(images, masks, tmp_path: Path):
+    """`--style-blend 0,1` with a mask per style: the first style's region has no style term (it
+    divided by its group's zero weight with a traceback), so the run is the second style alone
+    under its mask; tiled as well."""
+    c, s1, s2 = images["content"], images["style"], images["style2"]
+    alone = tmp_path / "alone.png"
+    assert run("stylize", c, s2, "-o", alone, *FAST, "--masks", masks["right"]).exit_code == 0
+    for extra in ([], ["--tile", "32"]):
+        out = tmp_path / f"blend{len(extra)}.png"
+        r = run("stylize", c, s1, s2, "-o", out, *FAST, "--style-blend", "0,1", "--masks", f"{masks['left']},{masks['right']}", *extra)
+        assert r.exit_code == 0, r.output
+        a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (alone, out))
+        assert np.abs(a - b).max() <= 1, extra
+
+
 def test_masked_runs_tiled_equal_untiled(images, masks, tmp_path: Path):
     """Two styles under left/right masks and a content mask, L-BFGS in fp32: tile by tile (a 2x2
     grid at 64 px) and whole give the same image within one 8-bit level."""
