@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import dataclasses
-import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nst.engine import config as C
-from nst.engine.files import intermediate_path, remove, temporaries_beside
+from nst.engine.files import intermediate_path, remove, same_file, snapshot_over, temporaries_beside
 
 from .common import UserError, check_writable, console, fail, load_weights_for, parse_list, user_errors
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
@@ -48,13 +47,6 @@ def _default(name: str) -> str:
 
     vals = {p.value: fmt(getattr(cfg, name)) for p, cfg in C.PRESETS.items()}
     return f"[{next(iter(vals.values()))}]" if len(set(vals.values())) == 1 else "[" + ", ".join(f"{k} {v}" for k, v in vals.items()) + "]"
-
-
-def same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
 
 
 def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None:
@@ -268,6 +260,10 @@ class StylizeOptions:
         """The image `--init` names, if it names one rather than a choice."""
         return Path(self.init) if self.init is not None and self.init not in C.INIT_CHOICES else None
 
+    def input_paths(self) -> list[Path]:
+        """Every file the run reads: never overwritten."""
+        return [self.content, *self.styles, *([self.init_path] if self.init_path else []), *self.mask_paths()]
+
     def mask_paths(self) -> list[Path]:
         """The mask files the options name (inputs: never overwritten)."""
         cfg = self.config()
@@ -290,7 +286,7 @@ def _check_paths(o: StylizeOptions) -> None:
     """Refuse, before any work, outputs that would overwrite an input or cannot be written."""
     from nst.engine.images import output_format
 
-    inputs = [o.content, *o.styles, *([o.init_path] if o.init_path else []), *o.mask_paths()]
+    inputs = o.input_paths()
     check_output(o.output, inputs)
     swept = remove(temporaries_beside(o.output))  # what killed runs writing this output left
     if swept and not o.quiet:
@@ -314,6 +310,11 @@ def _configure(o: StylizeOptions) -> tuple[C.StyleConfig, Runtime]:
     for name, paths in (("--masks", cfg.masks), ("--style-regions", cfg.style_regions)):
         if paths and len(paths) != len(o.styles):
             raise UserError(f"{name} has {len(paths)} mask(s) for {len(o.styles)} style image(s); give one per style, in their order (- for everywhere)")
+    inputs = o.input_paths()
+    over = snapshot_over(o.output, [*inputs, *(p for p in (o.report, o.compare) if p is not None)], cfg.save_every, sum(cfg.stage_iterations))
+    if over is not None:
+        what = "the input" if over in inputs else "the file given as --report or --compare"
+        raise UserError(f"--save-every {cfg.save_every} would write a snapshot ({o.output.stem}.NNNN{o.output.suffix}) over {what} {over}; choose another -o name")
     dev = resolve_device(o.device)
     return cfg, Runtime(device=dev, precision=resolve_precision(dev, o.precision), cudnn_benchmark=o.cudnn_benchmark)
 

@@ -200,6 +200,30 @@ def intermediate_path(out: Path, step: int) -> Path:
     return out.with_name(f"{out.stem}.{step:04d}{out.suffix}")
 
 
+def snapshot_over(out: Path, others: Iterable[Path], save_every: int, steps: int) -> Path | None:
+    """The first of `others` that a `save_every` snapshot of `out` (`intermediate_path`, at
+    iterations save_every, 2 * save_every, ... before the last of `steps`) would overwrite."""
+    if save_every <= 0:
+        return None
+    name = re.compile(rf"{re.escape(out.stem)}\.(\d{{4,}}){re.escape(out.suffix)}")
+    for p in others:
+        m = name.fullmatch(Path(p).name)
+        if m is None or f"{int(m[1]):04d}" != m[1]:
+            continue
+        step = int(m[1])
+        if 0 < step < steps and step % save_every == 0 and same_file(Path(p).parent, out.parent):
+            return Path(p)
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder (existing or not)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def is_glob(text: str) -> bool:
     """Whether a path as typed is a pattern for `glob` (it has `*`, `?` or `[`)."""
     return any(c in "*?[" for c in text)

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from ..errors import EngineError
-from ..files import intermediate_path, remove, temporaries_beside
+from ..files import intermediate_path, remove, snapshot_over, temporaries_beside
 from ..images import ImageError, output_format, save_image
 from .joblist import Job
 from .journal import JobRecord, Journal, file_digest, now_iso, settings_digest
@@ -85,6 +85,15 @@ def check_jobs(jobs: Sequence[Job]) -> None:
         if j.output.exists() and j.output.is_dir():
             raise EngineError(f"output {j.output} is a folder")
         seen[out] = j
+    outputs = [j.output for j in jobs]
+    for j in jobs:
+        over = snapshot_over(j.output, [*inputs.values(), *outputs], j.cfg.save_every, sum(j.cfg.stage_iterations))
+        if over is not None:
+            what = "the input" if over.resolve() in inputs else "the output of another job,"
+            raise EngineError(
+                f"job {j.key}'s `save_every` snapshots ({j.output.stem}.NNNN{j.output.suffix}) would overwrite {what} {over}; choose another output folder or `name`",
+                params=("save_every", "name"),
+            )
 
 
 def run_batch(

@@ -200,3 +200,30 @@ def test_a_path_nothing_can_be_written_at_is_refused_before_any_work(case: str, 
     assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output and ".tmp" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n in ["content.png", "style.jpg", "style2.png", "folder", "file", "frames"])
     assert list(folder.iterdir()) == [] and file.read_text() == "x"
+
+
+def test_a_snapshot_that_would_overwrite_an_input_is_refused_before_any_work(images: dict[str, Path], tmp_path: Path):
+    """`--save-every N` writes OUT.NNNN.ext: an input of that name beside the output (content,
+    style, or --compare's sheet in stylize; any job's input or output in batch) was overwritten."""
+    import shutil
+
+    s = str(images["style"])
+    content = shutil.copy(images["content"], tmp_path / "o.0002.png")
+    style = shutil.copy(images["style"], tmp_path / "s.0002.jpg")
+    before = {p: p.read_bytes() for p in (content, style)}
+    run = ["--weights", "random", "--size", "48", "--iterations", "4", "--save-every", "2", "--targets", "torch"]
+    cases = {
+        "content": (["stylize", str(content), s, "-o", str(tmp_path / "o.png"), *run], f"--save-every 2 would write a snapshot (o.NNNN.png) over the input {content}"),
+        "style": (["stylize", s, str(style), "-o", str(tmp_path / "s.jpg"), *run], f"over the input {style}"),
+        "sheet": (["stylize", s, s, "-o", str(tmp_path / "x.png"), *run, "--compare", str(tmp_path / "x.0002.png")], "over the file given as --report or --compare"),
+        "batch": (["batch", s, "--style", str(style), "-o", str(tmp_path), "--name", "s.jpg", *run], f"job s.jpg's --save-every snapshots (s.NNNN.jpg) would overwrite the input {style}"),
+    }
+    for name, (args, expect) in cases.items():
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and expect in " ".join(r.output.split()), (name, r.output)
+        assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output, r.output
+    assert {p: p.read_bytes() for p in (content, style)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["content.png", "style.jpg", "style2.png", "o.0002.png", "s.0002.jpg"])
+    # Where the snapshot's iteration is not one the run saves at, the name is free.
+    r = runner.invoke(app, ["stylize", str(content), s, "-o", str(tmp_path / "o.png"), *run, "--iterations", "2"])
+    assert r.exit_code == 0 and before[content] == content.read_bytes(), r.output
