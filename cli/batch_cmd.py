@@ -12,7 +12,7 @@ import functools
 import inspect
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -142,11 +142,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         jobs.append(Job(spec.name, spec.content, spec.styles, out_dir / spec.name, cfg))  # type: ignore[arg-type]
     check_jobs(jobs)
     _check_masks({id(c): c for c in configs.values()}.values())
-    for extra, what in ((a["report"], "--report"), (a["compare"], "--compare")):
-        if extra is not None and any(Path(extra).resolve() == p.resolve() for j in jobs for p in (*j.inputs, j.output)):
-            raise UserError(f"{what} {extra} would overwrite an input or an output")
-    if a["compare"] is not None and Path(a["compare"]).is_file():
-        raise UserError(f"--compare {a['compare']} is a file; give a folder for the sheets")
+    _check_extras(jobs, out_dir, a["report"], a["compare"])
     check_writable(a["compare"], "--compare", folder=True)
     check_writable(a["report"], "--report", example="report.json")
 
@@ -284,6 +280,28 @@ def _check_masks(configs: Any) -> None:
                     check_not_black(m, param=param, index=i)
         if cfg.content_mask and cfg.content_mask.strip() != "-":
             check_not_black(load_mask(cfg.content_mask, param="content_mask"), param="content_mask")
+
+
+def _check_extras(jobs: Sequence[Any], out_dir: Path, report: Path | None, compare: Path | None) -> None:
+    """Refuse a --report or a --compare sheet that would land on an input, an output or the
+    journal (the sheets are named as the outputs: --compare at the -o or a content folder wrote
+    over those), and a --report that is the -o folder, before any work."""
+    from nst.engine.jobs import JOURNAL_NAME
+
+    taken = {p.resolve(): "an input" for j in jobs for p in j.inputs}
+    taken |= {j.output.resolve(): "an output" for j in jobs} | {(out_dir / JOURNAL_NAME).resolve(): "the batch's journal"}
+    if report is not None:
+        if Path(report).resolve() == out_dir.resolve():
+            raise UserError(f"cannot write --report {report}: it is the -o folder; give a file name such as {Path(report) / 'report.json'}")
+        if Path(report).resolve() in taken:
+            raise UserError(f"--report {report} would overwrite {taken[Path(report).resolve()]}; give another file name")
+    if compare is not None:
+        if Path(compare).is_file():
+            raise UserError(f"--compare {compare} is a file; give a folder for the sheets")
+        for j in jobs:
+            sheet = (Path(compare) / j.key).resolve()
+            if sheet in taken:
+                raise UserError(f"--compare {compare} would write job {j.key}'s sheet over {taken[sheet]} ({Path(compare) / j.key}); give a folder of its own for the sheets")
 
 
 def _sheet(job: Any, folder: Path) -> None:

@@ -141,9 +141,11 @@ def read_journal(path: Path) -> dict[str, JobRecord]:
     for line in text.splitlines():
         try:
             d = json.loads(line)
-            rec = JobRecord.from_dict(d)
+            rec = JobRecord.from_dict(d) if isinstance(d, dict) else None
         except (ValueError, TypeError):
             continue  # a line torn by a crash
+        if rec is None or not isinstance(rec.job, str):
+            continue  # JSON, but not a record (a file written over the journal)
         out.pop(rec.job, None)
         out[rec.job] = rec
     return out

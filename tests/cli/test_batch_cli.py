@@ -111,6 +111,11 @@ def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
         (["--jobs", "BADENUM"], "bad optimizer 'sgd' (use lbfgs, adam)"),
         (["--style", "STYLE", "--tile", "8"], "--tile 8 is too small"),
         (["--style", "STYLE", "--max-memory", "lots"], "memory size 'lots' not understood"),
+        # The sheets are named as the outputs: at the -o or the content folder they overwrote those.
+        (["--style", "STYLE", "--compare", "OUT"], "would write job cat--monet.png's sheet over an output"),
+        (["--style", "STYLE", "--name", "{content}.{ext}", "--compare", "PHOTOS"], "would write job cat.png's sheet over an input"),
+        (["--style", "STYLE", "--report", "JOURNAL"], "would overwrite the batch's journal"),  # a rerun then failed reading it
+        (["--style", "STYLE", "--report", "OUT"], "it is the -o folder; give a file name such as"),  # refused only after every job ran
     ],
 )
 def test_mistakes_are_one_line(batch_dir, extra, message):
@@ -119,13 +124,16 @@ def test_mistakes_are_one_line(batch_dir, extra, message):
                        ("BADENUM", "content,style,optimizer\nphotos/cat.png,monet.png,sgd\n"), ("JOBS", "content,style\nphotos/cat.png,monet.png\n")):  # fmt: skip
         (tmp / f"{name}.csv").write_text(text)
     subst = {"JOBS": str(tmp / "JOBS.csv"), "BADCOL": str(tmp / "BADCOL.csv"), "BADVAL": str(tmp / "BADVAL.csv"), "BADENUM": str(tmp / "BADENUM.csv"),
-             "CONTENT": str(batch_dir["dir"] / "cat.png"), "STYLE": str(batch_dir["a"])}  # fmt: skip
+             "CONTENT": str(batch_dir["dir"] / "cat.png"), "STYLE": str(batch_dir["a"]), "OUT": str(tmp / "out"), "PHOTOS": str(batch_dir["dir"]),
+             "JOURNAL": str(tmp / "out" / "nst-journal.jsonl")}  # fmt: skip
+    before = {p: p.read_bytes() for p in batch_dir["dir"].iterdir()}
     args = [subst.get(x, x) for x in extra]
     contents = [] if "--jobs" in extra else [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
     r = runner.invoke(app, ["batch", *contents, "-o", str(tmp / "out"), *FAST, *args])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     assert r.output.count("error:") == 1
+    assert {p: p.read_bytes() for p in batch_dir["dir"].iterdir()} == before and not (tmp / "out").exists()
 
 
 def test_tile_and_max_memory_plan_each_job(batch_dir):

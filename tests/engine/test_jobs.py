@@ -142,6 +142,9 @@ def test_journal_appends_forgets_and_survives_a_torn_line(tmp_path):
     with path.open("a") as f:
         f.write('{"job": "c", "stat')  # a crash in the middle of a line
     assert list(read_journal(path)) == ["a", "b"]
+    with path.open("a") as f:  # JSON that is not a record (a report once overwrote a journal): skipped too
+        f.write('\nnull\n[1, 2]\n"text"\n3.5\n{"job": [1], "status": "done", "output": "", "content": "", "content_sha256": "", "styles": [], "styles_sha256": [], "settings": ""}\n')
+    assert list(read_journal(path)) == ["a", "b"]
     with Journal(tmp_path) as j:
         j.forget(["b"])
         assert list(j.records) == ["a"]
