@@ -359,7 +359,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     """Load the images and weights, choose the targets, and run `stylize` under a progress bar."""
     from nst.engine.device import is_out_of_memory, out_of_memory_message
     from nst.engine.images import load_image
-    from nst.engine.transfer import check_sizes
+    from nst.engine.transfer import check_sizes, fit_scales
 
     phases: dict[str, float] = {}
     t = time.perf_counter()
@@ -376,6 +376,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         cfg = dataclasses.replace(o, optimizer=changes["optimizer"]).config()
     elif changes:
         cfg = dataclasses.replace(cfg, **changes)
+    cfg = fit_scales(cfg=cfg, contents=[content_im], styles=[style_ims])  # `--scales auto` as it runs: the coarse stages too small for the layers left out
     if plan.optimizer_note and not o.quiet:
         console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
     if o.dry_run:

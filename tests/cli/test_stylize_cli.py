@@ -232,3 +232,19 @@ def test_lbfgs_patience_and_cudnn_benchmark_reach_the_run_and_its_report(images,
     r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "p.png"), *FAST, "--lbfgs-patience", "-1"])
     assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "lbfgs_patience must be 0 (never stop early) or more, got -1" in r.output
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_report_gives_the_stages_that_ran_when_auto_leaves_a_coarse_one_out(images, tmp_path: Path):
+    """A wide, thin content: `--scales auto` (256 -> 64, 128, 256) leaves out 64 px, where the
+    image would be 2 px high; the report's config said [64, 128, 256] and [1, 1, 4] while the plan
+    and the run had two stages."""
+    wide = tmp_path / "wide.png"
+    Image.open(images["content"]).resize((512, 16)).save(wide)
+    out, rep = tmp_path / "o.png", tmp_path / "r.json"
+    args = [*FAST[:2], "--size", "256", "--iterations", "6", *FAST[6:]]
+    r = run("stylize", str(wide), str(images["style"]), "-o", str(out), *args, "--scales", "auto", "--report", str(rep), "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    sizes = [s["size"] for s in report["plan"]["stages"]]
+    assert report["config"]["sizes"] == sizes == [128, 256]
+    assert report["config"]["stage_iterations"] == [1, 5] and report["iterations"] == 6
