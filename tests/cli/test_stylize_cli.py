@@ -60,6 +60,9 @@ def test_same_seed_same_image(images, tmp_path: Path):
 def test_quiet_prints_nothing(images, tmp_path: Path):
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "q.png"), *FAST, "--quiet")
     assert r.exit_code == 0 and r.output.strip() == ""
+    # but a warning that the run is not what was asked for (here the memory plan's) still prints
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "q.png"), *FAST, "--optimizer-state", "host", "--quiet")
+    assert r.exit_code == 0 and r.output.startswith("warning: memory plan:") and len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_seed_preset_save_every_two_styles_and_options(images, tmp_path: Path):
