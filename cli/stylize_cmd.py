@@ -53,12 +53,12 @@ def check_output(out: Path, inputs: list[Path], *, what: str = "output") -> None
     """Refuse an output that would overwrite an input, sits in a missing folder, or has no known format."""
     from nst.engine.images import output_format
 
+    if out.is_dir():
+        raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'out.png'}")
     output_format(out)
     for p in inputs:
         if same_file(out, p):
             raise UserError(f"{what} {out} is one of the input images; inputs are never overwritten, choose another name")
-    if out.exists() and out.is_dir():
-        raise UserError(f"{what} {out} is a folder; give a file name such as {out / 'out.png'}")
     check_writable(out, what)  # a file where one of its folders would be
 
 

@@ -52,7 +52,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "output is style": (["stylize", c, s, "-o", s, *BASE], "inputs are never overwritten"),
         "report over input": (["stylize", c, s, "-o", out, *BASE, "--report", c], "would overwrite an input"),
         "unknown extension": (["stylize", c, s, "-o", str(tmp / "o.xyz"), *BASE], "unknown image extension"),
-        "output is a folder": (["stylize", c, s, "-o", str(tmp), *BASE], "unknown image extension"),
+        "output is a folder": (["stylize", c, s, "-o", str(tmp), *BASE], f"output {tmp} is a folder; give a file name such as"),
         "blend count": (["stylize", c, s, "-o", out, *BASE, "--style-blend", "1,2"], "2 weights for 1 style"),
         "negative lr": (["stylize", c, s, "-o", out, *BASE, "--lr", "-1"], "lr must be positive"),
         "negative weight": (["stylize", c, s, "-o", out, *BASE, "--style-weight", "-5"], "style_weight must be"),
