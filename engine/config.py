@@ -269,6 +269,11 @@ def validate(cfg: StyleConfig) -> None:
     for layer in cfg.content_layers + cfg.style_layers:
         if layer not in LAYER_NAMES:
             raise ConfigError(f"unknown layer {layer!r}: use names like conv1_1, relu4_2, pool3 (see `nst info`)")
+    for name in ("content_layers", "style_layers"):
+        layers = getattr(cfg, name)
+        twice = sorted({k for k in layers if layers.count(k) > 1})
+        if twice:  # a layer's weight is given once; the export refused the repeated output name
+            raise ConfigError(f"`{name}` names {', '.join(twice)} more than once", params=(name,))
     for layers, weights, what in (
         (cfg.content_layers, cfg.content_layer_weights, "content"),
         (cfg.style_layers, cfg.style_layer_weights, "style"),

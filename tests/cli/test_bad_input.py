@@ -41,6 +41,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "use a larger --size, or layers no deeper than"),
         "unknown layer": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu9_1"], "unknown layer 'relu9_1'"),
         # An empty list is a mistake, not "the default" (for no content loss: --content-weight 0).
+        "style layers twice": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu1_1"], "--style-layers names relu1_1 more than once"),
         "style layers empty": (["stylize", c, s, "-o", out, *BASE, "--style-layers", ""], "--style-layers '' names no layer"),
         "style layers comma": (["stylize", c, s, "-o", out, *BASE, "--style-layers", ","], "--style-layers ',' names no layer"),
         "content layers empty": (["stylize", c, s, "-o", out, *BASE, "--content-layers", ""], "or --content-weight 0 for no content loss"),
@@ -82,7 +83,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
 
 
 @pytest.mark.parametrize("case", [
-    "missing content", "missing style", "broken image", "too thin", "unknown layer", "style layers empty", "style layers comma",
+    "missing content", "missing style", "broken image", "too thin", "unknown layer", "style layers twice", "style layers empty", "style layers comma",
     "content layers empty", "scales comma", "bad layer weight", "size zero",
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "style scale", "init missing",

@@ -32,6 +32,8 @@ def test_config_validation_messages():
         dataclasses.replace(GATYS, iterations=1_000_001)
     with pytest.raises(ConfigError, match=r"one count \(0 to 1,000,000\) per stage"):
         dataclasses.replace(GATYS, scales=(128, 256), scale_iterations=(1, 10**7))
+    with pytest.raises(ConfigError, match="`style_layers` names relu1_1 more than once"):
+        dataclasses.replace(GATYS, style_layers=("relu1_1", "relu2_1", "relu1_1"))
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("picasso")
     assert preset("seed", iterations=5).iterations == 5 and preset("seed").lr == 5.0
