@@ -91,6 +91,8 @@ def expand_images(specs: Iterable[str | Path], *, what: str = "content", exclude
             found = [p]
         elif p.is_dir():
             found = sorted(q for q in p.iterdir() if wanted(q))
+            if not found and skip is not None and p.resolve() == skip:
+                raise JobListError(f"{what} folder {p} is the output folder, whose images are results, not inputs; give the output another folder (-o)")
             if not found:
                 raise JobListError(f"{what} folder {p} has no images ({', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp', '.tif'}))}, ...)")
         elif is_glob(text):

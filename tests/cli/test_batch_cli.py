@@ -116,6 +116,7 @@ def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
         (["--style", "STYLE", "--name", "{content}.{ext}", "--compare", "PHOTOS"], "would write job cat.png's sheet over an input"),
         (["--style", "STYLE", "--report", "JOURNAL"], "would overwrite the batch's journal"),  # a rerun then failed reading it
         (["--style", "STYLE", "--report", "OUT"], "it is the -o folder; give a file name such as"),  # refused only after every job ran
+        (["PHOTOS", "--style", "STYLE", "-o", "PHOTOS"], "is the output folder, whose images are results, not inputs"),  # it said "has no images"
     ],
 )
 def test_mistakes_are_one_line(batch_dir, extra, message):
@@ -128,8 +129,8 @@ def test_mistakes_are_one_line(batch_dir, extra, message):
              "JOURNAL": str(tmp / "out" / "nst-journal.jsonl")}  # fmt: skip
     before = {p: p.read_bytes() for p in batch_dir["dir"].iterdir()}
     args = [subst.get(x, x) for x in extra]
-    contents = [] if "--jobs" in extra else [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
-    r = runner.invoke(app, ["batch", *contents, "-o", str(tmp / "out"), *FAST, *args])
+    contents = [] if "--jobs" in extra or "PHOTOS" in extra[:1] else [str(batch_dir["dir"] / "cat.png"), str(batch_dir["dir"] / "dog.jpg")]
+    r = runner.invoke(app, ["batch", *contents, *(["-o", str(tmp / "out")] if "-o" not in extra else []), *FAST, *args])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     assert r.output.count("error:") == 1
