@@ -67,13 +67,13 @@ def parse_size(text: str) -> int:
     TB) and binary (KiB, MiB, GiB, TiB) suffixes; `6G` counts as `6GB`."""
     m = _SIZE.match(text or "")
     if not m:
-        raise ConfigError(f"memory size {text!r} not understood: use e.g. 800MB, 6GB or 4GiB")
+        raise ConfigError(f"`max_memory` {text!r} not understood: use e.g. 800MB, 6GB or 4GiB", params=("max_memory",))
     value, unit = float(m.group(1)), (m.group(2) or "b").lower()
     power = "bkmgt".index(unit[0]) if unit[0] in "kmgt" else 0
     base = 1024 if "i" in unit else 1000
     n = int(value * base**power)
     if n <= 0:
-        raise ConfigError(f"memory size {text!r} must be more than 0 bytes")
+        raise ConfigError(f"`max_memory` {text!r} must be more than 0 bytes", params=("max_memory",))
     return n
 
 

@@ -110,7 +110,7 @@ def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
         (["--jobs", "BADVAL"], "line 2: bad size 'big'"),
         (["--jobs", "BADENUM"], "bad optimizer 'sgd' (use lbfgs, adam)"),
         (["--style", "STYLE", "--tile", "8"], "--tile 8 is too small"),
-        (["--style", "STYLE", "--max-memory", "lots"], "memory size 'lots' not understood"),
+        (["--style", "STYLE", "--max-memory", "lots"], "--max-memory 'lots' not understood"),
         # The sheets are named as the outputs: at the -o or the content folder they overwrote those.
         (["--style", "STYLE", "--compare", "OUT"], "would write job cat--monet.png's sheet over an output"),
         (["--style", "STYLE", "--name", "{content}.{ext}", "--compare", "PHOTOS"], "would write job cat.png's sheet over an input"),

@@ -179,7 +179,7 @@ def test_an_image_larger_than_the_machine_is_refused_before_any_work(images, tmp
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-memory", "lots"], "memory size 'lots' not understood"),
+        (["--max-memory", "lots"], "--max-memory 'lots' not understood"),
         (["--tile", "huge"], "--tile 'huge' not understood"),
         (["--tile", "8"], "--tile 8 is too small"),
     ],
