@@ -376,7 +376,9 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
         cfg = dataclasses.replace(o, optimizer=changes["optimizer"]).config()
     elif changes:
         cfg = dataclasses.replace(cfg, **changes)
-    cfg = fit_scales(cfg=cfg, contents=[content_im], styles=[style_ims])  # `--scales auto` as it runs: the coarse stages too small for the layers left out
+    fitted = fit_scales(cfg=cfg, contents=[content_im], styles=[style_ims])
+    if fitted.sizes != cfg.sizes:  # `--scales auto` as it runs: the coarse stages too small for the layers left out
+        cfg = fitted
     if plan.optimizer_note:  # a change to what runs: a warning, --quiet or not (as nst video)
         console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
     if o.dry_run:

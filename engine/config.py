@@ -252,18 +252,18 @@ def validate(cfg: StyleConfig) -> None:
     if cfg.scale_iterations and (len(cfg.scale_iterations) != len(cfg.sizes) or not all(0 <= n <= MAX_ITERATIONS for n in cfg.scale_iterations)):
         raise ConfigError(f"scale_iterations needs one count (0 to {MAX_ITERATIONS:,}) per stage ({len(cfg.sizes)}), got {list(cfg.scale_iterations)}")
     if not (0 < cfg.lr <= 1e6):
-        raise ConfigError(f"lr must be positive and at most 1e6, got {cfg.lr}")
+        raise ConfigError(f"`lr` must be positive and at most 1e6, got {cfg.lr}", params=("lr",))
     if cfg.lbfgs_history < 1:
         raise ConfigError(f"lbfgs_history must be at least 1, got {cfg.lbfgs_history}")
     if cfg.lbfgs_patience < 0:
-        raise ConfigError(f"lbfgs_patience must be 0 (never stop early) or more, got {cfg.lbfgs_patience}")
+        raise ConfigError(f"`lbfgs_patience` must be 0 (never stop early) or more, got {cfg.lbfgs_patience}", params=("lbfgs_patience",))
     for name in ("lbfgs_first_step", "lbfgs_max_step"):
         if not (0 < getattr(cfg, name) <= 1e3):
             raise ConfigError(f"{name} must be positive (image units, [0, 1] of the pixel range), got {getattr(cfg, name)}")
     for name in ("content_weight", "style_weight", "tv_weight"):
         v = getattr(cfg, name)
         if not v >= 0 or v == float("inf"):
-            raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
+            raise ConfigError(f"`{name}` must be a finite number >= 0, got {v}", params=(name,))
     if not cfg.content_layers and not cfg.style_layers:
         raise ConfigError("give at least one content or style layer")
     for layer in cfg.content_layers + cfg.style_layers:
@@ -283,13 +283,13 @@ def validate(cfg: StyleConfig) -> None:
         if any(not w >= 0 for w in weights):
             raise ConfigError(f"{what} layer weights must be >= 0")
     if any(not 0 <= w < float("inf") for w in cfg.style_blend) or (cfg.style_blend and sum(cfg.style_blend) <= 0):
-        raise ConfigError("style blend weights must be finite, >= 0 and not all zero")
+        raise ConfigError("`style_blend` weights must be finite, >= 0 and not all zero", params=("style_blend",))
     if not (0.05 <= cfg.style_scale <= 8):
-        raise ConfigError(f"style_scale must be between 0.05 and 8, got {cfg.style_scale}")
+        raise ConfigError(f"`style_scale` must be between 0.05 and 8, got {cfg.style_scale}", params=("style_scale",))
     if cfg.pixel_scale not in (1.0, 255.0):
         raise ConfigError(f"pixel_scale must be 1 or 255, got {cfg.pixel_scale}")
     if cfg.save_every < 0:
-        raise ConfigError(f"save_every must be 0 or more, got {cfg.save_every}")
+        raise ConfigError(f"`save_every` must be 0 or more, got {cfg.save_every}", params=("save_every",))
     for name in ("masks", "style_regions"):
         if any(not str(p).strip() for p in getattr(cfg, name)):
             raise ConfigError(f"`{name}` has an empty entry: give a mask image path, or - for everywhere", params=(name,))

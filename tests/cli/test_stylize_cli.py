@@ -233,7 +233,7 @@ def test_lbfgs_patience_and_cudnn_benchmark_reach_the_run_and_its_report(images,
     assert r.exit_code == 0, r.output
     assert json.loads(report.read_text())["cudnn_benchmark"] is False  # the run's Runtime had it off
     r = runner.invoke(app, ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "p.png"), *FAST, "--lbfgs-patience", "-1"])
-    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "lbfgs_patience must be 0 (never stop early) or more, got -1" in r.output
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "--lbfgs-patience must be 0 (never stop early) or more, got -1" in r.output
     assert not (tmp_path / "p.png").exists()
 
 

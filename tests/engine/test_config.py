@@ -26,7 +26,7 @@ def test_config_validation_messages():
         dataclasses.replace(GATYS, size=10)
     with pytest.raises(ConfigError, match="scales must increase"):
         dataclasses.replace(GATYS, scales=(512, 256))
-    with pytest.raises(ConfigError, match="tv_weight must be a finite number"):
+    with pytest.raises(ConfigError, match="`tv_weight` must be a finite number"):
         dataclasses.replace(GATYS, tv_weight=-1)
     with pytest.raises(ConfigError, match="`iterations` must be 0 to 1,000,000, got 1000001"):
         dataclasses.replace(GATYS, iterations=1_000_001)

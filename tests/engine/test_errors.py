@@ -20,7 +20,7 @@ def test_every_engine_error_shares_the_base(cls):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="style_scale must be between"):
+    with pytest.raises(ConfigError, match="`style_scale` must be between"):
         C.preset("gatys", style_scale=100.0)
 
 
