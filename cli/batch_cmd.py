@@ -23,7 +23,7 @@ from rich.table import Table
 from nst.engine import config as C
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
-from .common import UserError, check_writable, console, flag_message, ray_device_and_precision, user_errors
+from .common import UserError, check_writable, console, flag_message, ray_device_and_precision, spelt_as_flags, user_errors
 from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
@@ -320,6 +320,11 @@ def _sheet(job: Any, folder: Path) -> None:
         console.print(f"[yellow]warning:[/] no comparison sheet for {job.key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
+def _reason(text: str) -> str:
+    """A job's failure reason with the engine's parameter names spelt as this command's flags."""
+    return spelt_as_flags(text, batch_command.__signature__.parameters)  # type: ignore[attr-defined]
+
+
 def closing_table(result: Any) -> Table:
     """One row per job this run finished (done or failed, with the reason); skipped ones counted."""
     table = Table(title="batch", header_style="bold")
@@ -328,7 +333,7 @@ def closing_table(result: Any) -> Table:
     for f in result.finished:
         r = f.record
         style = None if r.status == "done" else "red"
-        table.add_row(r.job, r.status, f"{r.seconds:.1f}", f"{r.loss:.4g}" if r.loss is not None else "-", r.reason, style=style)
+        table.add_row(r.job, r.status, f"{r.seconds:.1f}", f"{r.loss:.4g}" if r.loss is not None else "-", _reason(r.reason), style=style)
     for job in result.interrupted_jobs:
         table.add_row(job.key, "interrupted", "", "", "latest image kept; a rerun does it again", style="yellow")
     if result.skipped:
@@ -363,7 +368,7 @@ def batch_report(result: Any, w: Any, where: Mapping[str, object], settings: Map
     entries = []
     for f in result.finished:
         r, o = f.record, f.outcome
-        base = {"job": r.job, "status": r.status, "reason": r.reason, "seconds": r.seconds, "attempts": r.attempts, "worker": r.worker}
+        base = {"job": r.job, "status": r.status, "reason": _reason(r.reason), "seconds": r.seconds, "attempts": r.attempts, "worker": r.worker}
         if o is None or o.result is None:
             entries.append({"output": r.output, **base})
             continue

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,12 @@ def flag_message(e: BaseException) -> str:
     for name in getattr(e, "params", ()):
         msg = msg.replace(f"`{name}`", "--" + name.replace("_", "-"))
     return msg
+
+
+def spelt_as_flags(text: str, names: Collection[str]) -> str:
+    """`text` with the backquoted engine parameter names that are among `names` (a command's
+    options) spelt as flags: a batch job's failure reason, kept as the engine wrote it in the journal."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + m[1].replace("_", "-") if m[1] in names else m[0], text)
 
 
 # Expected failures: the user's input or this machine's limits: the engine's errors (DeviceError,

@@ -62,6 +62,18 @@ def test_folder_with_a_broken_file_then_a_rerun_skips_what_is_done(batch_dir):
     assert [x for x in recs2 if x["status"] == "done"] == done  # the skipped jobs' lines untouched
 
 
+def test_a_failed_jobs_reason_names_flags_in_the_table_and_report(batch_dir, noise_png):
+    """The journal keeps the engine's words (`size`); what the user reads says --size."""
+    thin = noise_png(batch_dir["tmp"] / "thin.png", 300, 4, 5)
+    out, rep = batch_dir["tmp"] / "out", batch_dir["tmp"] / "r.json"
+    r = runner.invoke(app, ["batch", str(thin), "--style", str(batch_dir["a"]), "-o", str(out), *FAST, "--report", str(rep)])
+    assert r.exit_code == 1, r.output
+    reason = json.loads(rep.read_text())["jobs"][0]["reason"]
+    assert "use a larger --size" in reason and "(--style-layers, --content-layers)" in reason and "`" not in reason
+    assert "--size" in " ".join(r.output.split())
+    assert "use a larger `size`" in _journal(out)[0]["reason"]
+
+
 def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
     tmp = batch_dir["tmp"]
     csv = tmp / "jobs.csv"
