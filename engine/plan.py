@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Optimizer, OptimizerState, Pooling, Precision, PreserveColors, StyleConfig
+from .config import MIN_SIZE, Optimizer, OptimizerState, Pooling, Precision, PreserveColors, StyleConfig
 from .device import autocast_dtype, format_bytes
 from .errors import ConfigError
 from .images import output_shape
@@ -662,12 +662,21 @@ def _check_host_budget(stages: Sequence[StagePlan], host_budget: int | None) -> 
 
 
 def _too_small(failure: _TooSmall, budget: int | None) -> PlanError:
+    """The budget that would do, and what else would: a smaller size where there is one, and
+    PyTorch's targets where ONNX Runtime's session is a share of the need."""
     assert budget is not None
     smallest = failure.smallest
+    how = f"even {smallest.tile} px tiles need" if smallest.tiles > 1 else "its smallest plan needs"
+    other = []
+    fixed = smallest.parts.get("weights", 0) + smallest.parts.get("source", 0)  # what no size makes smaller
+    if failure.size > MIN_SIZE and fixed < budget:
+        other.append("a smaller `size`")
+    if smallest.parts.get("source") and smallest.estimated_peak_bytes - smallest.parts["source"] <= budget:
+        other.append(f"`targets` torch (ONNX Runtime's session is {format_size_up(smallest.parts['source'])} of it)")
     return PlanError(
-        f"`max_memory` {format_size(budget)} is too small for size {failure.size}: even {smallest.tile} px tiles need about "
-        f"{format_size_up(smallest.estimated_peak_bytes)}; give at least that, or a smaller `size`",
-        params=("max_memory", "size"),
+        f"`max_memory` {format_size(budget)} is too small for size {failure.size}: {how} about "
+        f"{format_size_up(smallest.estimated_peak_bytes)}; give at least that" + "".join(f", or {o}" for o in other),
+        params=("max_memory", "size", "targets"),
     )
 
 

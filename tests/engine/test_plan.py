@@ -225,6 +225,25 @@ def test_too_small_a_budget_names_one_that_works():
     value, unit = re.search(r"need about ([\d.]+) (MB|GB)", msg).groups()
     named = parse_size(f"{value}{unit}")
     assert plan_run(cfg, (4096, 4096), [(64, 64)], budget=named).stages[0].mode == "tiled"  # the size named, as given back, does
+    assert msg.endswith("give at least that, or a smaller `size`") and "even 64 px tiles need" in msg
+
+
+def test_too_small_a_budget_suggests_only_what_would_help():
+    """At the smallest size no smaller `size` exists; where ONNX Runtime's session is what tips the
+    budget over, PyTorch's targets are named, and not where they would not fit either."""
+    tiny = preset("gatys", size=32, **ONE_STAGE)
+    with pytest.raises(PlanError) as e:
+        plan_run(tiny, (48, 32), [(64, 64)], budget=6 * 10**7)
+    assert "its smallest plan needs about" in str(e.value) and "smaller `size`" not in str(e.value) and "targets" not in str(e.value)
+    cfg = preset("gatys", size=64, **ONE_STAGE)
+    need = plan_run(cfg, (64, 43), [(64, 64)], tile=TileMode.OFF).stages[0].estimated_peak_bytes
+    source = 60 * 10**6
+    with pytest.raises(PlanError) as e:
+        plan_run(cfg, (64, 43), [(64, 64)], budget=need + source // 2, held={"source": source})
+    assert "or `targets` torch (ONNX Runtime's session is 60.0 MB of it)" in str(e.value) and e.value.params[-1] == "targets"
+    with pytest.raises(PlanError) as e:
+        plan_run(cfg, (64, 43), [(64, 64)], budget=need // 2, held={"source": source})
+    assert "targets" not in str(e.value)
 
 
 @pytest.mark.parametrize("n", [999, 3_749_999_999, 3_750_000_001, 123_456_789, 10**9, 2**40])
