@@ -561,7 +561,8 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
         console.print(f"[yellow]interrupted:[/] {result.message}; saved {o.output}")
         raise typer.Exit(130)
     if result.status == RunStatus.NONFINITE:
-        console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. Lower --lr or the loss weights.")
+        advice = "Lower --lr or the loss weights" if result.steps else "Lower the loss weights (--style-weight, --content-weight, --tv-weight)"
+        console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. {advice}.")
         raise typer.Exit(1)
     if result.status == RunStatus.OOM:
         console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. Try without the last --scales entry{_oom_advice(runtime)}.")

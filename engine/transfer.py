@@ -720,7 +720,11 @@ class _Loop:
                     finite = torch.isfinite(loss).tolist()
                     for i in [i for i in self.running if not finite[i]]:
                         self.status[i] = RunStatus.NONFINITE
-                        self.message[i] = f"the loss became {float(loss[i].detach())} at iteration {self.steps[i] + 1}; kept the last image with a finite loss"
+                        value = float(loss[i].detach())
+                        self.message[i] = (
+                            f"the loss became {value} at iteration {self.steps[i] + 1}; kept the last image with a finite loss" if self.steps[i]
+                            else f"the loss was {value} at the start, before any step; kept the starting image"
+                        )
                         self.kept[i] -= 1
                         self.running.remove(i)
                         self.stopped[i] = ((good[i : i + 1].to(x.dtype) / cfg.pixel_scale).clamp(0, 1), stages[i])

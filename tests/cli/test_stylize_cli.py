@@ -127,8 +127,12 @@ def test_nonfinite_loss_exits_nonzero_and_keeps_image(images, tmp_path: Path):
     out = tmp_path / "nan.png"
     r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--optimizer", "adam", "--lr", "1e6", "--style-weight", "1e30", "-q")
     assert r.exit_code == 1, r.output
-    assert "loss became" in r.output and "Traceback" not in r.output
+    assert "loss became" in r.output and "Lower --lr or the loss weights." in r.output and "Traceback" not in r.output
     assert out.is_file()
+    # Infinite from the start, before any step: the weights, not the lr, are what to lower.
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--style-weight", "1e300", "-q")
+    assert r.exit_code == 1 and "the loss was inf at the start, before any step; kept the starting image" in r.output, r.output
+    assert "Lower the loss weights (--style-weight" in r.output and "--lr" not in r.output
 
 
 def test_out_of_memory_is_one_line_and_a_later_scale_keeps_the_earlier_image(images, tmp_path: Path, monkeypatch):
