@@ -50,7 +50,7 @@ def timing_table(phases: dict[str, float], per_iter: dict[str, float | None], *,
     for name, secs in phases.items():
         table.add_row(name, f"{secs:.3f}")
     table.add_row("total", f"{sum(phases.values()):.3f}", style="bold")
-    if per_iter["mean"] is not None:
+    if per_iter["mean"] is not None and iterations > 0:  # none kept: a loss infinite from the start times one that is not counted
         # Two rates, labelled: the overall one (iterations over the optimisation phase, what the
         # progress bar ends on) counts the slow first iterations and any per-scale setup; the
         # median iteration's does not.
