@@ -153,6 +153,17 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
+def warn_if_weights_missing(spec: str) -> None:
+    """For a dry run, which plans without loading the weights: one warning where `--weights
+    imagenet` is not on this machine, so the run itself would stop."""
+    if spec.strip().lower() != "imagenet":
+        return
+    from nst.engine.weights import weights_status
+
+    if not weights_status(cache_dir=cache_dir(), hub_dir=torch_hub_dir())["imagenet_available"]:
+        warn("no ImageNet weights here: the run would stop (nst weights import FILE)")
+
+
 def load_weights_for(spec: str, seed: int) -> Weights:
     """`--weights` as every command reads it: the cache folder, torch hub's folder, `NST_OFFLINE`;
     weights that are not what was asked for (a hub file failing its hash check) are one warning."""

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nst.engine import config as C
 from nst.engine.files import intermediate_path, remove, same_file, snapshot_over, temporaries_beside
 
-from .common import UserError, check_writable, console, fail, load_weights_for, parse_list, user_errors
+from .common import UserError, check_writable, console, fail, load_weights_for, parse_list, user_errors, warn_if_weights_missing
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
 from .targets_opt import TargetsMode, choose_targets, planned_source_bytes
 
@@ -515,9 +515,12 @@ def plan_lines(plan: Plan) -> list[str]:
 
 
 def _dry_run(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, plan: Plan) -> None:
-    """Print the plan (and write it under `plan` in --report) and exit 0 without optimising."""
+    """Print the plan (and write it under `plan` in --report) and exit 0 without optimising; a
+    warning where the run itself would stop for want of the ImageNet weights (the plan does not
+    load them)."""
     for line in plan_lines(plan):
         console.print(line, highlight=False)
+    warn_if_weights_missing(o.weights)
     if o.report is not None:
         write_json(o.report, {"status": "dry-run", "plan": plan.to_dict(), "device": str(runtime.device), "precision": runtime.precision.value, "config": cfg.to_dict()})
         if not o.quiet:

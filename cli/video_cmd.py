@@ -21,7 +21,7 @@ from nst.engine import config as C
 from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors
+from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors, warn_if_weights_missing
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
 from .targets_opt import planned_source_bytes
 
@@ -196,6 +196,7 @@ def _dry_run(a: Mapping[str, Any], jobs: list, styles: list, cfg: C.StyleConfig,
             console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
         for line in plan_lines(plan):
             console.print(line, highlight=False)
+    warn_if_weights_missing(str(a["weights"]))
     if report is not None:
         from .report import write_json
 

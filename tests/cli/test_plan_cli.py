@@ -245,3 +245,15 @@ def test_bad_optimizer_states_are_one_error_line(images, tmp_path: Path, args, m
     assert message in r.output and "Traceback" not in r.output
     assert len([line for line in r.output.splitlines() if "error" in line.lower()]) == 1, r.output
     assert not (tmp_path / "c.png").exists()
+
+
+def test_a_dry_run_warns_when_the_run_would_lack_the_imagenet_weights(images, tmp_path: Path):
+    """The plan loads no weights, so it exits 0 either way; but without the ImageNet weights here
+    (none in the tests' private cache and hub folders) the run itself would stop: one warning."""
+    args = ["stylize", str(images["content"]), str(images["style"]), "-o", str(tmp_path / "c.png"), "--size", "64", "--dry-run"]
+    r = run(*args)
+    assert r.exit_code == 0 and not (tmp_path / "c.png").exists(), r.output
+    warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: no ImageNet weights here: the run would stop (nst weights import FILE)"], r.output
+    r = run(*args, "--weights", "random")
+    assert r.exit_code == 0 and "warning:" not in r.output, r.output
