@@ -102,7 +102,10 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
 
     from .common import load_weights_for
 
+    from .targets_opt import check_targets_options
+
     quiet = bool(a["quiet"])
+    check_targets_options(a["targets"], a["onnx"], a["provider"])
     out_dir = Path(a["output"])
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"-o {out_dir} is a file; nst batch writes into a folder")

@@ -19,7 +19,7 @@ from nst.engine.files import intermediate_path, remove, same_file, snapshot_over
 
 from .common import UserError, check_writable, console, fail, load_weights_for, parse_list, user_errors, warn_if_weights_missing
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
-from .targets_opt import TargetsMode, choose_targets, planned_source_bytes
+from .targets_opt import TargetsMode, check_targets_options, choose_targets, planned_source_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -286,6 +286,7 @@ def _check_paths(o: StylizeOptions) -> None:
     """Refuse, before any work, outputs that would overwrite an input or cannot be written."""
     from nst.engine.images import output_format
 
+    check_targets_options(o.targets, o.onnx, o.provider)
     inputs = o.input_paths()
     check_output(o.output, inputs)
     swept = remove(temporaries_beside(o.output))  # what killed runs writing this output left

@@ -27,6 +27,17 @@ class TargetsMode(str, enum.Enum):
     TORCH = "torch"
 
 
+def check_targets_options(targets: TargetsMode | str, onnx: Path | None, provider: Provider | str) -> None:
+    """`--onnx` and `--provider` are ONNX Runtime's: refused with `--targets torch` before any
+    work (a batch found the --onnx clash only once its first job started)."""
+    if TargetsMode(targets) != TargetsMode.TORCH:
+        return
+    if onnx is not None:
+        raise UserError("--onnx needs --targets onnx or auto, not torch")
+    if Provider(provider) != Provider.AUTO:
+        raise UserError(f"--provider {Provider(provider).value} chooses ONNX Runtime's provider: give it with --targets onnx or auto, not torch")
+
+
 def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 

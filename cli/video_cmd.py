@@ -23,7 +23,7 @@ from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoCo
 
 from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors, warn_if_weights_missing
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
-from .targets_opt import planned_source_bytes
+from .targets_opt import check_targets_options, planned_source_bytes
 
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE
 
@@ -135,6 +135,7 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
     output = Path(a["output"])
     report = Path(a["report"]) if a["report"] is not None else None
     quiet, on_ray = bool(a["quiet"]), bool(a["ray"]) or a["ray_address"] is not None
+    check_targets_options(a["targets"], a["onnx"], a["provider"])
     init = Path(a["init"]) if isinstance(a["init"], str) and a["init"] not in C.INIT_CHOICES else None
     outputs = _outputs(inputs, output)
     for out in outputs:

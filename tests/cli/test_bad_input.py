@@ -69,6 +69,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "weights file runs code": (["stylize", c, s, "-o", out, *BASE[2:], "--weights", str(evil)], "is not a plain state_dict"),
         "weights missing": (["stylize", c, s, "-o", out, *BASE[2:], "--weights", str(tmp / "x.pth")], "not imagenet, random"),
         "imagenet offline": (["stylize", c, s, "-o", out, *BASE[2:]], "nst weights import FILE"),
+        "provider with torch": (["stylize", c, s, "-o", out, *BASE, "--provider", "cuda"], "--provider cuda chooses ONNX Runtime's provider: give it with --targets onnx or auto, not torch"),
         "bad enum": (["stylize", c, s, "-o", out, *BASE, "--optimizer", "sgd"], "sgd"),
         "bad int": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "big"], "Invalid value for '--size'"),
         # A seed past 64 bits overflowed torch's generator with a traceback; an infinite blend weight made the loss nan.
@@ -87,7 +88,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
     "content layers empty", "scales comma", "bad layer weight", "size zero",
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "style scale", "init missing",
-    "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "bad enum",
+    "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "provider with torch", "bad enum",
     "bad int", "seed huge", "seed negative", "iterations huge", "blend infinite", "import missing", "import a folder",
 ])  # fmt: skip
 def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):

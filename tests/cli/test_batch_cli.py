@@ -128,6 +128,7 @@ def test_jobs_csv_with_per_row_options_blend_report_and_sheets(batch_dir):
         (["--style", "STYLE", "--name", "{content}.{ext}", "--compare", "PHOTOS"], "would write job cat.png's sheet over an input"),
         (["--style", "STYLE", "--report", "JOURNAL"], "would overwrite the batch's journal"),  # a rerun then failed reading it
         (["--style", "STYLE", "--report", "OUT"], "it is the -o folder; give a file name such as"),  # refused only after every job ran
+        (["--style", "STYLE", "--targets", "torch", "--onnx", "JOBS"], "--onnx needs --targets onnx or auto, not torch"),  # it was found once a job had started
         (["PHOTOS", "--style", "STYLE", "-o", "PHOTOS"], "is the output folder, whose images are results, not inputs"),  # it said "has no images"
     ],
 )

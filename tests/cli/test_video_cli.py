@@ -229,11 +229,12 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "budget too small": ([str(pan), s, "-o", out, "--max-memory", "2MB"], "--max-memory 2.0 MB is too small"),
         "bad tile": ([str(pan), s, "-o", out, "--tile", "8"], "--tile 8 is too small"),
         "dry run on ray": ([str(pan), s, "-o", out, "--dry-run", "--ray"], "leave out --ray"),
+        "provider with torch": ([str(pan), s, "-o", out, "--targets", "torch", "--provider", "cpu"], "--provider cpu chooses ONNX Runtime's provider"),
     }
 
 
 @pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
-                                  "output extension", "bad range", "range past end", "every zero", "every huge", "threads huge", "negative weight", "raft without weights", "missing style",
+                                  "output extension", "bad range", "range past end", "every zero", "every huge", "threads huge", "negative weight", "raft without weights", "missing style", "provider with torch",
                                   "budget too small", "bad tile", "dry run on ray"])  # fmt: skip
 def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]
