@@ -221,7 +221,7 @@ def parse_list(text: str | None, *, cast: type = str, what: str = "value", optio
         try:
             out.append(cast(item))
         except ValueError:
-            raise UserError(f"bad {what} {item!r} in {text!r}") from None
+            raise UserError(f"{option} {text!r}: bad {what} {item!r}" if option else f"bad {what} {item!r} in {text!r}") from None
     return tuple(out)
 
 

@@ -298,7 +298,10 @@ def _check_paths(o: StylizeOptions) -> None:
     check_writable(o.report, "--report", example="report.json")
     check_writable(o.compare, "--compare", example="compare.png")
     if o.compare is not None:
-        output_format(o.compare)
+        try:
+            output_format(o.compare)
+        except ValueError as e:
+            raise UserError(f"--compare: {e}") from None
 
 
 def _configure(o: StylizeOptions) -> tuple[C.StyleConfig, Runtime]:

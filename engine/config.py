@@ -241,10 +241,10 @@ def validate(cfg: StyleConfig) -> None:
     if isinstance(cfg.scales, str) and cfg.scales != AUTO:
         raise ConfigError(f"scales must be sizes such as 256,512 or {AUTO!r}, got {cfg.scales!r}")
     if not (MIN_SIZE <= cfg.size <= MAX_SIZE):
-        raise ConfigError(f"size {cfg.size} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
+        raise ConfigError(f"`size` {cfg.size} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels", params=("size",))
     for s in cfg.sizes:
         if not (MIN_SIZE <= s <= MAX_SIZE):
-            raise ConfigError(f"size {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
+            raise ConfigError(f"`scales` entry {s} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels", params=("scales",))
     if cfg.scales != AUTO and cfg.scales and list(cfg.scales) != sorted(cfg.scales):
         raise ConfigError(f"scales must increase (coarse to fine), got {','.join(map(str, cfg.scales))}")
     if not 0 <= cfg.iterations <= MAX_ITERATIONS:

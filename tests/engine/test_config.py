@@ -22,7 +22,7 @@ def test_seed_preset_is_the_notebook_term_by_term():
 def test_config_validation_messages():
     with pytest.raises(ConfigError, match="unknown layer 'relu6_1'"):
         dataclasses.replace(GATYS, style_layers=("relu6_1",))
-    with pytest.raises(ConfigError, match="size 10 is out of range"):
+    with pytest.raises(ConfigError, match="`size` 10 is out of range"):
         dataclasses.replace(GATYS, size=10)
     with pytest.raises(ConfigError, match="scales must increase"):
         dataclasses.replace(GATYS, scales=(512, 256))
