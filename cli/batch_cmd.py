@@ -23,7 +23,7 @@ from rich.table import Table
 from nst.engine import config as C
 from nst.engine.jobs.joblist import DEFAULT_NAME
 
-from .common import UserError, check_writable, console, flag_message, ray_device_and_precision, spelt_as_flags, user_errors
+from .common import UserError, check_writable, console, flag_message, interrupted_code, ray_device_and_precision, spelt_as_flags, user_errors
 from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
@@ -174,7 +174,7 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
         console.print(closing_table(result))
     _summary(result, out_dir, quiet=quiet)
     if result.exit_code:
-        raise typer.Exit(result.exit_code)
+        raise typer.Exit(interrupted_code() if result.exit_code == 130 else result.exit_code)
 
 
 def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:

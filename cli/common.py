@@ -66,6 +66,28 @@ def torch_hub_dir() -> Path:
 # that is no longer finite); 2 a mistake in the input (click's usage errors use 2 as well);
 # 3 something the run needs is not on this machine; 130 interrupted by Ctrl-C.
 EXIT_FAILED, EXIT_INPUT, EXIT_MISSING, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+_terminated = False
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, `docker stop`, a job scheduler) stops a run as Ctrl-C does, keeping its
+    latest image, instead of ending the process on the spot with nothing saved."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        global _terminated
+        _terminated = True
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def interrupted_code() -> int:
+    """The exit code of a stopped run: 143 after SIGTERM, 130 after Ctrl-C."""
+    return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
 
 
 class UserError(Exception):

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nst.engine import config as C
 from nst.engine.files import intermediate_path, remove, same_file, snapshot_over, temporaries_beside
 
-from .common import UserError, check_writable, console, fail, load_weights_for, parse_list, user_errors, warn_if_weights_missing
+from .common import UserError, check_writable, console, fail, interrupted_code, load_weights_for, parse_list, user_errors, warn_if_weights_missing
 from .report import comparison_sheet, seconds_per_iteration, timing_table, versions, write_json
 from .targets_opt import TargetsMode, check_targets_options, choose_targets, planned_source_bytes
 
@@ -566,7 +566,7 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
                 console.print(f"wrote {extra_path} ({what})")
     if result.status == RunStatus.INTERRUPTED:
         console.print(f"[yellow]interrupted:[/] {result.message}; saved {o.output}")
-        raise typer.Exit(130)
+        raise typer.Exit(interrupted_code())
     if result.status == RunStatus.NONFINITE:
         advice = "Lower --lr or the loss weights" if result.steps else "Lower the loss weights (--style-weight, --content-weight, --tv-weight)"
         console.print(f"[bold red]error:[/] {result.message}; saved {o.output}. {advice}.")

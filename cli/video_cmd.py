@@ -21,7 +21,7 @@ from nst.engine import config as C
 from nst.engine.files import is_glob
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
-from .common import UserError, check_writable, console, fail, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors, warn_if_weights_missing
+from .common import UserError, check_writable, console, fail, interrupted_code, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors, warn_if_weights_missing
 from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
 from .targets_opt import check_targets_options, planned_source_bytes
 
@@ -302,7 +302,7 @@ def _run_one(
         kept = len(out.journal.entries)
         if out.status == "interrupted":
             console.print(f"[yellow]interrupted:[/] {out.message}; {kept} finished frame(s) are kept in {out.journal.folder}: run the same command again to continue")
-            raise typer.Exit(130)
+            raise typer.Exit(interrupted_code())
         raise fail(f"{out.message}; {kept} finished frame(s) are kept in {out.journal.folder}", code=1)
     data = clip_report(out, phases, runtime, w, tinfo, cfg, vcfg)
     if report is not None:
@@ -499,7 +499,7 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
         console.print(_videos_table(results))
     if interrupted:
         console.print("[yellow]interrupted:[/] finished frames are kept in each OUTPUT.nst-work: run the same command again to continue")
-        raise typer.Exit(130)
+        raise typer.Exit(interrupted_code())
     if failed:
         raise typer.Exit(1)
 

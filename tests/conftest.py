@@ -261,9 +261,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def interrupted_stylize(images: dict[str, Path], tmp_path: Path):
     """`run(*options, env=...)`: `nst stylize` on the test images in a subprocess, 48 px, saving
-    every iteration, sent SIGINT once the first snapshot is on disk; (exit code, stderr, output)."""
+    every iteration, sent SIGINT (or `sig`) once the first snapshot is on disk; (exit code, stderr, output)."""
 
-    def run(*options: str, env: dict[str, str] | None = None) -> tuple[int, str, Path]:
+    def run(*options: str, env: dict[str, str] | None = None, sig: int = signal.SIGINT) -> tuple[int, str, Path]:
         out = tmp_path / "int.png"
         cmd = [sys.executable, "-c", "from nst.cli.app import main; main()", "stylize", str(images["content"]), str(images["style"]),
                "-o", str(out), "--weights", "random", "--size", "48", "--iterations", "100000", "--targets", "torch", "--save-every", "1", *options]  # fmt: skip
@@ -271,7 +271,7 @@ def interrupted_stylize(images: dict[str, Path], tmp_path: Path):
         deadline = time.time() + 120
         while not (tmp_path / "int.0001.png").exists() and time.time() < deadline and p.poll() is None:
             time.sleep(0.1)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=60)
         return p.returncode, err, out
 
