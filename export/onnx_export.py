@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -194,7 +195,10 @@ def verify(path: Path, reference: TargetModule, *, tolerance: float, sizes: Sequ
         for name, r in ref.items():
             r_np = r.numpy()
             scale = float(np.abs(r_np).max()) or 1.0
-            worst = max(worst, float(np.abs(got[name] - r_np).max()) / scale)
+            err = float(np.abs(got[name] - r_np).max()) / scale
+            worst = err if not math.isfinite(err) else max(worst, err)  # nan or inf (an overflow) fails, never hides
+            if not math.isfinite(worst):
+                break
         errors[tuple(hw)] = worst  # type: ignore[index]
         if not worst <= tolerance:
             raise ExportError(f"ONNX Runtime differs from PyTorch at {hw[1]}x{hw[0]}: largest relative error {worst:.2e} > tolerance {tolerance:.0e}")

@@ -61,6 +61,24 @@ def test_wrong_shape_names_the_tensor(tmp_path: Path, weights):
         W.load_weights(str(p))
 
 
+def test_non_finite_weights_are_refused_by_load_and_import(tmp_path: Path, weights):
+    """A file holding nan or inf (damaged, or saved from a diverged training) passed every check
+    and made every loss nan; `nst weights import` took it as the ImageNet weights."""
+    sd = _features_only(weights)
+    sd["0.weight"] = sd["0.weight"].clone()
+    sd["0.weight"][0, 0, 0, 0] = float("nan")
+    sd["34.bias"] = sd["34.bias"].clone()
+    sd["34.bias"][:2] = float("inf")
+    p = tmp_path / "nan.pth"
+    torch.save(sd, p)
+    with pytest.raises(W.WeightsError, match=r"tensor 'features\.0\.weight' has 1 non-finite value\(s\) \(nan or inf\)"):
+        W.load_weights(str(p))
+    cache = tmp_path / "cache"
+    with pytest.raises(W.WeightsError, match="non-finite"):
+        W.import_weights(p, cache_dir=cache)
+    assert not (cache.exists() and any(q.is_file() for q in cache.rglob("*")))  # nothing imported
+
+
 def test_missing_tensor_and_damaged_file(tmp_path: Path, weights):
     sd = _features_only(weights)
     del sd["34.bias"]
