@@ -91,6 +91,19 @@ INIT_CHOICES = ("content", "noise", "style")  # or a path to an image file
 AUTO = "auto"  # `scales`: coarse to fine, sizes from `auto_sizes`
 
 
+_TEXT_TUPLES = ("content_layers", "style_layers", "masks", "style_regions")
+_INT_TUPLES = ("scales", "scale_iterations")  # the other tuples hold numbers
+
+
+def _is(value: object, kind: type) -> bool:
+    """`value` fits a field of `kind`: an int where a float goes too; never a bool for a number."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
 @dataclass(frozen=True)
 class StyleConfig:
     """Everything that decides what a stylisation run computes (not where or how fast)."""
@@ -175,7 +188,30 @@ class StyleConfig:
                 except ValueError:
                     choices = ", ".join(str(m.value) for m in kind)
                     raise ConfigError(f"{f.name} must be one of {choices}, got {value!r}", params=(f.name,)) from None
+        self._check_types()
         validate(self)
+
+    def _check_types(self) -> None:
+        """A keyword caller's types: each field's kind, or one ConfigError naming it (a string
+        size compared with an int in a TypeError; a layer name given as a plain string was split
+        into letters). Lists become tuples, as JSON gives them."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "scales" and isinstance(value, str):
+                continue  # "auto", or a word `validate` names
+            if isinstance(f.default, tuple) or f.name == "scales":
+                if isinstance(value, str):
+                    raise ConfigError(f"`{f.name}` takes a tuple, e.g. ({value!r},), not the string {value!r}", params=(f.name,))
+                if not isinstance(value, (tuple, list)):
+                    raise ConfigError(f"`{f.name}` takes a tuple, got {value!r}", params=(f.name,))
+                object.__setattr__(self, f.name, tuple(value))
+                value = tuple(value)
+                item = str if f.name in _TEXT_TUPLES else int if f.name in _INT_TUPLES else float
+                if not all(_is(v, item) for v in value):
+                    raise ConfigError(f"`{f.name}` takes {item.__name__} entries, got {value!r}", params=(f.name,))
+            elif type(f.default) in (int, float, str) and not _is(value, type(f.default)):
+                what = {float: "a number", int: "an integer", str: "a string"}[type(f.default)]
+                raise ConfigError(f"`{f.name}` takes {what}, got {value!r}", params=(f.name,))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -388,4 +424,7 @@ def preset(name: Preset | str, **overrides: Any) -> StyleConfig:
         opt = Optimizer(overrides["optimizer"])
         units = overrides.get("pixel_scale", base.pixel_scale) if opt == Optimizer.ADAM else 1.0
         overrides = {**overrides, "lr": OTHER_OPTIMIZER_LR[opt] * units}
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(StyleConfig)})
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(map(repr, unknown))}: StyleConfig's fields are {', '.join(f.name for f in dataclasses.fields(StyleConfig))}")
     return dataclasses.replace(base, **overrides)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Precision
-from .errors import EngineError
+from .errors import ConfigError, EngineError
 
 
 class DeviceError(EngineError):
@@ -115,6 +115,22 @@ class Runtime:
     # autocast casting every weight at every call (targets still come from the fp32 network).
     lowp_weights: bool = True
     check_every: int = 0  # read the loss back (a sync) every N iterations; 0: 1 on CPU, 25 on GPU
+
+    def __post_init__(self) -> None:
+        """A device given by name, and checked against this machine (`Runtime(device="cuda")`
+        without a GPU failed in torch's own words at the first tensor); a precision by name."""
+        if not isinstance(self.device, torch.device) or self.device.type == "cuda":
+            if not isinstance(self.device, (str, torch.device)):
+                raise DeviceError(f"`device` must be a torch.device or a name such as cpu or cuda:0, got {self.device!r}", params=("device",))
+            object.__setattr__(self, "device", resolve_device(self.device))
+        if not isinstance(self.precision, Precision):
+            try:
+                object.__setattr__(self, "precision", Precision(str(self.precision).strip().lower()))
+            except ValueError:
+                choices = ", ".join(p.value for p in Precision)
+                raise ConfigError(f"`precision` must be one of {choices}, got {self.precision!r}", params=("precision",)) from None
+        if not isinstance(self.check_every, int) or isinstance(self.check_every, bool) or self.check_every < 0:
+            raise ConfigError(f"`check_every` must be 0 (the device's default) or more, got {self.check_every!r}", params=("check_every",))
 
     @property
     def health_interval(self) -> int:

@@ -315,6 +315,8 @@ def stylize(
     get wrong raises an `EngineError` before any work. `plan` (`plan.plan_run`) says which stages
     run tile by tile (the same result, up to rounding, in less memory); without it all run whole.
     """
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"`callback` must be callable, got {type(callback).__name__}", params=("callback",))
     each = None if callback is None else (lambda _i, it: callback(it))
     return stylize_many([content], [styles], cfg, weights=weights, init_images=[init_image], callback=each, **options)[0]
 
@@ -368,6 +370,51 @@ def stage_shapes(width: int, height: int, cfg: StyleConfig) -> tuple[tuple[int, 
     return tuple(output_shape(width, height, size, cfg.size_edge) for size in cfg.sizes)
 
 
+def _check_arguments(
+    contents: object, styles: object, cfg: object, weights: object, runtime: object, init_images: object, callback: object,
+    masks: object, style_regions: object, content_mask: object,
+) -> None:
+    """The Python caller's types, before any work: one ConfigError naming the argument (a numpy
+    array or a path where an image goes, one image where a list goes, a preset's name where its
+    configuration goes), rather than an AttributeError from deep inside."""
+
+    def image(x: object, what: str, *, optional: bool = False) -> None:
+        if x is None and optional:
+            return
+        if not isinstance(x, Image.Image):
+            hint = " (read files with `load_image`)" if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__") else ""
+            raise ConfigError(f"`{what}` must be a PIL image, got {type(x).__name__}{hint}", params=(what,))
+        if x.width < 1 or x.height < 1:
+            raise ConfigError(f"`{what}` is an empty image ({x.width}x{x.height})", params=(what,))
+
+    def images(xs: object, what: str, *, optional_items: bool = False) -> list[object]:
+        if isinstance(xs, (Image.Image, str, bytes)) or not isinstance(xs, Sequence):
+            raise ConfigError(f"`{what}` must be a list of PIL images, got {type(xs).__name__}", params=(what,))
+        for x in xs:
+            image(x, what, optional=optional_items)
+        return list(xs)
+
+    if not isinstance(cfg, StyleConfig):
+        raise ConfigError(f"`cfg` must be a StyleConfig (e.g. `preset('gatys')`), got {type(cfg).__name__}", params=("cfg",))
+    if not isinstance(weights, Weights):
+        raise ConfigError(f"`weights` must be Weights (`load_weights('imagenet')` or `random_weights()`), got {type(weights).__name__}", params=("weights",))
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise ConfigError(f"`runtime` must be a Runtime (e.g. `Runtime(precision='fp32')`), got {type(runtime).__name__}", params=("runtime",))
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"`callback` must be callable, got {type(callback).__name__}", params=("callback",))
+    contents = images(contents, "content")
+    if isinstance(styles, (Image.Image, str, bytes)) or not isinstance(styles, Sequence):
+        raise ConfigError(f"`styles` must be a list of PIL images, got {type(styles).__name__}", params=("styles",))
+    for st in styles:
+        images(st, "styles")
+    if init_images is not None:
+        images(init_images, "init_image", optional_items=True)
+    for what, ms in (("masks", masks), ("style_regions", style_regions)):
+        if ms is not None:
+            images(ms, what, optional_items=True)
+    image(content_mask, "content_mask", optional=True)
+
+
 def stylize_many(
     contents: Sequence[Image.Image],
     styles: Sequence[Sequence[Image.Image]],
@@ -398,6 +445,7 @@ def stylize_many(
     on; Ctrl-C or `StopRun` ends them all with their latest images. `masks` and `content_mask`
     apply to every content, `style_regions` to every list of styles (see `stylize`).
     """
+    _check_arguments(contents, styles, cfg, weights, runtime, init_images, callback, masks, style_regions, content_mask)
     runtime = runtime or Runtime()
     n = len(contents)
     if n == 0 or len(styles) != n:

@@ -90,11 +90,12 @@ def test_device_context_makes_the_named_cuda_device_current():
     assert isinstance(device_context(CPU), contextlib.nullcontext)
 
 
-def test_precision_context_enters_the_run_device(device_contexts):
+def test_precision_context_enters_the_run_device(device_contexts, monkeypatch):
     import nst.engine.device as device
     from nst.engine.device import Runtime, precision_context
 
     device_contexts.patch(device)
+    monkeypatch.setattr(device, "resolve_device", torch.device)  # a Runtime checks its device against this machine
     with precision_context(Runtime(device=torch.device("cuda:1"), precision=Precision.FP32)):
         assert device_contexts.current == torch.device("cuda:1")
     assert device_contexts.current is None and device_contexts.entered == [torch.device("cuda:1")]
