@@ -108,8 +108,19 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) or (3, H, W) in [0, 1] -> RGB Pillow image (values clipped)."""
+    """(1, 3, H, W) or (3, H, W) in [0, 1] -> RGB Pillow image (values clipped). Anything else
+    (a batch of several, another channel count, nan, integers in 0-255) is an ImageError: it was
+    written as its first image, as black, or clipped to white without a word."""
+    if not isinstance(image, torch.Tensor):
+        raise ImageError(f"expected a PIL image or a (1, 3, H, W) tensor in [0, 1], got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if not (len(shape) == 3 and shape[0] == 3 or len(shape) == 4 and shape[:2] == (1, 3)):
+        raise ImageError(f"expected one image, (1, 3, H, W) or (3, H, W), got a tensor of shape {shape}")
+    if not image.is_floating_point():
+        raise ImageError(f"expected a float tensor in [0, 1], got {image.dtype} (divide 0-255 values by 255)")
     t = image.detach().float().cpu()
+    if not bool(torch.isfinite(t).all()):
+        raise ImageError("the image holds nan or inf values; nothing written")
     if t.dim() == 4:
         t = t[0]
     a = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
@@ -129,6 +140,8 @@ def output_format(path: str | Path) -> str:
 def save_image(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
     """Write an image atomically; the format comes from the extension."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"cannot write {path}: it is a folder; give a file name such as {path / 'out.png'}")
     fmt = output_format(path)
     im = image if isinstance(image, Image.Image) else to_pil(image)
     options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}

@@ -132,3 +132,22 @@ def test_round_trip_tensor(tmp_path: Path):
     p = save_image(t, tmp_path / "x.png")
     back = to_tensor(load_image(p))
     assert (back - t).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_save_refuses_what_is_not_one_finite_image(tmp_path: Path):
+    """A batch was written as its first image, nan as black and 0-255 integers clipped to white,
+    each without a word; a folder as the path said "unknown image extension"."""
+    cases = {
+        "got a tensor of shape (2, 3, 8, 8)": torch.rand(2, 3, 8, 8),
+        "got a tensor of shape (1, 4, 8, 8)": torch.rand(1, 4, 8, 8),
+        "got torch.uint8 (divide 0-255 values by 255)": torch.full((1, 3, 8, 8), 200, dtype=torch.uint8),
+        "holds nan or inf values; nothing written": torch.full((1, 3, 8, 8), float("nan")),
+        "got ndarray": np.zeros((8, 8, 3), np.uint8),
+    }
+    for message, image in cases.items():
+        with pytest.raises(ImageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            save_image(image, tmp_path / "x.png")
+    with pytest.raises(ImageError, match="it is a folder; give a file name such as"):
+        save_image(torch.rand(1, 3, 8, 8), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert Image.open(save_image(torch.rand(3, 8, 8), tmp_path / "ok.png")).size == (8, 8)
