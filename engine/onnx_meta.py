@@ -151,6 +151,8 @@ def read_meta(path: Path) -> ModelMeta:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX model at {path}")
+    if path.stat().st_size == 0:  # protobuf reads 0 bytes as an empty model: "has no nst metadata"
+        raise EngineError(f"{path} is empty (0 bytes), not an ONNX model: export it again")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends

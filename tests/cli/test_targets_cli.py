@@ -109,6 +109,10 @@ def test_onnx_file_must_match_the_run(images, cache: Path, tmp_path: Path):
     bad.write_bytes(b"\x08garbage")
     r, _ = stylize(images, tmp_path / "b.png", "--onnx", str(bad))
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")  # protobuf reads it as an empty model: it said "has no nst metadata"
+    r, _ = stylize(images, tmp_path / "b.png", "--onnx", str(empty))
+    assert r.exit_code == 2 and "is empty (0 bytes), not an ONNX model" in r.output, r.output
 
 
 def test_an_onnx_file_of_an_older_export_format_is_one_error_line(images, cache: Path, tmp_path: Path, as_format_1):
