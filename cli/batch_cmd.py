@@ -101,7 +101,6 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     from nst.engine.jobs import Job, check_jobs, expand_images, job_grid, read_jobs_csv, run_batch, style_sets
 
     from .common import load_weights_for
-
     from .targets_opt import check_targets_options
 
     quiet = bool(a["quiet"])
@@ -294,10 +293,11 @@ def _check_extras(jobs: Sequence[Any], out_dir: Path, report: Path | None, compa
     taken = {p.resolve(): "an input" for j in jobs for p in j.inputs}
     taken |= {j.output.resolve(): "an output" for j in jobs} | {(out_dir / JOURNAL_NAME).resolve(): "the batch's journal"}
     if report is not None:
-        if Path(report).resolve() == out_dir.resolve():
+        where = Path(report).resolve()
+        if where == out_dir.resolve():
             raise UserError(f"cannot write --report {report}: it is the -o folder; give a file name such as {Path(report) / 'report.json'}")
-        if Path(report).resolve() in taken:
-            raise UserError(f"--report {report} would overwrite {taken[Path(report).resolve()]}; give another file name")
+        if where in taken:
+            raise UserError(f"--report {report} would overwrite {taken[where]}; give another file name")
     if compare is not None:
         if Path(compare).is_file():
             raise UserError(f"--compare {compare} is a file; give a folder for the sheets")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from nst.engine.bench import BenchRow
     from nst.engine.weights import Weights
 
+
 def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "") -> list[str]:
     """`text` as a comma list of `allowed`; `alone` names a value that stands by itself (told in the error)."""
     items = list(parse_list(text, what=what))

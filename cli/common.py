@@ -102,9 +102,7 @@ def flag_message(e: BaseException) -> str:
     """The error's first line, with the engine's parameter names spelt as this CLI's flags
     (`style_blend` -> `--style-blend`)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    for name in getattr(e, "params", ()):
-        msg = msg.replace(f"`{name}`", "--" + name.replace("_", "-"))
-    return msg
+    return spelt_as_flags(msg, getattr(e, "params", ()))
 
 
 def spelt_as_flags(text: str, names: Collection[str]) -> str:

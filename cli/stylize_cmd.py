@@ -266,9 +266,7 @@ class StylizeOptions:
 
     def mask_paths(self) -> list[Path]:
         """The mask files the options name (inputs: never overwritten)."""
-        cfg = self.config()
-        paths = [*cfg.masks, *cfg.style_regions, *([cfg.content_mask] if cfg.content_mask else [])]
-        return [Path(p.strip()) for p in paths if p.strip() != "-"]
+        return list(self.config().mask_files())
 
     def config(self) -> C.StyleConfig:
         return config_from_options(vars(self))

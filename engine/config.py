@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -228,6 +229,12 @@ class StyleConfig:
         if self.scales == AUTO:
             return auto_iterations(self.iterations, len(self.sizes))
         return tuple(self.iterations for _ in self.sizes)
+
+    def mask_files(self) -> tuple[Path, ...]:
+        """The mask image files the configuration names (`masks`, `style_regions`,
+        `content_mask`; not `-`, everywhere): inputs of the run, never overwritten."""
+        paths = (*self.masks, *self.style_regions, *((self.content_mask,) if self.content_mask else ()))
+        return tuple(Path(p.strip()) for p in paths if p.strip() != "-")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (enums as their values)."""

@@ -387,12 +387,14 @@ def _check_arguments(
         if x.width < 1 or x.height < 1:
             raise ConfigError(f"`{what}` is an empty image ({x.width}x{x.height})", params=(what,))
 
-    def images(xs: object, what: str, *, optional_items: bool = False) -> list[object]:
+    def sequence(xs: object, what: str) -> Sequence[object]:
         if isinstance(xs, (Image.Image, str, bytes)) or not isinstance(xs, Sequence):
             raise ConfigError(f"`{what}` must be a list of PIL images, got {type(xs).__name__}", params=(what,))
-        for x in xs:
+        return xs
+
+    def images(xs: object, what: str, *, optional_items: bool = False) -> None:
+        for x in sequence(xs, what):
             image(x, what, optional=optional_items)
-        return list(xs)
 
     if not isinstance(cfg, StyleConfig):
         raise ConfigError(f"`cfg` must be a StyleConfig (e.g. `preset('gatys')`), got {type(cfg).__name__}", params=("cfg",))
@@ -402,10 +404,8 @@ def _check_arguments(
         raise ConfigError(f"`runtime` must be a Runtime (e.g. `Runtime(precision='fp32')`), got {type(runtime).__name__}", params=("runtime",))
     if callback is not None and not callable(callback):
         raise ConfigError(f"`callback` must be callable, got {type(callback).__name__}", params=("callback",))
-    contents = images(contents, "content")
-    if isinstance(styles, (Image.Image, str, bytes)) or not isinstance(styles, Sequence):
-        raise ConfigError(f"`styles` must be a list of PIL images, got {type(styles).__name__}", params=("styles",))
-    for st in styles:
+    images(contents, "content")
+    for st in sequence(styles, "styles"):
         images(st, "styles")
     if init_images is not None:
         images(init_images, "init_image", optional_items=True)
@@ -597,7 +597,8 @@ def _style_groups(
     its styles' blend weights, renormalised), the mask at this stage's size and each layer's."""
     groups = []
     for idx, mask in group_styles(guidance.masks):
-        if sum(blends[0][i] for i in idx) == 0:
+        weight = sum(blends[0][i] for i in idx)
+        if weight == 0:
             continue  # its styles' blend weights are all 0: the group's term weighs nothing
         guides = None if mask is None else layer_guides(stage_guide(mask, hw).to(device), cfg.style_layers)
         blended = []
@@ -605,7 +606,7 @@ def _style_groups(
             total = sum(b[i] for i in idx)
             blended.append(style_grams(cfg, [targets[i] for i in idx], [sg.styles[i] for i in idx], [b[i] / total for i in idx], device=device))
         grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
-        groups.append(StyleGroup(sum(blends[0][i] for i in idx), grams, guides))
+        groups.append(StyleGroup(weight, grams, guides))
     return groups
 
 

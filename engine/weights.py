@@ -141,8 +141,8 @@ def conv_state_dict(raw: dict[str, torch.Tensor], *, source: str) -> dict[str, t
         if not t.is_floating_point():
             raise WeightsError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected floating point")
         out[key] = t.detach().to("cpu", torch.float32).contiguous()
-        if not bool(torch.isfinite(out[key]).all()):  # a damaged or diverged file: every loss would be nan
-            bad = int((~torch.isfinite(out[key])).sum())
+        bad = int((~torch.isfinite(out[key])).sum())
+        if bad:  # a damaged or diverged file: every loss would be nan
             raise WeightsError(f"{source}: tensor {key!r} has {bad} non-finite value(s) (nan or inf); these are not usable weights")
     return out
 

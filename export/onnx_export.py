@@ -196,9 +196,10 @@ def verify(path: Path, reference: TargetModule, *, tolerance: float, sizes: Sequ
             r_np = r.numpy()
             scale = float(np.abs(r_np).max()) or 1.0
             err = float(np.abs(got[name] - r_np).max()) / scale
-            worst = err if not math.isfinite(err) else max(worst, err)  # nan or inf (an overflow) fails, never hides
-            if not math.isfinite(worst):
+            if not math.isfinite(err):  # nan or inf (an overflow): max() would drop a nan, so it fails here
+                worst = err
                 break
+            worst = max(worst, err)
         errors[tuple(hw)] = worst  # type: ignore[index]
         if not worst <= tolerance:
             raise ExportError(f"ONNX Runtime differs from PyTorch at {hw[1]}x{hw[0]}: largest relative error {worst:.2e} > tolerance {tolerance:.0e}")

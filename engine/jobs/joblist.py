@@ -58,9 +58,8 @@ class Job:
 
     @property
     def masks(self) -> tuple[Path, ...]:
-        """The mask files the settings name (`masks`, `style_regions`, `content_mask`; not `-`)."""
-        paths = (*self.cfg.masks, *self.cfg.style_regions, *((self.cfg.content_mask,) if self.cfg.content_mask else ()))
-        return tuple(Path(p.strip()) for p in paths if p.strip() != "-")
+        """The mask files the settings name (`StyleConfig.mask_files`)."""
+        return self.cfg.mask_files()
 
     @property
     def inputs(self) -> tuple[Path, ...]:
