@@ -5,8 +5,8 @@ How modes become RGB (documented in the README):
 - L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB.
 - Alpha (RGBA, LA, PA, P with transparency): composited over white, since a transparent pixel
   has no colour to match.
-- 16-bit and float greys (I;16*, I, F): scaled to 8 bits over the type's range (0-65535 for
-  16-bit; the image's own min-max for I and F, whose range is not fixed).
+- 16-bit and float greys (I;16*, I, F): scaled to 8 bits: 16-bit from 0-65535; a float image
+  within 0-1 from 0-1; I or F within 0-255 kept; otherwise from the image's own min-max.
 """
 
 from __future__ import annotations
@@ -36,12 +36,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im, dtype=np.float64) / 65535.0
         return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        if im.mode == "I" and lo >= 0 and hi <= 255:
-            lo, hi = 0.0, 255.0  # an 8-bit image stored as I keeps its values
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(_scaled_to_8_bits(np.asarray(im, dtype=np.float64), im.mode), "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -49,6 +44,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _scaled_to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
+    """An I or F image's values as 8 bits. A float image within 0-1 is taken as 0-1 (the usual
+    convention for float images, and a float mask's weights stay what they are); one within
+    0-255, as 8-bit values; anything else is stretched from its own min-max. nan and -inf read as
+    the image's darkest finite value, +inf as its brightest; an image with no finite value is an
+    error."""
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise ImageError("holds no finite pixel values (every value is nan or inf)")
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    if mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    elif lo >= 0 and hi <= 255:
+        lo, hi = 0.0, 255.0
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -77,7 +91,10 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Ima
                 im.seek(0)
                 im = ImageOps.exif_transpose(im) or im
                 im.load()
-                return _to_rgb(im)
+                try:
+                    return _to_rgb(im)
+                except ImageError as e:
+                    raise ImageError(f"{path}: {e}") from None
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -29,6 +30,8 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
     from PIL import Image
 
     Image.new("RGB", (600, 10)).save(thin)
+    nan = tmp / "nan.tif"
+    Image.fromarray(np.full((40, 40), np.nan, np.float32), "F").save(nan)
     badw = tmp / "w.pth"
     badw.write_bytes(b"nope")
     evil = tmp / "evil.pth"
@@ -38,6 +41,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "missing content": (["stylize", str(tmp / "none.png"), s, "-o", out, *BASE], "image not found"),
         "missing style": (["stylize", c, str(tmp / "none.jpg"), "-o", out, *BASE], "image not found"),
         "broken image": (["stylize", str(broken), s, "-o", out, *BASE], "broken.png"),
+        "no finite value": (["stylize", str(nan), s, "-o", out, *BASE], "nan.tif: holds no finite pixel values"),
         "too thin": (["stylize", str(thin), s, "-o", out, *BASE], "use a larger --size, or layers no deeper than"),
         "unknown layer": (["stylize", c, s, "-o", out, *BASE, "--style-layers", "relu1_1,relu9_1"], "unknown layer 'relu9_1'"),
         # An empty list is a mistake, not "the default" (for no content loss: --content-weight 0).
@@ -86,7 +90,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
 
 
 @pytest.mark.parametrize("case", [
-    "missing content", "missing style", "broken image", "too thin", "unknown layer", "style layers twice", "style layers empty", "style layers comma",
+    "missing content", "missing style", "broken image", "no finite value", "too thin", "unknown layer", "style layers twice", "style layers empty", "style layers comma",
     "content layers empty", "scales comma", "bad layer weight", "size zero",
     "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "scales zero", "compare no extension", "style scale", "init missing",

@@ -43,6 +43,37 @@ def test_sixteen_bit_keeps_brightness(tmp_path: Path):
     assert v.min() == v.max() and abs(int(v[0, 0, 0]) - 128) <= 1
 
 
+@pytest.mark.parametrize(
+    "mode, values, expected",
+    [
+        ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # a float image within 0-1 is read as 0-1
+        ("F", [0.25, 0.5, 0.75], [64, 128, 191]),  # not stretched to its min-max
+        ("F", [0.5, 0.5, 0.5], [128, 128, 128]),  # a constant grey stays grey (a float mask's weight)
+        ("F", [0.0, 100.0, 200.0], [0, 100, 200]),  # within 0-255: 8-bit values
+        ("I", [0, 100, 200], [0, 100, 200]),
+        ("F", [-1.0, 0.0, 1.0], [0, 128, 255]),  # anything else: its own min-max
+        ("I", [0, 500, 1000], [0, 128, 255]),
+        ("F", [float("nan"), 0.5, 1.0], [128, 128, 255]),  # nan: the image's darkest value (0.5)
+        ("F", [float("-inf"), 0.5, 1.0], [128, 128, 255]),  # -inf too
+        ("F", [0.0, 0.5, float("inf")], [0, 128, 128]),  # inf: its brightest finite value
+    ],
+)
+def test_integer_and_float_greys_keep_what_their_values_mean(tmp_path: Path, mode: str, values: list, expected: list):
+    a = np.array([values], dtype=np.float32 if mode == "F" else np.int32)
+    p = tmp_path / "grey.tif"
+    Image.fromarray(a, mode).save(p)
+    assert Image.open(p).mode == mode
+    got = np.asarray(load_image(p))[0, :, 0].tolist()
+    assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), got
+
+
+def test_a_float_image_with_no_finite_value_is_refused(tmp_path: Path):
+    p = tmp_path / "nan.tif"
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), "F").save(p)
+    with pytest.raises(ImageError, match=r"nan\.tif: holds no finite pixel values"):
+        load_image(p)
+
+
 def test_alpha_composited_over_white(tmp_path: Path):
     im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
     p = tmp_path / "clear.png"

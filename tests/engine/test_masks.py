@@ -16,7 +16,7 @@ from nst.engine.features import VGGFeatures
 from nst.engine.images import ImageError, to_tensor
 from nst.engine.layers import feature_hw
 from nst.engine.losses import content_loss, gram_matrix, guided_gram, style_loss
-from nst.engine.masks import group_styles, layer_guides, make_guidance, mask_tensor, stage_guide
+from nst.engine.masks import group_styles, layer_guides, load_mask, make_guidance, mask_tensor, stage_guide
 from nst.engine.transfer import build_model, stylize, target_key
 
 FP32 = Runtime(device=torch.device("cpu"), precision=Precision.FP32)
@@ -107,6 +107,18 @@ def test_mask_checks(tmp_path: Path):
     # Within 1%: 192x127 against 96x64 (0.8%); `-` (None) everywhere.
     g = make_guidance([content], styles, masks=[Image.new("L", (192, 127), 255), None], style_regions=None, content_mask=right)
     assert g.masked and g.masks[1] is None and g.content_mask is not None
+
+
+def test_a_float_mask_keeps_its_weights(tmp_path: Path):
+    """A float (mode F) mask file within 0-1 is read as those weights: a uniform 0.5 is half
+    weight (it was stretched from its min-max: all black, refused), 0.25-0.75 is not made 0-1."""
+    flat, ramp = tmp_path / "half.tif", tmp_path / "ramp.tif"
+    Image.fromarray(np.full((64, 96), 0.5, np.float32), "F").save(flat)
+    Image.fromarray(np.tile(np.linspace(0.25, 0.75, 96, dtype=np.float32), (64, 1)), "F").save(ramp)
+    half = mask_tensor(load_mask(str(flat), param="content_mask"))
+    assert torch.allclose(half, torch.full_like(half, 128 / 255))
+    weights = mask_tensor(load_mask(str(ramp), param="masks"))[0, 0, 0]
+    assert abs(weights[0].item() - 0.25) < 0.005 and abs(weights[-1].item() - 0.75) < 0.005
 
 
 def test_pixels_no_mask_covers_get_no_style_gradient(weights):
