@@ -65,6 +65,15 @@ def in_the_way(path: Path, *, folder: bool = False) -> str | None:
     return None
 
 
+def is_special(path: Path) -> bool:
+    """Whether `path` (through links) is a device, FIFO or socket: written into, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
 
@@ -73,8 +82,16 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     plain write would give it (a replaced file keeps its own), not the temporary file's 0600.
     A SIGKILL leaves the temporary, named for `temporaries_beside` and `sweep` to find.
     A folder at `path`, or a file where one of its folders would be, is an OSError naming `path`.
+    A device, FIFO or socket at `path` (`/dev/stdout`, `/dev/null`) is written into, as a shell's
+    `>` would: it cannot be replaced (as root the rename replaced `/dev/stdout` with a file). A
+    symbolic link is written through: the link stays and its target gets the new file.
     """
     path = Path(path)
+    if is_special(path):
+        write(path)
+        return path
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     problem = in_the_way(path)
     if problem is not None:  # named for `path`, not for a temporary or a folder mkdir tried
         raise (IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path)) if path.is_dir()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,29 @@ def test_in_the_way_for_files_and_folders(tmp_path):
     assert in_the_way(file, folder=True) == f"{file} is a file, not a folder"
     assert in_the_way(file / "a" / "b.json") == f"{file} is a file, not a folder"
     assert in_the_way(file / "frames", folder=True) == f"{file} is a file, not a folder"
+
+
+def test_a_symbolic_link_is_written_through(tmp_path):
+    """The link stays a link and its target gets the new file (it was replaced by a plain file)."""
+    target = tmp_path / "real.txt"
+    target.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target.name)
+    write_atomic(link, lambda tmp: tmp.write_text("new"))
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_written_into_not_replaced(tmp_path):
+    """A FIFO (as /dev/stdout or /dev/null are devices) is written into, as `>` would: renaming
+    over it replaced /dev/stdout with a regular file when run as root."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_atomic(fifo, lambda tmp: tmp.write_text("report"))
+    reader.join(timeout=10)
+    assert got == ["report"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
