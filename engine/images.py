@@ -3,7 +3,7 @@
 How modes become RGB (documented in the README):
 - EXIF orientation is applied first; an animated image contributes its first frame.
 - L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB.
-- Alpha (RGBA, LA, PA, P with transparency): composited over white, since a transparent pixel
+- Alpha (RGBA, LA, PA; P, L or RGB with a transparency key): composited over white, since a transparent pixel
   has no colour to match.
 - 16-bit and float greys (I;16*, I, F): scaled to 8 bits: 16-bit from 0-65535; a float image
   within 0-1 from 0-1; I or F within 0-255 kept; otherwise from the image's own min-max.
@@ -23,7 +23,7 @@ from .config import SizeEdge
 from .errors import EngineError
 from .files import write_atomic
 
-# Pillow's own bomb guard warns above this and refuses above twice this; we refuse above it.
+# Pillow's own bomb guard refuses above this (it warns from half of it); so do we, from our own check.
 MAX_PIXELS = 178_956_970
 
 
@@ -37,7 +37,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("I", "F"):
         return Image.fromarray(_scaled_to_8_bits(np.asarray(im, dtype=np.float64), im.mode), "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info:  # a palette index or colour key
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
@@ -49,7 +49,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _scaled_to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
     """An I or F image's values as 8 bits. A float image within 0-1 is taken as 0-1 (the usual
     convention for float images, and a float mask's weights stay what they are); one within
-    0-255, as 8-bit values; anything else is stretched from its own min-max. nan and -inf read as
+    0-255 (or constant), as 8-bit values, clipped; anything else is stretched from its own min-max. nan and -inf read as
     the image's darkest finite value, +inf as its brightest; an image with no finite value is an
     error."""
     finite = np.isfinite(a)
@@ -59,9 +59,9 @@ def _scaled_to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
     a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
     if mode == "F" and lo >= 0 and hi <= 1:
         lo, hi = 0.0, 1.0
-    elif lo >= 0 and hi <= 255:
+    elif lo >= 0 and hi <= 255 or lo == hi:  # a constant outside 0-255 has no range: clipped
         lo, hi = 0.0, 255.0
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    a = (a - lo) / (hi - lo)
     return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -84,7 +84,9 @@ def decode_image(data: bytes, name: str | Path, *, max_pixels: int = MAX_PIXELS)
 def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from half our limit (its MAX_IMAGE_PIXELS) and refuses above it; the
+            # limit is ours, checked below, so its warning is no refusal (it halved the limit).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
                 if im.width * im.height > max_pixels:
                     raise ImageError(f"{path}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit (a decompression bomb?)")
@@ -97,7 +99,7 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Ima
                     raise ImageError(f"{path}: {e}") from None
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None

@@ -53,6 +53,8 @@ def test_sixteen_bit_keeps_brightness(tmp_path: Path):
         ("I", [0, 100, 200], [0, 100, 200]),
         ("F", [-1.0, 0.0, 1.0], [0, 128, 255]),  # anything else: its own min-max
         ("I", [0, 500, 1000], [0, 128, 255]),
+        ("I", [300, 300, 300], [255, 255, 255]),  # a constant has no min-max: its value, clipped
+        ("F", [-2.0, -2.0, -2.0], [0, 0, 0]),
         ("F", [float("nan"), 0.5, 1.0], [128, 128, 255]),  # nan: the image's darkest value (0.5)
         ("F", [float("-inf"), 0.5, 1.0], [128, 128, 255]),  # -inf too
         ("F", [0.0, 0.5, float("inf")], [0, 128, 128]),  # inf: its brightest finite value
@@ -85,6 +87,10 @@ def test_alpha_composited_over_white(tmp_path: Path):
     pp = tmp_path / "pal.png"
     pal.save(pp, transparency=0)
     assert np.asarray(load_image(pp))[0, 0].tolist() == [255, 255, 255]
+    for mode, key in (("RGB", (0, 0, 0)), ("L", 0)):  # a colour key (PNG's tRNS) is transparency too
+        kp = tmp_path / f"key-{mode}.png"
+        Image.new(mode, (4, 4), key).save(kp, transparency=key)
+        assert np.asarray(load_image(kp))[0, 0].tolist() == [255, 255, 255], mode
 
 
 def test_exif_orientation_applied(tmp_path: Path):
@@ -126,6 +132,19 @@ def test_decompression_bomb_refused(tmp_path: Path):
     Image.new("RGB", (200, 100)).save(p)
     with pytest.raises(ImageError, match="pixel limit"):
         load_image(p, max_pixels=10_000)
+
+
+def test_the_pixel_limit_is_ours_not_half_of_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Pillow warns above its MAX_IMAGE_PIXELS (half of our limit) and refuses above twice that;
+    its warning was taken as a refusal, so a 90-megapixel image under our limit was refused.
+    Scaled down: Pillow's threshold at 15,000 pixels, ours its double."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15_000)
+    p = tmp_path / "big.png"
+    Image.new("RGB", (200, 100)).save(p)  # 20,000: Pillow warns, under our 30,000
+    assert load_image(p, max_pixels=30_000).size == (200, 100)
+    Image.new("RGB", (200, 160)).save(p)  # 32,000: over both
+    with pytest.raises(ImageError, match="pixel limit|decompression bomb"):
+        load_image(p, max_pixels=30_000)
 
 
 def test_output_shape_edges():
