@@ -160,10 +160,11 @@ def user_errors() -> Iterator[None]:
 def check_writable(path: Path | None, what: str, *, folder: bool = False, example: str | None = None) -> None:
     """Refuse, before any work, a path that nothing can be written at: a folder where a file goes
     (suggesting `example` inside it), a file where a folder goes, or a file where one of its
-    folders would be. Otherwise the run would do its work and fail only when writing it."""
-    from nst.engine.files import in_the_way
+    folders would be, or a folder this process may not write in. Otherwise the run would do its
+    work and fail only when writing it."""
+    from nst.engine.files import in_the_way, unwritable
 
-    problem = None if path is None else in_the_way(path, folder=folder)
+    problem = None if path is None else in_the_way(path, folder=folder) or unwritable(path, folder=folder)
     if problem is not None:
         hint = f"; give a file name such as {Path(path) / example}" if example and Path(path).is_dir() else ""  # type: ignore[arg-type]
         raise UserError(f"cannot write {what} {path}: {problem}{hint}")

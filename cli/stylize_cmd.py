@@ -360,7 +360,7 @@ def _oom_advice(runtime: Runtime) -> str:
 def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     """Load the images and weights, choose the targets, and run `stylize` under a progress bar."""
     from nst.engine.device import is_out_of_memory, out_of_memory_message
-    from nst.engine.images import load_image
+    from nst.engine.images import check_fits_format, load_image, output_shape
     from nst.engine.transfer import check_sizes, fit_scales
 
     phases: dict[str, float] = {}
@@ -371,6 +371,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
+    check_fits_format(o.output, output_shape(*content_im.size, cfg.size, cfg.size_edge))
     plan, torch_because = make_plan(o, cfg, runtime, content_im, style_ims)
     tiled = any(s.mode == "tiled" for s in plan.stages)
     changes = plan.changes(cfg)

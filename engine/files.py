@@ -19,6 +19,7 @@ import shutil
 import socket
 import secrets
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -62,6 +63,28 @@ def in_the_way(path: Path, *, folder: bool = False) -> str | None:
     for parent in path.parents:
         if parent.exists():
             return None if parent.is_dir() else f"{parent} is a file, not a folder"
+    return None
+
+
+def unwritable(path: Path, *, folder: bool = False) -> str | None:
+    """Why nothing can be written at `path` (a file, or with `folder` a folder) for lack of
+    permission, found before any work by making (and at once removing) a nameless temporary file
+    in the first folder up the path that exists (a read-only folder or file system); None when
+    it can be, or when `path` is a device or FIFO written into. Root passes `os.access` whatever
+    the folder's flags, so the folder is tried, not asked."""
+    path = Path(path)
+    if is_special(path):
+        return None
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    start = path if folder else path.parent
+    where = next((p for p in (start, *start.parents) if p.is_dir()), None)
+    if where is None:
+        return None
+    try:
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        return f"{where} is not writable ({e.strerror or e})"
     return None
 
 

@@ -11,6 +11,7 @@ How modes become RGB (documented in the README):
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -146,14 +147,44 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
+COMMON_EXTENSIONS = ".png, .jpg, .webp, .tif, .bmp"
+
+
+@functools.cache
+def writes_rgb(fmt: str) -> bool:
+    """Whether Pillow can write an RGB image as `fmt`: some formats it registers for saving take
+    only other modes (XBM, MSP, BLP, PALM) or need a plugin (WMF, GRIB, HDF5), found only by trying."""
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception:  # noqa: BLE001 - each plugin fails in its own way (OSError, ValueError, KeyError)
+        return False
+    return True
+
+
 def output_format(path: str | Path) -> str:
-    """Pillow's format name for a file name's extension, or ImageError naming the choices."""
+    """Pillow's format name for a file name's extension, or ImageError naming the choices: an
+    unknown extension, or one whose format cannot hold an RGB image (found before any work)."""
     ext = Path(path).suffix.lower()
     formats = Image.registered_extensions()
     if ext not in formats or formats[ext] not in Image.SAVE:
-        common = ".png, .jpg, .webp, .tif, .bmp"
-        raise ImageError(f"cannot write {Path(path).name!r}: unknown image extension {ext or '(none)'!r}; use {common}")
+        raise ImageError(f"cannot write {Path(path).name!r}: unknown image extension {ext or '(none)'!r}; use {COMMON_EXTENSIONS}")
+    if not writes_rgb(formats[ext]):
+        raise ImageError(f"cannot write {Path(path).name!r}: Pillow cannot write an RGB image as {formats[ext]} ({ext}); use {COMMON_EXTENSIONS}")
     return formats[ext]
+
+
+def check_fits_format(path: str | Path, hw: tuple[int, int]) -> None:
+    """ImageError, before any work, when the format of `path` cannot hold an (H, W) image (WebP
+    stops at 16383 px a side, JPEG at 65500, GIF at 65535): found by writing a blank row and a
+    blank column of that length, so a print-size run does not fail only once it is done."""
+    fmt = output_format(path)
+    h, w = hw
+    for size in {(w, 1), (1, h)}:
+        try:
+            Image.new("RGB", size).save(io.BytesIO(), format=fmt)
+        except Exception as e:  # noqa: BLE001 - as in `writes_rgb`
+            detail = str(e).strip() or type(e).__name__
+            raise ImageError(f"cannot write {Path(path).name!r}: {fmt} cannot hold a {w}x{h} image ({detail}); use .png or .tif") from None
 
 
 def save_image(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
@@ -168,3 +199,5 @@ def save_image(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
         return write_atomic(path, lambda tmp: im.save(tmp, format=fmt, **options))
     except OSError as e:
         raise ImageError(f"cannot write {path}: {e.strerror or e}") from None
+    except ValueError as e:  # an encoder's refusal (a size or mode the format cannot hold)
+        raise ImageError(f"cannot write {path}: {e}") from None

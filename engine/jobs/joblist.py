@@ -19,6 +19,7 @@ from PIL import Image
 from ..config import StyleConfig
 from ..errors import EngineError
 from ..files import is_glob
+from ..images import writes_rgb
 
 DEFAULT_NAME = "{content}--{style}.{ext}"
 NAME_FIELDS = ("content", "style", "ext")
@@ -147,10 +148,10 @@ def unique_stems(paths: Sequence[Path]) -> dict[Path, str]:
 
 
 def _writable_ext(path: Path) -> str:
-    """The content's own extension when Pillow can write it, else png."""
+    """The content's own extension when Pillow can write an RGB image in it, else png."""
     ext = path.suffix.lower()
     fmt = Image.registered_extensions().get(ext)
-    return ext[1:] if fmt is not None and fmt in Image.SAVE else "png"
+    return ext[1:] if fmt is not None and fmt in Image.SAVE and writes_rgb(fmt) else "png"
 
 
 def check_name_template(template: str) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from ..config import StyleConfig, set_threads
 from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_memory, resolve_device, resolve_precision
 from ..features import VGGFeatures
-from ..images import ImageError, decode_image
+from ..images import ImageError, check_fits_format, decode_image, output_shape
 from ..plan import Plan, shared_bytes
 from ..targets import ImageTargets, TargetSource, resident_bytes
 from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, plan_for, planned_config, stage_shapes, stylize_many
@@ -212,6 +212,7 @@ class Worker:
                 styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
                 init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
                 check_sizes(content, styles, job.cfg)
+                check_fits_format(job.output, output_shape(*content.size, job.cfg.size, job.cfg.size_edge))
                 cfg = job.cfg
                 if self.memory is not None:
                     # The plan counts the target source's own memory (ONNX Runtime's session).

@@ -56,6 +56,8 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "output is content": (["stylize", c, s, "-o", c, *BASE], "inputs are never overwritten"),
         "output is style": (["stylize", c, s, "-o", s, *BASE], "inputs are never overwritten"),
         "report over input": (["stylize", c, s, "-o", out, *BASE, "--report", c], "would overwrite an input"),
+        "format without rgb": (["stylize", c, s, "-o", str(tmp / "o.xbm"), *BASE], "Pillow cannot write an RGB image as XBM (.xbm)"),
+        "webp too large": (["stylize", c, s, "-o", str(tmp / "o.webp"), *BASE[:2], "--size", "16384"], "WEBP cannot hold a 16384x"),
         "unknown extension": (["stylize", c, s, "-o", str(tmp / "o.xyz"), *BASE], "unknown image extension"),
         "output is a folder": (["stylize", c, s, "-o", str(tmp), *BASE], f"output {tmp} is a folder; give a file name such as"),
         "blend count": (["stylize", c, s, "-o", out, *BASE, "--style-blend", "1,2"], "2 weights for 1 style"),
@@ -92,7 +94,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
 @pytest.mark.parametrize("case", [
     "missing content", "missing style", "broken image", "no finite value", "too thin", "unknown layer", "style layers twice", "style layers empty", "style layers comma",
     "content layers empty", "scales comma", "bad layer weight", "size zero",
-    "size absurd", "output is content", "output is style", "report over input", "unknown extension", "output is a folder",
+    "size absurd", "output is content", "output is style", "report over input", "format without rgb", "webp too large", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "scales zero", "compare no extension", "style scale", "init missing",
     "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "provider with torch", "bad enum",
     "bad int", "seed huge", "seed negative", "iterations huge", "blend infinite", "import missing", "import a folder",
@@ -235,3 +237,40 @@ def test_a_snapshot_that_would_overwrite_an_input_is_refused_before_any_work(ima
     # Where the snapshot's iteration is not one the run saves at, the name is free.
     r = runner.invoke(app, ["stylize", str(content), s, "-o", str(tmp_path / "o.png"), *run, "--iterations", "2"])
     assert r.exit_code == 0 and before[content] == content.read_bytes(), r.output
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """A folder nothing can be made in: mode 0555, or for root (whom modes do not stop) the
+    immutable flag where the file system has it."""
+    import shutil
+    import subprocess
+
+    from nst.engine.files import unwritable
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    flagged = False
+    if unwritable(ro / "x.png") is None and shutil.which("chattr"):
+        flagged = subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+    if unwritable(ro / "x.png") is None:
+        pytest.skip("no way to make a read-only folder here")
+    yield ro
+    if flagged:
+        subprocess.run(["chattr", "-i", str(ro)], check=True)
+    ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["-o", "--report", "batch -o"])
+def test_a_folder_that_cannot_be_written_is_found_before_the_work(where: str, images: dict[str, Path], tmp_path: Path, read_only_folder: Path):
+    """It was found when the result was written, after the run (the report's error named its
+    temporary file, in errno's words)."""
+    c, s = str(images["content"]), str(images["style"])
+    args = {"-o": ["stylize", c, s, "-o", str(read_only_folder / "o.png")],
+            "--report": ["stylize", c, s, "-o", str(tmp_path / "o.png"), "--report", str(read_only_folder / "sub" / "r.json")],
+            "batch -o": ["batch", c, "--style", s, "-o", str(read_only_folder / "out")]}[where]  # fmt: skip
+    r = runner.invoke(app, [*args, *BASE])
+    assert r.exit_code == 2, r.output
+    assert f"{read_only_folder} is not writable" in r.output and "iteration" not in r.output, r.output
+    assert not (tmp_path / "o.png").exists()

@@ -216,3 +216,22 @@ def test_ctrl_c_keeps_finished_jobs_and_the_journal_and_a_rerun_resumes(batch_di
     assert r.exit_code == 0, r.output
     assert sorted(x["job"] for x in _journal(out)) == ["first.png", "second.png"]
     assert (out / "first.png").stat().st_mtime_ns == stamp
+
+
+def test_outputs_a_format_cannot_hold_are_found_before_the_work(batch_dir):
+    """A content in a format Pillow reads but cannot write RGB in (XBM) gets a .png result under
+    the default name (it failed once its job had run); a WebP name for a 16384 px result is the
+    job's failure before it runs (WebP stops at 16383 px), not after."""
+    d = batch_dir["tmp"] / "mono"
+    d.mkdir()
+    Image.new("1", (48, 32), 1).save(d / "sketch.xbm")
+    out = batch_dir["tmp"] / "out"
+    r = runner.invoke(app, ["batch", str(d), "--style", str(batch_dir["a"]), "-o", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    assert (out / "sketch--monet.png").is_file()
+    big = batch_dir["tmp"] / "big"
+    r = runner.invoke(app, ["batch", str(d), "--style", str(batch_dir["a"]), "-o", str(big), "--name", "{content}.webp", *FAST, "--size", "16384"])
+    assert r.exit_code == 1, r.output
+    (rec,) = _journal(big)
+    assert rec["status"] == "failed" and "WEBP cannot hold a 16384x10923 image" in rec["reason"], rec
+    assert rec.get("steps", 0) == 0 and not (big / "sketch.webp").exists()
