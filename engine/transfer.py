@@ -183,8 +183,8 @@ def _stage_fits(content_wh: tuple[int, int], style_whs: Sequence[tuple[int, int]
 def fit_scales(contents: Sequence[Image.Image], styles: Sequence[Sequence[Image.Image]], cfg: StyleConfig) -> StyleConfig:
     """`cfg` with `scales="auto"` made explicit for these images: the coarse stages at which an
     output or a style image would be too small for the layers are left out (a wide, thin image
-    starts at a larger size), and the budget is split over the stages kept as `auto` splits it.
-    Explicit scales are the caller's choice and stay as they are (too small is then an error)."""
+    starts at a larger size), and the budget is split over the stages kept as `auto` splits it
+    (counts given per stage, `scale_iterations`, stay those of the stages kept). Explicit scales are the caller's choice and stay as they are (too small is then an error)."""
     return fit_scales_to([c.size for c in contents], [[s.size for s in st] for st in styles], cfg)
 
 
@@ -197,7 +197,11 @@ def fit_scales_to(content_whs: Sequence[tuple[int, int]], style_whs: Sequence[Se
     while first < len(sizes) - 1 and not all(_stage_fits(c, st, cfg, sizes[first]) for c, st in zip(content_whs, style_whs)):
         first += 1
     kept = sizes[first:]
-    return replace(cfg, scales=kept, scale_iterations=auto_iterations(cfg.iterations, len(kept)))
+    # Counts given per stage keep theirs (the stages left out take theirs with them); otherwise
+    # the budget is split over the kept stages. Overwriting given counts ran `nst bench
+    # --to-result`'s auto rows to 400 iterations at the output size, whatever its limit.
+    counts = cfg.scale_iterations[first:] if cfg.scale_iterations else auto_iterations(cfg.iterations, len(kept))
+    return replace(cfg, scales=kept, scale_iterations=counts)
 
 
 def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleConfig) -> None:

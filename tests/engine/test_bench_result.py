@@ -8,11 +8,13 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from nst.engine import bench_result as BR
 from nst.engine.bench import ROW_KEYS
 from nst.engine.bench_result import ReferenceStore, ResultCase, parse_scales, reference_loss, result_config, synthetic_pair, time_to_result
 from nst.engine.config import Optimizer, Precision
+from nst.engine.transfer import fit_scales
 
 CPU = torch.device("cpu")
 
@@ -37,6 +39,8 @@ def test_parse_scales():
 def test_result_config_runs_the_last_stage_to_the_limit():
     cfg = result_config(ResultCase(256, scales="auto"), max_iterations=300)
     assert cfg.sizes == (64, 128, 256) and cfg.stage_iterations == (50, 50, 300)  # the preset's own split of 500
+    fitted = fit_scales([Image.new("RGB", (256, 170))], [[Image.new("RGB", (256, 256))]], cfg)
+    assert fitted.stage_iterations == (50, 50, 300)  # what runs: the limit, not auto's split (400)
     cfg = result_config(ResultCase(256, optimizer="adam", scales="128:40,256"), max_iterations=90)
     assert cfg.optimizer == Optimizer.ADAM and cfg.lr == 0.05 and cfg.stage_iterations == (40, 90)
     assert result_config(ResultCase(64, preset="seed", optimizer="adam"), max_iterations=5).lr == 5.0  # the seed preset's own

@@ -441,6 +441,9 @@ def test_auto_scales_leave_out_the_coarse_stages_a_thin_image_cannot_take():
     wide = Image.new("RGB", (480, 40))  # 120x10 too thin; 240x20 fits
     fitted = fit_scales([wide], [[square]], cfg)
     assert fitted.sizes == (240, 480) and sum(fitted.stage_iterations) == 100
+    counted = dataclasses.replace(cfg, scale_iterations=(5, 6, 70))  # given per stage: kept, not split again
+    assert fit_scales([square], [[square]], counted).stage_iterations == (5, 6, 70)
+    assert fit_scales([wide], [[square]], counted).stage_iterations == (6, 70)
     explicit = preset("gatys", size=480, iterations=100, scales=(120, 480))
     assert fit_scales([thin], [[square]], explicit) is explicit  # the caller's choice stays
 
