@@ -12,7 +12,7 @@ from rich.table import Table
 from nst.engine.layers import LAYER_NAMES
 from nst.engine.weights import import_weights, weights_status
 
-from .common import Command, cache_dir, console, stop_on_sigterm, torch_hub_dir, user_errors
+from .common import Command, Group, cache_dir, console, stop_on_sigterm, torch_hub_dir, user_errors
 from .report import versions
 from .stylize_cmd import stylize_command
 
@@ -24,7 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode=None,  # usage errors as click prints them: one `Error:` line, no box
+    rich_markup_mode=None,  # no boxes
+    cls=Group,  # a usage error is one `error:` line
     context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
 )
 app.command("stylize", cls=Command)(stylize_command)

@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import sys
 import typer
 import typer.core
 from rich.console import Console
@@ -220,6 +221,49 @@ class Command(typer.core.TyperCommand):
             if isinstance(p, typer.core.TyperArgument) and p.nargs != 1:
                 label = _element_label(p)
                 p.display_type_rich = lambda ctx, label=label: f"<{label}>..."  # type: ignore[method-assign]
+
+
+# Click's exceptions as typer raises them: typer >= 0.29 carries its own copy of click
+# (`typer._click`), older ones use the click package.
+_UsageError: type = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_HELP_ASKED: tuple[type, ...] = tuple(c for c in [getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", None)] if c)  # click >= 8.2
+
+
+class OneLineUsageError(_UsageError):  # type: ignore[misc, valid-type]
+    """A mistake on the command line as one `error:` line (click prints a usage line, a hint, a
+    blank line and a capitalised `Error:`), with where to look for help."""
+
+    def __init__(self, error: typing.Any) -> None:
+        message = error.format_message().replace("Value error, ", "").rstrip(".")
+        message = re.sub(r"(^|': )([A-Z])(?=[a-z ])", lambda m: m[1] + m[2].lower(), message)  # "Invalid value for '--x': Input ..."
+        super().__init__(message, error.ctx)
+
+    def show(self, file: typing.IO[str] | None = None) -> None:
+        where = f" (help: {self.ctx.command_path} -h)" if self.ctx is not None else ""
+        typer.echo(f"error: {self.format_message()}{where}", file=file, err=file is None)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except (*_HELP_ASKED, OneLineUsageError):  # `nst` or `nst cache` alone: the help, as asked
+        raise
+    except _UsageError as e:
+        raise OneLineUsageError(e) from None
+
+
+class Group(typer.core.TyperGroup):
+    """The `nst` group: a mistake in its own options, a command's or a subcommand's (an unknown
+    option or command, a bad or missing value) is one `error:` line and exit code 2."""
+
+    def make_context(self, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typing.Any) -> typing.Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
 
 
 def parse_list(text: str | None, *, cast: type = str, what: str = "value", option: str | None = None) -> tuple:

@@ -19,7 +19,6 @@ from PIL import Image
 from ..config import StyleConfig
 from ..errors import EngineError
 from ..files import is_glob
-from ..images import writes_rgb
 
 DEFAULT_NAME = "{content}--{style}.{ext}"
 NAME_FIELDS = ("content", "style", "ext")
@@ -149,6 +148,8 @@ def unique_stems(paths: Sequence[Path]) -> dict[Path, str]:
 
 def _writable_ext(path: Path) -> str:
     """The content's own extension when Pillow can write an RGB image in it, else png."""
+    from ..images import writes_rgb  # images imports torch; `nst batch --help` does not
+
     ext = path.suffix.lower()
     fmt = Image.registered_extensions().get(ext)
     return ext[1:] if fmt is not None and fmt in Image.SAVE and writes_rgb(fmt) else "png"

@@ -78,8 +78,11 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "weights missing": (["stylize", c, s, "-o", out, *BASE[2:], "--weights", str(tmp / "x.pth")], "not imagenet, random"),
         "imagenet offline": (["stylize", c, s, "-o", out, *BASE[2:]], "nst weights import FILE"),
         "provider with torch": (["stylize", c, s, "-o", out, *BASE, "--provider", "cuda"], "--provider cuda chooses ONNX Runtime's provider: give it with --targets onnx or auto, not torch"),
-        "bad enum": (["stylize", c, s, "-o", out, *BASE, "--optimizer", "sgd"], "sgd"),
-        "bad int": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "big"], "Invalid value for '--size'"),
+        "bad enum": (["stylize", c, s, "-o", out, *BASE, "--optimizer", "sgd"], "error: invalid value for '--optimizer': 'sgd' is not one of"),
+        "unknown option": (["stylize", c, s, "-o", out, *BASE, "--bogus"], "error: no such option: --bogus (help: nst stylize -h)"),
+        "unknown command": (["stylzie", c, s], "error: no such command 'stylzie'"),
+        "no style given": (["stylize", c], "error: missing argument 'STYLE'"),
+        "bad int": (["stylize", c, s, "-o", out, *BASE[:2], "--size", "big"], "error: invalid value for '--size'"),
         # A seed past 64 bits overflowed torch's generator with a traceback; an infinite blend weight made the loss nan.
         "seed huge": (["stylize", c, s, "-o", out, *BASE, "--seed", "99999999999999999999"], "--seed must be 0 to 9223372036854775807, got 99999999999999999999"),
         "seed negative": (["stylize", c, s, "-o", out, *BASE, "--seed", "-1"], "--seed must be 0 to"),
@@ -97,7 +100,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
     "size absurd", "output is content", "output is style", "report over input", "format without rgb", "webp too large", "unknown extension", "output is a folder",
     "blend count", "negative lr", "negative weight", "scales down", "scales vs size", "scales word", "scales zero", "compare no extension", "style scale", "init missing",
     "tf32 on cpu", "no gpu", "bad device", "weights file is text", "weights file runs code", "weights missing", "imagenet offline", "provider with torch", "bad enum",
-    "bad int", "seed huge", "seed negative", "iterations huge", "blend infinite", "import missing", "import a folder",
+    "unknown option", "unknown command", "no style given", "bad int", "seed huge", "seed negative", "iterations huge", "blend infinite", "import missing", "import a folder",
 ])  # fmt: skip
 def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):
     before = {p: p.read_bytes() for p in images.values()}
@@ -108,7 +111,7 @@ def test_bad_input(case: str, images: dict[str, Path], tmp_path: Path):
     assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
     assert expect in r.output, r.output
     errors = [line for line in r.output.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, r.output  # one line says what is wrong
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "Usage:" not in r.output, r.output  # one line says what is wrong
     assert {p: p.read_bytes() for p in images.values()} == before
     assert not (tmp_path / "o.png").exists()
     assert "weights_only" not in r.output and "UserWarning" not in r.output

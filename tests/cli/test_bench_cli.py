@@ -121,7 +121,7 @@ def test_bad_values_are_one_line_errors(args, message):
 def test_a_20_digit_iteration_count_is_a_usage_error_not_an_overflow(flag):
     r = runner.invoke(app, ["bench", "--device", "cpu", "--sizes", "32", flag, "99999999999999999999"])
     assert r.exit_code == 2, r.output
-    assert f"Invalid value for '{flag}'" in r.output and "1000000" in r.output and "Traceback" not in r.output, r.output
+    assert f"error: invalid value for '{flag}'" in r.output and "1000000" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypatch):

@@ -235,7 +235,7 @@ def test_dry_run_says_where_the_optimizer_state_lives(images, tmp_path: Path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--optimizer-state", "disk"], "Invalid value for '--optimizer-state'"),
+        (["--optimizer-state", "disk"], "error: invalid value for '--optimizer-state'"),
         (["--optimizer-state", "host", "--optimizer", "adam"], "error: --optimizer-state host keeps L-BFGS's history in host memory, and Adam has none"),
     ],
 )
