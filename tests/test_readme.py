@@ -45,3 +45,33 @@ def test_readme_layout_names_every_module():
     named = set(re.findall(r"`([a-z_]+\.py|[a-z_]+/)`", layout)) - {"tests/"}
     assert on_disk - named == set(), f"modules the layout does not name: {sorted(on_disk - named)}"
     assert named - on_disk == set(), f"the layout names modules that are gone: {sorted(named - on_disk)}"
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors: each heading's slug (lower case, punctuation but `-` and `_` dropped,
+    spaces as `-`, a repeated one numbered) and every `<a id="...">`."""
+    seen: dict[str, int] = {}
+    out = set(re.findall(r'<a id="([^"]+)"', text))
+    body = re.sub(r"```.*?```", "", text, flags=re.S)  # a `#` comment in a code block is no heading
+    for title in re.findall(r"^#{1,6} +(.+?) *$", body, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_every_link_to_a_section_finds_it():
+    """`[below](#x)` in the README, and links between it and benchmarks/README.md, name a heading
+    or an `<a id>` that is there (two pointed at bold paragraphs, which have no anchor)."""
+    bench = README.parent / "benchmarks" / "README.md"
+    texts = {README: README.read_text(), bench: bench.read_text()}
+    targets = {README: {"": README, "README.md": README, "../README.md": README, "benchmarks/README.md": bench},
+               bench: {"": bench, "README.md": bench, "../README.md": README}}  # fmt: skip
+    broken = []
+    for path, text in texts.items():
+        for file, anchor in re.findall(r"\]\(((?:\.\./)?(?:benchmarks/)?(?:README\.md)?)#([^)\s]+)\)", text):
+            target = targets[path].get(file)
+            if target is not None and anchor not in _anchors(texts[target]):
+                broken.append(f"{path.name if path == README else 'benchmarks/README.md'}: {file}#{anchor}")
+    assert broken == []

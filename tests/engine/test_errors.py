@@ -19,6 +19,12 @@ def test_every_engine_error_shares_the_base(cls):
     assert issubclass(cls, EngineError) and issubclass(cls, ValueError)
 
 
+def test_the_errors_the_readme_names_come_from_nst_engine():
+    import nst.engine as E
+
+    assert (E.EngineError, E.ConfigError, E.ImageError, E.WeightsError, E.DeviceError) == (EngineError, ConfigError, ImageError, WeightsError, DeviceError)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="`style_scale` must be between"):
         C.preset("gatys", style_scale=100.0)
