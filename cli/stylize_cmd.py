@@ -106,7 +106,10 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
         raise UserError(f"--scales ends at {overrides['scales'][-1]} but --size is {a['size']}; the last scale is the output size")
     if overrides["style_layers"] is not None and a["style_layer_weights"] is None:
         overrides["style_layer_weights"] = ()  # the preset's per-layer weights were for its layers
-    return build_config(a["preset"], overrides)
+    cfg = build_config(a["preset"], overrides)
+    if isinstance(overrides["scales"], tuple) and a["size"] is None:  # the output's size, as the report says it
+        cfg = dataclasses.replace(cfg, size=overrides["scales"][-1])
+    return cfg
 
 
 def _rate(steps: int, seconds: float) -> str:
@@ -371,7 +374,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)
-    check_fits_format(o.output, output_shape(*content_im.size, cfg.size, cfg.size_edge))
+    check_fits_format(o.output, output_shape(*content_im.size, cfg.sizes[-1], cfg.size_edge))
     plan, torch_because = make_plan(o, cfg, runtime, content_im, style_ims)
     tiled = any(s.mode == "tiled" for s in plan.stages)
     changes = plan.changes(cfg)

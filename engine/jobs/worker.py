@@ -212,7 +212,7 @@ class Worker:
                 styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
                 init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
                 check_sizes(content, styles, job.cfg)
-                check_fits_format(job.output, output_shape(*content.size, job.cfg.size, job.cfg.size_edge))
+                check_fits_format(job.output, output_shape(*content.size, job.cfg.sizes[-1], job.cfg.size_edge))
                 cfg = job.cfg
                 if self.memory is not None:
                     # The plan counts the target source's own memory (ONNX Runtime's session).

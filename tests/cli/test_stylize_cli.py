@@ -83,9 +83,12 @@ def test_seed_preset_save_every_two_styles_and_options(images, tmp_path: Path):
 
 def test_scales_run_coarse_to_fine(images, tmp_path: Path):
     out, rep = tmp_path / "ms.png", tmp_path / "ms.json"
-    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *FAST, "--scales", "32,48", "--report", str(rep), "-q")
+    no_size = [*FAST[:2], *FAST[4:]]  # the last scale is the output's size
+    r = run("stylize", str(images["content"]), str(images["style"]), "-o", str(out), *no_size, "--scales", "32,48", "--report", str(rep), "-q")
     assert r.exit_code == 0, r.output
-    assert Image.open(out).size == (48, 32) and json.loads(rep.read_text())["iterations"] == 8
+    report = json.loads(rep.read_text())
+    assert Image.open(out).size == (48, 32) and report["iterations"] == 8
+    assert report["config"]["size"] == 48 and report["config"]["scales"] == [32, 48]  # the output's size (it said 512 without --size)
 
 
 def test_scales_auto_splits_the_iterations(images, tmp_path: Path):
