@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -220,7 +221,9 @@ class _BatchView:
         if self.quiet:
             return
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            # A long job name is cut ("…"): the closing table names each job whole.
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=26)),
+            BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )  # fmt: skip
         self.progress.start()
@@ -230,10 +233,14 @@ class _BatchView:
             self.progress.stop()
 
     def _jobs_info(self) -> str:
+        """`done 4, failed 1, 12 jobs/min`: failed and skipped only when there are any, so the
+        line with its bar and times fits 80 columns."""
         n = self.counts["done"] + self.counts["failed"]
         mins = (time.perf_counter() - self.started) / 60
-        rate = f", {n / mins:.1f} jobs/min" if n and mins > 0 else ""
-        return f"done {self.counts['done']}, failed {self.counts['failed']}, skipped {self.counts['skipped']}{rate}"
+        counts = [f"{k} {v}" for k, v in self.counts.items() if v or k == "done"]
+        if n and mins > 0:
+            counts.append(f"{n / mins:.{0 if n / mins >= 10 else 1}f} jobs/min")
+        return ", ".join(counts)
 
     def event(self, e: Any, *, compare: Path | None) -> None:
         if e.kind == "finished":
@@ -331,8 +338,10 @@ def _reason(text: str) -> str:
 def closing_table(result: Any) -> Table:
     """One row per job this run finished (done or failed, with the reason); skipped ones counted."""
     table = Table(title="batch", header_style="bold")
+    # A job's name is kept whole on its line (up to 34 characters: the table fits 80 columns) where the reason can wrap.
+    longest = max((len(f.record.job) for f in result.finished), default=3)
     for col, just in (("job", "left"), ("status", "left"), ("seconds", "right"), ("loss", "right"), ("reason", "left")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+        table.add_column(col, justify=just, overflow="fold", min_width=min(longest, 34) if col == "job" else None)  # type: ignore[arg-type]
     for f in result.finished:
         r = f.record
         style = None if r.status == "done" else "red"

@@ -67,7 +67,7 @@ def bench_command(
     result_iterations: Annotated[int, typer.Option("--result-iterations", min=1, max=MAX_ITERATIONS, help="--to-result: most iterations at the output size before a setting counts as not reached.")] = 500,
     content: Annotated[Optional[Path], typer.Option("--content", help="--to-result: content image [seeded synthetic images].", show_default=False)] = None,
     style: Annotated[Optional[Path], typer.Option("--style", help="--to-result: style image.", show_default=False)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, versions, command} here.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write {results: [...], device, date, torch_threads, weights, versions, command} here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one CSV row per result here.")] = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: ms/iteration and TFLOP/s against size, a line per precision.")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Print every column (about 190 wide) instead of the table that fits the terminal.")] = False,

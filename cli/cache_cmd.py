@@ -66,7 +66,7 @@ def cache_info_command(as_json: Annotated[bool, typer.Option("--json", help="Pri
 def cache_clear_command() -> None:
     """Delete cached targets, models and TensorRT engines.
 
-    Imported weights stay.
+    Also the time-to-result references and stale temporaries. Imported weights stay.
     """
     with user_errors():
         folder = usable_cache_dir()

@@ -157,7 +157,8 @@ class _ProgressSink:
         except ImageError as e:
             self.failed.append(path)
             if len(self.failed) == 1:  # the same cause would repeat at every snapshot
-                console.print(f"[yellow]warning:[/] {e}; the run goes on (later snapshot failures are counted in the report)")
+                why = f"cannot write snapshot {path}: a folder is in the way" if path.is_dir() else str(e)  # no "give a file name" advice
+                console.print(f"[yellow]warning:[/] {why}; the run goes on (later snapshot failures are listed in the report)", highlight=False)
 
 
 def stylize_command(

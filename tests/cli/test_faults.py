@@ -173,6 +173,7 @@ def test_a_snapshot_that_cannot_be_written_is_a_warning(images, tmp_path: Path):
     assert r.exit_code == 0, r.output
     (warning,) = lines(r.output, "warning:")
     assert str(tmp_path / "out.0001.png") in warning and "the run goes on" in warning
+    assert "a folder is in the way" in warning and "give a file name" not in warning  # no advice to name a snapshot
     assert out.is_file() and (tmp_path / "out.0002.png").is_file()
     assert rep["intermediate"] == [str(tmp_path / "out.0002.png")] and rep["intermediate_failed"] == [str(tmp_path / "out.0001.png")]
 

@@ -191,3 +191,20 @@ def test_bench_default_table_fits_80_columns_and_wide_has_every_column(tmp_path:
     r = runner.invoke(app, [*args, "--wide"])
     assert r.exit_code == 0, r.output
     assert "p10-p90" in r.output and "MP-it/s" in r.output and max(len(line) for line in r.output.splitlines()) > 80
+
+
+def test_batch_output_fits_80_columns_with_long_names(images, tmp_path: Path, terminal80):
+    """The jobs bar kept its bar and times (they were squeezed to `…` by `done 2, failed 1,
+    skipped 0, 164.2 jobs/min`), a long running job's name is cut, and the closing table names
+    every job of up to 34 characters whole on one line (they wrapped mid-word)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(images["content"]).save(photos / "a_long_photo_name_here.png")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    r = runner.invoke(app, ["batch", str(photos), "--style", str(images["style"]), "-o", str(tmp_path / "out"), *FAST])
+    assert r.exit_code == 1, r.output
+    lines = r.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), r.output
+    bar = next(line for line in lines if line.startswith("batch "))
+    assert re.search(r"2/2 done 1, failed 1, [\d.]+ jobs/min +\d:\d\d:\d\d +\d:\d\d:\d\d$", bar), bar
+    assert any("a_long_photo_name_here--style.png " in line for line in lines), r.output  # whole in the table
