@@ -175,7 +175,8 @@ def tv_loss(image: torch.Tensor, *, form: LossForm = LossForm.NORMALIZED, per_im
     if form == LossForm.NORMALIZED:
         dy = x[:, :, 1:, :] - x[:, :, :-1, :]
         dx = x[:, :, :, 1:] - x[:, :, :, :-1]
-        return _reduce(dy.pow(2), mean=True, per_image=per_image) + _reduce(dx.pow(2), mean=True, per_image=per_image)
+        # A 1 px thin image has no pairs that way: that term is 0 (the mean of nothing was nan).
+        return sum(_reduce(d.pow(2), mean=True, per_image=per_image) if d.numel() else d.sum(dim=(1, 2, 3) if per_image else None) for d in (dy, dx))
     a = (x[:, :, :-1, :-1] - x[:, :, 1:, :-1]).pow(2)
     b = (x[:, :, :-1, :-1] - x[:, :, :-1, 1:]).pow(2)
     # (a + b) is 0 on flat areas, where the gradient of t**1.25 is 0 too: no NaN to guard.

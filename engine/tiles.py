@@ -281,7 +281,8 @@ class TiledObjective:
             dy = img[:, :, r0 + 1 : r1 + 1, c0:cc] - img[:, :, r0:r1, c0:cc]
             dx = img[:, :, r0:rr, c0 + 1 : c1 + 1] - img[:, :, r0:rr, c0:c1]
             per = 1 if each else n
-            tv = _sum(dy.pow(2), each) / (3 * (h - 1) * w * per) + _sum(dx.pow(2), each) / (3 * h * (w - 1) * per)
+            # A 1 px thin image has no pairs that way: that term is 0, as in `tv_loss` (not 0/0).
+            tv = _sum(dy.pow(2), each) / (3 * max(h - 1, 1) * w * per) + _sum(dx.pow(2), each) / (3 * h * max(w - 1, 1) * per)
         else:
             a = (img[:, :, r0:r1, c0:c1] - img[:, :, r0 + 1 : r1 + 1, c0:c1]).pow(2)
             b = (img[:, :, r0:r1, c0:c1] - img[:, :, r0:r1, c0 + 1 : c1 + 1]).pow(2)

@@ -145,6 +145,11 @@ def test_tv_normalised_and_flat_image():
     a = x.numpy()
     expect = float(((a[:, :, 1:] - a[:, :, :-1]) ** 2).mean() + ((a[:, :, :, 1:] - a[:, :, :, :-1]) ** 2).mean())
     assert tv_loss(x).item() == pytest.approx(expect, rel=1e-5)
+    row = torch.rand(2, 3, 1, 6, requires_grad=True)  # no vertical pairs: that term is 0, not the mean of nothing (nan)
+    r = row.detach().numpy()
+    assert tv_loss(row).item() == pytest.approx(float(((r[:, :, :, 1:] - r[:, :, :, :-1]) ** 2).mean()), rel=1e-5)
+    tv_loss(row, per_image=True).sum().backward()
+    assert torch.isfinite(row.grad).all() and tv_loss(torch.rand(1, 3, 1, 1)).item() == 0
     flat = torch.full((1, 3, 6, 6), 0.5, requires_grad=True)
     tv_loss(flat, form=LossForm.KERAS).backward()  # (a+b)**1.25 at 0 must not give NaN
     assert torch.isfinite(flat.grad).all()

@@ -86,6 +86,21 @@ def test_tiled_gradient_equals_the_whole_images(base, styles, grey, weights):
             torch.testing.assert_close(t_terms[k], terms[k], rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("hw", [(1, 60), (44, 1)], ids=["one-row", "one-column"])
+def test_a_one_pixel_thin_image_has_a_finite_loss_whole_and_tiled(hw, weights):
+    """relu1_x layers take a 1 px thin output; its TV had a mean over no pairs (nan) whole and a
+    0/0 tiled. The missing direction's term is 0, and tiled equals whole."""
+    cfg = dataclasses.replace(GATYS, tv_weight=5.0, content_layers=("relu1_2",), style_layers=("relu1_1", "relu1_2"))
+    objective, x = _problem(cfg, weights, hw=hw)
+    loss, terms = objective.loss_and_grad(x)
+    whole = x.grad.clone()
+    assert torch.isfinite(loss) and terms["tv"] > 0 and torch.isfinite(whole).all()
+    x.grad = None
+    t_loss, _ = TiledObjective(objective, 16).loss_and_grad(x)
+    torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
+    assert float((x.grad - whole).abs().max() / whole.abs().max()) < 1e-4
+
+
 def test_tiled_gradient_adds_to_an_existing_gradient(weights):
     """Like `backward()`, the tiled evaluation adds to what `x.grad` holds."""
     objective, x = _problem(dataclasses.replace(GATYS, **SHALLOW), weights)
