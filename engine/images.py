@@ -66,6 +66,25 @@ def _scaled_to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def as_rgb(im: Image.Image, what: str) -> Image.Image:
+    """A Pillow image handed to the Python API made RGB as `load_image` makes a file's: EXIF
+    orientation applied, every mode converted as above (a float image in 0-1 was black, a 16-bit
+    one white, a transparent one black). A plain upright RGB image is returned as it is. One
+    that cannot be read (closed, truncated) is an ImageError naming `what`."""
+    try:
+        im.load()
+        if im.mode == "RGB" and "transparency" not in im.info and im.getexif().get(_ORIENTATION, 1) == 1:
+            return im
+        return _to_rgb(ImageOps.exif_transpose(im) or im)
+    except ImageError as e:
+        raise ImageError(f"`{what}`: {e}", params=(what,)) from None
+    except Exception as e:  # noqa: BLE001 - Pillow's closed image raises ValueError or AssertionError
+        raise ImageError(f"`{what}`: cannot read the image ({str(e) or type(e).__name__})", params=(what,)) from None
+
+
+_ORIENTATION = 0x0112  # EXIF's orientation tag
+
+
 def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file as an upright RGB Pillow image (first frame of an animation)."""
     path = Path(path)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ConfigError
-from .images import ImageError, load_image
+from .images import ImageError, as_rgb, load_image
 from .layers import LAYER_INDEX, LAYER_NAMES
 from .losses import guided_gram
 
@@ -42,6 +42,17 @@ def load_mask(path: str, *, param: str) -> Image.Image:
         raise ImageError(f"`{param}`: {e}", params=(param,)) from None
     grey = im.convert("L")
     grey.info["nst.path"] = str(path)  # for messages: the conversion drops `filename`
+    return grey
+
+
+def as_mask(mask: Image.Image, what: str) -> Image.Image:
+    """A mask handed to the Python API as a greyscale ("L") image read as a mask file is (`as_rgb`:
+    a float mask's weights of 1.0 were 1/255, an EXIF-rotated one lay sideways)."""
+    if mask.mode == "L" and "transparency" not in mask.info and mask.getexif().get(0x0112, 1) == 1:
+        return mask
+    grey = as_rgb(mask, what).convert("L")
+    if "nst.path" in mask.info:
+        grey.info["nst.path"] = mask.info["nst.path"]
     return grey
 
 

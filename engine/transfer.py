@@ -25,11 +25,11 @@ from .config import AUTO, INIT_CHOICES, OTHER_OPTIMIZER_LR, Optimizer, Optimizer
 from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
-from .images import ImageError, load_image, output_shape, resize, to_tensor
+from .images import ImageError, as_rgb, load_image, output_shape, resize, to_tensor
 from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
-from .masks import EVERYWHERE, Guidance, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
+from .masks import EVERYWHERE, Guidance, as_mask, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
 from .plan import Plan, TileMode, plan_run, style_shape
 from .stopwatch import Stopwatch
@@ -450,6 +450,14 @@ def stylize_many(
     apply to every content, `style_regions` to every list of styles (see `stylize`).
     """
     _check_arguments(contents, styles, cfg, weights, runtime, init_images, callback, masks, style_regions, content_mask)
+    # Pillow images made RGB (masks greyscale) as image files are: orientation and modes.
+    contents = [as_rgb(c, "content") for c in contents]
+    styles = [[as_rgb(s, "styles") for s in st] for st in styles]
+    if init_images is not None:
+        init_images = [None if im is None else as_rgb(im, "init_image") for im in init_images]
+    masks, style_regions = ([None if m is None else as_mask(m, what) for m in ms] if ms is not None else None
+                            for ms, what in ((masks, "masks"), (style_regions, "style_regions")))  # fmt: skip
+    content_mask = as_mask(content_mask, "content_mask") if content_mask is not None else None
     runtime = runtime or Runtime()
     n = len(contents)
     if n == 0 or len(styles) != n:

@@ -501,3 +501,41 @@ def test_an_lbfgs_scale_that_stops_improving_ends_early(pics, weights):
     assert full.loss_history[: short.steps] == h
     fp32 = stylize(content, [style], dataclasses.replace(cfg, iterations=40), weights=weights, runtime=Runtime())
     assert fp32.steps == 40 and fp32.stopped_early == []
+
+
+def test_pillow_images_are_read_as_image_files_are(tmp_path, weights):
+    """A Pillow image given to `stylize` goes through what `load_image` does to a file: a float
+    image in 0-1 ran as black, a 16-bit one as white, an EXIF-rotated photo lay sideways, and a
+    float mask of 1.0 weighed 1/255. Each now gives the run the file gives; a closed image is an
+    ImageError naming the argument."""
+    import numpy as np
+
+    from nst.engine.images import ImageError
+
+    cfg = dataclasses.replace(SMALL, iterations=2, scales=())
+    rt = Runtime(precision="fp32")
+    rng = np.random.default_rng(0)
+    style = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    as_file = {}
+    floats = Image.fromarray(rng.random((32, 48), dtype=np.float32), "F")
+    sixteen = Image.fromarray((rng.random((32, 48)) * 65535).astype(np.uint16))
+    rotated = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name, im, ext, extra in (("floats", floats, ".tif", {}), ("sixteen", sixteen, ".png", {}), ("rotated", rotated, ".jpg", {"exif": exif.tobytes()})):
+        im.save(tmp_path / f"{name}{ext}", **extra)
+        as_file[name] = (Image.open(tmp_path / f"{name}{ext}"), load_image(tmp_path / f"{name}{ext}"))
+    for name, (given, read) in as_file.items():
+        a = stylize(given, [style], cfg, weights=weights, runtime=rt).image
+        b = stylize(read, [style], cfg, weights=weights, runtime=rt).image
+        assert a.shape == b.shape and torch.equal(a, b), name
+    assert as_file["rotated"][1].size == (32, 48)  # upright: 90 degrees turned
+    ones = Image.fromarray(np.ones((32, 48), np.float32), "F")
+    white = Image.new("L", (48, 32), 255)
+    content = as_file["rotated"][1].rotate(90, expand=True)
+    a = stylize(content, [style], cfg, weights=weights, runtime=rt, content_mask=ones).image
+    assert torch.equal(a, stylize(content, [style], cfg, weights=weights, runtime=rt, content_mask=white).image)
+    with Image.open(tmp_path / "sixteen.png") as closed:
+        pass
+    with pytest.raises(ImageError, match="`content`: cannot read the image"):
+        stylize(closed, [style], cfg, weights=weights, runtime=rt)
