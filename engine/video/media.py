@@ -104,10 +104,11 @@ class Clip:
     audio: bool = False
     codec: str = ""
     files: list[Path] = field(default_factory=list)
+    rotation: int = 0  # degrees counterclockwise that a player turns the stored frames (a phone's portrait clip: -90)
 
     def describe(self) -> dict[str, object]:
         return {"path": str(self.path), "kind": self.kind, "fps": str(self.fps) if self.fps else None, "frames": self.frames,
-                "size": f"{self.width}x{self.height}", "codec": self.codec or None, "audio": self.audio}  # fmt: skip
+                "size": f"{self.width}x{self.height}", "codec": self.codec or None, "audio": self.audio, "rotation": self.rotation}  # fmt: skip
 
     def identity(self) -> dict[str, object]:
         """What tells this input apart from an edited one (for resuming): names, sizes, times."""
@@ -161,12 +162,26 @@ def open_clip(source: str | Path) -> Clip:
             if not ctx.width or not ctx.height:
                 raise VideoError(f"{p}: the video stream has no frame size")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            return Clip(p, "video", Fraction(rate) if rate else None, stream.frames or None, ctx.width, ctx.height,
-                        audio=bool(container.streams.audio), codec=ctx.name)  # fmt: skip
+            rotation = _rotation(container, stream)
+            w, h = (ctx.height, ctx.width) if rotation % 180 else (ctx.width, ctx.height)  # as a player shows it
+            return Clip(p, "video", Fraction(rate) if rate else None, stream.frames or None, w, h,
+                        audio=bool(container.streams.audio), codec=ctx.name, rotation=rotation)  # fmt: skip
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{p}: not a video FFmpeg can read ({_av_message(e)})") from None
+
+
+def _rotation(container: object, stream: object) -> int:
+    """The stream's display rotation (its display matrix, as phones record portrait clips), a
+    multiple of 90 degrees counterclockwise, read from the first frame; 0 when it has none."""
+    for frame in container.decode(stream):  # type: ignore[attr-defined]
+        return int(round(getattr(frame, "rotation", 0) or 0) / 90) * 90 % 360
+    return 0
+
+
+# Pillow's lossless turn for each counterclockwise rotation a player applies.
+_UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
 def read_frames(clip: Clip, selection: FrameSelection = FrameSelection()) -> Iterator[Image.Image]:
@@ -192,6 +207,8 @@ def read_frames(clip: Clip, selection: FrameSelection = FrameSelection()) -> Ite
                     return
                 if selection.picks(i):
                     im = frame.to_image()  # RGB, in the stream's own size
+                    if clip.rotation:  # upright, as players show it (the output carries no rotation)
+                        im = im.transpose(_UPRIGHT[clip.rotation])
                     if im.size != (clip.width, clip.height):
                         im = im.resize((clip.width, clip.height), Image.Resampling.LANCZOS)  # a mid-stream size change
                     yield im

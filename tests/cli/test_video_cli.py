@@ -403,3 +403,39 @@ def test_a_clip_whose_frames_cannot_fit_on_the_disk_is_refused_before_any_work(p
     with pytest.raises(VideoError, match="12 frames of 48x36"):
         pipeline.check_disk(job, (96, 72), 12, cfg)
     pipeline.check_disk(job, (96, 72), None, cfg)  # a count not known: not checked
+
+
+# The track header's display matrix: identity, and a 90-degree turn as a phone writes a portrait
+# clip (FFmpeg reads it as a rotation of -90: a player turns the stored frames clockwise).
+_IDENTITY = bytes.fromhex("00010000" "00000000" "00000000" "00000000" "00010000" "00000000" "00000000" "00000000" "40000000")
+_PORTRAIT = bytes.fromhex("00000000" "00010000" "00000000" "ffff0000" "00000000" "00000000" "00000000" "00000000" "40000000")
+
+
+def test_a_rotated_clip_is_stylised_upright(examples_dir, tmp_path):
+    """A clip with a display rotation (a phone held upright) is read and written as a player
+    shows it: the frames turned, the output upright with no rotation of its own. It came out
+    sideways, and masks drawn on the upright frame were refused for their shape."""
+    from nst.engine.video.media import open_clip, read_frames
+
+    stored = make_pan(tmp_path / "stored.mp4", examples_dir, frames=3, w=64, h=48)
+    data = stored.read_bytes()
+    at = data.index(b"tkhd")
+    assert data.count(_IDENTITY, at) >= 1
+    rotated = tmp_path / "portrait.mp4"
+    rotated.write_bytes(data[:at] + data[at:].replace(_IDENTITY, _PORTRAIT, 1))
+    clip = open_clip(rotated)
+    assert (clip.width, clip.height, clip.rotation) == (48, 64, 270)
+    with av.open(str(stored)) as c:
+        first = next(c.decode(video=0)).to_image()
+    upright = next(read_frames(clip))
+    assert upright.size == (48, 64) and upright.tobytes() == first.transpose(Image.Transpose.ROTATE_270).tobytes()
+    out = tmp_path / "out.mp4"
+    mask = Image.new("L", (48, 64), 255)  # drawn on the upright frame
+    mask.save(tmp_path / "m.png")
+    r = runner.invoke(app, ["video", str(rotated), style(examples_dir), "-o", str(out), *FAST, "--size", "64", "--iterations", "1",
+                            "--masks", str(tmp_path / "m.png"), "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    n, _, (w, h), _, _ = probe(out)
+    assert (n, w, h) == (3, 48, 64)
+    with av.open(str(out)) as c:
+        assert (next(c.decode(video=0)).rotation or 0) == 0
