@@ -364,14 +364,14 @@ def _oom_advice(runtime: Runtime) -> str:
 def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     """Load the images and weights, choose the targets, and run `stylize` under a progress bar."""
     from nst.engine.device import is_out_of_memory, out_of_memory_message
-    from nst.engine.images import check_fits_format, load_image, output_shape
+    from nst.engine.images import check_fits_format, load_image, load_named, output_shape
     from nst.engine.transfer import check_sizes, fit_scales
 
     phases: dict[str, float] = {}
     t = time.perf_counter()
     content_im = load_image(o.content)
     style_ims = [load_image(p) for p in o.styles]
-    init_im = load_image(o.init_path) if o.init_path else None
+    init_im = load_named(o.init_path, "init") if o.init_path else None
     mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
     check_sizes(content_im, style_ims, cfg)

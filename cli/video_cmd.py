@@ -126,7 +126,7 @@ def _check_output(output: Path, inputs: list[Path], report: Path | None) -> None
 
 def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the run's phases
     from nst.engine.files import remove, temporaries_beside
-    from nst.engine.images import load_image
+    from nst.engine.images import load_image, load_named
     from nst.engine.video.flow import find_raft_weights
     from nst.engine.video.media import FrameSelection
     from nst.engine.video.pipeline import ClipJob, file_digest, open_job
@@ -155,7 +155,7 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
     jobs = [ClipJob(src, out, selection, fps) for src, out in zip(inputs, outputs)]
 
     style_ims = [load_image(p) for p in styles]
-    init_im = load_image(init) if init is not None else None
+    init_im = load_named(init, "init") if init is not None else None
     raft_file = None
     if vcfg.flow == FlowMethod.RAFT:
         raft_file = find_raft_weights(hub_dir=torch_hub_dir(), path=a["flow_weights"])

@@ -95,6 +95,14 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image
     return _decode(path, path, max_pixels)
 
 
+def load_named(path: str | Path, param: str) -> Image.Image:
+    """`load_image` for a file an option names (`init`): its errors name the option."""
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise ImageError(f"`{param}`: {e}", params=(param,)) from None
+
+
 def decode_image(data: bytes, name: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """`load_image` for a file's bytes read elsewhere (a batch worker on another machine);
     `name` is the file it came from, for messages."""

@@ -25,7 +25,7 @@ from .config import AUTO, INIT_CHOICES, OTHER_OPTIMIZER_LR, Optimizer, Optimizer
 from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
-from .images import ImageError, as_rgb, load_image, output_shape, resize, to_tensor
+from .images import ImageError, as_rgb, load_named, output_shape, resize, to_tensor
 from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
@@ -476,7 +476,7 @@ def stylize_many(
         raise ConfigError("images optimised together must have the same size at every stage")
     inits: list[Image.Image | None] = list(init_images) if init_images is not None else [None] * n
     if cfg.init not in INIT_CHOICES and any(im is None for im in inits):
-        shared_init = load_image(cfg.init)
+        shared_init = load_named(cfg.init, "init")
         inits = [shared_init if im is None else im for im in inits]
     dev = runtime.device
     clock = Stopwatch(dev)

@@ -156,7 +156,7 @@ def open_clip(source: str | Path) -> Clip:
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
-                raise VideoError(f"{p}: no video stream in this file")
+                raise VideoError(f"{p}: no video stream in this file (or it is damaged or cut short)")
             stream = container.streams.video[0]
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:

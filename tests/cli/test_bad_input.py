@@ -69,7 +69,7 @@ def _cases(images: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], str
         "scales zero": (["stylize", c, s, "-o", out, *BASE[:2], "--scales", "0,48"], "--scales entry 0 is out of range"),
         "compare no extension": (["stylize", c, s, "-o", out, *BASE, "--compare", str(tmp / "sheet")], "--compare: cannot write 'sheet': unknown image extension"),
         "style scale": (["stylize", c, s, "-o", out, *BASE, "--style-scale", "100"], "--style-scale must be between"),
-        "init missing": (["stylize", c, s, "-o", out, *BASE, "--init", str(tmp / "init.png")], "image not found"),
+        "init missing": (["stylize", c, s, "-o", out, *BASE, "--init", str(tmp / "init.png")], "--init: image not found"),
         "tf32 on cpu": (["stylize", c, s, "-o", out, *BASE, "--device", "cpu", "--precision", "tf32"], "tf32 is a CUDA"),
         "no gpu": (["stylize", c, s, "-o", out, *BASE, "--device", "cuda"], "no CUDA GPU"),
         "bad device": (["stylize", c, s, "-o", out, *BASE, "--device", "tpu"], "device"),
