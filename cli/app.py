@@ -12,7 +12,7 @@ from rich.table import Table
 from nst.engine.layers import LAYER_NAMES
 from nst.engine.weights import import_weights, weights_status
 
-from .common import Command, Group, cache_dir, console, stop_on_sigterm, torch_hub_dir, user_errors
+from .common import Command, Group, cache_dir, console, stop_on_sigterm, torch_hub_dir, user_errors, warnings_as_lines
 from .report import versions
 from .stylize_cmd import stylize_command
 
@@ -48,6 +48,7 @@ def _main(
     version: Annotated[Optional[bool], typer.Option("--version", is_eager=True, callback=_print_version, help="Print nst's version and exit.")] = None,
 ) -> None:
     stop_on_sigterm()  # the app's help is the Typer's; this callback carries --version, and runs before every command
+    warnings_as_lines()
 
 
 weights_app = typer.Typer(help="The VGG19 weights: what is available, and importing a file.", no_args_is_help=True)

@@ -86,6 +86,29 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def warnings_as_lines() -> None:
+    """The engine's warnings (`EngineWarning`: damaged metadata in an image file, a cache entry
+    that could not be written) as one `warning:` line each; Python's other warnings as it prints them."""
+    import warnings
+
+    from nst.engine.errors import EngineWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "nst_lines", False):
+        return
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: typing.Any = None, line: str | None = None) -> None:
+        if issubclass(category, EngineWarning):
+            from rich.markup import escape
+
+            console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)  # a file name may hold [brackets]
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.nst_lines = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def interrupted_code() -> int:
     """The exit code of a stopped run: 143 after SIGTERM, 130 after Ctrl-C."""
     return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import files, onnx_meta
+from .errors import EngineWarning
 from .files import Temporary, write_atomic
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: `nst cache info` runs without it
@@ -37,7 +38,7 @@ REFERENCES_DIR = "references"  # `nst bench --to-result`'s reference losses (ben
 _CLEARABLE = (TARGETS_DIR, onnx_meta.MODELS_DIR, "tensorrt", REFERENCES_DIR)  # never the imported weights
 
 
-class TargetCacheWarning(UserWarning):
+class TargetCacheWarning(EngineWarning):
     """A cache entry was damaged and has been discarded."""
 
 

@@ -21,4 +21,9 @@ class ConfigError(EngineError):
     """A configuration value out of range or inconsistent with the inputs."""
 
 
-__all__ = ["ConfigError", "EngineError"]
+class EngineWarning(UserWarning):
+    """Something optional went wrong and the run goes on (damaged metadata in an image file): a
+    front end shows it as one line (the CLI's `warning:`)."""
+
+
+__all__ = ["ConfigError", "EngineError", "EngineWarning"]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import SizeEdge
-from .errors import EngineError
+from .errors import EngineError, EngineWarning
 from .files import write_atomic
 
 # Pillow's own bomb guard refuses above this (it warns from half of it); so do we, from our own check.
@@ -30,6 +30,10 @@ MAX_PIXELS = 178_956_970
 
 class ImageError(EngineError):
     """An image that cannot be read, written or used; the message names the file."""
+
+
+class ImageWarning(EngineWarning):
+    """An image read despite something wrong in it (damaged metadata)."""
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -72,10 +76,12 @@ def as_rgb(im: Image.Image, what: str) -> Image.Image:
     one white, a transparent one black). A plain upright RGB image is returned as it is. One
     that cannot be read (closed, truncated) is an ImageError naming `what`."""
     try:
-        im.load()
-        if im.mode == "RGB" and "transparency" not in im.info and im.getexif().get(_ORIENTATION, 1) == 1:
-            return im
-        return _to_rgb(ImageOps.exif_transpose(im) or im)
+        with warnings.catch_warnings():  # damaged EXIF data: said once when the file was read
+            warnings.simplefilter("ignore")
+            im.load()
+            if im.mode == "RGB" and "transparency" not in im.info and im.getexif().get(_ORIENTATION, 1) == 1:
+                return im
+            return _to_rgb(ImageOps.exif_transpose(im) or im)
     except ImageError as e:
         raise ImageError(f"`{what}`: {e}", params=(what,)) from None
     except Exception as e:  # noqa: BLE001 - Pillow's closed image raises ValueError or AssertionError
@@ -110,21 +116,33 @@ def decode_image(data: bytes, name: str | Path, *, max_pixels: int = MAX_PIXELS)
 
 
 def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image:
+    """The decoded image. What Pillow warns of while reading (damaged EXIF data, skipped tags)
+    becomes one ImageWarning naming the file, not its own lines with Pillow's source."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Pillow warns from half our limit (its MAX_IMAGE_PIXELS) and refuses above it; the
+        # limit is ours, checked in `_read`, so its warning is no refusal (it halved the limit).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = _read(source, path, max_pixels)
+    if caught:
+        first = " ".join(str(caught[0].message).split())
+        more = f" and {len(caught) - 1} more" if len(caught) > 1 else ""
+        warnings.warn(f"{path}: damaged metadata ignored ({first}{more})", ImageWarning, stacklevel=3)
+    return im
+
+
+def _read(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns from half our limit (its MAX_IMAGE_PIXELS) and refuses above it; the
-            # limit is ours, checked below, so its warning is no refusal (it halved the limit).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                if im.width * im.height > max_pixels:
-                    raise ImageError(f"{path}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit (a decompression bomb?)")
-                im.seek(0)
-                im = ImageOps.exif_transpose(im) or im
-                im.load()
-                try:
-                    return _to_rgb(im)
-                except ImageError as e:
-                    raise ImageError(f"{path}: {e}") from None
+        with Image.open(source) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageError(f"{path}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit (a decompression bomb?)")
+            im.seek(0)
+            im = ImageOps.exif_transpose(im) or im
+            im.load()
+            try:
+                return _to_rgb(im)
+            except ImageError as e:
+                raise ImageError(f"{path}: {e}") from None
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

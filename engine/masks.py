@@ -17,6 +17,7 @@ layer's resolution is one more per-position input.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -48,12 +49,18 @@ def load_mask(path: str, *, param: str) -> Image.Image:
 def as_mask(mask: Image.Image, what: str) -> Image.Image:
     """A mask handed to the Python API as a greyscale ("L") image read as a mask file is (`as_rgb`:
     a float mask's weights of 1.0 were 1/255, an EXIF-rotated one lay sideways)."""
-    if mask.mode == "L" and "transparency" not in mask.info and mask.getexif().get(0x0112, 1) == 1:
+    if mask.mode == "L" and "transparency" not in mask.info and _orientation(mask) == 1:
         return mask
     grey = as_rgb(mask, what).convert("L")
     if "nst.path" in mask.info:
         grey.info["nst.path"] = mask.info["nst.path"]
     return grey
+
+
+def _orientation(im: Image.Image) -> int:
+    with warnings.catch_warnings():  # damaged EXIF data: said once when the file was read
+        warnings.simplefilter("ignore")
+        return im.getexif().get(0x0112, 1)
 
 
 def load_masks(paths: Sequence[str], *, param: str) -> list[Image.Image | None]:

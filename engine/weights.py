@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import EngineError
+from .errors import EngineError, EngineWarning
 from .files import write_atomic
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class WeightsError(EngineError):
     """Weights that cannot be found or do not fit VGG19; the message says what to do."""
 
 
-class WeightsCacheWarning(UserWarning):
+class WeightsCacheWarning(EngineWarning):
     """The conv-only copy of the ImageNet weights could not be kept; the run goes on without it."""
 
 

@@ -277,3 +277,16 @@ def test_a_folder_that_cannot_be_written_is_found_before_the_work(where: str, im
     assert r.exit_code == 2, r.output
     assert f"{read_only_folder} is not writable" in r.output and "iteration" not in r.output, r.output
     assert not (tmp_path / "o.png").exists()
+
+
+def test_damaged_exif_data_is_one_warning_line_and_the_run_goes_on(images: dict[str, Path], tmp_path: Path):
+    """Pillow's own warnings (two of them, each with its source line) were printed as they came."""
+    from PIL import Image
+
+    damaged = tmp_path / "damaged.jpg"  # an EXIF block whose Make tag points past its end
+    exif = bytes.fromhex("4578696600004d4d002a000000082002010f000200003c0600000026011200030000000100e60000000000004d616b657200")
+    Image.open(images["content"]).convert("RGB").save(damaged, exif=exif)
+    r = runner.invoke(app, ["stylize", str(damaged), str(images["style"]), "-o", str(tmp_path / "o.png"), *BASE, "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [f"warning: {damaged}: damaged metadata ignored (Tag data larger than file. Skipping tag 271 and 1 more)"], r.output
+    assert (tmp_path / "o.png").is_file()
