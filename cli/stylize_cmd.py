@@ -86,6 +86,14 @@ def _parse_scales(text: str | None) -> tuple[int, ...] | str | None:
     return parse_list(text, cast=int, what="size", option="--scales") or None
 
 
+def _mask_list(text: str | None, option: str) -> tuple[str, ...] | None:
+    """`a.png,-,b.png`; a value that is one existing file is that file, commas and all (a comma
+    list has no way to quote one)."""
+    if text is not None and "," in text and Path(text).is_file():
+        return (text,)
+    return parse_list(text, what="mask", option=option) or None
+
+
 def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
     """The StyleConfig that the command line's options (by parameter name, None: not given) ask for."""
     overrides = dict(
@@ -98,8 +106,8 @@ def config_from_options(a: Mapping[str, Any]) -> C.StyleConfig:
         style_scale=a["style_scale"], init=a["init"], preserve_colors=a["preserve_colors"],
         scales=_parse_scales(a["scales"]),
         pooling=a["pooling"], seed=a["seed"], save_every=a["save_every"],
-        masks=parse_list(a.get("masks"), what="mask", option="--masks") or None,
-        style_regions=parse_list(a.get("style_regions"), what="mask", option="--style-regions") or None,
+        masks=_mask_list(a.get("masks"), "--masks"),
+        style_regions=_mask_list(a.get("style_regions"), "--style-regions"),
         content_mask=a.get("content_mask"), tile_grams=a.get("tile_grams"), lbfgs_patience=a.get("lbfgs_patience"),
     )  # fmt: skip
     if isinstance(overrides["scales"], tuple) and a["size"] is not None and overrides["scales"][-1] != a["size"]:
