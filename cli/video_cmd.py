@@ -73,7 +73,9 @@ def split_paths(paths: Sequence[str]) -> tuple[list[str], list[Path]]:
     """INPUT... STYLE...: the styles begin at the first image file name (a glob is an input)."""
     first_style = next((i for i, p in enumerate(paths) if Path(p).suffix.lower() in STYLE_SUFFIXES and not is_glob(p)), None)
     if first_style is None:
-        raise UserError("give one or more STYLE images after the INPUT (image files such as style.jpg)")
+        last = Path(paths[-1]) if paths else None
+        hint = f"; a {last.suffix} is read as a video: save the style as .png" if last is not None and last.suffix.lower() in (".gif", ".apng") else ""
+        raise UserError(f"give one or more STYLE images after the INPUT (image files such as style.jpg: {', '.join(STYLE_SUFFIXES)}){hint}")
     if first_style == 0:
         raise UserError(f"{paths[0]} is a still image; give a video, a folder of frames or a quoted glob of them first, then the STYLE images (nst stylize takes one image)")
     inputs, styles = list(paths[:first_style]), [Path(p) for p in paths[first_style:]]

@@ -226,6 +226,7 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
         "negative weight": ([str(pan), s, "-o", out, "--temporal-weight", "-1"], "--temporal-weight must be"),
         "raft without weights": ([str(pan), s, "-o", out, "--flow", "raft"], "cannot be downloaded here; use --flow dis"),
         "missing style": ([str(pan), str(tmp / "none.jpg"), "-o", out], "image not found"),
+        "gif style": ([str(pan), str(tmp / "style.gif"), "-o", out], "a .gif is read as a video: save the style as .png"),
         "budget too small": ([str(pan), s, "-o", out, "--max-memory", "2MB"], "--max-memory 2.0 MB is too small"),
         "bad tile": ([str(pan), s, "-o", out, "--tile", "8"], "--tile 8 is too small"),
         "dry run on ray": ([str(pan), s, "-o", out, "--dry-run", "--ray"], "leave out --ray"),
@@ -234,7 +235,7 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
 
 
 @pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
-                                  "output extension", "bad range", "range past end", "every zero", "every huge", "threads huge", "negative weight", "raft without weights", "missing style", "provider with torch",
+                                  "output extension", "bad range", "range past end", "every zero", "every huge", "threads huge", "negative weight", "raft without weights", "missing style", "gif style", "provider with torch",
                                   "budget too small", "bad tile", "dry run on ray"])  # fmt: skip
 def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]
