@@ -3,8 +3,8 @@
 How modes become RGB (documented in the README):
 - EXIF orientation is applied first; an animated image contributes its first frame.
 - L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB.
-- Alpha (RGBA, LA, PA; P, L or RGB with a transparency key): composited over white, since a transparent pixel
-  has no colour to match.
+- Alpha (RGBA, LA, PA; P, L or RGB with a transparency key): composited over white, since a
+  transparent pixel has no colour to match.
 - 16-bit and float greys (I;16*, I, F): scaled to 8 bits: 16-bit from 0-65535; a float image
   within 0-1 from 0-1; I or F within 0-255 kept; otherwise from the image's own min-max.
 """
@@ -54,9 +54,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _scaled_to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
     """An I or F image's values as 8 bits. A float image within 0-1 is taken as 0-1 (the usual
     convention for float images, and a float mask's weights stay what they are); one within
-    0-255 (or constant), as 8-bit values, clipped; anything else is stretched from its own min-max. nan and -inf read as
-    the image's darkest finite value, +inf as its brightest; an image with no finite value is an
-    error."""
+    0-255 (or constant), as 8-bit values, clipped; anything else is stretched from its own
+    min-max. nan and -inf read as the image's darkest finite value, +inf as its brightest; an
+    image with no finite value is an error."""
     finite = np.isfinite(a)
     if not finite.any():
         raise ImageError("holds no finite pixel values (every value is nan or inf)")
@@ -79,7 +79,7 @@ def as_rgb(im: Image.Image, what: str) -> Image.Image:
         with warnings.catch_warnings():  # damaged EXIF data: said once when the file was read
             warnings.simplefilter("ignore")
             im.load()
-            if im.mode == "RGB" and "transparency" not in im.info and im.getexif().get(_ORIENTATION, 1) == 1:
+            if im.mode == "RGB" and "transparency" not in im.info and orientation(im) == 1:
                 return im
             return _to_rgb(ImageOps.exif_transpose(im) or im)
     except ImageError as e:
@@ -88,7 +88,12 @@ def as_rgb(im: Image.Image, what: str) -> Image.Image:
         raise ImageError(f"`{what}`: cannot read the image ({str(e) or type(e).__name__})", params=(what,)) from None
 
 
-_ORIENTATION = 0x0112  # EXIF's orientation tag
+def orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation (1: upright), its damaged EXIF data passed over in silence
+    (said once, when its file was read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return int(im.getexif().get(0x0112, 1) or 1)
 
 
 def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -17,7 +17,6 @@ layer's resolution is one more per-position input.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ConfigError
-from .images import ImageError, as_rgb, load_image
+from .images import ImageError, as_rgb, load_named, orientation
 from .layers import LAYER_INDEX, LAYER_NAMES
 from .losses import guided_gram
 
@@ -37,11 +36,7 @@ ASPECT_TOLERANCE = 0.01  # a mask's width/height may differ from its image's by 
 
 def load_mask(path: str, *, param: str) -> Image.Image:
     """A mask file as a greyscale ("L") image; ImageError naming `param` if it cannot be read."""
-    try:
-        im = load_image(path)
-    except ImageError as e:
-        raise ImageError(f"`{param}`: {e}", params=(param,)) from None
-    grey = im.convert("L")
+    grey = load_named(path, param).convert("L")
     grey.info["nst.path"] = str(path)  # for messages: the conversion drops `filename`
     return grey
 
@@ -49,18 +44,12 @@ def load_mask(path: str, *, param: str) -> Image.Image:
 def as_mask(mask: Image.Image, what: str) -> Image.Image:
     """A mask handed to the Python API as a greyscale ("L") image read as a mask file is (`as_rgb`:
     a float mask's weights of 1.0 were 1/255, an EXIF-rotated one lay sideways)."""
-    if mask.mode == "L" and "transparency" not in mask.info and _orientation(mask) == 1:
+    if mask.mode == "L" and "transparency" not in mask.info and orientation(mask) == 1:
         return mask
     grey = as_rgb(mask, what).convert("L")
     if "nst.path" in mask.info:
         grey.info["nst.path"] = mask.info["nst.path"]
     return grey
-
-
-def _orientation(im: Image.Image) -> int:
-    with warnings.catch_warnings():  # damaged EXIF data: said once when the file was read
-        warnings.simplefilter("ignore")
-        return im.getexif().get(0x0112, 1)
 
 
 def load_masks(paths: Sequence[str], *, param: str) -> list[Image.Image | None]:
