@@ -28,7 +28,7 @@ from .common import UserError, check_writable, console, flag_message, interrupte
 from .stylize_cmd import CONFIG_OPTIONS, config_from_options, keyword_option, memory_request, stylize_parameters
 
 # stylize's parameters that batch replaces with its own (files in, folder out, whole-batch report).
-_REPLACED = ("content", "styles", "output", "report", "compare", "dry_run")  # each job is planned on its worker, as it runs
+_REPLACED = ("content", "styles", "output", "report", "compare")  # the batch's own
 
 
 def batch_command(**a: Any) -> None:
@@ -150,6 +150,8 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     check_writable(a["report"], "--report", example="report.json")
 
     a["memory"] = memory_request(a["max_memory"], a["tile"], a["optimizer_state"])  # a bad --tile or --max-memory fails before the weights load
+    if a["dry_run"]:
+        _dry_run(a, jobs)
     seed = config_from_options(base).seed
     w = load_weights_for(str(a["weights"]), seed)
     if w.is_random and not quiet:
@@ -175,6 +177,60 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
     _summary(result, out_dir, quiet=quiet)
     if result.exit_code:
         raise typer.Exit(interrupted_code() if result.exit_code == 130 else result.exit_code)
+
+
+def _dry_run(a: Mapping[str, Any], jobs: Sequence[Any]) -> None:
+    """Each job's memory plan as its worker would make it on this machine's device (the target
+    source's session counted as it would open), or why the job cannot run; nothing is written but
+    `--report`, and the exit code is 0."""
+    import dataclasses
+
+    from nst.engine.device import Runtime, resolve_device, resolve_precision
+    from nst.engine.images import ImageError, check_fits_format, load_image, output_shape
+    from nst.engine.transfer import check_sizes, plan_for, planned_config
+
+    from .common import warn_if_weights_missing
+    from .stylize_cmd import plan_lines
+    from .targets_opt import planned_source_bytes
+
+    if a["ray"] or a["ray_address"] is not None:
+        raise UserError("--dry-run plans on this machine's device; with --ray each job is planned on its worker: leave out --ray to see it")
+    dev = resolve_device(str(a["device"]))
+    runtime = Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
+    read: dict[Path, Any] = {}
+
+    def image(path: Path) -> Any:
+        if path not in read:
+            read[path] = load_image(path)
+        return read[path]
+
+    plans = []
+    for job in jobs:
+        console.print(f"{job.key}:", highlight=False)
+        try:
+            content, styles = image(job.content), [image(p) for p in job.styles]
+            check_sizes(content, styles, job.cfg)
+            check_fits_format(job.output, output_shape(*content.size, job.cfg.sizes[-1], job.cfg.size_edge))
+            memory = dataclasses.replace(a["memory"], source_bytes=planned_source_bytes(a["targets"], cfg=job.cfg, onnx_path=a["onnx"]))
+            plan = plan_for(content.size, [s.size for s in styles], job.cfg, runtime, memory)
+        except (ImageError, ValueError) as e:  # PlanError (a budget too small) is a ValueError
+            reason = _reason(flag_message(e))
+            console.print(f"[red]cannot run:[/] {reason}", highlight=False)
+            plans.append({"job": job.key, "content": str(job.content), "reason": reason})
+            continue
+        if plan.optimizer_note:
+            console.print(f"[yellow]warning:[/] memory plan: {plan.optimizer_note}", highlight=False)
+        for line in plan_lines(plan):
+            console.print(line, highlight=False)
+        plans.append({"job": job.key, "content": str(job.content), "plan": plan.to_dict(), "config": planned_config(job.cfg, plan).to_dict()})
+    warn_if_weights_missing(str(a["weights"]))
+    if a["report"] is not None:
+        from .report import write_json
+
+        write_json(Path(a["report"]), {"status": "dry-run", "plans": plans, "device": str(runtime.device), "precision": runtime.precision.value})
+        if not a["quiet"]:
+            console.print(f"wrote {a['report']} (report)")
+    raise typer.Exit(0)
 
 
 def _runner(a: Mapping[str, Any], w: object, *, quiet: bool) -> Any:

@@ -235,3 +235,24 @@ def test_outputs_a_format_cannot_hold_are_found_before_the_work(batch_dir):
     (rec,) = _journal(big)
     assert rec["status"] == "failed" and "WEBP cannot hold a 16384x10923 image" in rec["reason"], rec
     assert rec.get("steps", 0) == 0 and not (big / "sketch.webp").exists()
+
+
+def test_dry_run_prints_each_jobs_plan_and_writes_nothing(batch_dir):
+    """As `stylize --dry-run`, per job (it was refused as an unknown option): the plan each
+    worker would make on this device, or why the job cannot run; exit 0, no folder, no journal."""
+    out, rep = batch_dir["tmp"] / "out", batch_dir["tmp"] / "plans.json"
+    args = ["batch", str(batch_dir["dir"]), "--style", str(batch_dir["a"]), "-o", str(out), *FAST[:2], "--targets", "torch",
+            "--size", "2048", "--max-memory", "1GB", "--device", "cpu", "--precision", "fp32", "--dry-run", "--report", str(rep)]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert not out.exists()
+    plans = {p["job"]: p for p in json.loads(rep.read_text())["plans"]}
+    assert sorted(plans) == ["broken--monet.png", "cat--monet.png", "dog--monet.jpg"]
+    assert "not an image Pillow can read" in plans["broken--monet.png"]["reason"]
+    for key in ("cat--monet.png", "dog--monet.jpg"):
+        last = plans[key]["plan"]["stages"][-1]
+        assert last["mode"] == "tiled" and max(last["hw"]) == 2048 and last["estimated_peak_bytes"] <= 1e9
+        assert plans[key]["config"]["optimizer"] == "adam"  # L-BFGS's history does not fit 1 GB at 2048 px
+    assert "cat--monet.png:" in r.output and "stage 3: 2048x1365 tiled" in r.output and "cannot run:" in r.output
+    r = runner.invoke(app, [*args, "--ray"])
+    assert r.exit_code == 2 and "leave out --ray" in r.output, r.output
