@@ -9,12 +9,15 @@ from __future__ import annotations
 import glob
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, EngineError
@@ -104,11 +107,11 @@ class Clip:
     audio: bool = False
     codec: str = ""
     files: list[Path] = field(default_factory=list)
-    rotation: int = 0  # degrees counterclockwise that a player turns the stored frames (a phone's portrait clip: -90)
+    turn: str | None = None  # how a player shows the stored frames (`_TURNS`): a phone's portrait clip is "rotate 90 clockwise"
 
     def describe(self) -> dict[str, object]:
         return {"path": str(self.path), "kind": self.kind, "fps": str(self.fps) if self.fps else None, "frames": self.frames,
-                "size": f"{self.width}x{self.height}", "codec": self.codec or None, "audio": self.audio, "rotation": self.rotation}  # fmt: skip
+                "size": f"{self.width}x{self.height}", "codec": self.codec or None, "audio": self.audio, "turned": self.turn}  # fmt: skip
 
     def identity(self) -> dict[str, object]:
         """What tells this input apart from an edited one (for resuming): names, sizes, times."""
@@ -162,26 +165,53 @@ def open_clip(source: str | Path) -> Clip:
             if not ctx.width or not ctx.height:
                 raise VideoError(f"{p}: the video stream has no frame size")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            rotation = _rotation(container, stream)
-            w, h = (ctx.height, ctx.width) if rotation % 180 else (ctx.width, ctx.height)  # as a player shows it
+            turn = _display_turn(container, stream)
+            w, h = (ctx.height, ctx.width) if turn in _SIDEWAYS else (ctx.width, ctx.height)  # as a player shows it
             return Clip(p, "video", Fraction(rate) if rate else None, stream.frames or None, w, h,
-                        audio=bool(container.streams.audio), codec=ctx.name, rotation=rotation)  # fmt: skip
+                        audio=bool(container.streams.audio), codec=ctx.name, turn=turn)  # fmt: skip
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{p}: not a video FFmpeg can read ({_av_message(e)})") from None
 
 
-def _rotation(container: object, stream: object) -> int:
-    """The stream's display rotation (its display matrix, as phones record portrait clips), a
-    multiple of 90 degrees counterclockwise, read from the first frame; 0 when it has none."""
-    for frame in container.decode(stream):  # type: ignore[attr-defined]
-        return int(round(getattr(frame, "rotation", 0) or 0) / 90) * 90 % 360
-    return 0
+# How a player shows the stored frames, as Pillow's lossless turn that does the same.
+_TURNS = {
+    "rotate 90 counterclockwise": Image.Transpose.ROTATE_90, "rotate 180": Image.Transpose.ROTATE_180,
+    "rotate 90 clockwise": Image.Transpose.ROTATE_270, "mirror left-right": Image.Transpose.FLIP_LEFT_RIGHT,
+    "flip top-bottom": Image.Transpose.FLIP_TOP_BOTTOM, "transpose": Image.Transpose.TRANSPOSE, "transverse": Image.Transpose.TRANSVERSE,
+}  # fmt: skip
+_SIDEWAYS = ("rotate 90 counterclockwise", "rotate 90 clockwise", "transpose", "transverse")
 
 
-# Pillow's lossless turn for each counterclockwise rotation a player applies.
-_UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+def display_turn(matrix: Sequence[int]) -> str | None:
+    """The turn (a key of `_TURNS`) that a display matrix (9 int32, 16.16 fixed point, as
+    QuickTime and FFmpeg store it: a stored pixel (x, y) is shown at (a x + c y, b x + d y)) makes
+    of the stored frames; None for none, or for a matrix that is no turn or flip by a multiple of
+    90 degrees (shown as stored). Found by moving a small pattern as the matrix says and asking
+    which of Pillow's turns gives the same picture."""
+    a, b, c, d = (round(matrix[i] / 65536) for i in (0, 1, 3, 4))
+    if any(abs(matrix[i] - v * 65536) > 64 for i, v in zip((0, 1, 3, 4), (a, b, c, d))) or abs(a * d - b * c) != 1:
+        return None
+    pattern = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    ys, xs = np.mgrid[0:2, 0:3]
+    sx, sy = a * xs + c * ys, b * xs + d * ys
+    shown = np.zeros((sy.max() - sy.min() + 1, sx.max() - sx.min() + 1), np.uint8)
+    shown[sy - sy.min(), sx - sx.min()] = pattern
+    stored = Image.fromarray(pattern)
+    return next((name for name, op in _TURNS.items() if np.array_equal(np.asarray(stored.transpose(op)), shown)), None)
+
+
+def _display_turn(container: Any, stream: Any) -> str | None:
+    """The stream's display turn (a phone records a portrait clip as landscape frames and a
+    display matrix), read from its first frame's side data (or, on an older PyAV, its rotation)."""
+    for frame in container.decode(stream):
+        for data in getattr(frame, "side_data", ()) or ():
+            if "DISPLAYMATRIX" in str(getattr(data, "type", "")) and len(bytes(data)) == 36:
+                return display_turn(struct.unpack("=9i", bytes(data)))
+        rotation = int(round((getattr(frame, "rotation", 0) or 0) / 90)) * 90 % 360  # counterclockwise degrees
+        return {90: "rotate 90 counterclockwise", 180: "rotate 180", 270: "rotate 90 clockwise"}.get(rotation)
+    return None
 
 
 def read_frames(clip: Clip, selection: FrameSelection = FrameSelection()) -> Iterator[Image.Image]:
@@ -207,8 +237,8 @@ def read_frames(clip: Clip, selection: FrameSelection = FrameSelection()) -> Ite
                     return
                 if selection.picks(i):
                     im = frame.to_image()  # RGB, in the stream's own size
-                    if clip.rotation:  # upright, as players show it (the output carries no rotation)
-                        im = im.transpose(_UPRIGHT[clip.rotation])
+                    if clip.turn is not None:  # as players show it (the output carries no display matrix)
+                        im = im.transpose(_TURNS[clip.turn])
                     if im.size != (clip.width, clip.height):
                         im = im.resize((clip.width, clip.height), Image.Resampling.LANCZOS)  # a mid-stream size change
                     yield im

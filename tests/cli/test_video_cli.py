@@ -425,7 +425,7 @@ def test_a_rotated_clip_is_stylised_upright(examples_dir, tmp_path):
     rotated = tmp_path / "portrait.mp4"
     rotated.write_bytes(data[:at] + data[at:].replace(_IDENTITY, _PORTRAIT, 1))
     clip = open_clip(rotated)
-    assert (clip.width, clip.height, clip.rotation) == (48, 64, 270)
+    assert (clip.width, clip.height, clip.turn) == (48, 64, "rotate 90 clockwise")
     with av.open(str(stored)) as c:
         first = next(c.decode(video=0)).to_image()
     upright = next(read_frames(clip))
@@ -440,3 +440,22 @@ def test_a_rotated_clip_is_stylised_upright(examples_dir, tmp_path):
     assert (n, w, h) == (3, 48, 64)
     with av.open(str(out)) as c:
         assert (next(c.decode(video=0)).rotation or 0) == 0
+
+
+@pytest.mark.parametrize(("abcd", "turn", "corner"), [
+    ((1, 0, 0, 1), None, (0, 0)), ((0, 1, -1, 0), "rotate 90 clockwise", (0, 1)), ((0, -1, 1, 0), "rotate 90 counterclockwise", (2, 0)),
+    ((-1, 0, 0, -1), "rotate 180", (1, 2)), ((-1, 0, 0, 1), "mirror left-right", (0, 2)), ((1, 0, 0, -1), "flip top-bottom", (1, 0)),
+    ((0, 1, 1, 0), "transpose", (0, 0)), ((0, -1, -1, 0), "transverse", (2, 1)),
+])  # fmt: skip
+def test_every_turn_and_mirror_of_a_display_matrix(abcd, turn, corner):
+    """A display matrix maps a stored pixel (x, y) to (a x + c y, b x + d y); the stored top-left
+    corner of a 3x2 frame lands at `corner` (row, column) of what a player shows. A mirrored matrix
+    was read by its rotation alone (a left-right mirror as a 180-degree turn)."""
+    from nst.engine.video.media import _TURNS, display_turn
+
+    a, b, c, d = abcd
+    assert display_turn([a * 65536, b * 65536, 0, c * 65536, d * 65536, 0, 0, 0, 1 << 30]) == turn
+    stored = np.zeros((2, 3), np.uint8)
+    stored[0, 0] = 255
+    shown = np.asarray(Image.fromarray(stored).transpose(_TURNS[turn])) if turn else stored
+    assert tuple(int(i) for i in np.argwhere(shown == 255)[0]) == corner
