@@ -19,6 +19,7 @@ import shutil
 import socket
 import secrets
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -58,6 +59,12 @@ def in_the_way(path: Path, *, folder: bool = False) -> str | None:
     work: a folder (a file) already there, or a file where one of its folders would be. None
     when nothing is in the way (the path or its folders may still be missing: writers make them)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{path} is a symbolic link that leads back to itself"
     if path.exists() and path.is_dir() != folder:
         return f"{path} is a file, not a folder" if folder else f"{path} is a folder"
     for parent in path.parents:
@@ -88,13 +95,53 @@ def unwritable(path: Path, *, folder: bool = False) -> str | None:
     return None
 
 
+_DESCRIPTOR = re.compile(r"/dev/(?:(stdout)|(stderr)|fd/(\d+))|/proc/self/fd/(\d+)")
+
+
+def descriptor(path: Path) -> int | None:
+    """The open file descriptor that `path` names (`/dev/stdout`, `/dev/fd/3`, `/proc/self/fd/1`),
+    or None. Writing there means writing to what the descriptor is open on, wherever the shell
+    sent it (a file, a pipe, a terminal)."""
+    m = _DESCRIPTOR.fullmatch(os.path.abspath(path))
+    if m is None:
+        return None
+    return 1 if m[1] else 2 if m[2] else int(m[3] or m[4])
+
+
 def is_special(path: Path) -> bool:
-    """Whether `path` (through links) is a device, FIFO or socket: written into, never replaced."""
+    """Whether `path` is written into, never replaced: an open descriptor's name (`/dev/stdout`,
+    whatever it is redirected to), or (through links) a device, FIFO or socket."""
+    if descriptor(path) is not None:
+        return True
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_into(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` to a private temporary file, then its bytes into `path` as a shell's `>` would:
+    through the descriptor it names (its offset shared with the process's own writes: `>> log`
+    keeps what the log holds, `&> log` interleaves with stderr), or opened for writing (a device,
+    a FIFO)."""
+    with tempfile.TemporaryDirectory(prefix="nst-") as folder:
+        tmp = Path(folder) / f"out{path.suffix}"
+        write(tmp)
+        data = tmp.read_bytes()
+    fd = descriptor(path)
+    if fd is None:
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # what the process printed comes first
+        except (OSError, ValueError):
+            pass
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
@@ -105,13 +152,14 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     plain write would give it (a replaced file keeps its own), not the temporary file's 0600.
     A SIGKILL leaves the temporary, named for `temporaries_beside` and `sweep` to find.
     A folder at `path`, or a file where one of its folders would be, is an OSError naming `path`.
-    A device, FIFO or socket at `path` (`/dev/stdout`, `/dev/null`) is written into, as a shell's
-    `>` would: it cannot be replaced (as root the rename replaced `/dev/stdout` with a file). A
-    symbolic link is written through: the link stays and its target gets the new file.
+    A device, FIFO or socket at `path` (`/dev/null`), or an open descriptor's name (`/dev/stdout`
+    wherever it is redirected), is written into, as a shell's `>` would (`_write_into`): it cannot
+    be replaced (as root the rename replaced `/dev/stdout` with a file, and `>> log` lost the log).
+    A symbolic link is written through: the link stays and its target gets the new file.
     """
     path = Path(path)
     if is_special(path):
-        write(path)
+        _write_into(path, write)
         return path
     if path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -260,7 +308,7 @@ def same_file(a: Path, b: Path) -> bool:
     """Whether two paths name the same file or folder (existing or not)."""
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
         return False
 
 

@@ -149,3 +149,30 @@ def test_a_fifo_is_written_into_not_replaced(tmp_path):
     reader.join(timeout=10)
     assert got == ["report"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_an_open_descriptors_name_is_written_through_the_descriptor(tmp_path):
+    """`--report /dev/stdout >> log`: /dev/stdout leads to the log itself, a regular file, and the
+    rename replaced it (what it held was lost, and later output went to the unlinked file)."""
+    log = tmp_path / "log"
+    log.write_text("prev\n")
+    inode = log.stat().st_ino
+    with open(log, "a") as f:
+        write_atomic(Path(f"/dev/fd/{f.fileno()}"), lambda tmp: tmp.write_text("report\n"))
+        f.write("after\n")
+    assert log.read_text() == "prev\nreport\nafter\n" and log.stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
+def test_a_symbolic_link_loop_is_in_the_way(tmp_path):
+    """It was a RuntimeError traceback from the input check (`same_file`) before any work."""
+    from nst.engine.files import same_file
+
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop.name)
+    assert in_the_way(loop) == f"{loop} is a symbolic link that leads back to itself"
+    assert not same_file(loop, tmp_path / "other.png")
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to("missing.png")
+    assert in_the_way(dangling) is None  # written through: the target is made
