@@ -71,29 +71,22 @@ def _scaled_to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
 
 
 def as_rgb(im: Image.Image, what: str) -> Image.Image:
-    """A Pillow image handed to the Python API made RGB as `load_image` makes a file's: EXIF
-    orientation applied, every mode converted as above (a float image in 0-1 was black, a 16-bit
-    one white, a transparent one black). A plain upright RGB image is returned as it is. One
-    that cannot be read (closed, truncated) is an ImageError naming `what`."""
+    """A Pillow image handed to the Python API made RGB as `load_image` makes a file's modes (a
+    float image in 0-1 was black, a 16-bit one white, a transparent one black). Its pixels are
+    taken as they stand: EXIF orientation is `load_image`'s to apply, since an image turned in
+    memory keeps its tag. A plain RGB image is returned as it is. One that cannot be read
+    (closed, truncated) is an ImageError naming `what`."""
     try:
         with warnings.catch_warnings():  # damaged EXIF data: said once when the file was read
             warnings.simplefilter("ignore")
             im.load()
-            if im.mode == "RGB" and "transparency" not in im.info and orientation(im) == 1:
+            if im.mode == "RGB" and "transparency" not in im.info:
                 return im
-            return _to_rgb(ImageOps.exif_transpose(im) or im)
+            return _to_rgb(im)
     except ImageError as e:
         raise ImageError(f"`{what}`: {e}", params=(what,)) from None
     except Exception as e:  # noqa: BLE001 - Pillow's closed image raises ValueError or AssertionError
         raise ImageError(f"`{what}`: cannot read the image ({str(e) or type(e).__name__})", params=(what,)) from None
-
-
-def orientation(im: Image.Image) -> int:
-    """The image's EXIF orientation (1: upright), its damaged EXIF data passed over in silence
-    (said once, when its file was read)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return int(im.getexif().get(0x0112, 1) or 1)
 
 
 def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:

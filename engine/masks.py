@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ConfigError
-from .images import ImageError, as_rgb, load_named, orientation
+from .images import ImageError, as_rgb, load_named
 from .layers import LAYER_INDEX, LAYER_NAMES
 from .losses import guided_gram
 
@@ -42,9 +42,9 @@ def load_mask(path: str, *, param: str) -> Image.Image:
 
 
 def as_mask(mask: Image.Image, what: str) -> Image.Image:
-    """A mask handed to the Python API as a greyscale ("L") image read as a mask file is (`as_rgb`:
-    a float mask's weights of 1.0 were 1/255, an EXIF-rotated one lay sideways)."""
-    if mask.mode == "L" and "transparency" not in mask.info and orientation(mask) == 1:
+    """A mask handed to the Python API as a greyscale ("L") image, its mode read as a mask file's
+    is (`as_rgb`: a float mask's weights of 1.0 were 1/255)."""
+    if mask.mode == "L" and "transparency" not in mask.info:
         return mask
     grey = as_rgb(mask, what).convert("L")
     if "nst.path" in mask.info:
