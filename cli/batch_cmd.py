@@ -181,13 +181,16 @@ def _run(a: dict[str, Any]) -> None:  # noqa: C901 - a linear script of the batc
 
 def _dry_run(a: Mapping[str, Any], jobs: Sequence[Any]) -> None:
     """Each job's memory plan as its worker would make it on this machine's device (the target
-    source's session counted as it would open), or why the job cannot run; nothing is written but
-    `--report`, and the exit code is 0."""
+    source's session counted as it would open), or why the job cannot run (its images, --init,
+    sizes, output format, masks, the --onnx model's layers); nothing is written but `--report`,
+    and the exit code is 0. The weights are not loaded: whether --onnx was made from them is
+    the run's to find."""
     import dataclasses
 
     from nst.engine.device import Runtime, resolve_device, resolve_precision
-    from nst.engine.images import ImageError, check_fits_format, load_image, output_shape
-    from nst.engine.transfer import check_sizes, plan_for, planned_config
+    from nst.engine.images import ImageError, load_image, load_named
+    from nst.engine.onnx_meta import read_meta
+    from nst.engine.transfer import check_job, plan_for, planned_config, resolve_guidance
 
     from .common import warn_if_weights_missing
     from .stylize_cmd import plan_lines
@@ -197,20 +200,27 @@ def _dry_run(a: Mapping[str, Any], jobs: Sequence[Any]) -> None:
         raise UserError("--dry-run plans on this machine's device; with --ray each job is planned on its worker: leave out --ray to see it")
     dev = resolve_device(str(a["device"]))
     runtime = Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
-    read: dict[Path, Any] = {}
+    with user_errors():
+        model = read_meta(Path(a["onnx"])) if a["onnx"] is not None else None  # one for every job: an error for the batch
+    styles_read: dict[Path, Any] = {}  # styles recur from job to job; contents do not, and are let go
 
-    def image(path: Path) -> Any:
-        if path not in read:
-            read[path] = load_image(path)
-        return read[path]
+    def style(path: Path) -> Any:
+        if path not in styles_read:
+            styles_read[path] = load_image(path)
+        return styles_read[path]
 
     plans = []
     for job in jobs:
         console.print(f"{job.key}:", highlight=False)
-        try:
-            content, styles = image(job.content), [image(p) for p in job.styles]
-            check_sizes(content, styles, job.cfg)
-            check_fits_format(job.output, output_shape(*content.size, job.cfg.sizes[-1], job.cfg.size_edge))
+        try:  # what the job's worker checks before its work, in its order
+            content, styles = load_image(job.content), [style(p) for p in job.styles]
+            if job.cfg.init not in C.INIT_CHOICES:
+                load_named(job.cfg.init, "init")
+            check_job(content, styles, job.cfg, job.output)
+            resolve_guidance(job.cfg, [content], [styles])  # the masks' shapes against this content
+            if model is not None:
+                model.check_matches(fingerprint=model.fingerprint, pooling=job.cfg.pooling.value, content_layers=job.cfg.content_layers,
+                                    style_layers=job.cfg.style_layers, where=str(a["onnx"]))  # fmt: skip
             memory = dataclasses.replace(a["memory"], source_bytes=planned_source_bytes(a["targets"], cfg=job.cfg, onnx_path=a["onnx"]))
             plan = plan_for(content.size, [s.size for s in styles], job.cfg, runtime, memory)
         except (ImageError, ValueError) as e:  # PlanError (a budget too small) is a ValueError

@@ -372,8 +372,8 @@ def _oom_advice(runtime: Runtime) -> str:
 def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     """Load the images and weights, choose the targets, and run `stylize` under a progress bar."""
     from nst.engine.device import is_out_of_memory, out_of_memory_message
-    from nst.engine.images import check_fits_format, load_image, load_named, output_shape
-    from nst.engine.transfer import check_sizes, fit_scales
+    from nst.engine.images import load_image, load_named
+    from nst.engine.transfer import check_job, fit_scales
 
     phases: dict[str, float] = {}
     t = time.perf_counter()
@@ -382,8 +382,7 @@ def _execute(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime) -> _Run:
     init_im = load_named(o.init_path, "init") if o.init_path else None
     mask_ims, region_ims, content_mask_im, shown = load_mask_options(cfg, content_im, style_ims)
     phases["images"] = time.perf_counter() - t
-    check_sizes(content_im, style_ims, cfg)
-    check_fits_format(o.output, output_shape(*content_im.size, cfg.sizes[-1], cfg.size_edge))
+    check_job(content_im, style_ims, cfg, o.output)
     plan, torch_because = make_plan(o, cfg, runtime, content_im, style_ims)
     tiled = any(s.mode == "tiled" for s in plan.stages)
     changes = plan.changes(cfg)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import math
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypedDict
@@ -25,7 +26,7 @@ from .config import AUTO, INIT_CHOICES, OTHER_OPTIMIZER_LR, Optimizer, Optimizer
 from .device import Runtime, autocast_dtype, is_out_of_memory, out_of_memory_message, precision_context, release_memory, return_freed_memory, synchronize
 from .errors import ConfigError
 from .features import VGGFeatures
-from .images import ImageError, as_rgb, load_named, output_shape, resize, to_tensor
+from .images import ImageError, as_rgb, check_fits_format, load_named, output_shape, resize, to_tensor
 from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
@@ -213,6 +214,13 @@ def check_sizes(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleC
         _check_size(hw, "output", cfg, size=size)
         for s in styles:
             _check_size(_style_hw(s, hw, cfg), "style image", cfg, size=size)
+
+
+def check_job(content: Image.Image, styles: Sequence[Image.Image], cfg: StyleConfig, output: str | Path) -> None:
+    """ImageError before any work for a job that cannot end in its output: a stage too small for
+    the layers (`check_sizes`), or an output format that cannot hold the result (`check_fits_format`)."""
+    check_sizes(content, styles, cfg)
+    check_fits_format(output, output_shape(content.width, content.height, cfg.sizes[-1], cfg.size_edge))
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from PIL import Image
 from ..config import StyleConfig, set_threads
 from ..device import Runtime, is_out_of_memory, out_of_memory_message, release_memory, resolve_device, resolve_precision
 from ..features import VGGFeatures
-from ..images import ImageError, check_fits_format, decode_image, output_shape
+from ..images import ImageError, decode_image
 from ..plan import Plan, shared_bytes
 from ..targets import ImageTargets, TargetSource, resident_bytes
-from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_sizes, plan_for, planned_config, stage_shapes, stylize_many
+from ..transfer import Iterate, MemoryRequest, RunStatus, StyleResult, TargetCacheLike, build_model, check_job, plan_for, planned_config, stage_shapes, stylize_many
 from ..weights import Weights
 from .joblist import Job
 
@@ -211,8 +211,7 @@ class Worker:
                 content = decode_image(inp.content, job.content)
                 styles = [self._style(d, b, str(p)) for d, b, p in zip(inp.styles_sha256, inp.styles, job.styles)]
                 init = decode_image(inp.init, job.init or "init") if inp.init is not None else None
-                check_sizes(content, styles, job.cfg)
-                check_fits_format(job.output, output_shape(*content.size, job.cfg.sizes[-1], job.cfg.size_edge))
+                check_job(content, styles, job.cfg, job.output)
                 cfg = job.cfg
                 if self.memory is not None:
                     # The plan counts the target source's own memory (ONNX Runtime's session).

@@ -256,3 +256,25 @@ def test_dry_run_prints_each_jobs_plan_and_writes_nothing(batch_dir):
     assert "cat--monet.png:" in r.output and "stage 3: 2048x1365 tiled" in r.output and "cannot run:" in r.output
     r = runner.invoke(app, [*args, "--ray"])
     assert r.exit_code == 2 and "leave out --ray" in r.output, r.output
+
+
+def test_dry_run_finds_what_the_jobs_would_fail_on(batch_dir):
+    """A mask of another shape than a content, a missing --init and an --onnx file that is no
+    model: a job that the run would fail is not planned as if it would run."""
+    d = batch_dir["tmp"] / "two"
+    d.mkdir()
+    (d / "cat.png").write_bytes((batch_dir["dir"] / "cat.png").read_bytes())  # 48x32
+    Image.new("L", (48, 32), 255).save(batch_dir["tmp"] / "wide.png")
+    base = ["batch", str(d), "--style", str(batch_dir["a"]), "-o", str(batch_dir["tmp"] / "out"), *FAST, "--dry-run"]
+    r = runner.invoke(app, [*base, "--masks", str(batch_dir["tmp"] / "wide.png")])
+    assert r.exit_code == 0 and "cannot run" not in r.output and "stage 1" in r.output, r.output
+    Image.new("L", (20, 60), 255).save(batch_dir["tmp"] / "tall.png")
+    r = runner.invoke(app, [*base, "--masks", str(batch_dir["tmp"] / "tall.png")])
+    assert r.exit_code == 0 and "cannot run:" in r.output and "aspect" in r.output and "stage 1" not in r.output, r.output
+    r = runner.invoke(app, [*base, "--init", str(batch_dir["tmp"] / "none.png")])
+    assert r.exit_code == 0 and "cannot run: --init: image not found" in r.output, r.output
+    bogus = batch_dir["tmp"] / "bogus.onnx"
+    bogus.write_bytes(b"not a model")
+    r = runner.invoke(app, [*[x for x in base if x != "torch" and x != "--targets"], "--onnx", str(bogus)])
+    assert r.exit_code == 2 and "is not a readable ONNX model" in r.output, r.output
+    assert not (batch_dir["tmp"] / "out").exists()
