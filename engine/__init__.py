@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "config": ("GATYS", "PRESETS", "SEED", "LossForm", "Optimizer", "OptimizerState", "Pooling", "Precision", "Preset", "PreserveColors", "SizeEdge", "StyleConfig", "preset"),
     "device": ("DeviceError", "Runtime", "resolve_device", "resolve_precision"),
-    "errors": ("ConfigError", "EngineError"),
+    "errors": ("ConfigError", "EngineError", "EngineWarning"),
     "features": ("LAYER_NAMES", "VGGFeatures"),
     "images": ("ImageError", "load_image", "save_image"),
     "losses": ("content_loss", "gram_matrix", "style_loss", "tv_loss"),
@@ -42,7 +42,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .config import GATYS, PRESETS, SEED, LossForm, Optimizer, OptimizerState, Pooling, Precision, Preset, PreserveColors, SizeEdge, StyleConfig, preset
     from .device import DeviceError, Runtime, resolve_device, resolve_precision
-    from .errors import ConfigError, EngineError
+    from .errors import ConfigError, EngineError, EngineWarning
     from .features import LAYER_NAMES, VGGFeatures
     from .images import ImageError, load_image, save_image
     from .losses import content_loss, gram_matrix, style_loss, tv_loss

@@ -114,8 +114,9 @@ def decode_image(data: bytes, name: str | Path, *, max_pixels: int = MAX_PIXELS)
 
 
 def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image:
-    """The decoded image. What Pillow warns of while reading (damaged EXIF data, skipped tags)
-    becomes one ImageWarning naming the file, not its own lines with Pillow's source."""
+    """The decoded image. What Pillow warns of while reading (damaged EXIF data, skipped tags, a
+    malformed file it could still read) becomes one ImageWarning naming the file, not its own
+    lines with Pillow's source."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # Pillow warns from half our limit (its MAX_IMAGE_PIXELS) and refuses above it; the
@@ -125,7 +126,7 @@ def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Ima
     if caught:
         first = " ".join(str(caught[0].message).split())
         more = f" and {len(caught) - 1} more" if len(caught) > 1 else ""
-        warnings.warn(f"{path}: damaged metadata ignored ({first}{more})", ImageWarning, stacklevel=3)
+        warnings.warn(f"{path}: read despite a problem ({first}{more})", ImageWarning, stacklevel=3)
     return im
 
 
@@ -218,11 +219,12 @@ def output_format(path: str | Path) -> str:
 
 def check_fits_format(path: str | Path, hw: tuple[int, int]) -> None:
     """ImageError, before any work, when the format of `path` cannot hold an (H, W) image (WebP
-    stops at 16383 px a side, JPEG at 65500, GIF at 65535): found by writing a blank row and a
-    blank column of that length, so a print-size run does not fail only once it is done."""
+    stops at 16383 px a side, JPEG at 65500, GIF at 65535): found by writing a blank strip of
+    each side's length (16 px thick: ICO makes its icon sizes from what fits inside), so a
+    print-size run does not fail only once it is done."""
     fmt = output_format(path)
     h, w = hw
-    for size in {(w, 1), (1, h)}:
+    for size in {(w, min(h, 16)), (min(w, 16), h)}:
         try:
             Image.new("RGB", size).save(io.BytesIO(), format=fmt)
         except Exception as e:  # noqa: BLE001 - as in `writes_rgb`

@@ -134,6 +134,18 @@ def test_decompression_bomb_refused(tmp_path: Path):
         load_image(p, max_pixels=10_000)
 
 
+def test_a_format_is_checked_for_the_results_size(tmp_path: Path):
+    """WebP stops at 16383 px a side: found before any work. An icon is made from the sizes that
+    fit inside the image, so a 300 px .ico is fine (a 1 px strip, the first probe, refused it)."""
+    from nst.engine.images import check_fits_format
+
+    with pytest.raises(ImageError, match="WEBP cannot hold a 16384x100 image"):
+        check_fits_format(tmp_path / "o.webp", (100, 16384))
+    check_fits_format(tmp_path / "o.webp", (100, 16383))
+    check_fits_format(tmp_path / "o.ico", (250, 300))
+    check_fits_format(tmp_path / "o.png", (30000, 30000))
+
+
 def test_the_pixel_limit_is_ours_not_half_of_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Pillow warns above its MAX_IMAGE_PIXELS (half of our limit) and refuses above twice that;
     its warning was taken as a refusal, so a 90-megapixel image under our limit was refused.
