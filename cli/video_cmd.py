@@ -103,6 +103,19 @@ def _outputs(inputs: list[str], output: Path) -> list[Path]:
     return list(names)
 
 
+def _input_files(source: str) -> list[Path]:
+    """The files an INPUT names: itself, or a folder's or a glob's frames (none where there are
+    none: opening the input says so)."""
+    from nst.engine.video.media import VideoError, frame_files
+
+    if Path(source).is_file():
+        return [Path(source)]
+    try:
+        return frame_files(source)
+    except VideoError:
+        return [Path(source)]
+
+
 def _check_output(output: Path, inputs: list[Path], report: Path | None) -> None:
     """Refuse an output that would overwrite an input or is neither a video name nor a folder."""
     from nst.engine.video.media import choose_encoder, is_video_path
@@ -111,7 +124,7 @@ def _check_output(output: Path, inputs: list[Path], report: Path | None) -> None
         if same_file(output, p):
             raise UserError(f"output {output} is one of the inputs; inputs are never overwritten, choose another name")
     if report is not None and any(same_file(report, p) for p in [*inputs, output]):
-        raise UserError(f"the report path {report} would overwrite an input or the output")
+        raise UserError(f"the report path {report} would overwrite an input (a frame, a mask, a model) or the output")
     check_writable(report, "--report", example="report.json")
     if is_video_path(output):
         if output.is_dir():
@@ -140,12 +153,16 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
     check_targets_options(a["targets"], a["onnx"], a["provider"])
     init = Path(a["init"]) if isinstance(a["init"], str) and a["init"] not in C.INIT_CHOICES else None
     outputs = _outputs(inputs, output)
+    cfg = config_from_options({**a, "save_every": None})
+    # Every file the run reads: a frames folder's or a glob's frames, not the folder or the pattern
+    # alone (a --report named as a frame replaced it), and the masks, the model, RAFT's weights.
+    read = [f for src in inputs for f in _input_files(src)] + styles + ([init] if init else [])
+    read += [Path(p) for p in cfg.mask_files()] + [Path(p) for p in (a["onnx"], a["flow_weights"]) if p is not None]
     for out in outputs:
-        _check_output(out, [Path(p) for p in inputs] + styles + ([init] if init else []), report)
+        _check_output(out, read, report)
         swept = remove(temporaries_beside(out))  # what killed runs writing this output left
         if swept and not quiet:
             console.print(f"removed {len(swept)} stale temporaries beside {out} that killed runs left")
-    cfg = config_from_options({**a, "save_every": None})
     if cfg.style_blend and len(cfg.style_blend) != len(styles):
         raise UserError(f"--style-blend has {len(cfg.style_blend)} weights for {len(styles)} style images")
     vcfg = VideoConfig(temporal_weight=float(a["temporal_weight"]), iterations_first=a["iterations_first"], flow=a["flow"])

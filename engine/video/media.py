@@ -129,7 +129,8 @@ def _natural_key(path: Path) -> list[object]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
 
 
-def _frame_files(source: str) -> list[Path]:
+def frame_files(source: str) -> list[Path]:
+    """A folder's frames or a glob's files, in natural order; VideoError where there are none."""
     p = Path(source)
     if p.is_dir():
         files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FRAME_EXTENSIONS and not f.name.startswith(".")]
@@ -151,7 +152,7 @@ def open_clip(source: str | Path) -> Clip:
     if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS:
         raise VideoError(f"{p} is a still image; give a video, a folder of frames or a glob of them (nst stylize takes one image)")
     if not p.is_file():
-        files = _frame_files(text)
+        files = frame_files(text)
         first = load_image(files[0])
         return Clip(p, "frames", None, len(files), first.width, first.height, files=files)
     import av

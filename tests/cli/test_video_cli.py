@@ -208,8 +208,16 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
     empty.mkdir()
     still = tmp / "still.png"
     Image.new("RGB", (64, 48)).save(still)
+    frames = tmp / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 48), (40 * i, 0, 0)).save(frames / f"f{i}.png")
+    mask = tmp / "mask.png"
+    Image.new("L", (96, 72), 255).save(mask)
     out = str(tmp / "o.mp4")
     return {
+        "report over a frame": ([str(frames), s, "-o", out, "--report", str(frames / "f1.png")], "would overwrite an input (a frame, a mask"),
+        "report over a mask": ([str(pan), s, "-o", out, "--masks", str(mask), "--report", str(mask)], "would overwrite an input (a frame, a mask"),
         "text file": ([str(text), s, "-o", out], "not a video FFmpeg can read"),
         "truncated": ([str(cut), s, "-o", out], "cut.mp4"),
         "missing": ([str(tmp / "none.mp4"), s, "-o", out], "input not found"),
@@ -234,12 +242,13 @@ def _bad_cases(tmp: Path, pan: Path, examples_dir: Path) -> dict[str, tuple[list
     }
 
 
-@pytest.mark.parametrize("case", ["text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
+@pytest.mark.parametrize("case", ["report over a frame", "report over a mask", "text file", "truncated", "missing", "empty folder", "glob no match", "a still image", "output is input",
                                   "output extension", "bad range", "range past end", "every zero", "every huge", "threads huge", "negative weight", "raft without weights", "missing style", "gif style", "provider with torch",
                                   "budget too small", "bad tile", "dry run on ray"])  # fmt: skip
 def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     args, expect = _bad_cases(tmp_path, pan, examples_dir)[case]
     before = pan.read_bytes()
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     r = runner.invoke(app, ["video", *args, "--size", "48", "--iterations", "1", *FAST])
     # 2 for a mistake in the input, 3 for what this machine lacks (RAFT's weights), as in stylize
     assert r.exit_code == (3 if case == "raft without weights" else 2), r.output
@@ -247,6 +256,7 @@ def test_bad_input_is_one_error_line(case, pan, examples_dir, tmp_path):
     assert "Traceback" not in r.output and expect in r.output, r.output
     assert [line for line in r.output.splitlines() if line.strip()] == [next(line for line in r.output.splitlines() if line.startswith("error:"))]
     assert pan.read_bytes() == before and not (tmp_path / "o.mp4").exists()
+    assert all(p.read_bytes() == data for p, data in kept.items())  # frames and masks included
 
 
 def test_tiled_frames_are_the_whole_frames_and_the_report_has_the_plan(pan, examples_dir, tmp_path):
