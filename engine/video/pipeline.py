@@ -232,9 +232,15 @@ def run_clip(
     if plan is not None:
         cfg = planned_config(cfg, plan)
     check_disk(job, (clip.width, clip.height), total, cfg)
+    rt = runtime or Runtime()
     full_identity = {
         "input": clip.identity(), **identity, "config": cfg.to_dict(), "video": vcfg.to_dict(), "frames": job.selection.to_dict(),
         "weights": weights.fingerprint,
+        # What else decides a frame's pixels: the precision and device type it ran at, where its
+        # targets came from, and the masks' contents (a mask edited in place keeps its path).
+        "precision": rt.precision.value, "device": rt.device.type,
+        "targets": [getattr(targets, "name", "torch"), getattr(targets, "identity", "")],
+        "masks": [file_digest(Path(p)) for p in cfg.mask_files()],
         # Tiled and whole frames differ by rounding: a run resumes only frames made the same way.
         **({"tiles": [s.tile if s.mode == "tiled" else None for s in plan.stages]} if plan is not None else {}),
     }  # fmt: skip

@@ -309,3 +309,34 @@ def test_a_clips_plan_counts_its_encoder_and_refuses_a_budget_it_does_not_fit():
         plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=small), encoder="libx264")
     named = parse_size(re.search(r"--max-memory (\S+ [MG]B)", str(e.value)).group(1).replace(" ", ""))
     assert plan_clip(wh, [(256, 256)], cfg, VideoConfig(), cpu, MemoryRequest(budget=named), encoder="libx264").write_bytes == need
+
+
+def test_a_clip_resumes_only_frames_made_the_same_way(examples, weights, tmp_path):
+    """The journal's identity held the settings but not the precision, where the targets came
+    from, or the masks' contents: a rerun at fp32 resumed bf16 frames, one after a mask was edited
+    in place resumed frames made with the old mask."""
+    from nst.engine.targets import TorchTargets
+    from nst.engine.transfer import build_model
+    from nst.engine.video.pipeline import ClipJob, run_clip
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, im in enumerate(_pan(examples, 4)):
+        im.save(frames / f"{i:03d}.png")
+    mask = tmp_path / "mask.png"
+    Image.new("L", (72, 54), 255).save(mask)
+    cfg = dataclasses.replace(TINY, masks=(str(mask),))
+    style = load_image(examples / "starry_night.jpeg")
+    vcfg = VideoConfig(temporal_weight=100.0, iterations_first=3)
+    job = ClipJob(str(frames), tmp_path / "out")
+
+    def run(precision: Precision, **extra):
+        return run_clip(job, [style], cfg, vcfg, weights=weights, identity={}, runtime=Runtime(precision=precision), **extra)
+
+    assert run(Precision.FP32, frame_callback=StopAfter(2)).status == "interrupted"
+    assert run(Precision.BF16, frame_callback=StopAfter(2)).result.resumed == 0  # another precision: started again
+    assert run(Precision.BF16, frame_callback=StopAfter(3)).result.resumed == 2  # the same: resumed
+    Image.new("L", (72, 54), 128).save(mask)  # edited in place
+    assert run(Precision.BF16, frame_callback=StopAfter(3)).result.resumed == 0
+    torch_source = TorchTargets(build_model(cfg, weights, Runtime(precision=Precision.BF16)))
+    assert run(Precision.BF16, targets=torch_source, frame_callback=StopAfter(3)).result.resumed == 3  # torch either way: "torch" both times
