@@ -520,6 +520,9 @@ def _run_many(a: Mapping[str, Any], jobs: list, styles: list, init_im: Any, cfg:
         console.print("[yellow]interrupted:[/] finished frames are kept in each OUTPUT.nst-work: run the same command again to continue")
         raise typer.Exit(interrupted_code())
     if failed:
+        if quiet:  # the table says why; without it, one line each (exit 1 alone said nothing)
+            for job, reason in failed:
+                console.print(f"[bold red]error:[/] {job.source}: {reason}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -469,3 +469,14 @@ def test_every_turn_and_mirror_of_a_display_matrix(abcd, turn, corner):
     stored[0, 0] = 255
     shown = np.asarray(Image.fromarray(stored).transpose(_TURNS[turn])) if turn else stored
     assert tuple(int(i) for i in np.argwhere(shown == 255)[0]) == corner
+
+
+def test_quiet_several_inputs_still_say_which_failed(pan, examples_dir, tmp_path):
+    """-q skips the closing table; a failed input then went unmentioned (exit 1 and no word)."""
+    broken = tmp_path / "notes.mp4"
+    broken.write_text("not a video\n")
+    r = runner.invoke(app, ["video", str(pan), str(broken), style(examples_dir), "-o", str(tmp_path / "out"), "--frames", "0:2",
+                            "--size", "48", "--iterations", "1", *FAST, "-q"])  # fmt: skip
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: ") and "not a video FFmpeg can read" in lines[0], r.output
