@@ -37,11 +37,21 @@ _RANDOM = r"[a-z0-9_]{8}"
 
 
 @functools.cache
-def _new_file_mode() -> int:
-    """What `open(path, "w")` would give a new file: 0o666 less the umask (read once)."""
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _new_file_mode() -> int:
+    """What `open(path, "w")` would give a new file: 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def new_folder_mode() -> int:
+    """What `mkdir` would give a new folder: 0o777 less the umask (mkdtemp's is 0o700)."""
+    return 0o777 & ~_umask()
 
 
 @functools.cache

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import glob
 import re
+import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, EngineError
-from ..files import is_glob, temp_prefix, write_atomic
+from ..files import is_glob, new_folder_mode, temp_prefix, write_atomic
 from ..images import load_image
 
 # Containers we write, by extension, with FFmpeg's muxer name and the encoders to try in order:
@@ -401,6 +403,9 @@ def write_frame_folder(frames: Sequence[Path], out: Path) -> Path:
     try:
         for i, f in enumerate(frames, 1):
             shutil.copyfile(f, tmp / f"{i:06d}{f.suffix}")
+        # A folder gets what mkdir would give it (or the empty one it replaces keeps its own),
+        # not mkdtemp's private 0700.
+        os.chmod(tmp, stat.S_IMODE(out.stat().st_mode) if out.exists() else new_folder_mode())
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -190,6 +191,9 @@ def test_frames_folder_in_range_every_and_audio_copied(examples_dir, tmp_path, m
     r = runner.invoke(app, ["video", str(frames), style(examples_dir), "-o", str(out_dir), "--size", "40", "--iterations", "2", *FAST, "--frames", ":3", "-q"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out_dir.iterdir()) == ["000001.png", "000002.png", "000003.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out_dir.stat().st_mode) == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
     assert Image.open(out_dir / "000001.png").size == (40, 30)
     # A glob of frames written as a video at --fps.
     out2 = tmp_path / "g.mp4"
