@@ -131,10 +131,12 @@ def _check_output(output: Path, inputs: list[Path], report: Path | None) -> None
             raise UserError(f"output {output} is a folder; give a file name or a folder without a video extension")
         check_writable(output, "output")  # a file where one of its folders would be
         choose_encoder(output)  # an FFmpeg without a fitting encoder fails here, before any work
-    elif output.suffix or (output.exists() and not output.is_dir()):
+    elif output.is_dir():  # an existing folder, a dot in its name or not
+        if any(output.iterdir()):
+            raise UserError(f"output folder {output} is not empty; choose a new or empty folder for the frames")
+        check_writable(output, "output", folder=True)
+    elif output.suffix or output.exists():  # a new folder's name has no extension: out.mp5 is a typo
         raise UserError(f"output {output}: use a video file (.mp4, .mkv, .mov, .webm, .avi) or a folder for the frames")
-    elif output.is_dir() and any(output.iterdir()):
-        raise UserError(f"output folder {output} is not empty; choose a new or empty folder for the frames")
     else:
         check_writable(output, "output", folder=True)
 

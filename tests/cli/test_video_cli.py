@@ -484,3 +484,15 @@ def test_quiet_several_inputs_still_say_which_failed(pan, examples_dir, tmp_path
     assert r.exit_code == 1, r.output
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: ") and "not a video FFmpeg can read" in lines[0], r.output
+
+
+def test_an_empty_folder_with_a_dot_in_its_name_takes_the_frames(pan, examples_dir, tmp_path):
+    """It was refused as a file name with an unknown extension; the README promises any new or
+    empty folder."""
+    out = tmp_path / "shots.d"
+    out.mkdir()
+    r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(out), "--frames", "0:2", "--size", "48", "--iterations", "1", *FAST, "-q"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
+    r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(tmp_path / "new.d"), *FAST, "-q"])
+    assert r.exit_code == 2 and "use a video file" in r.output  # a new one with an extension: a typo for a video name
