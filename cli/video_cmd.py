@@ -300,6 +300,7 @@ def _run_one(
     from nst.engine.video.flow import RaftFlow
     from nst.engine.video.pipeline import run_clip
 
+    C.set_threads(a["threads"])  # as with several inputs here (it was ignored for one)
     if not quiet:
         _plan_notes(a["memory"], job.source)
     w, source, cache, tinfo, phases = _setup(a, cfg, runtime, quiet=quiet)

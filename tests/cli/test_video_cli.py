@@ -496,3 +496,17 @@ def test_an_empty_folder_with_a_dot_in_its_name_takes_the_frames(pan, examples_d
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
     r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(tmp_path / "new.d"), *FAST, "-q"])
     assert r.exit_code == 2 and "use a video file" in r.output  # a new one with an extension: a typo for a video name
+
+
+def test_threads_apply_to_one_input_as_to_several(pan, examples_dir, tmp_path):
+    """--threads set torch's thread count for several inputs here, and was ignored for one."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r = runner.invoke(app, ["video", str(pan), style(examples_dir), "-o", str(tmp_path / "o.mp4"), "--frames", "0:1", "--size", "48",
+                                "--iterations", "1", *FAST, "--threads", "1", "-q"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
