@@ -57,7 +57,7 @@ def _video_parameters() -> list[inspect.Parameter]:
         opt("fps", Annotated[Optional[float], typer.Option(help="Frame rate of a folder of frames written as a video [25]; a video keeps its own.", show_default=False)], None),
         opt("ray", Annotated[bool, typer.Option("--ray", help="Several INPUTs on a Ray cluster, one video per worker: the one RAY_ADDRESS names, else a local one.")], False),
         opt("ray_address", Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (host:port, or auto).", show_default=False)], None),
-        opt("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads per Ray worker [torch's default here]; one worker per that many CPUs.", show_default=False)], None),
+        opt("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads per Ray worker (one per that many CPUs), or of the run here [torch's default].", show_default=False)], None),
     ]
 
 
