@@ -192,6 +192,12 @@ def _run(a: Mapping[str, Any]) -> None:  # noqa: C901 - a linear script of the r
         from nst.engine.video.pipeline import plan_clip
 
         opened = open_job(jobs[0], style_ims, cfg)  # a broken input fails here, before the weights load
+        if cfg.mask_files():  # so do masks that cannot be read or have another shape than the frames
+            from PIL import Image
+
+            from nst.engine.transfer import resolve_guidance
+
+            resolve_guidance(cfg, [Image.new("L", (opened[0].width, opened[0].height))], [style_ims])
         runtime = _runtime(a)
         plan = plan_clip((opened[0].width, opened[0].height), [s.size for s in style_ims], cfg, vcfg, runtime, memory, encoder=jobs[0].encoder)  # so does a budget too small
         _run_one({**a, "memory": plan}, jobs[0], style_ims, init_im, cfg, vcfg, identity, raft_file, report=report, quiet=quiet, opened=opened, runtime=runtime)

@@ -190,6 +190,7 @@ def test_video_takes_the_masks(images, masks, tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png"]
     line = _error_line(run(*base[:5], tmp_path / "out2", *base[6:], "--masks", f"{masks['left']},{masks['square']}"))
     assert "aspect" in line
+    assert not (tmp_path / "out2.nst-work").exists()  # found before any work (it was at the first frame, leaving the work folder)
 
 
 def test_a_mask_file_whose_name_has_a_comma(images, masks, tmp_path: Path):
