@@ -95,7 +95,10 @@ def _outputs(inputs: list[str], output: Path) -> list[Path]:
     names: dict[Path, str] = {}
     for src in inputs:
         p = Path(src)
-        stem = p.parent.name if is_glob(src) else (p.stem if p.suffix else p.name)
+        # A glob is named for its folder, a folder for itself, as they resolve (`*.png` or `.` in
+        # the current folder gave an empty stem: a hidden `.mp4` frames folder).
+        folder = p.parent if is_glob(src) else None if p.suffix else p
+        stem = (folder.resolve().name or "frames") if folder is not None else p.stem
         out = output / (stem + (p.suffix.lower() if is_video_path(p) else ".mp4"))
         if out in names:
             raise UserError(f"{names[out]} and {src} would both write {out}; give them different names or run them apart")

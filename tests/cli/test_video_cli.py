@@ -510,3 +510,15 @@ def test_threads_apply_to_one_input_as_to_several(pan, examples_dir, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_several_inputs_name_a_glob_or_folder_here_for_the_folder(tmp_path, monkeypatch):
+    """`*.png` and `.` in the current folder had an empty name: their video became a hidden
+    `.mp4` folder of frames."""
+    from nst.cli.video_cmd import _outputs
+
+    here = tmp_path / "holiday"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert _outputs(["*.png", "../clip.mp4"], tmp_path / "out") == [tmp_path / "out" / "holiday.mp4", tmp_path / "out" / "clip.mp4"]
+    assert _outputs([".", "../clip.mp4"], tmp_path / "out")[0] == tmp_path / "out" / "holiday.mp4"
