@@ -290,11 +290,12 @@ class Encoded:
     frames: int
     fps: Fraction
     size: tuple[int, int]  # (W, H) in the file
-    audio: bool  # the audio stream was copied
+    audio: bool  # audio packets were copied
     note: str = ""  # why audio was not copied, if it was asked for
 
 
-def _encode(tmp: Path, muxer: str, encoder: str, frames: Sequence[Path], fps: Fraction, audio_from: Path | None, window: tuple[Fraction, Fraction | None]) -> tuple[int, tuple[int, int]]:
+def _encode(tmp: Path, muxer: str, encoder: str, frames: Sequence[Path], fps: Fraction, audio_from: Path | None, window: tuple[Fraction, Fraction | None]) -> tuple[int, tuple[int, int], int]:
+    """Write the video; (frames, (W, H), audio packets copied)."""
     import av
 
     first = Image.open(frames[0])
@@ -333,22 +334,37 @@ def _encode(tmp: Path, muxer: str, encoder: str, frames: Sequence[Path], fps: Fr
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+        copied = 0
         if audio_in is not None and src is not None:
-            start, end = window
-            shift = int(start / audio_in.time_base)
+            # `window` counts from the first video frame; packets carry the source's own clock,
+            # which need not start at 0 (MPEG-TS, a camera's or a cut clip's): it was put 10 s out
+            # of sync, and a --frames window then copied nothing.
+            origin = _video_origin(src)
+            lo, hi = origin + window[0], (origin + window[1]) if window[1] is not None else None
+            shift = int(lo / audio_in.time_base)
             for packet in src.demux(audio_in):
                 if packet.pts is None or packet.size == 0:
                     continue
                 t = packet.pts * audio_in.time_base
-                if t < start or (end is not None and t >= end):
+                if t < lo or (hi is not None and t >= hi):
                     continue
                 packet.pts -= shift
                 if packet.dts is not None:
                     packet.dts -= shift
                 packet.stream = audio_out
                 out.mux(packet)
+                copied += 1
             src.close()
-    return len(frames), (w, h)
+    return len(frames), (w, h), copied
+
+
+def _video_origin(container: Any) -> Fraction:
+    """When the source's first video frame is due, in seconds of its own clock (0 for most files)."""
+    if container.streams.video:
+        v = container.streams.video[0]
+        if v.start_time is not None and v.time_base is not None:
+            return Fraction(v.start_time) * v.time_base
+    return Fraction(container.start_time or 0, 1_000_000)  # AV_TIME_BASE
 
 
 def write_video(frames: Sequence[Path], out: Path, *, fps: Fraction, audio_from: Path | None = None, window: tuple[Fraction, Fraction | None] = (Fraction(0), None)) -> Encoded:
@@ -362,11 +378,11 @@ def write_video(frames: Sequence[Path], out: Path, *, fps: Fraction, audio_from:
     muxer, encoder = choose_encoder(out)
     note = ""
     try:
-        n, size = 0, (0, 0)
+        n, size, copied = 0, (0, 0), 0
 
         def write(tmp: Path) -> None:
-            nonlocal n, size
-            n, size = _encode(tmp, muxer, encoder, frames, fps, audio_from, window)
+            nonlocal n, size, copied
+            n, size, copied = _encode(tmp, muxer, encoder, frames, fps, audio_from, window)
 
         try:
             write_atomic(out, write)
@@ -380,14 +396,7 @@ def write_video(frames: Sequence[Path], out: Path, *, fps: Fraction, audio_from:
         raise
     except av.FFmpegError as e:
         raise VideoError(f"cannot write {out}: {_av_message(e)}") from None
-    return Encoded(out, encoder, n, fps, size, audio=audio_from is not None and _has_audio(audio_from), note=note)
-
-
-def _has_audio(path: Path) -> bool:
-    import av
-
-    with av.open(str(path)) as c:
-        return bool(c.streams.audio)
+    return Encoded(out, encoder, n, fps, size, audio=copied > 0, note=note)  # what was copied, not what the source has
 
 
 def write_frame_folder(frames: Sequence[Path], out: Path) -> Path:

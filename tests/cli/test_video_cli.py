@@ -522,3 +522,35 @@ def test_several_inputs_name_a_glob_or_folder_here_for_the_folder(tmp_path, monk
     monkeypatch.chdir(here)
     assert _outputs(["*.png", "../clip.mp4"], tmp_path / "out") == [tmp_path / "out" / "holiday.mp4", tmp_path / "out" / "clip.mp4"]
     assert _outputs([".", "../clip.mp4"], tmp_path / "out")[0] == tmp_path / "out" / "holiday.mp4"
+
+
+def test_audio_follows_a_source_clock_that_does_not_start_at_0(tmp_path):
+    """MPEG-TS (and a camera's or a cut clip's) timestamps start late: the audio was copied 10 s
+    after the video, a window of frames copied none, and the report said "audio" all the same."""
+    from nst.engine.video.media import write_video
+
+    source = tmp_path / "late.ts"
+    with av.open(str(source), "w", format="mpegts") as out:
+        video = out.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = 32, 24, "yuv420p"
+        video.time_base = Fraction(1, 24)
+        sound = out.add_stream("aac", rate=8000)
+        for i in range(48):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 5 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 240 + i, Fraction(1, 24)  # from 10 s
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        tone = av.AudioFrame.from_ndarray((0.3 * np.sin(np.arange(16000) / 8000 * 2 * np.pi * 440)).astype(np.float32)[None], format="fltp", layout="mono")
+        tone.sample_rate, tone.pts, tone.time_base = 8000, 80000, Fraction(1, 8000)  # from 10 s too
+        for packet in [*sound.encode(tone), *sound.encode()]:
+            out.mux(packet)
+    frames = []
+    for i in range(12):
+        frames.append(tmp_path / f"{i:02d}.png")
+        Image.new("RGB", (32, 24), (10 * i, 0, 0)).save(frames[-1])
+    encoded = write_video(frames, tmp_path / "out.mp4", fps=Fraction(24), audio_from=source, window=(Fraction(1, 2), Fraction(1)))
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        times = [float(p.pts * p.time_base) for p in c.demux(c.streams.audio[0]) if p.pts is not None and p.size]
+    assert encoded.audio and times and 0 <= times[0] < 0.1 and times[-1] < 0.55, times  # half a second, from the window's start
