@@ -340,3 +340,28 @@ def test_a_clip_resumes_only_frames_made_the_same_way(examples, weights, tmp_pat
     assert run(Precision.BF16, frame_callback=StopAfter(3)).result.resumed == 0
     torch_source = TorchTargets(build_model(cfg, weights, Runtime(precision=Precision.BF16)))
     assert run(Precision.BF16, targets=torch_source, frame_callback=StopAfter(3)).result.resumed == 3  # torch either way: "torch" both times
+
+
+def test_style_targets_that_follow_each_frame_are_not_kept(examples, weights, tmp_path):
+    """With --preserve-colors the style is recoloured to each frame: its targets were cached and
+    kept in memory once per frame (2.4 MB each, a 10,000-frame clip 24 GB)."""
+    from nst.engine.config import PreserveColors
+
+    class Cache:
+        def __init__(self):
+            self.stored = []
+
+        def lookup(self, key):
+            return None
+
+        def store(self, key, targets):
+            self.stored.append(key)
+
+    frames = _pan(examples, 3)
+    style = load_image(examples / "starry_night.jpeg")
+    vcfg = VideoConfig(temporal_weight=100.0, iterations_first=2)
+    for colors, kept in ((PreserveColors.HISTOGRAM, 0), (PreserveColors.NONE, 1)):
+        cache = Cache()
+        cfg = dataclasses.replace(TINY, iterations=1, scales=(), preserve_colors=colors)
+        r = stylize_video(frames, [style], cfg, vcfg, weights=weights, journal=FrameJournal(tmp_path / colors.value, {"k": 1}), runtime=Runtime(precision=Precision.FP32), cache=cache)
+        assert r.status == "done" and len(cache.stored) == kept, (colors, cache.stored)
