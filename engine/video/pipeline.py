@@ -81,10 +81,11 @@ class ClipOutcome:
     worker: dict[str, object] = field(default_factory=dict)  # where it ran (Ray)
     plan: Plan | None = None  # the memory plan its frames ran by (with a `memory` request)
     cfg: StyleConfig | None = None  # the configuration as it ran (a plan may choose Adam)
+    stopped: str = ""  # why a clip whose frames were all done stopped (Ctrl-C while writing)
 
     @property
     def message(self) -> str:
-        return self.result.message
+        return self.stopped or self.result.message
 
 
 def open_job(job: ClipJob, styles: Sequence[Image.Image], cfg: StyleConfig) -> tuple[Clip, int | None]:
@@ -258,12 +259,16 @@ def run_clip(
         return out
     t = time.perf_counter()
     frames = journal.frame_paths()
-    if job.to_video:
-        audio_from = clip.path if clip.kind == "video" and clip.audio else None
-        window = (job.selection.start / rate, job.selection.stop / rate if job.selection.stop is not None else None)
-        out.encoded = write_video(frames, job.output, fps=out.fps, audio_from=audio_from, window=window)
-    else:
-        write_frame_folder(frames, job.output)
+    try:
+        if job.to_video:
+            audio_from = clip.path if clip.kind == "video" and clip.audio else None
+            window = (job.selection.start / rate, job.selection.stop / rate if job.selection.stop is not None else None)
+            out.encoded = write_video(frames, job.output, fps=out.fps, audio_from=audio_from, window=window)
+        else:
+            write_frame_folder(frames, job.output)
+    except KeyboardInterrupt:  # nothing half-written (both write atomically); the frames stay for a rerun
+        out.status, out.stopped = "interrupted", f"stopped while writing {job.output}"
+        return out
     phases["write"] = time.perf_counter() - t
     journal.remove()
     return out

@@ -223,7 +223,9 @@ def stylize_video(
             phases["targets"] += result.phases.get("targets", 0.0)
             phases["optimisation"] += result.phases.get("optimisation", 0.0)
             if result.status != "done":
-                status, message = RunStatus(result.status).value, f"frame {index + 1}: {result.message}"
+                # stylize's "kept the latest image" is not so here: an unfinished frame is dropped.
+                reason = result.message.split("; kept ")[0]
+                status, message = RunStatus(result.status).value, f"frame {index + 1}: {reason} (the frame is not kept)"
                 break
             ts = time.perf_counter()
             err = warping_error(result.image, warped, rel.weights) if warped is not None and rel is not None else None

@@ -365,3 +365,47 @@ def test_style_targets_that_follow_each_frame_are_not_kept(examples, weights, tm
         cfg = dataclasses.replace(TINY, iterations=1, scales=(), preserve_colors=colors)
         r = stylize_video(frames, [style], cfg, vcfg, weights=weights, journal=FrameJournal(tmp_path / colors.value, {"k": 1}), runtime=Runtime(precision=Precision.FP32), cache=cache)
         assert r.status == "done" and len(cache.stored) == kept, (colors, cache.stored)
+
+
+def test_a_stop_while_writing_keeps_the_frames_and_says_so(examples, weights, tmp_path, monkeypatch):
+    """Ctrl-C during the final encode exited 130 with no word; the frames, all done, stay for a
+    rerun, which writes the video without stylising anything again."""
+    from nst.engine.video import pipeline
+    from nst.engine.video.pipeline import ClipJob, run_clip
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, im in enumerate(_pan(examples, 2)):
+        im.save(frames / f"{i:03d}.png")
+    job = ClipJob(str(frames), tmp_path / "out.mp4")
+    style = load_image(examples / "starry_night.jpeg")
+    cfg, vcfg = dataclasses.replace(TINY, iterations=1, scales=()), VideoConfig(iterations_first=1)
+    real = pipeline.write_video
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_video", interrupted)
+    out = run_clip(job, [style], cfg, vcfg, weights=weights, identity={}, runtime=Runtime(precision=Precision.FP32))
+    assert out.status == "interrupted" and out.message == f"stopped while writing {job.output}" and len(out.journal.entries) == 2
+    assert not job.output.exists()
+    monkeypatch.setattr(pipeline, "write_video", real)
+    again = run_clip(job, [style], cfg, vcfg, weights=weights, identity={}, runtime=Runtime(precision=Precision.FP32))
+    assert again.status == "done" and again.result.resumed == 2 and job.output.is_file()
+
+
+def test_an_unfinished_frame_is_not_said_to_be_kept(examples, weights, tmp_path):
+    """stylize's "kept the latest image" was passed on for a frame that is dropped."""
+    r = stylize_video(_pan(examples, 3), [load_image(examples / "starry_night.jpeg")], TINY, VideoConfig(iterations_first=2),
+                      weights=weights, journal=FrameJournal(tmp_path / "w", {"k": 1}), runtime=Runtime(precision=Precision.FP32),
+                      callback=_stop_at_step(2))  # fmt: skip
+    assert r.status == "interrupted" and "kept the latest image" not in r.message and r.message.endswith("(the frame is not kept)"), r.message
+
+
+def _stop_at_step(n: int):
+    from nst.engine.transfer import StopRun
+
+    def callback(it) -> None:
+        if it.step == n:
+            raise StopRun
+    return callback
