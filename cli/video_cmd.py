@@ -266,9 +266,12 @@ class _Bars:
 
     def __init__(self, quiet: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.table import Column
 
+        # At 80 columns a long clip's count stays whole (it was "1100/12…"); the notes give way.
         self.progress = None if quiet else Progress(
-            TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("[bold]{task.description}[/]", table_column=Column(no_wrap=True)), BarColumn(bar_width=16),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)), TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )  # fmt: skip
         self.tasks: dict[str, Any] = {}

@@ -554,3 +554,20 @@ def test_audio_follows_a_source_clock_that_does_not_start_at_0(tmp_path):
     with av.open(str(tmp_path / "out.mp4")) as c:
         times = [float(p.pts * p.time_base) for p in c.demux(c.streams.audio[0]) if p.pts is not None and p.size]
     assert encoded.audio and times and 0 <= times[0] < 0.1 and times[-1] < 0.55, times  # half a second, from the window's start
+
+
+def test_a_long_clips_bar_keeps_its_count_at_80_columns(monkeypatch):
+    """From 1,000 frames the count was cut ("1100/12…") where the notes could give way."""
+    from rich.console import Console
+
+    from nst.cli import video_cmd
+
+    screen = Console(width=80, record=True, force_terminal=True, file=open(os.devnull, "w"))
+    monkeypatch.setattr(video_cmd, "console", screen)
+    bars = video_cmd._Bars(quiet=False)
+    bars.start("pan.mp4", 12000)
+    bars.progress.update(bars.tasks["video"], completed=1100, info="12.3 s/frame, warping error 1.23")
+    bars.progress.reset(bars.tasks["frame"], total=500, description="frame 1101", info="loss 0.1234")
+    screen.print(bars.progress.make_tasks_table(bars.progress.tasks))
+    text = screen.export_text()
+    assert "1100/12000" in text and "0/500" in text and all(len(line) <= 80 for line in text.splitlines()), text
