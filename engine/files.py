@@ -167,7 +167,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     be replaced (as root the rename replaced `/dev/stdout` with a file, and `>> log` lost the log).
     A symbolic link is written through: the link stays and its target gets the new file.
     """
-    path = Path(path)
+    given = path = Path(path)
     if is_special(path):
         _write_into(path, write)
         return path
@@ -194,7 +194,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return given  # the name it was asked for, a link's as given (what messages should say)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def test_a_symbolic_link_is_written_through(tmp_path):
     target.write_text("old")
     link = tmp_path / "link.txt"
     link.symlink_to(target.name)
-    write_atomic(link, lambda tmp: tmp.write_text("new"))
+    assert write_atomic(link, lambda tmp: tmp.write_text("new")) == link  # named as asked
     assert link.is_symlink() and target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
 
