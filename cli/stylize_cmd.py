@@ -544,15 +544,19 @@ def _dry_run(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, plan: Plan
 
 def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) -> None:
     """Write the image, the sheet and the report; print the table; exit by how the run ended."""
-    from nst.engine.images import save_image
+    from nst.engine.images import ImageError, save_image
     from nst.engine.transfer import RunStatus
 
     result, phases = run.result, run.phases
     t = time.perf_counter()
     save_image(result.image, o.output)
-    if o.compare is not None:
+    sheet = None
+    if o.compare is not None:  # an extra: one that cannot be written is a warning, the report still comes
         note = f"weights: {run.weights.description}, not pretrained" if run.weights.is_random else None
-        save_image(comparison_sheet(run.content, run.styles, result.image, note=note, masks=run.masks), o.compare)
+        try:
+            sheet = save_image(comparison_sheet(run.content, run.styles, result.image, note=note, masks=run.masks), o.compare)
+        except ImageError as e:
+            console.print(f"[yellow]warning:[/] --compare: {e}; the image and the report are written all the same", highlight=False)
     phases["save"] = time.perf_counter() - t
 
     per = seconds_per_iteration(result.iteration_seconds)
@@ -571,7 +575,7 @@ def _finish(o: StylizeOptions, cfg: C.StyleConfig, runtime: Runtime, run: _Run) 
                           f"iteration {e['iteration']} of {e['iterations']} (--lbfgs-patience){'; --precision fp32 goes further' if lowp else ''}", highlight=False)
         if result.status == RunStatus.DONE:  # otherwise the status line below says where the image went
             console.print(f"wrote {o.output} ({result.image.shape[-1]}x{result.image.shape[-2]})")
-        for extra_path, what in ((o.compare, "comparison sheet"), (o.report, "report")):
+        for extra_path, what in ((sheet, "comparison sheet"), (o.report, "report")):
             if extra_path is not None:
                 console.print(f"wrote {extra_path} ({what})")
     if result.status == RunStatus.INTERRUPTED:

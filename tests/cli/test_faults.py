@@ -186,3 +186,14 @@ def test_snapshots_on_a_full_disk_warn_once_and_the_final_write_still_errors(ima
     assert "out.0001.png" in warning and "No space left on device" in warning
     (error,) = lines(r.output, "error:")
     assert error == f"error: cannot write {out}: No space left on device"
+
+
+def test_a_sheet_that_cannot_be_written_is_a_warning_and_the_report_still_comes(images, tmp_path: Path, full_disk: Path):
+    """`--compare` is an extra: its failure ended the run with an error before the report was written."""
+    out, sheet = tmp_path / "out.png", full_disk / "sheet.png"
+    r, data = stylize(images, out, "--targets", "torch", "--compare", str(sheet))
+    assert r.exit_code == 0, r.output
+    (warning,) = lines(r.output, "warning:")
+    assert warning.startswith(f"warning: --compare: cannot write {sheet}: No space left on device")
+    assert out.is_file() and data["status"] == "done" and not sheet.exists()
+    assert f"wrote {sheet}" not in r.output
