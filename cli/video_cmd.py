@@ -545,8 +545,9 @@ def _videos_table(results: list[tuple[Any, Any, str]]) -> Any:
     from rich.table import Table
 
     table = Table(title="videos", show_header=True, header_style="bold")
+    # Paths fold onto a second line rather than end in "…" (at 80 columns the output was cut).
     for col, just in (("input", "left"), ("output", "left"), ("frames", "right"), ("resumed", "right"), ("s/frame", "right"), ("warping error", "right"), ("status", "left")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+        table.add_column(col, justify=just, overflow="fold" if col in ("input", "output") else "ellipsis")  # type: ignore[arg-type]
     for job, out, reason in results:
         if out is None:
             table.add_row(job.source, str(job.output), "", "", "", "", f"failed: {reason}")

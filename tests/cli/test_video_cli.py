@@ -571,3 +571,19 @@ def test_a_long_clips_bar_keeps_its_count_at_80_columns(monkeypatch):
     screen.print(bars.progress.make_tasks_table(bars.progress.tasks))
     text = screen.export_text()
     assert "1100/12000" in text and "0/500" in text and all(len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_the_videos_table_cuts_no_path_at_80_columns():
+    """Long paths ended in "…" in the closing table of several inputs; they fold instead."""
+    import types
+
+    from rich.console import Console
+
+    from nst.cli.video_cmd import _videos_table
+
+    screen = Console(width=80, record=True, file=open(os.devnull, "w"))
+    job = types.SimpleNamespace(source="some/long/folder/holiday_clip_number_one.mp4", output=Path("results/some/long/folder/holiday_clip_number_one.mp4"))
+    screen.print(_videos_table([(job, None, "not a video FFmpeg can read")]))
+    text = screen.export_text()
+    cells = "".join(line.split("│")[2] for line in text.splitlines() if line.count("│") > 2)  # the output column, line by line
+    assert "…" not in text and "results/some/long/folder/holiday_clip_number_one.mp4" in cells.replace(" ", ""), text
