@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from nst.engine import config as C
 from nst.engine.jobs.joblist import DEFAULT_NAME
@@ -202,12 +201,9 @@ def _dry_run(a: Mapping[str, Any], jobs: Sequence[Any]) -> None:
     runtime = Runtime(device=dev, precision=resolve_precision(dev, str(a["precision"])))
     with user_errors():
         model = read_meta(Path(a["onnx"])) if a["onnx"] is not None else None  # one for every job: an error for the batch
-    styles_read: dict[Path, Any] = {}  # styles recur from job to job; contents do not, and are let go
-
-    def style(path: Path) -> Any:
-        if path not in styles_read:
-            styles_read[path] = load_image(path)
-        return styles_read[path]
+    style = functools.cache(load_image)  # styles recur from job to job; contents do not, and are let go
+    # What the target source holds, once per configuration (with --onnx it reads the model's file).
+    source_bytes = functools.cache(lambda cfg: planned_source_bytes(a["targets"], cfg=cfg, onnx_path=a["onnx"]))
 
     plans = []
     for job in jobs:
@@ -221,7 +217,7 @@ def _dry_run(a: Mapping[str, Any], jobs: Sequence[Any]) -> None:
             if model is not None:
                 model.check_matches(fingerprint=model.fingerprint, pooling=job.cfg.pooling.value, content_layers=job.cfg.content_layers,
                                     style_layers=job.cfg.style_layers, where=str(a["onnx"]))  # fmt: skip
-            memory = dataclasses.replace(a["memory"], source_bytes=planned_source_bytes(a["targets"], cfg=job.cfg, onnx_path=a["onnx"]))
+            memory = dataclasses.replace(a["memory"], source_bytes=source_bytes(job.cfg))
             plan = plan_for(content.size, [s.size for s in styles], job.cfg, runtime, memory)
         except (ImageError, ValueError) as e:  # PlanError (a budget too small) is a ValueError
             reason = _reason(flag_message(e))

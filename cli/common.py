@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import typing
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import sys
 import typer
 import typer.core
 from rich.console import Console

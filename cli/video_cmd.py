@@ -18,11 +18,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nst.engine import config as C
-from nst.engine.files import is_glob
+from nst.engine.files import is_glob, same_file
 from nst.engine.video.config import DEFAULT_TEMPORAL_WEIGHT, FlowMethod, VideoConfig
 
 from .common import UserError, check_writable, console, fail, interrupted_code, load_weights_for, ray_device_and_precision, torch_hub_dir, user_errors, warn_if_weights_missing
-from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, same_file, stylize_parameters
+from .stylize_cmd import config_from_options, keyword_option, memory_request, plan_lines, stylize_parameters
 from .targets_opt import check_targets_options, planned_source_bytes
 
 STYLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what marks the first STYLE

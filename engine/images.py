@@ -77,12 +77,10 @@ def as_rgb(im: Image.Image, what: str) -> Image.Image:
     memory keeps its tag. A plain RGB image is returned as it is. One that cannot be read
     (closed, truncated) is an ImageError naming `what`."""
     try:
-        with warnings.catch_warnings():  # damaged EXIF data: said once when the file was read
-            warnings.simplefilter("ignore")
-            im.load()
-            if im.mode == "RGB" and "transparency" not in im.info:
-                return im
-            return _to_rgb(im)
+        im.load()
+        if im.mode == "RGB" and "transparency" not in im.info:
+            return im
+        return _to_rgb(im)
     except ImageError as e:
         raise ImageError(f"`{what}`: {e}", params=(what,)) from None
     except Exception as e:  # noqa: BLE001 - Pillow's closed image raises ValueError or AssertionError

@@ -12,9 +12,9 @@ import functools
 import hashlib
 import math
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import torch
@@ -30,7 +30,7 @@ from .images import ImageError, as_rgb, check_fits_format, load_named, output_sh
 from .layers import deepest_layer, deepest_layer_within, min_input_size
 from .lbfgs import BatchedLBFGS, LBFGS
 from .losses import gram_matrix
-from .masks import EVERYWHERE, Guidance, as_mask, StyleGroup, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
+from .masks import EVERYWHERE, Guidance, StyleGroup, as_mask, group_styles, guided_style_targets, layer_guides, load_mask, load_masks, make_guidance, stage_guide
 from .objective import ExtraTerm, Objective, check_extra_terms, make_objective, style_grams
 from .plan import Plan, TileMode, plan_run, style_shape
 from .stopwatch import Stopwatch
@@ -185,7 +185,8 @@ def fit_scales(contents: Sequence[Image.Image], styles: Sequence[Sequence[Image.
     """`cfg` with `scales="auto"` made explicit for these images: the coarse stages at which an
     output or a style image would be too small for the layers are left out (a wide, thin image
     starts at a larger size), and the budget is split over the stages kept as `auto` splits it
-    (counts given per stage, `scale_iterations`, stay those of the stages kept). Explicit scales are the caller's choice and stay as they are (too small is then an error)."""
+    (counts given per stage, `scale_iterations`, stay those of the stages kept). Explicit scales
+    are the caller's choice and stay as they are (too small is then an error)."""
     return fit_scales_to([c.size for c in contents], [[s.size for s in st] for st in styles], cfg)
 
 
@@ -458,7 +459,7 @@ def stylize_many(
     apply to every content, `style_regions` to every list of styles (see `stylize`).
     """
     _check_arguments(contents, styles, cfg, weights, runtime, init_images, callback, masks, style_regions, content_mask)
-    # Pillow images made RGB (masks greyscale) as image files are: orientation and modes.
+    # Pillow images made RGB (masks greyscale) as image files' modes are; their pixels as they stand.
     contents = [as_rgb(c, "content") for c in contents]
     styles = [[as_rgb(s, "styles") for s in st] for st in styles]
     if init_images is not None:

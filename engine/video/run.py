@@ -105,17 +105,11 @@ class _StyleMemo:
     Content targets are the frames' own and are neither kept nor written to the shared cache.
     """
 
-    def __init__(self, backing: TargetCacheLike | None, *, per_frame: bool = False) -> None:
-        # `per_frame`: the style targets follow each frame (`preserve_colors` recolours the style
-        # to the frame's colours), so none is kept or cached: one each per frame filled the
-        # target cache and the memory (2.4 MB a frame).
-        self.backing = None if per_frame else backing
-        self.per_frame = per_frame
+    def __init__(self, backing: TargetCacheLike | None) -> None:
+        self.backing = backing
         self.memory: dict[str, ImageTargets] = {}
 
     def lookup(self, key: str) -> ImageTargets | None:
-        if self.per_frame:
-            return None
         if key in self.memory:
             return self.memory[key]
         hit = self.backing.lookup(key) if self.backing is not None else None
@@ -124,7 +118,7 @@ class _StyleMemo:
         return hit
 
     def store(self, key: str, targets: ImageTargets) -> None:
-        if targets.content or self.per_frame:
+        if targets.content:
             return
         self.memory[key] = targets
         if self.backing is not None:
@@ -175,7 +169,9 @@ def stylize_video(
         targets = tiled_source(targets, tile)
         fallback = {} if targets is not None else {"fallback": "torch: the source cannot tile"}
     source = _CountingSource(targets or TorchTargets(model, tile=tile))
-    memo = _StyleMemo(cache, per_frame=cfg.preserve_colors != PreserveColors.NONE)
+    # With `preserve_colors` the style is recoloured to each frame, so its targets are the frame's
+    # own: none is kept or cached (one each per frame filled the target cache and the memory).
+    memo = _StyleMemo(cache) if cfg.preserve_colors == PreserveColors.NONE else None
     phases["model"] = time.perf_counter() - t
     luminance_only = cfg.preserve_colors == PreserveColors.LUMINANCE
 
