@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The GPU run fitted to a short lease (15 minutes of device time, a machine that goes back after
 # 30 s idle). onnxruntime-gpu travels in four parts, one call each; the steps that need only torch
-# (bench, large, graph) run in the background from the first call on, while the other parts
+# (graph, tiles, bench) run in the background from the first call on, while the other parts
 # travel, and the last call installs everything, waits for them, then runs the GPU tests, the
 # 1000-iteration stylisation and the ablation (PyTorch against ONNX Runtime targets on CUDA).
 #
 # usage (from the repository root on the device, see benchmarks/README.md, "Runbook"):
-#   benchmarks/gpu_lease.sh start    # carry .whl/p00: stage it, start graph/large/bench behind
+#   benchmarks/gpu_lease.sh start    # carry .whl/p00: stage it, start graph/tiles/bench behind
 #   benchmarks/gpu_lease.sh part     # carry .whl/p01 (then .whl/p02): stage it, show progress
 #   benchmarks/gpu_lease.sh finish   # carry .whl/p03: install, wait, pytest, stylize, ablate,
 #                                    # and pack every result into $OUT
-# Environment: BG_STEPS (the background's steps, default "graph large bench": the CUDA-graph rows
-# first, since the 2026-11-26 run found 512 px launch-bound and never reached them), FINISH_S
+# Environment: BG_STEPS (the background's steps, default "graph tiles bench": the CUDA-graph rows
+# first, since the H100 run of 2026-11-26 found 512 px launch-bound and never reached them, then
+# tiled against whole; that run measured the print sizes, `large`), FINISH_S
 # (seconds the finish call may take, default 540), WAIT_S (longest wait for the background steps,
 # default 300); gpu_run.sh's own variables pass through.
 
@@ -48,7 +49,7 @@ start)
     mkdir -p "$BG/repo" && tar -C "$REPO" --exclude=./.whl --exclude=./.venv --exclude=./.git -cf - . | tar -C "$BG/repo" -xf -
     cp "$WHEELS"/nst-*.whl "$WHEELS"/platformdirs-*.whl "$BG/wheels/"
     OUT="$BG/out" SITE=/tmp/nst-bg-site ITERATIONS="${ITERATIONS:-10}" STEP_TIMEOUT="${STEP_TIMEOUT:-200}" \
-        setsid nohup bash "$BG/repo/benchmarks/gpu_run.sh" "$BG/wheels" env ${BG_STEPS:-graph large bench} \
+        setsid nohup bash "$BG/repo/benchmarks/gpu_run.sh" "$BG/wheels" env ${BG_STEPS:-graph tiles bench} \
         >"$BG/console.log" 2>&1 </dev/null &
     sleep 5
     progress

@@ -9,21 +9,23 @@
 #               NAME.whl.part-00, NAME.whl.part-01, ... is joined first; WHEELS_DIR/SHA256SUMS, if
 #               there, is checked against the joined wheels. "-" or nothing: nst alone.
 #   STEP        env install pytest bench graph stylize (the default), ablate, tensorrt, large
-#               (print sizes, tiled: issue 11's GPU measurements), or all.
+#               (print sizes, tiled: issue 11's GPU measurements), tiles (tiled against whole at
+#               sizes where both fit: issue 11's overhead), or all.
 #               Every step after install needs install's PATH: it runs (or reuses) install itself.
 #
 # Environment (all optional):
 #   OUT          where the results go (default ./gpu-run); at most 8 files, flat: run.log,
-#                bench.json bench.csv bench.png, graph.json, stylize.json stylize.png, and
-#                ablate.json, tensorrt.json or large.json when those steps run
+#                bench.json bench.csv bench.png, graph.json graph-eager.json, stylize.json
+#                stylize.png, and ablate.json, tensorrt.json, large.json or tiles.json when those
+#                steps run
 #   SITE         the private install target (default ${TMPDIR:-/tmp}/nst-gpu-site); replaced
 #                unless it already holds these wheels and this source tree
 #   PYTHON       the interpreter that has torch (default python3)
 #   DEVICE       nst's --device (default cuda). Steps that need a GPU are reported as skipped
 #                where torch sees none, unless DEVICE=cpu (a plumbing check, not a measurement)
 #   DRY_RUN=1    print the commands and run nothing
-#   SIZES, ABLATE_SIZES, GRAPH_SIZES, PRECISIONS, ITERATIONS, STYLIZE_SIZE, STYLIZE_ITERATIONS,
-#   LARGE_SIZES, LARGE_TILES, LARGE_ITERATIONS and STEP_TIMEOUT (seconds per step, default 420)
+#   SIZES, ABLATE_SIZES, GRAPH_SIZES, GRAPH_PRECISIONS, PRECISIONS, ITERATIONS, STYLIZE_SIZE, STYLIZE_ITERATIONS,
+#   LARGE_SIZES, LARGE_TILES, LARGE_ITERATIONS, TILE_SIZES, TILE_TILES, TILE_PRECISIONS and STEP_TIMEOUT (seconds per step, default 420)
 #   override the sweep.
 #
 # Exit status: 0 when every step that ran passed (skipped steps do not count), else 1.
@@ -37,7 +39,7 @@ WHEELS="${1:--}"
 [ "$#" -gt 0 ] && shift
 STEPS=("$@")
 [ "${#STEPS[@]}" -eq 0 ] && STEPS=(env install pytest bench graph stylize)
-[ "${STEPS[*]}" = "all" ] && STEPS=(env install pytest bench graph stylize ablate tensorrt large)
+[ "${STEPS[*]}" = "all" ] && STEPS=(env install pytest bench graph stylize ablate tensorrt large tiles)
 
 OUT="${OUT:-$REPO/gpu-run}"
 SITE="${SITE:-${TMPDIR:-/tmp}/nst-gpu-site}"
@@ -47,10 +49,14 @@ DRY_RUN="${DRY_RUN:-0}"
 SIZES="${SIZES:-512,1024,2048,4096}"
 ABLATE_SIZES="${ABLATE_SIZES:-512,1024}"
 GRAPH_SIZES="${GRAPH_SIZES:-512,1024}"
+GRAPH_PRECISIONS="${GRAPH_PRECISIONS:-fp32,bf16}"
 PRECISIONS="${PRECISIONS:-fp32,tf32,bf16}"
 ITERATIONS="${ITERATIONS:-20}"
 STYLIZE_SIZE="${STYLIZE_SIZE:-512}"
 STYLIZE_ITERATIONS="${STYLIZE_ITERATIONS:-1000}"
+TILE_SIZES="${TILE_SIZES:-2048,4096}"
+TILE_TILES="${TILE_TILES:-off,1024,2048}"
+TILE_PRECISIONS="${TILE_PRECISIONS:-bf16,fp32}"
 LARGE_SIZES="${LARGE_SIZES:-8192,16384}"
 LARGE_TILES="${LARGE_TILES:-2048}"
 LARGE_ITERATIONS="${LARGE_ITERATIONS:-2}"
@@ -205,9 +211,17 @@ step_ablate() {  # each switch flipped, and the targets phase (PyTorch against O
         --optimizer lbfgs,adam --iterations "$ITERATIONS" --ablate --json "$OUT/ablate.json"
 }
 
-step_graph() {  # the Adam step captured in one CUDA graph; its eager twins are bench.json's adam rows
-    run_logged graph nst bench --device "$DEVICE" --weights random --sizes "$GRAPH_SIZES" --precision fp32,bf16 \
+step_graph() {  # the Adam step captured in one CUDA graph, after its eager twins on the same machine
+    run_logged "graph (eager twins)" nst bench --device "$DEVICE" --weights random --sizes "$GRAPH_SIZES" --precision "$GRAPH_PRECISIONS" \
+        --optimizer adam --iterations "$ITERATIONS" --no-targets-phase --no-optimizer-phase --json "$OUT/graph-eager.json"
+    run_logged graph nst bench --device "$DEVICE" --weights random --sizes "$GRAPH_SIZES" --precision "$GRAPH_PRECISIONS" \
         --optimizer adam --iterations "$ITERATIONS" --cuda-graph --no-targets-phase --no-optimizer-phase --json "$OUT/graph.json"
+}
+
+step_tiles() {  # issue 11's cost: tiled against whole at sizes where both fit, one run
+    run_logged tiles nst bench --device "$DEVICE" --weights random --sizes "$TILE_SIZES" --precision "$TILE_PRECISIONS" \
+        --optimizer adam --tile "$TILE_TILES" --iterations "$ITERATIONS" --warmup 1 --no-optimizer-phase --no-targets-phase \
+        --json "$OUT/tiles.json"
 }
 
 step_stylize() {  # the end-to-end target: read the report's phases, not the process's wall time
@@ -254,7 +268,7 @@ text = log.read_text(errors="replace")
 tail = re.findall(r"^=+ (.*(?:passed|failed|skipped|error|no tests ran).*) =+$", text, re.M)
 if tail:
     print("pytest -m gpu:", tail[-1])
-for name in ("bench.json", "ablate.json", "graph.json"):
+for name in ("bench.json", "ablate.json", "graph.json", "tiles.json", "large.json"):
     d = load(name)
     if d is None:
         continue
@@ -267,12 +281,19 @@ for name in ("bench.json", "ablate.json", "graph.json"):
             print(f"  {r['size']:>9} {r['precision']:>4} {r['optimizer']:>5}: {fmt(r['ms_per_iteration'])}/it"
                   + (f", {pct:.1f}% of peak" if pct is not None else "") + (f", {r['peak_memory_mb']:.0f} MB" if r.get("peak_memory_mb") else ""))
     if name == "graph.json":
-        eager = {(r["size"], r["precision"]): r for r in (load("bench.json") or {}).get("results", [])
+        eager = {(r["size"], r["precision"]): r for r in (load("graph-eager.json") or {}).get("results", [])
                  if r.get("status") == "ok" and r.get("phase") == "optimisation" and r.get("optimizer") == "adam" and not r.get("cuda_graph")}
         for r in ok:
             e = eager.get((r["size"], r["precision"]))
-            ratio = f", eager {fmt(e['ms_per_iteration'])} (graph/eager {r['ms_per_iteration'] / e['ms_per_iteration']:.2f}, separate runs)" if e else ""
+            ratio = f", eager {fmt(e['ms_per_iteration'])} (graph/eager {r['ms_per_iteration'] / e['ms_per_iteration']:.2f})" if e else ""
             print(f"  graph {r['size']:>9} {r['precision']:>4}: {fmt(r['ms_per_iteration'])}/it{ratio}")
+    if name == "tiles.json":
+        whole = {(r["size"], r["precision"]): r["ms_per_iteration"] for r in ok if not r.get("tile")}
+        for r in ok:
+            w = whole.get((r["size"], r["precision"]))
+            ratio = f" ({r['ms_per_iteration'] / w:.2f}x whole)" if w and r.get("tile") else ""
+            print(f"  {r['size']:>9} {r['precision']:>4} tile {r.get('tile') or 'off'}: {fmt(r['ms_per_iteration'])}/it{ratio}"
+                  + (f", {r['peak_memory_mb']:.0f} MB" if r.get("peak_memory_mb") else ""))
     for r in rows:
         if r.get("status") != "ok":
             print(f"  skipped {r.get('size')} {r.get('precision')} {r.get('optimizer') or r.get('loop')}: {r.get('reason')}")
@@ -293,8 +314,8 @@ EOF
 say "nst GPU run: steps ${STEPS[*]}; wheels $WHEELS; results in $OUT; private target $SITE"
 for step in "${STEPS[@]}"; do
     case "$step" in
-        env|install|pytest|bench|ablate|graph|stylize|tensorrt|large) ;;
-        *) say "error: unknown step $step (use env install pytest bench graph stylize ablate tensorrt large, or all)"; exit 2 ;;
+        env|install|pytest|bench|ablate|graph|stylize|tensorrt|large|tiles) ;;
+        *) say "error: unknown step $step (use env install pytest bench graph stylize ablate tensorrt large tiles, or all)"; exit 2 ;;
     esac
     if [ "$step" != env ] && [ "$step" != install ] && [ "$INSTALLED" = 0 ]; then
         say "== install (needed by $step)"
@@ -304,7 +325,7 @@ for step in "${STEPS[@]}"; do
     say "== $step"
     if [ "${STATUS[install]:-}" = FAILED ] && [ "$step" != env ]; then record "$step" "skipped (install failed)"; continue; fi
     case "$step" in
-        bench|ablate|graph|stylize|tensorrt|large)
+        bench|ablate|graph|stylize|tensorrt|large|tiles)
             if ! have_gpu; then say "$step: skipped: torch sees no CUDA GPU (DEVICE=$DEVICE)"; record "$step" "skipped (no GPU)"; continue; fi ;;
     esac
     "step_$step"
