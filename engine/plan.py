@@ -19,7 +19,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,17 @@ CUDA_OVERHEAD = 0.0
 def allocator_overhead(device: str) -> float:
     """The overhead share a plan on `device` counts: OVERHEAD on the CPU, CUDA_OVERHEAD elsewhere."""
     return OVERHEAD if device.split(":")[0] == "cpu" else CUDA_OVERHEAD
+
+
+def uncopied_taps(cfg: StyleConfig, device: str, precision: Precision) -> frozenset[str]:
+    """The tapped layers whose maps the loss uses without an fp32 copy: in bf16 on a CUDA GPU the
+    Grams multiply the bf16 maps into fp32 on the tensor cores (`losses._tensor_core_gram`), so a
+    style layer's map is not copied. A content layer's difference is still taken in fp32, and
+    masks' guided Grams weight an fp32 copy. Measured on an H200 (2026-11-26, bf16, whole image,
+    1024 px): with the copies counted the estimate was 1.21x `torch.cuda.max_memory_allocated`."""
+    if device.split(":")[0] != "cuda" or precision != Precision.BF16 or cfg.masks or cfg.style_regions:
+        return frozenset()
+    return frozenset(cfg.style_layers) - frozenset(cfg.content_layers)
 
 # The smallest tile `auto` tries, in multiples of the deepest stride: below it the halo is most
 # of every tile and the run slows for little saving.
@@ -109,7 +120,15 @@ def onnx_session_bytes(layers: Sequence[str], model_precision: str = "fp32") -> 
 
 
 def activation_bytes(
-    layers: Sequence[str], hw: tuple[int, int], *, precision: Precision, pooling: Pooling, grad: bool = True, n: int = 1, tile: int | None = None
+    layers: Sequence[str],
+    hw: tuple[int, int],
+    *,
+    precision: Precision,
+    pooling: Pooling,
+    grad: bool = True,
+    n: int = 1,
+    tile: int | None = None,
+    uncopied: Collection[str] = (),
 ) -> int:
     """Bytes the network's pass over an (H, W) input holds at its peak.
 
@@ -121,7 +140,8 @@ def activation_bytes(
 
     `tile`: (H, W) is the crop of a tile of `tile` px with its halo, which the network cuts down
     as it goes (`VGGFeatures.forward`'s `owned`): each layer's map covers the tile and that layer's
-    margin (`tile_margins`), the taps the tile alone."""
+    margin (`tile_margins`), the taps the tile alone. `uncopied`: taps without the fp32 copy
+    (`uncopied_taps`)."""
     e = _precision_bytes(precision)
     h, w = hw
     depth = LAYER_INDEX[deepest_layer(layers)] + 1
@@ -161,7 +181,8 @@ def activation_bytes(
         fh, fw = map_hw(t, 0)
         tapped += layer_channels(t) * fh * fw * e
         # an fp32 map per tapped layer: the content loss's difference, or in bf16 the Gram's input
-        kept += layer_channels(t) * fh * fw * 4
+        if t not in uncopied:
+            kept += layer_channels(t) * fh * fw * 4
     if not grad:
         return n * (pair + tapped + max(layer_channels(t) * math.prod(map_hw(t, 0)) * 4 for t in taps))
     return n * (kept + 2 * largest)
@@ -302,6 +323,7 @@ def stage_phases(
     optimizer_state: str = "device",
     held: Mapping[str, int] | None = None,
     overhead: float = OVERHEAD,
+    uncopied: Collection[str] = (),
 ) -> dict[str, dict[str, int]]:
     """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
     stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
@@ -310,7 +332,8 @@ def stage_phases(
     carried over) the stage holds while it runs. `optimizer_state` "host": L-BFGS's history is not
     on the device (`optimizer_bytes`). `held`: parts held beside the stage through both phases, by
     name: `source`, what the targets' source holds beside the loop's network (ONNX Runtime's
-    session, `onnx_session_bytes`); `video`, what a clip's loop keeps beside each frame's run."""
+    session, `onnx_session_bytes`); `video`, what a clip's loop keeps beside each frame's run.
+    `uncopied`: `uncopied_taps` for the device."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     pixels = hw[0] * hw[1]
     image = _image_bytes(pixels)
@@ -333,13 +356,13 @@ def stage_phases(
     if tile is None:
         t_net = max(activation_bytes(layers, s, precision=Precision.FP32, pooling=cfg.pooling, grad=False) for s in [hw, *style_hws])
     else:  # the targets' tile is chosen to need no more than the loop's (`_target_tile`)
-        t_net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile)
+        t_net = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile, uncopied=uncopied)
     targets_phase = {"weights": weights, "images": t_images, "targets": content_loop + grams, "activations": max(t_net, image)}
 
     # Loop: the image, its gradient, the last finite copy (half precision when tiled), the
     # content's colours under `luminance`, the previous stage's result.
     l_images = 2 * image + (image // 2 if tile is not None else image) + (image if luminance else 0) + carried
-    net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile)
+    net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile, uncopied=uncopied)
     optimizer = optimizer_bytes(cfg, pixels, state=optimizer_state)
     # Adam's step makes two image-sized temporaries (none when fused, as a tiled stage runs it);
     # they do not overlap the network's pass.
@@ -385,9 +408,11 @@ def _crop(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> tuple[int, i
     return min(hw[0], tile + 2 * halo), min(hw[1], tile + 2 * halo)
 
 
-def _target_tile(cfg: StyleConfig, hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], tile: int, precision: Precision) -> int:
+def _target_tile(
+    cfg: StyleConfig, hw: tuple[int, int], style_hws: Sequence[tuple[int, int]], tile: int, precision: Precision, uncopied: Collection[str] = ()
+) -> int:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
-    allowed = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile)
+    allowed = activation_bytes(layers, _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile, uncopied=uncopied)
     largest = max([max(hw), *(max(s) for s in style_hws)])
     best = tile
     for t in range(tile, snap_tile(largest, layers) + tile_step(layers), tile_step(layers)):
@@ -415,6 +440,7 @@ def _plan_stages(
     state: str = "device",
     held: Mapping[str, int] | None = None,
     overhead: float = OVERHEAD,
+    uncopied: Collection[str] = (),
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
@@ -426,7 +452,7 @@ def _plan_stages(
         prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
         def make(t: int | None) -> StagePlan:
-            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, held=held, overhead=overhead)
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, held=held, overhead=overhead, uncopied=uncopied)
             phase = peak_phase(phases)
             host = history_bytes(cfg, hw[0] * hw[1]) if state == OptimizerState.HOST.value else 0
             if t is None:
@@ -435,7 +461,7 @@ def _plan_stages(
             return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), phases[phase], phase=phase, host_bytes=host)
 
         def with_target_tile(p: StagePlan) -> StagePlan:  # only for the chosen plan: it searches too
-            return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision))
+            return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision, uncopied))
 
         if isinstance(tile, int):
             fits_one = snap_tile(tile, layers) >= max(hw)
@@ -587,6 +613,7 @@ def plan_run(
     state = _optimizer_state(optimizer_state, cfg)
     on_cpu = device.split(":")[0] == "cpu"
     overhead = allocator_overhead(device)
+    uncopied = uncopied_taps(cfg, device, precision)
     if host_bytes is not None:
         for size in cfg.sizes:
             hw = output_shape(content_wh[0], content_wh[1], size, cfg.size_edge)
@@ -604,7 +631,7 @@ def plan_run(
         # (the GPU's code path) and counts against the same budget.
         model_state = "device" if on_cpu else "host"
         try:
-            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held, overhead=overhead)
+            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held, overhead=overhead, uncopied=uncopied)
         except _TooSmall as e:
             raise _too_small(e, budget) from None
         if not on_cpu:
@@ -612,7 +639,7 @@ def plan_run(
         note = "on the CPU host memory is the device's: the history streams through it in chunks and saves none" if on_cpu else ""
         return _plan(cfg, stages, budget, device, precision, note, state="host")
     try:
-        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held, overhead=overhead)
+        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held, overhead=overhead, uncopied=uncopied)
         return _plan(cfg, stages, budget, device, precision, "")
     except _TooSmall as e:
         failure = e
@@ -625,7 +652,7 @@ def plan_run(
     fits: list[tuple[float, StyleConfig, str, tuple[StagePlan, ...]]] = []
     for c, where in candidates:
         try:
-            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held, overhead=overhead)
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held, overhead=overhead, uncopied=uncopied)
         except _TooSmall as e:
             failure = e if where == "device" else failure  # a budget that would fit names a device-side plan
             continue
