@@ -321,12 +321,17 @@ def _timer(device: torch.device, n: int) -> tuple[Callable[[int], None], Callabl
     return mark_cpu, read_cpu
 
 
-def time_steps(step: Callable[[], None], device: torch.device, *, iterations: int, warmup: int) -> list[float]:
+def time_steps(
+    step: Callable[[], None], device: torch.device, *, iterations: int, warmup: int, after_warmup: Callable[[], None] | None = None
+) -> list[float]:
     """Run `warmup` untimed steps, then `iterations` timed ones: ms each, with no sync between them.
-    On CUDA the caller makes `device` current (`device.device_context`), as the steps need it too."""
+    `after_warmup` runs between the two, once the warm-up's work is done. On CUDA the caller makes
+    `device` current (`device.device_context`), as the steps need it too."""
     for _ in range(warmup):
         step()
     synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
     mark, read = _timer(device, iterations)
     for i in range(iterations):
         mark(i)
@@ -395,10 +400,15 @@ def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device
             loss_fn = torch.compile(loss_fn)
         x = (content * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
         step = make_step(case, cfg, loss_fn, x)
-        times = time_steps(step, device, iterations=iterations, warmup=warmup)
+        # On CUDA the peak is the timed iterations': the warm-up's first step holds cuDNN's kernel
+        # tuning, which tries workspaces as large as the free memory (133 GB at 1024 px on an H200)
+        # and gives them back; no later iteration needs them.
+        reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if device.type == "cuda" and warmup > 0 else None
+        times = time_steps(step, device, iterations=iterations, warmup=warmup, after_warmup=reset)
         synchronize(device)
     if device.type == "cuda":
-        memory: tuple[float | None, str] = (torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated during the case")
+        what = "over the timed iterations, after the warm-up (cuDNN's tuning)" if warmup > 0 else "during the case, cuDNN's tuning included (no warm-up)"
+        memory: tuple[float | None, str] = (torch.cuda.max_memory_allocated(device) / 2**20, f"torch.cuda.max_memory_allocated {what}")
     else:
         memory = (_rss_mb(), "process peak RSS so far (ru_maxrss): an upper bound, includes earlier cases")
     return row_from_times(case, device, times, flops, peak, memory, layers=layers, warmup=warmup)

@@ -220,6 +220,15 @@ def test_every_phase_times_under_its_device_context(weights, device_contexts, mo
     assert timed_under == [CPU, CPU, CPU]
 
 
+def test_after_warmup_runs_between_the_warmup_and_the_timed_steps():
+    """The bench resets CUDA's peak memory there, so a row's peak leaves out cuDNN's tuning."""
+    from nst.engine.bench import time_steps
+
+    calls: list[str] = []
+    times = time_steps(lambda: calls.append("step"), CPU, iterations=2, warmup=3, after_warmup=lambda: calls.append("reset"))
+    assert calls == ["step"] * 3 + ["reset"] + ["step"] * 2 and len(times) == 2
+
+
 def test_settle_peaks_caps_every_row_at_100_percent():
     from nst.engine.bench import BenchRow, settle_peaks
 
