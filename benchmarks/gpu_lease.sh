@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU run fitted to a short lease (15 minutes of device time, a machine that goes back after
-# 30 s idle). onnxruntime-gpu travels in four parts, one call each; the steps that need only torch
-# (graph, tiles, bench) run in the background from the first call on, while the other parts
-# travel, and the last call installs everything, waits for them, then runs the GPU tests, the
+# 30 s idle). onnxruntime-gpu travels in parts (five since the tree grew), one call each; the
+# steps that need only torch (graph, tiles, bench) run in the background from the first call on,
+# while the other parts travel, and the last call installs everything, waits for them, then runs the GPU tests, the
 # 1000-iteration stylisation and the ablation (PyTorch against ONNX Runtime targets on CUDA).
 #
 # usage (from the repository root on the device, see benchmarks/README.md, "Runbook"):
 #   benchmarks/gpu_lease.sh start    # carry .whl/p00: stage it, start graph/tiles/bench behind
-#   benchmarks/gpu_lease.sh part     # carry .whl/p01 (then .whl/p02): stage it, show progress
-#   benchmarks/gpu_lease.sh finish   # carry .whl/p03: install, wait, pytest, stylize, ablate,
+#   benchmarks/gpu_lease.sh part     # carry .whl/p01 (then p02, p03): stage it, show progress
+#   benchmarks/gpu_lease.sh finish   # carry .whl/p04: install, wait, pytest, stylize, ablate,
 #                                    # and pack every result into $OUT
 # Environment: BG_STEPS (the background's steps, default "graph tiles bench": the CUDA-graph rows
 # first, since the H100 run of 2026-11-26 found 512 px launch-bound and never reached them, then
@@ -72,7 +72,8 @@ finish)
         echo "background still running after ${WAIT_S:-300} s: stopped"; pkill -f "$BG/repo/benchmarks/gpu_run.sh"
     fi
     # pytest, stylize and ablate share what is left, less 25 s to pack the results
-    OUT="$FG" STEP_TIMEOUT="${STEP_TIMEOUT:-200}" ABLATE_SIZES="${ABLATE_SIZES:-512}" \
+    # (pytest -m gpu took 200 s and more on the H200, the memory estimate's fp32 case alone 54 s)
+    OUT="$FG" STEP_TIMEOUT="${STEP_TIMEOUT:-300}" ABLATE_SIZES="${ABLATE_SIZES:-512}" \
         timeout --kill-after=5 "$(( $(left) - 25 ))" bash "$HERE/gpu_run.sh" "$WHEELS" env pytest stylize ablate
     echo "finish: $((SECONDS - T0)) s"
     cp "$BG/out/run.log" "$OUT/bg-run.log" 2>/dev/null

@@ -76,9 +76,9 @@ def bench_command(
 
     Per case: ms/iteration, TFLOP/s, percent of peak and peak memory.
     """
-    from nst.engine.bench import CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
+    from nst.engine.bench import CPU_BF16_REASON, CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
     from nst.engine.bench_targets import bench_targets
-    from nst.engine.device import resolve_device, resolve_precision
+    from nst.engine.device import has_fast_bf16, resolve_device, resolve_precision
 
     with user_errors():
         check_seed(seed)
@@ -117,6 +117,7 @@ def bench_command(
             return
         rows: list[BenchRow] = []
         peaks: dict = {}
+        fast_bf16 = has_fast_bf16(dev)
         meta = _meta(dev, w)
         partial_json = json_path  # None once a write of the rows so far has failed
         with console.status("benchmarking") as status:
@@ -125,6 +126,9 @@ def bench_command(
                 status.update(what)
                 if every and dev.type == "cpu" and case.precision == Precision.FP16:
                     rows.append(skipped_row(case, dev, CPU_FP16_REASON))
+                    continue
+                if every and dev.type == "cpu" and case.precision == Precision.BF16 and not fast_bf16:
+                    rows.append(skipped_row(case, dev, CPU_BF16_REASON))
                     continue
                 rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))
                 partial_json = _partial(partial_json, rows, meta, what)

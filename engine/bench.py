@@ -39,6 +39,10 @@ OPTIMIZERS = ("lbfgs", "adam", "torch-lbfgs")
 # fp16 autocast runs on the CPU but without fast kernels (measured: ~100x slower than fp32 on the
 # 2-core AMD EPYC this was written on), so a default sweep skips it there; naming it runs it.
 CPU_FP16_REASON = "fp16 on the CPU runs without fast kernels (~100x slower than fp32 where measured); skipped by default, pass --precision fp16 to time it anyway; use bf16"
+# bf16 on a CPU without bf16 units (AVX512-BF16 or AMX) is emulated: measured on such a 2-core
+# AMD EPYC, a bf16 matmul ran at 1.4 GFLOP/s, about a sixtieth of its fp32 convolution's rate.
+CPU_BF16_REASON = ("this CPU has no bf16 units (AVX512-BF16 or AMX): bf16 is emulated, far slower than fp32; skipped by default, "
+                   "pass --precision bf16 to time it anyway; --precision auto runs fp32 here")
 LOOPS = ("fast", "reference")
 
 
@@ -450,4 +454,4 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
     )
 
 
-__all__ = ["BenchCase", "BenchRow", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "settle_peaks", "skipped_row"]
+__all__ = ["BenchCase", "BenchRow", "CPU_BF16_REASON", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "settle_peaks", "skipped_row"]

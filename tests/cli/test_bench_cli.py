@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from nst.cli.app import app
 from nst.engine.bench import ROW_KEYS
 from nst.engine.config import Precision
-from nst.engine.device import DeviceError, check_precision, resolve_precision
+from nst.engine.device import DeviceError, check_precision, has_fast_bf16, resolve_precision
 from nst.engine.flops import count_flops
 
 runner = CliRunner()
@@ -39,6 +39,13 @@ def test_bench_writes_json_csv_and_plot(tmp_path: Path):
     assert tf32 and all(row["status"] == "skipped" and "CUDA" in row["reason"] for row in tf32)
     fp16 = [row for row in opt if row["precision"] == "fp16"]
     assert all(row["status"] == "skipped" and "--precision fp16" in row["reason"] for row in fp16)
+    # bf16 runs where the CPU has bf16 units; elsewhere it is emulated (minutes for these rows)
+    # and skipped unless asked for by name.
+    bf16 = [row for row in opt if row["precision"] == "bf16"]
+    if has_fast_bf16(torch.device("cpu")):
+        assert bf16 and all(row["status"] == "ok" for row in bf16)
+    else:
+        assert bf16 and all(row["status"] == "skipped" and "--precision bf16" in row["reason"] for row in bf16)
     assert {row["loop"] for row in rows if row["phase"] == "targets"} >= {"torch", "onnxruntime"}
     # The ONNX rows time what `stylize --targets onnx` runs: the exported module via OnnxTargets.
     assert any("OnnxTargets" in row["provider"] and row["status"] == "ok" for row in rows if row["loop"] == "onnxruntime")

@@ -229,6 +229,20 @@ def test_after_warmup_runs_between_the_warmup_and_the_timed_steps():
     assert calls == ["step"] * 3 + ["reset"] + ["step"] * 2 and len(times) == 2
 
 
+def test_peaks_of_precisions_without_fast_kernels_are_measured_small():
+    """fp16 on the CPU, and bf16 on a CPU without bf16 units, are emulated: a 2048 px matmul and a
+    256-channel convolution in bf16 took minutes on such a CPU, so their peaks are measured small."""
+    from nst.engine.device import has_fast_bf16
+    from nst.engine.peaks import measured_conv_peak
+
+    for precision, emulated in ((Precision.FP16, True), (Precision.BF16, not has_fast_bf16(CPU)), (Precision.FP32, False)):
+        _, source = measured_matmul_peak(CPU, precision, repeats=1) if emulated else (None, "")
+        conv = measured_conv_peak(CPU, precision, repeats=1)[1]
+        assert ("32->32 at 16x16" in conv) == emulated, (precision, conv)
+        if emulated:
+            assert "256x256" in source
+
+
 def test_settle_peaks_caps_every_row_at_100_percent():
     from nst.engine.bench import BenchRow, settle_peaks
 
