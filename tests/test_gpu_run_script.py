@@ -64,21 +64,20 @@ def test_script_parses_and_a_dry_run_names_every_command(tmp_path: Path):
 
 
 @needs_bash
-def test_the_large_step_benches_print_sizes_in_tiles(tmp_path: Path):
-    """Issue 11's GPU part as a step of its own (its JSON is the one more file back)."""
-    run = _run(["-", "large"], tmp_path, DRY_RUN="1")
+@pytest.mark.parametrize(
+    ("step", "command"),
+    [
+        # Issue 11's print sizes, in tiles (its JSON is one more file back).
+        ("large", "--sizes 8192,16384 --precision bf16 --optimizer adam --tile 2048 --iterations 2"),
+        # Issue 11's overhead: whole and tiled rows of the same sizes in one bench call.
+        ("tiles", "--sizes 2048,4096 --precision bf16,fp32 --optimizer adam --tile off,1024,2048 --iterations 20"),
+    ],
+)
+def test_issue_11s_steps_bench_in_tiles(tmp_path: Path, step: str, command: str):
+    run = _run(["-", step], tmp_path, DRY_RUN="1")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert ("nst bench --device cuda --weights random --sizes 8192,16384 --precision bf16 --optimizer adam --tile 2048 --iterations 2"
-            f" --warmup 1 --no-optimizer-phase --no-targets-phase --json {tmp_path / 'out'}/large.json") in run.stdout
-
-
-@needs_bash
-def test_the_tiles_step_benches_tiled_against_whole_in_one_run(tmp_path: Path):
-    """Issue 11's overhead on a GPU: whole and tiled rows of the same sizes in one bench call."""
-    run = _run(["-", "tiles"], tmp_path, DRY_RUN="1")
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert ("nst bench --device cuda --weights random --sizes 2048,4096 --precision bf16,fp32 --optimizer adam --tile off,1024,2048"
-            f" --iterations 20 --warmup 1 --no-optimizer-phase --no-targets-phase --json {tmp_path / 'out'}/tiles.json") in run.stdout
+    assert (f"nst bench --device cuda --weights random {command} --warmup 1 --no-optimizer-phase --no-targets-phase"
+            f" --json {tmp_path / 'out'}/{step}.json") in run.stdout
 
 
 @needs_bash
