@@ -41,7 +41,7 @@ def _choices(text: str, allowed: tuple[str, ...], what: str, *, alone: str = "")
 
 def bench_command(
     sizes: Annotated[str, typer.Option("--sizes", help="Comma list of N (square) or HxW, e.g. 256,512 or 128x192.")] = "256,512,1024",
-    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, tf32, bf16, fp16 and auto (what stylize's auto picks here), or all (the four; on the CPU fp16 is then reported as skipped). Ones this device lacks are reported as skipped.")] = "all",
+    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, tf32, bf16, fp16 and auto (what stylize's auto picks here), or all (the four; on the CPU fp16, and bf16 without bf16 units, are then reported as skipped). Ones this device lacks are reported as skipped.")] = "all",
     optimizer: Annotated[str, typer.Option("--optimizer", help="Comma list of lbfgs (ours), adam, torch-lbfgs (torch.optim.LBFGS); with --to-result also lbfgs:H, L-BFGS with a history of H.")] = "lbfgs",
     preset_names: Annotated[str, typer.Option("--preset", help="Comma list of presets whose layer sets and losses to run: gatys, seed.")] = "gatys",
     loop: Annotated[str, typer.Option("--loop", help="Comma list: fast (what stylize runs), reference (the notebook's: content, style and output through all of VGG19 every step).")] = "fast",
