@@ -78,7 +78,7 @@ def bench_command(
     """
     from nst.engine.bench import CPU_BF16_REASON, CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
     from nst.engine.bench_targets import bench_targets
-    from nst.engine.device import has_fast_bf16, resolve_device, resolve_precision
+    from nst.engine.device import is_emulated, resolve_device, resolve_precision
 
     with user_errors():
         check_seed(seed)
@@ -117,18 +117,14 @@ def bench_command(
             return
         rows: list[BenchRow] = []
         peaks: dict = {}
-        fast_bf16 = has_fast_bf16(dev)
         meta = _meta(dev, w)
         partial_json = json_path  # None once a write of the rows so far has failed
         with console.status("benchmarking") as status:
             for i, case in enumerate(cases, 1):
                 what = f"case {i}/{len(cases)}: {case.loop} {case.preset} {case.optimizer} {case.precision.value} {case.height}x{case.width}"
                 status.update(what)
-                if every and dev.type == "cpu" and case.precision == Precision.FP16:
-                    rows.append(skipped_row(case, dev, CPU_FP16_REASON))
-                    continue
-                if every and dev.type == "cpu" and case.precision == Precision.BF16 and not fast_bf16:
-                    rows.append(skipped_row(case, dev, CPU_BF16_REASON))
+                if every and is_emulated(dev, case.precision):  # fp16 on a CPU, bf16 without bf16 units
+                    rows.append(skipped_row(case, dev, CPU_FP16_REASON if case.precision == Precision.FP16 else CPU_BF16_REASON))
                     continue
                 rows.append(bench_case(case, weights=w, device=dev, iterations=iterations, warmup=warmup, seed=seed, peaks=peaks))
                 partial_json = _partial(partial_json, rows, meta, what)

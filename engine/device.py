@@ -90,6 +90,14 @@ def has_fast_bf16(device: torch.device) -> bool:
     return False
 
 
+def is_emulated(device: torch.device, precision: Precision) -> bool:
+    """Whether `precision` runs on `device` without fast kernels: fp16 on any CPU, and bf16 on a CPU
+    without bf16 units. Never on a GPU."""
+    if device.type != "cpu":
+        return False
+    return precision == Precision.FP16 or (precision == Precision.BF16 and not has_fast_bf16(device))
+
+
 def resolve_precision(device: torch.device, spec: Precision | str) -> Precision:
     """`auto`: bf16 where `device` has bf16 units and it runs there, else fp32. Otherwise the named
     precision, checked against the device (DeviceError if it cannot run)."""

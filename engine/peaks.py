@@ -8,7 +8,7 @@ import time
 import torch
 
 from .config import Precision
-from .device import Runtime, has_fast_bf16, precision_context, synchronize
+from .device import Runtime, is_emulated, precision_context, synchronize
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets (H100/H200: "NVIDIA H100 Tensor Core
 # GPU" and "NVIDIA H200" datasheets; A100: "NVIDIA A100 Tensor Core GPU" datasheet; L4: "NVIDIA
@@ -35,20 +35,13 @@ def known_peak(device: torch.device, precision: Precision) -> tuple[float, str] 
     return None
 
 
-def _emulated(device: torch.device, precision: Precision) -> bool:
-    """A CPU precision without fast kernels: fp16, and bf16 without bf16 units."""
-    if device.type != "cpu":
-        return False
-    return precision == Precision.FP16 or (precision == Precision.BF16 and not has_fast_bf16(device))
-
-
 @torch.no_grad()
 def measured_matmul_peak(device: torch.device, precision: Precision, *, n: int | None = None, repeats: int = 5) -> tuple[float, str]:
     """TFLOP/s of a square torch.matmul in `precision` on `device` (the best of `repeats`)."""
     if n is None:
         # CPU fp16 matmul has no fast kernel on most CPUs (about 3 GFLOP/s here), nor bf16 on a CPU
         # without bf16 units (1.4 GFLOP/s on one): keep it short.
-        n = 8192 if device.type == "cuda" else (256 if _emulated(device, precision) else 2048)
+        n = 8192 if device.type == "cuda" else (256 if is_emulated(device, precision) else 2048)
     dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision, torch.float32)
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device, dtype)
@@ -70,7 +63,7 @@ def measured_conv_peak(device: torch.device, precision: Precision, *, channels: 
     """TFLOP/s of a VGG-like 3x3 convolution (channels in and out, hw x hw, channels-last) in
     `precision`: on the CPU oneDNN's convolutions run well above its square matmul."""
     dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision, torch.float32)
-    if _emulated(device, precision):
+    if is_emulated(device, precision):
         channels, hw = 32, 16  # no fast kernels: keep it short
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, channels, hw, hw, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
