@@ -87,6 +87,7 @@ def test_adam_same_relative_curve_at_1e_minus_2_and_1e2(photos, weights):
     assert low[-1] == pytest.approx(high[-1], rel=0.03)
 
 
+@pytest.mark.bf16
 def test_fp32_and_bf16_end_within_10_percent_after_200_iterations(photos, weights):
     fp32 = _relative_curve(photos, weights, size=48, iterations=200)
     bf16 = _relative_curve(photos, weights, size=48, iterations=200, precision="bf16")

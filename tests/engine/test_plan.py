@@ -313,23 +313,9 @@ def _measured(case: tuple) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
-def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
-    """Whole-image mode, fp32 on the CPU, at three sizes: within 20%. Tiled, where the image-sized
-    buffers (L-BFGS's history in fp32; Adam's moments, bf16 content targets and the half-precision
-    last finite image in bf16) are much of the peak: at most 30% over and 10% under (the tiles'
-    activations are counted on the safe side: measured 1.10x to 1.24x). The processes run two at
-    a time, one torch thread each. A whole case is measured three times and the least peak kept: the same run in a
-    fresh process peaked anywhere from 182 to 232 MB at 224 px (the allocator's slack, not the
-    run's tensors), which alone moved the ratio from 1.0 to 0.78. One whole case takes its targets
-    from ONNX Runtime, whose session (the part `source`) the run opens: within 20% as well."""
-    from nst.engine.weights import random_weights
-    from nst.export import ModuleSpec, export_targets
-
-    model = export_targets(random_weights(seed=0), tmp_path / "targets.onnx", ModuleSpec(GATYS.content_layers, GATYS.style_layers)).path
-    cases = {(224, 0, "fp32", "lbfgs"): (0.8, 1.2), (320, 0, "fp32", "lbfgs"): (0.8, 1.2), (448, 0, "fp32", "lbfgs"): (0.8, 1.2),
-             (320, 0, "fp32", "lbfgs", model): (0.8, 1.2), (1024, 128, "fp32", "lbfgs"): (0.9, 1.3), (1536, 256, "bf16", "adam"): (0.9, 1.3)}  # fmt: skip
+def _check_measured(cases: dict) -> None:
+    """Measure every case (a whole one three times, keeping the least peak) two at a time, and
+    check each estimate against its measured peak within the case's (low, high) ratio."""
     from concurrent.futures import ThreadPoolExecutor
 
     runs = [case for case in cases for _ in range(1 if case[1] else 3)]
@@ -341,6 +327,35 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
         ratio = least["estimate"] / least["measured"]
         low, high = cases[case]
         assert low <= ratio <= high, (case, got, ratio)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
+    """Whole-image mode, fp32 on the CPU, at three sizes: within 20%. Tiled, where the image-sized
+    buffers (L-BFGS's history in fp32) are much of the peak: at most 30% over and 10% under (the
+    tiles' activations are counted on the safe side: measured 1.10x to 1.24x). The processes run
+    two at a time, one torch thread each. A whole case is measured three times and the least peak
+    kept: the same run in a fresh process peaked anywhere from 182 to 232 MB at 224 px (the
+    allocator's slack, not the run's tensors), which alone moved the ratio from 1.0 to 0.78. One
+    whole case takes its targets from ONNX Runtime, whose session (the part `source`) the run
+    opens: within 20% as well."""
+    from nst.engine.weights import random_weights
+    from nst.export import ModuleSpec, export_targets
+
+    model = export_targets(random_weights(seed=0), tmp_path / "targets.onnx", ModuleSpec(GATYS.content_layers, GATYS.style_layers)).path
+    _check_measured({(224, 0, "fp32", "lbfgs"): (0.8, 1.2), (320, 0, "fp32", "lbfgs"): (0.8, 1.2), (448, 0, "fp32", "lbfgs"): (0.8, 1.2),
+                     (320, 0, "fp32", "lbfgs", model): (0.8, 1.2), (1024, 128, "fp32", "lbfgs"): (0.9, 1.3)})  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.bf16
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_tiled_bf16_estimate_is_within_30_percent_of_the_measured_peak():
+    """Tiled in bf16 with Adam, where Adam's moments, the bf16 content targets and the
+    half-precision last finite image are much of the peak: at most 30% over and 10% under, as the
+    fp32 tiled case. Its own test: where bf16 is emulated it ran past 400 s (marked bf16)."""
+    _check_measured({(1536, 256, "bf16", "adam"): (0.9, 1.3)})
 
 
 def test_a_cuda_plan_counts_no_allocator_overhead():

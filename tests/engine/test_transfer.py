@@ -480,6 +480,7 @@ def test_a_plan_with_the_history_in_host_memory_streams_it_whole_or_tiled(pics, 
         assert float((h.image - d.image).abs().mean()) < 1e-4  # measured about 1e-5
 
 
+@pytest.mark.bf16
 def test_an_lbfgs_scale_that_stops_improving_ends_early(pics, weights):
     """bf16 L-BFGS stops finding lower losses well above fp32's (its steps fall below bf16's
     resolution and cycle); with `lbfgs_patience` a scale ends that many iterations after its last
