@@ -518,6 +518,8 @@ def plan_lines(plan: Plan) -> list[str]:
     for i, s in enumerate(plan.stages, 1):
         how = "whole" if s.mode == "whole" else f"tiled, {s.tile} px tiles, {s.grid[0]}x{s.grid[1]} = {s.tiles}, halo {s.halo} px"
         lines.append(f"  stage {i}: {s.hw[1]}x{s.hw[0]} {how}")
+        if s.content_targets == "per tile":
+            lines.append("    content targets made again at each tile's pass (held ones do not fit)")
         when = "making its targets" if s.phase == "targets" else "optimising"
         lines.append(f"    estimated peak {format_size(s.estimated_peak_bytes)}, {when}:")
         parts = [f"{k} {format_size(v)}" for k, v in s.parts.items()]

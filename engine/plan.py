@@ -221,6 +221,10 @@ class StagePlan:
     target_tile: int | None = None
     phase: str = "loop"  # the phase `parts` describe, the one that needs more: "targets" or "loop"
     host_bytes: int = 0  # L-BFGS's history in host memory (optimiser state "host"), not in `parts`
+    # "held": the content targets are made once and held, image-sized (1/64 of the image's pixels
+    # times 512 channels at relu4_2: 1.4 GB in fp32 at 8192x5449). "per tile": made again from the
+    # content image at every tile's pass, when held ones do not fit even the smallest tile.
+    content_targets: str = "held"
 
     @property
     def tiles(self) -> int:
@@ -234,7 +238,7 @@ class StagePlan:
         return {
             "size": self.size, "hw": list(self.hw), "mode": self.mode, "tile": self.tile, "tiles": self.tiles, "grid": list(self.grid),
             "halo": self.halo, "target_tile": self.target_tile, "estimated_peak_bytes": self.estimated_peak_bytes, "peak_phase": self.phase,
-            "parts": dict(self.parts), "host_bytes": self.host_bytes,
+            "parts": dict(self.parts), "host_bytes": self.host_bytes, "content_targets": self.content_targets,
         }  # fmt: skip
 
 
@@ -277,9 +281,14 @@ class Plan:
     def tile_at(self, hw: tuple[int, int]) -> int | None:
         """The tile edge of the stage whose output is (H, W), or None when it runs whole; a
         ConfigError for a size the plan was not made for."""
+        s = self.stage_at(hw)
+        return s.tile if s.mode == "tiled" else None
+
+    def stage_at(self, hw: tuple[int, int]) -> StagePlan:
+        """The stage whose output is (H, W); a ConfigError for a size the plan was not made for."""
         for s in self.stages:
             if tuple(s.hw) == tuple(hw):
-                return s.tile if s.mode == "tiled" else None
+                return s
         raise ConfigError(f"the plan has no stage of {hw[1]}x{hw[0]}: make it from this run's configuration and images")
 
     def changes(self, cfg: StyleConfig) -> dict[str, Any]:
@@ -324,6 +333,7 @@ def stage_phases(
     held: Mapping[str, int] | None = None,
     overhead: float = OVERHEAD,
     uncopied: Collection[str] = (),
+    content_targets: str = "held",
 ) -> dict[str, dict[str, int]]:
     """The estimated bytes by part of a stage's two phases, which do not overlap: `targets` (the
     stage's images and the targets' no-grad pass) and `loop` (the optimiser's iterations, which
@@ -333,7 +343,8 @@ def stage_phases(
     on the device (`optimizer_bytes`). `held`: parts held beside the stage through both phases, by
     name: `source`, what the targets' source holds beside the loop's network (ONNX Runtime's
     session, `onnx_session_bytes`); `video`, what a clip's loop keeps beside each frame's run.
-    `uncopied`: `uncopied_taps` for the device."""
+    `uncopied`: `uncopied_taps` for the device. `content_targets` "per tile" (tiled only): no
+    content targets are held; the loop keeps the content image instead (`StagePlan.content_targets`)."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     pixels = hw[0] * hw[1]
     image = _image_bytes(pixels)
@@ -346,6 +357,9 @@ def stage_phases(
     # A tiled stage keeps its content targets at the network's precision, made so (`stylize_many`).
     lowp = tile is not None and autocast_dtype(precision) is not None
     content_loop = content_fp32 // 2 if lowp else content_fp32
+    per_tile = tile is not None and content_targets == "per tile"
+    if per_tile:  # made at each tile's pass, one tile's at a time (counted with its activations)
+        content_loop = 0
     weights = weight_bytes(layers, precision)
 
     # Targets: the content (and its luminance) and each style (the tensor, and a quarter for the
@@ -363,6 +377,10 @@ def stage_phases(
     # content's colours under `luminance`, the previous stage's result.
     l_images = 2 * image + (image // 2 if tile is not None else image) + (image if luminance else 0) + carried
     net = activation_bytes(layers, hw if tile is None else _crop(hw, tile, layers), precision=precision, pooling=cfg.pooling, tile=tile, uncopied=uncopied)
+    if per_tile:  # the content image, as the network sees it; a tile's targets beside its pass
+        l_images += image
+        crop = _crop(hw, tile, layers)  # type: ignore[arg-type]
+        net += sum(layer_channels(k) * math.prod(feature_hw(crop, k)) * 4 for k in cfg.content_layers)
     optimizer = optimizer_bytes(cfg, pixels, state=optimizer_state)
     # Adam's step makes two image-sized temporaries (none when fused, as a tiled stage runs it);
     # they do not overlap the network's pass.
@@ -451,14 +469,15 @@ def _plan_stages(
         s_hws = [style_shape(wh, hw, cfg) for wh in style_whs]
         prev, prev_hw = prev_hw, hw  # the previous stage's output, which this one holds
 
-        def make(t: int | None) -> StagePlan:
-            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state, held=held, overhead=overhead, uncopied=uncopied)
+        def make(t: int | None, content: str = "held") -> StagePlan:
+            phases = stage_phases(cfg, hw, s_hws, precision=precision, tile=None if t is None else snap_tile(t, layers), prev_hw=prev, optimizer_state=state,
+                                  held=held, overhead=overhead, uncopied=uncopied, content_targets=content)  # fmt: skip
             phase = peak_phase(phases)
             host = history_bytes(cfg, hw[0] * hw[1]) if state == OptimizerState.HOST.value else 0
             if t is None:
                 return StagePlan(size, hw, "whole", None, (1, 1), 0, phases[phase], phase=phase, host_bytes=host)
             t = snap_tile(t, layers)
-            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), phases[phase], phase=phase, host_bytes=host)
+            return StagePlan(size, hw, "tiled", t, grid_shape(hw, t, layers), tile_halo(layers), phases[phase], phase=phase, host_bytes=host, content_targets=content)
 
         def with_target_tile(p: StagePlan) -> StagePlan:  # only for the chosen plan: it searches too
             return p if p.tile is None else dataclasses.replace(p, target_tile=_target_tile(cfg, hw, s_hws, p.tile, precision, uncopied))
@@ -472,17 +491,23 @@ def _plan_stages(
             stages.append(whole)
             continue
         # The estimate grows with the tile: bisect for the largest that fits (candidates descend).
+        # Held content targets first; made again at every tile's pass when no tile fits with them
+        # (one more forward pass per tile, much less than a smaller budget's tiles would cost).
         candidates = _tile_candidates(hw, layers)
-        lo, hi = 0, len(candidates)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if make(candidates[mid]).estimated_peak_bytes <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        chosen = make(candidates[lo]) if lo < len(candidates) else None
+        chosen = None
+        for content in ("held", "per tile") if cfg.content_layers else ("held",):
+            lo, hi = 0, len(candidates)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if make(candidates[mid], content).estimated_peak_bytes <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo < len(candidates):
+                chosen = make(candidates[lo], content)
+                break
         if chosen is None:
-            smallest = make(_tile_candidates(hw, layers)[-1])
+            smallest = make(candidates[-1], content)
             if worst is None or smallest.estimated_peak_bytes > worst.smallest.estimated_peak_bytes:
                 worst = _TooSmall(size, smallest)
             continue
@@ -508,13 +533,15 @@ SHORTER_HISTORIES = (10, 5)
 ITERATIONS_TO_RESULT = {"lbfgs:20": 1.0, "lbfgs:10": 500 / 445, "lbfgs:5": 500 / 445, "adam": 77 / 445}
 
 
-def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str]) -> int:
+def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str], *, content_per_tile: bool = False) -> int:
     """The relative work of one iteration over an (H, W) image: pixels through the network, a
     forward counted 1 and a backward 2. Whole: 3 per pixel. Tiled: each tile's crop forward without
     gradients (the Grams' pass), then forward and backward: 4 per pixel of the crop as the network
     runs it, which cuts the halo down as it goes deeper (`VGGFeatures.forward`'s `owned`): each
     convolution's share of the work (its multiply-adds a pixel) over the part of the crop it runs on.
-    The last tile's forward is run once (`TiledObjective`: pass 2 starts from pass 1's graph of it)."""
+    The last tile's forward is run once (`TiledObjective`: pass 2 starts from pass 1's graph of it).
+    `content_per_tile`: each tile's content targets are made again, one more forward of its crop
+    (counted as deep as the style layers go: an upper bound)."""
     if tile is None:
         return 3 * hw[0] * hw[1]
     margins = tile_margins(layers)
@@ -536,7 +563,7 @@ def iteration_cost(hw: tuple[int, int], tile: int | None, layers: Sequence[str])
                 cols = min(t.cx1, t.x1 + m) - max(t.cx0, t.x0 - m)
             area += w / total * rows * cols
         areas.append(area)
-    return round(4 * sum(areas) - areas[-1])
+    return round((5 if content_per_tile else 4) * sum(areas) - areas[-1])
 
 
 # L-BFGS with its history in host memory takes L-BFGS's iterations to a result (it is the same
@@ -567,14 +594,15 @@ def _time_to_result(cfg: StyleConfig, stages: Sequence[StagePlan], state: str = 
     its transfers over the bus at every iteration, in the same units."""
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     per_byte = HOST_HISTORY_CROSSINGS * DEVICE_WORK_PER_S / HOST_BUS_BYTES_PER_S if state == OptimizerState.HOST.value else 0.0
-    work = sum(n * (iteration_cost(s.hw, s.tile, layers) + per_byte * s.host_bytes) for s, n in zip(stages, cfg.stage_iterations))
+    work = sum(n * (iteration_cost(s.hw, s.tile, layers, content_per_tile=s.content_targets == "per tile") + per_byte * s.host_bytes)
+               for s, n in zip(stages, cfg.stage_iterations))  # fmt: skip
     return ITERATIONS_TO_RESULT.get(_fallback_key(cfg), 1.0) * work
 
 
 def _label(cfg: StyleConfig, state: str) -> str:
     if cfg.optimizer == Optimizer.ADAM:
         return "Adam"
-    return "L-BFGS with its history in host memory" if state == OptimizerState.HOST.value else "a shorter L-BFGS history"
+    return "L-BFGS with its history in host memory" if state == OptimizerState.HOST.value else f"an L-BFGS history of {cfg.lbfgs_history}"
 
 
 def plan_run(

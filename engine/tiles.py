@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import LossForm, TileGrams
-from .device import autocast
+from .device import autocast, autocast_dtype
 from .layers import deepest_layer, layer_channels, layer_stride, receptive_reach
 from .losses import gram_matrix, gram_style_loss
 
@@ -154,8 +154,24 @@ class TiledObjective:
     stay exact, from this call's own Grams; the gradient is approximate by as much as the image
     moved since the last call. One pass per tile instead of two."""
 
-    def __init__(self, objective: Objective, tile: int, *, grams: TileGrams | str = TileGrams.EXACT) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        tile: int,
+        *,
+        grams: TileGrams | str = TileGrams.EXACT,
+        content_images: torch.Tensor | None = None,
+        content_net: Callable[..., Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
         self.objective = objective
+        # Content targets made tile by tile at every call (the plan's `content_targets` "per tile")
+        # instead of held image-sized: `content_images`, the contents as the network sees them,
+        # (N, 3, H, W) in [0, 1], through `content_net` (the targets' fp32 network; default the
+        # loop's) without gradients, kept at the precision held ones are (`stylize_many`). The same
+        # targets up to rounding, for one more forward pass per tile; the objective holds none.
+        self.content_images = content_images
+        self.content_net = content_net or objective.net
+        self.content_dtype = autocast_dtype(objective.runtime.precision) or torch.float32
         self.layers = tuple(objective.content_weights) + tuple(objective.style_weights)
         self.tile = snap_tile(tile, self.layers)
         self.grams = TileGrams(grams)
@@ -252,6 +268,18 @@ class TiledObjective:
             grads = torch.autograd.grad(total.sum(), leaves)
         return total.detach(), list(grads)
 
+    @torch.no_grad()
+    def _content_targets(self, t: Tile) -> dict[str, torch.Tensor]:
+        """The content targets at the positions tile `t` owns: a slice of the held ones, or made
+        now from the tile's crop of the content images."""
+        o = self.objective
+        if self.content_images is None:
+            return {k: o.content_feats[k][:, :, t.y0 // layer_stride(k) : t.y1 // layer_stride(k), t.x0 // layer_stride(k) : t.x1 // layer_stride(k)]
+                    for k in o.content_weights}  # fmt: skip
+        crop = self._crop(self.content_images, t).float()
+        feats = self.content_net(crop, owned=t.in_crop, only=tuple(o.content_weights))
+        return {k: feats[k].to(self.content_dtype) for k in o.content_weights}
+
     def _local_terms(self, x: torch.Tensor, crop: torch.Tensor, t: Tile, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """This tile's share of the (unweighted) content and TV sums, already divided by what the
         whole image's means divide by."""
@@ -260,15 +288,16 @@ class TiledObjective:
         h, w = x.shape[-2:]
         zero = crop.new_zeros((n,) if each else (), dtype=torch.float32)
         c = zero
+        targets = self._content_targets(t) if o.content_weights else {}
         for k, wt in o.content_weights.items():
             s = layer_stride(k)
             owned = (slice(None), slice(None), slice(t.y0 // s, t.y1 // s), slice(t.x0 // s, t.x1 // s))
-            sq = (feats[k].float() - o.content_feats[k][owned].float()).pow(2)
+            sq = (feats[k].float() - targets[k].float()).pow(2)
             if k in o.content_guides:  # a content mask: each position's squared error weighted
                 sq = sq * o.content_guides[k][owned].float()
             part = _sum(sq, each)
             if form == LossForm.NORMALIZED:
-                part = part / (o.content_feats[k][0].numel() * (1 if each else n))
+                part = part / (layer_channels(k) * (h // s) * (w // s) * (1 if each else n))
             c = c + wt * part
         # TV: a difference belongs to the tile that owns its first pixel; the crop has the halo's
         # next row and column.

@@ -496,6 +496,8 @@ def stylize_many(
         # Once for every scale; the targets keep the fp32 model.
         net = loop_model if loop_model is not None else loop_network(model, runtime)
     tiles = [plan.tile_at(hw) for hw in shapes] if plan is not None else [None] * len(shapes)
+    # Stages whose content targets are made at every tile's pass, not held (`StagePlan.content_targets`).
+    per_tile = [t is not None and plan.stage_at(hw).content_targets == "per tile" for t, hw in zip(tiles, shapes)] if plan is not None else [False] * len(shapes)
     if any(t is not None for t in tiles) and dev.type == "cpu":
         return_freed_memory()  # else freed tile maps stay in the heap (see there)
     # Targets of a tiled run come tile by tile too: a whole-image pass could need more than the loop.
@@ -508,7 +510,9 @@ def stylize_many(
     # guidance input. They are cached under the PyTorch model's identity and the region.
     regions = _RegionTargets(model, model_id(weights, cfg)) if any(r is not None for r in guidance.style_regions) else None
     lookups = [_TargetLookup(source, cache, mid, cfg, regions=regions) for _ in range(n)]  # per image: its cache hits
-    regions_note = {} if regions is None else {"style_regions": "torch (fp32): the exported target module has no guidance input"}
+    source_notes = {} if regions is None else {"style_regions": "torch (fp32): the exported target module has no guidance input"}
+    if any(per_tile):  # made in the loop, whatever the source
+        source_notes["content_targets"] = "torch (fp32), made again at each tile's pass: held ones do not fit the memory budget"
     # L-BFGS's history where the plan keeps it: host memory (pinned beside a CUDA image), streamed.
     history_device = "cpu" if plan is not None and plan.optimizer_state == "host" else None
     loop = _Loop(cfg, runtime, clock, callback, n, history_device=history_device)
@@ -529,7 +533,8 @@ def stylize_many(
                     # Its content features are kept at the network's precision (the loop's
                     # features are at that precision), at half the memory.
                     lowp = autocast_dtype(runtime.precision) if tile is not None else None
-                    per_image = [lk.stage_targets(sg, dev, guidance, cache_content=tile is None, content_dtype=lowp) for lk, sg in zip(lookups, stages)]
+                    per_image = [lk.stage_targets(sg, dev, guidance, cache_content=tile is None, content_dtype=lowp, content=not per_tile[index])
+                                 for lk, sg in zip(lookups, stages)]  # fmt: skip
                     if guidance.masked:  # a guided style term per group of styles sharing a mask
                         groups, grams = _style_groups(cfg, guidance, per_image, stages, blends, hw, dev), {}
                     else:  # the styles' Grams blended into one target
@@ -537,20 +542,26 @@ def stylize_many(
                         blended = [style_grams(cfg, t[1], sg.styles, b, device=dev) for t, sg, b in zip(per_image, stages, blends)]
                         grams = {k: torch.cat([g[k] for g in blended]) for k in cfg.style_layers}  # (N, C, C)
                 # (N, C, h, w); one image's are its own tensors, not a copy
-                content_feats = {k: per_image[0][0][k] if n == 1 else torch.cat([t[0][k] for t in per_image]) for k in cfg.content_layers}
+                content_feats = {k: per_image[0][0][k] if n == 1 else torch.cat([t[0][k] for t in per_image]) for k in per_image[0][0]}
                 content_guides = {} if guidance.content_mask is None else layer_guides(stage_guide(guidance.content_mask, hw).to(dev), cfg.content_layers)
                 if x_prev is None:
                     init = torch.cat([_init_image(cfg, sg.network_content, sg.styles[0], im, sg.hw, dev) for sg, im in zip(stages, inits)])
                 else:
                     init = F.interpolate(x_prev, size=hw, mode="bicubic", align_corners=False).clamp_(0, 1)
-                # The loop needs none of the stage's images but the colours' source, and only the
-                # targets themselves (see `plan.stage_parts`, which counts the same buffers).
+                # The loop needs none of the stage's images but the colours' source (and, when its
+                # content targets are made per tile, the content), and only the targets themselves
+                # (see `plan.stage_parts`, which counts the same buffers).
+                contents_t = None
+                if per_tile[index]:
+                    contents_t = stages[0].network_content if n == 1 else torch.cat([sg.network_content for sg in stages])  # type: ignore[misc]
                 stages, per_image = [sg.for_loop() for sg in stages], []
                 objective = make_objective(net, runtime, cfg, content_feats, grams, hw, per_image=n > 1, extra_terms=extra_terms,
                                            style_groups=groups, content_guides=content_guides)
                 del content_feats
-                x_prev = loop.run_stage(stages, objective if tile is None else TiledObjective(objective, tile, grams=cfg.tile_grams), init)  # takes `init` over
-                del init, objective
+                if tile is not None:
+                    objective = TiledObjective(objective, tile, grams=cfg.tile_grams, content_images=contents_t, content_net=model)
+                x_prev = loop.run_stage(stages, objective, init)  # takes `init` over
+                del init, objective, contents_t
                 done = (x_prev, stages)
                 if not loop.running:
                     break
@@ -582,7 +593,7 @@ def stylize_many(
                 loss_terms={k: float(v.detach()[i]) for k, v in loop.terms_last.items()},
                 phases=dict(phases),
                 iteration_seconds=loop.iteration_seconds[: loop.steps[i] + (loop.status[i] == RunStatus.NONFINITE)],
-                targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"], **regions_note},
+                targets={**source.describe(), "cache": lookups[i].cache_state(), "seconds": phases["targets"], **source_notes},
                 message=loop.message[i],
                 stopped_early=loop.stopped_early[i],
                 final_loss=loop.final_loss(history, i),
@@ -649,19 +660,30 @@ class _TargetLookup:
         self.hits = self.lookups = 0
 
     def stage_targets(
-        self, stage: Stage, device: torch.device, guidance: Guidance, *, cache_content: bool = True, content_dtype: torch.dtype | None = None
+        self,
+        stage: Stage,
+        device: torch.device,
+        guidance: Guidance,
+        *,
+        cache_content: bool = True,
+        content_dtype: torch.dtype | None = None,
+        content: bool = True,
     ) -> tuple[dict[str, torch.Tensor], list[ImageTargets]]:
         """(content features on `device`, each style image's targets) for one stage; without
         `cache_content` the content's features are neither looked up in the cache nor stored;
-        `content_dtype`: the content features' dtype (None: fp32, as every source gives them)."""
+        `content_dtype`: the content features' dtype (None: fp32, as every source gives them);
+        without `content`, none (the loop makes them per tile)."""
         cfg = self.cfg
         assert stage.network_content is not None, "a stage's targets come before `Stage.for_loop`"
-        c_targets = self.image_targets(stage.network_content, cfg.content_layers, (), use_cache=cache_content, content_dtype=content_dtype)
+        c_feats = {}
+        if content:
+            c_targets = self.image_targets(stage.network_content, cfg.content_layers, (), use_cache=cache_content, content_dtype=content_dtype)
+            c_feats = c_targets.to(device).content
         s_targets = []
         for i, st in enumerate(stage.styles):
             region = guidance.region(i)
             s_targets.append(self.image_targets(st, (), cfg.style_layers, region=None if region is None else stage_guide(region, tuple(st.shape[-2:]))))
-        return c_targets.to(device).content, s_targets
+        return c_feats, s_targets
 
     def image_targets(
         self,

@@ -42,7 +42,7 @@ def test_halo_and_grid_follow_the_layers():
     assert bool((owned == 1).all())  # every pixel belongs to exactly one tile
 
 
-def _problem(cfg, weights, *, styles: int = 1, seed: int = 0, hw: tuple[int, int] = HW, runtime: Runtime | None = None):
+def _problem(cfg, weights, *, styles: int = 1, seed: int = 0, hw: tuple[int, int] = HW, runtime: Runtime | None = None, with_content: bool = False):
     runtime = runtime or Runtime()
     dev = runtime.device
     net = VGGFeatures(cfg.content_layers + cfg.style_layers, pooling=cfg.pooling)
@@ -58,7 +58,7 @@ def _problem(cfg, weights, *, styles: int = 1, seed: int = 0, hw: tuple[int, int
     grams = style_grams(cfg, sts, style_ims, blend, device=dev)
     objective = make_objective(net, runtime, cfg, ct.content, grams, hw)
     x = (torch.rand(1, 3, *hw, generator=gen) * cfg.pixel_scale).to(dev).requires_grad_(True)
-    return objective, x
+    return (objective, x, content) if with_content else (objective, x)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +84,25 @@ def test_tiled_gradient_equals_the_whole_images(base, styles, grey, weights):
         torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
         for k in terms:
             torch.testing.assert_close(t_terms[k], terms[k], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", [dataclasses.replace(GATYS, tv_weight=5.0), SEED], ids=["gatys", "seed-keras-form"])
+def test_content_targets_made_per_tile_give_the_held_ones_loss_and_gradient(base, weights):
+    """The plan's `content_targets` "per tile": an objective holding no content targets, given the
+    content image, makes each tile's from its crop. The same loss and gradient as held targets."""
+    cfg = dataclasses.replace(base, **SHALLOW)
+    objective, x, content = _problem(cfg, weights, with_content=True)
+    for tile in (16, 28):  # 16 divides neither side
+        x.grad = None
+        loss, terms = TiledObjective(objective, tile).loss_and_grad(x)
+        held = x.grad.clone()
+        assert terms["content"] > 0
+        x.grad = None
+        bare = dataclasses.replace(objective, content_feats={})  # nothing to slice: made per tile or a KeyError
+        t_loss, t_terms = TiledObjective(bare, tile, content_images=content).loss_and_grad(x)
+        assert float((x.grad - held).abs().max() / held.abs().max()) < 1e-5, tile
+        torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(t_terms["content"], terms["content"], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("hw", [(1, 60), (44, 1)], ids=["one-row", "one-column"])
@@ -220,6 +239,32 @@ def test_tiled_runs_match_whole_runs(overrides, weights):
     # 1e-12), so a pixel whose gradient is near zero turns fp32 rounding into a visible share of lr.
     diff = (tiled.image - whole.image).abs()
     assert float(diff.max()) <= 1 / 255 and float(diff.mean()) < 1e-5
+
+
+def test_a_run_making_content_targets_per_tile_matches_one_holding_them(weights, monkeypatch):
+    """A plan whose stages make their content targets per tile (what the planner picks when held
+    ones do not fit) gives the run that holds them, and no content target is made beforehand."""
+    cfg = dataclasses.replace(GATYS, **SHALLOW, size=60, scales=(40, 60), iterations=3)
+    content, style = _pattern(60, 44, 1), _pattern(40, 40, 2)
+    runtime = Runtime(precision=Precision.FP32)
+    held_plan = plan_run(cfg, content.size, [style.size], tile=28)
+    per_tile = dataclasses.replace(held_plan, stages=tuple(dataclasses.replace(s, content_targets="per tile") for s in held_plan.stages))
+    asked = []
+    compute = TorchTargets.compute
+
+    def spy(self, image, *, content_layers, style_layers, **kw):
+        asked.append(tuple(content_layers))
+        return compute(self, image, content_layers=content_layers, style_layers=style_layers, **kw)
+
+    monkeypatch.setattr(TorchTargets, "compute", spy)
+    held = stylize(content, [style], cfg, weights=weights, runtime=runtime, plan=held_plan)
+    assert [a for a in asked if a] == [("relu2_2",)] * 2 and "content_targets" not in held.targets  # one per stage
+    asked.clear()
+    made = stylize(content, [style], cfg, weights=weights, runtime=runtime, plan=per_tile)
+    assert asked and not any(asked) and "made again at each tile" in made.targets["content_targets"]
+    assert made.status == held.status == "done" and made.steps == held.steps == 6
+    np.testing.assert_allclose(made.loss_history, held.loss_history, rtol=1e-4)
+    assert float((made.image - held.image).abs().max()) <= 1 / 255
 
 
 def _adam_run_pair(cfg, weights, *, tile: int, start_noise: float = 0.0):
