@@ -55,6 +55,7 @@ def bench_command(
     lowp_weights: Annotated[bool, typer.Option("--lowp-weights/--no-lowp-weights", help="bf16/fp16: hold the weights in that dtype (cast once) rather than let autocast cast them at every call.")] = True,
     tile: Annotated[str, typer.Option("--tile", help="Comma list of tile edges in px and/or off: the fast loop also timed tile by tile, as a tiled plan runs it (same loss and gradient; rows carry `tile`).")] = "off",
     tile_grams: Annotated[str, typer.Option("--tile-grams", help="Comma list of exact and/or previous: a tiled case's Grams from a first pass (exact) or the last iteration's (one pass; rows carry `tile_grams`).")] = "exact",
+    tile_content: Annotated[str, typer.Option("--tile-content", help="Comma list of held and/or per-tile: a tiled case's content targets held, or made again at each tile's pass (as a plan does where held ones do not fit; rows carry `tile_content`).")] = "held",
     ablate: Annotated[bool, typer.Option("--ablate", help="Also run each case with channels-last, cudnn.benchmark (GPU) and --lowp-weights (bf16/fp16) flipped, one at a time.")] = False,
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the loss function (first iterations compile).")] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole Adam step in a CUDA graph (GPU, --optimizer adam).")] = False,
@@ -76,7 +77,7 @@ def bench_command(
 
     Per case: ms/iteration, TFLOP/s, percent of peak and peak memory.
     """
-    from nst.engine.bench import CPU_BF16_REASON, CPU_FP16_REASON, LOOPS, OPTIMIZERS, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
+    from nst.engine.bench import CPU_BF16_REASON, CPU_FP16_REASON, LOOPS, OPTIMIZERS, TILE_CONTENT, BenchCase, bench_case, bench_optimizer, expand_cases, parse_size, settle_peaks, skipped_row
     from nst.engine.bench_targets import bench_targets
     from nst.engine.device import is_emulated, resolve_device, resolve_precision
 
@@ -97,9 +98,12 @@ def bench_command(
         dev = resolve_device(device)
         precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
         tiles, grams = _tiles(tile), _choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams")
+        contents = [c.replace("-", " ") for c in _choices(tile_content, tuple(c.replace(" ", "-") for c in TILE_CONTENT), "tile content")]
+        if to_result and contents != ["held"]:
+            raise UserError("--tile-content per-tile times the loop's throughput; --to-result runs tiled stages with their content targets held")
         cases = expand_cases(hw, precisions=precs, optimizers=list(dict.fromkeys(o.split(":")[0] for o in opts)), presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
-                             ablate=ablate, cuda=dev.type == "cuda", tiles=tiles, tile_grams=grams)
+                             ablate=ablate, cuda=dev.type == "cuda", tiles=tiles, tile_grams=grams, tile_contents=contents)
         batch_sizes = parse_list(batch_size, cast=int, what="batch size")
         if any(b < 1 for b in batch_sizes):
             raise UserError(f"--batch-size takes sizes of 1 or more, got {batch_size}")
@@ -273,6 +277,8 @@ def _case_note(r: BenchRow) -> str:
         notes.append("weights cast per call")
     if r.tile_grams == "previous":
         notes.append("previous Grams")
+    if r.tile_content == "per tile":
+        notes.append("content per tile")
     return ", ".join(notes)
 
 
@@ -370,9 +376,9 @@ def write_plot(path: Path, rows: list[BenchRow], *, title: str = "nst bench") ->
     for r in rows:
         if r.status == "ok" and r.phase == "optimisation":
             label = r.precision
-            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights, x.tile, x.tile_grams) for x in rows if x.phase == "optimisation"}) > 1:
+            if len({(x.loop, x.preset, x.optimizer, x.channels_last, x.lowp_weights, x.tile, x.tile_grams, x.tile_content) for x in rows if x.phase == "optimisation"}) > 1:
                 label += f" {r.loop} {r.preset} {r.optimizer}" + ("" if r.channels_last else " nchw") + ("" if r.lowp_weights else " cast-per-call")
-                label += "" if r.tile is None else f" tile {r.tile}"
+                label += "" if r.tile is None else f" tile {r.tile}" + (" content per tile" if r.tile_content == "per tile" else "")
             lines.setdefault(label, []).append(r)
     for label, rs in lines.items():
         rs = sorted(rs, key=lambda r: r.height * r.width)

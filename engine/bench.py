@@ -74,6 +74,7 @@ class BenchRow:
     lowp_weights: bool = True  # bf16/fp16 rows: weights cast once (Runtime.lowp_weights)
     tile: int | None = None  # the fast loop tile by tile (tiles.TiledObjective), tile edge in px
     tile_grams: str = ""  # a tiled row's Grams: exact (two passes) or previous (one pass); "" when whole
+    tile_content: str = ""  # a tiled row's content targets: held, or per tile (made at each tile's pass); "" when whole
     provider: str = ""  # the device, or the ONNX Runtime provider of a targets row
     height: int = 0
     width: int = 0
@@ -125,6 +126,11 @@ class BenchCase:
     lowp_weights: bool = True  # bf16/fp16: weights held in that dtype, not cast at every call
     tile: int | None = None  # the fast loop evaluated tile by tile, as a tiled plan runs it; None: whole
     tile_grams: str = "exact"  # with `tile`: StyleConfig.tile_grams
+    tile_content: str = "held"  # with `tile`: the content targets held, or made at each tile's pass ("per tile")
+
+
+# `--tile-content`: how a tiled case has its content targets (`StagePlan.content_targets`).
+TILE_CONTENT = ("held", "per tile")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -170,6 +176,7 @@ def expand_cases(
     cuda: bool = True,
     tiles: Sequence[int | None] = (None,),
     tile_grams: Sequence[str] = ("exact",),
+    tile_contents: Sequence[str] = ("held",),
 ) -> list[BenchCase]:
     """Every combination, sizes innermost (so a plot's line is one run of cases); with `ablate`
     each case also runs with channels-last, (on `cuda`) cuDNN autotuning and (in bf16/fp16) the
@@ -183,6 +190,9 @@ def expand_cases(
     for tg in tile_grams:
         if tg not in {m.value for m in TileGrams}:
             raise ConfigError(f"unknown tile grams {tg!r}: use {', '.join(m.value for m in TileGrams)}")
+    for tc in tile_contents:
+        if tc not in TILE_CONTENT:
+            raise ConfigError(f"unknown tile content {tc!r}: use {', '.join(TILE_CONTENT)}")
     for h, w in sizes:
         if min(h, w) < 1:
             raise ConfigError(f"size {h}x{w}: sizes must be positive")
@@ -201,8 +211,9 @@ def expand_cases(
                     for cl, cb, lw in variants:
                         for tile in tiles:
                             for tg in tile_grams if tile is not None else ("exact",):
-                                for h, w in sizes:
-                                    out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile, tg))
+                                for tc in tile_contents if tile is not None else ("held",):
+                                    for h, w in sizes:
+                                        out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile, tg, tc))
     return out
 
 
@@ -236,8 +247,8 @@ def skipped_row(case: BenchCase, device: torch.device, reason: str, **extra: obj
         percent_of_peak=None, peak_memory_mb=None, loop=case.loop, optimizer=case.optimizer,
         preset=case.preset, channels_last=case.channels_last, cudnn_benchmark=case.cudnn_benchmark,
         compile=case.compile, cuda_graph=case.cuda_graph, lowp_weights=case.lowp_weights, tile=case.tile,
-        tile_grams=case.tile_grams if case.tile is not None else "", provider=str(device),
-        height=case.height, width=case.width, status="skipped", reason=reason,
+        tile_grams=case.tile_grams if case.tile is not None else "", tile_content=case.tile_content if case.tile is not None else "",
+        provider=str(device), height=case.height, width=case.width, status="skipped", reason=reason,
     )
     fields.update(extra)
     return BenchRow(**fields)  # type: ignore[arg-type]
@@ -256,7 +267,7 @@ def row_from_times(case: BenchCase, device: torch.device, times_ms: list[float],
         loop=case.loop, optimizer=case.optimizer, preset=case.preset, channels_last=case.channels_last,
         cudnn_benchmark=case.cudnn_benchmark, compile=case.compile, cuda_graph=case.cuda_graph,
         lowp_weights=case.lowp_weights, tile=case.tile, tile_grams=case.tile_grams if case.tile is not None else "",
-        provider=str(device), height=case.height, width=case.width, iterations=len(ts),
+        tile_content=case.tile_content if case.tile is not None else "", provider=str(device), height=case.height, width=case.width, iterations=len(ts),
         gflop_per_iteration=flops / 1e9, peak_tflops=peak[0], peak_source=peak[1], memory_source=memory[1],
         **extra,  # type: ignore[arg-type]
     )
@@ -397,9 +408,11 @@ def _measure_case(case: BenchCase, cfg: StyleConfig, *, weights: Weights, device
         if case.loop == "reference":
             loss_fn = reference_loss(cfg, weights, runtime, content, style)
         else:
-            loss_fn, _ = fast_loss(cfg, weights, runtime, content, style, tile=case.tile)
+            loss_fn, model = fast_loss(cfg, weights, runtime, content, style, tile=case.tile)
             if case.tile is not None:  # the same loss and gradient, one tile (and its halo) at a time
-                loss_fn = TiledObjective(loss_fn, case.tile, grams=case.tile_grams)
+                per_tile = case.tile_content == "per tile"  # no targets held: made from the content at each tile
+                held = dataclasses.replace(loss_fn, content_feats={}) if per_tile else loss_fn
+                loss_fn = TiledObjective(held, case.tile, grams=case.tile_grams, content_images=content if per_tile else None, content_net=model)
         if case.compile:
             loss_fn = torch.compile(loss_fn)
         x = (content * cfg.pixel_scale).contiguous().requires_grad_(True)  # NCHW: L-BFGS flattens it
@@ -454,4 +467,4 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
     )
 
 
-__all__ = ["BenchCase", "BenchRow", "CPU_BF16_REASON", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "settle_peaks", "skipped_row"]
+__all__ = ["BenchCase", "BenchRow", "CPU_BF16_REASON", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "TILE_CONTENT", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "settle_peaks", "skipped_row"]

@@ -167,10 +167,11 @@ class TiledObjective:
         # Content targets made tile by tile at every call (the plan's `content_targets` "per tile")
         # instead of held image-sized: `content_images`, the contents as the network sees them,
         # (N, 3, H, W) in [0, 1], through `content_net` (the targets' fp32 network; default the
-        # loop's) without gradients, kept at the precision held ones are (`stylize_many`). The same
-        # targets up to rounding, for one more forward pass per tile; the objective holds none.
+        # loop's, as the loop runs it) without gradients, kept at the precision held ones are
+        # (`stylize_many`). The same targets up to rounding, for one more forward pass per tile;
+        # the objective holds none.
         self.content_images = content_images
-        self.content_net = content_net or objective.net
+        self.content_net = content_net
         self.content_dtype = autocast_dtype(objective.runtime.precision) or torch.float32
         self.layers = tuple(objective.content_weights) + tuple(objective.style_weights)
         self.tile = snap_tile(tile, self.layers)
@@ -276,8 +277,12 @@ class TiledObjective:
         if self.content_images is None:
             return {k: o.content_feats[k][:, :, t.y0 // layer_stride(k) : t.y1 // layer_stride(k), t.x0 // layer_stride(k) : t.x1 // layer_stride(k)]
                     for k in o.content_weights}  # fmt: skip
-        crop = self._crop(self.content_images, t).float()
-        feats = self.content_net(crop, owned=t.in_crop, only=tuple(o.content_weights))
+        crop, only = self._crop(self.content_images, t).float(), tuple(o.content_weights)
+        if self.content_net is None:
+            with autocast(o.runtime):
+                feats = o.net(crop, owned=t.in_crop, only=only)
+        else:
+            feats = self.content_net(crop, owned=t.in_crop, only=only)
         return {k: feats[k].to(self.content_dtype) for k in o.content_weights}
 
     def _local_terms(self, x: torch.Tensor, crop: torch.Tensor, t: Tile, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

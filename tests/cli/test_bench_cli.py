@@ -224,24 +224,36 @@ def test_no_row_exceeds_100_percent_of_peak(tmp_path: Path, monkeypatch: pytest.
 
 def test_bench_times_the_loop_tile_by_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`--tile off,32`: a row for the whole image and one for 32 px tiles, and the tiled row's
-    step really goes through the tiled objective (every timed step evaluates it once)."""
+    step really goes through the tiled objective (every timed step evaluates it once), with its
+    content targets held and, with `--tile-content per-tile`, made at each tile's pass."""
     import nst.engine.tiles as tiles
 
     calls = []
     real = tiles.TiledObjective.loss_and_grad
-    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", lambda self, x: calls.append((self.tile, self.grams.value)) or real(self, x))
+
+    def spy(self, x):
+        calls.append((self.tile, self.grams.value, self.content_images is None and bool(self.objective.content_feats)))
+        return real(self, x)
+
+    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", spy)
     j = tmp_path / "b.json"
     r = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--precision", "fp32", "--optimizer", "adam",
-                            "--iterations", "2", "--warmup", "1", "--tile", "off,32", "--tile-grams", "exact,previous", "--no-optimizer-phase",
-                            "--no-targets-phase", "--json", str(j)])  # fmt: skip
+                            "--iterations", "2", "--warmup", "1", "--tile", "off,32", "--tile-grams", "exact,previous", "--tile-content", "held,per-tile",
+                            "--no-optimizer-phase", "--no-targets-phase", "--json", str(j)])  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = [row for row in json.loads(j.read_text())["results"] if row["phase"] == "optimisation"]
-    assert [(row["tile"], row["tile_grams"]) for row in rows] == [(None, ""), (32, "exact"), (32, "previous")]
+    assert [(row["tile"], row["tile_grams"], row["tile_content"]) for row in rows] == [
+        (None, "", ""), (32, "exact", "held"), (32, "exact", "per tile"), (32, "previous", "held"), (32, "previous", "per tile")]  # fmt: skip
     assert all(row["status"] == "ok" and row["ms_per_iteration"] > 0 for row in rows)
-    assert calls == [(32, "exact")] * 3 + [(32, "previous")] * 3  # warm-up and timed steps of the tiled rows only
-    assert "tile 32" in r.output
+    # warm-up and timed steps of the tiled rows only; held: the objective holds them, per tile: none
+    assert calls == [(32, g, held) for g in ("exact", "previous") for held in (True, False) for _ in range(3)]
+    assert "tile 32" in r.output and "content per tile" in r.output
     bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "8"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --tile takes off and tile edges of 16 px or more"), bad.output
+    bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "32", "--tile-content", "lazy"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: unknown tile content lazy: use a comma list of held, per-tile"), bad.output
+    bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "32", "--tile-content", "per-tile", "--to-result"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --tile-content per-tile times the loop's throughput"), bad.output
 
 
 def test_a_sweep_stopped_midway_keeps_its_rows_so_far(tmp_path: Path, monkeypatch):
