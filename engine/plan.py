@@ -459,9 +459,14 @@ def _plan_stages(
     held: Mapping[str, int] | None = None,
     overhead: float = OVERHEAD,
     uncopied: Collection[str] = (),
+    content_targets: str = "auto",
 ) -> tuple[StagePlan, ...]:
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
+    # How a tiled stage has its content targets: held where a tile fits with them, else per tile.
+    contents = ("held", "per tile") if content_targets == "auto" else (content_targets,)
+    if not cfg.content_layers:
+        contents = ("held",)
     worst: _TooSmall | None = None  # the stage whose smallest tile needs the most
     prev_hw: tuple[int, int] | None = None
     for size in cfg.sizes:
@@ -484,7 +489,7 @@ def _plan_stages(
 
         if isinstance(tile, int):
             fits_one = snap_tile(tile, layers) >= max(hw)
-            stages.append(with_target_tile(make(None if fits_one else tile)))
+            stages.append(with_target_tile(make(None if fits_one else tile, contents[0])))
             continue
         whole = make(None)
         if TileMode(tile) == TileMode.OFF or budget is None or whole.estimated_peak_bytes <= budget:
@@ -495,7 +500,7 @@ def _plan_stages(
         # (one more forward pass per tile, much less than a smaller budget's tiles would cost).
         candidates = _tile_candidates(hw, layers)
         chosen = None
-        for content in ("held", "per tile") if cfg.content_layers else ("held",):
+        for content in contents:
             lo, hi = 0, len(candidates)
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -619,6 +624,7 @@ def plan_run(
     optimizer_state: OptimizerState | str = OptimizerState.AUTO,
     host_budget: int | None = None,
     held: Mapping[str, int] | None = None,
+    content_targets: str = "auto",
 ) -> Plan:
     """The plan for a run: per stage, whole when it fits `budget` (or when `tile` is off), else the
     largest tile that fits; an integer `tile` tiles every stage larger than it with that edge.
@@ -636,7 +642,10 @@ def plan_run(
     a stage's image buffers alone (content, image, gradient, styles) exceed `host_bytes`, the
     machine's memory (tiling cannot help those), and when a history asked to live in host memory
     exceeds `host_budget`. `held`: bytes held beside the run by part (`stage_phases`), counted
-    in every stage."""
+    in every stage. `content_targets` (tiled stages): "auto" holds them where a tile fits with
+    them and else makes them again at each tile's pass; "held" or "per tile" always."""
+    if content_targets not in ("auto", "held", "per tile"):
+        raise ConfigError(f"`content_targets` must be auto, held or per tile, got {content_targets!r}", params=("content_targets",))
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     state = _optimizer_state(optimizer_state, cfg)
     on_cpu = device.split(":")[0] == "cpu"
@@ -659,7 +668,8 @@ def plan_run(
         # (the GPU's code path) and counts against the same budget.
         model_state = "device" if on_cpu else "host"
         try:
-            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held, overhead=overhead, uncopied=uncopied)
+            stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=model_state, held=held, overhead=overhead, uncopied=uncopied,
+                                  content_targets=content_targets)
         except _TooSmall as e:
             raise _too_small(e, budget) from None
         if not on_cpu:
@@ -667,7 +677,8 @@ def plan_run(
         note = "on the CPU host memory is the device's: the history streams through it in chunks and saves none" if on_cpu else ""
         return _plan(cfg, stages, budget, device, precision, note, state="host")
     try:
-        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held, overhead=overhead, uncopied=uncopied)
+        stages = _plan_stages(cfg, content_wh, style_whs, precision=precision, budget=budget, tile=tile, held=held, overhead=overhead, uncopied=uncopied,
+                              content_targets=content_targets)
         return _plan(cfg, stages, budget, device, precision, "")
     except _TooSmall as e:
         failure = e
@@ -680,7 +691,8 @@ def plan_run(
     fits: list[tuple[float, StyleConfig, str, tuple[StagePlan, ...]]] = []
     for c, where in candidates:
         try:
-            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held, overhead=overhead, uncopied=uncopied)
+            stages = _plan_stages(c, content_wh, style_whs, precision=precision, budget=budget, tile=tile, state=where, held=held, overhead=overhead, uncopied=uncopied,
+                                  content_targets=content_targets)
         except _TooSmall as e:
             failure = e if where == "device" else failure  # a budget that would fit names a device-side plan
             continue

@@ -248,7 +248,8 @@ def test_a_run_making_content_targets_per_tile_matches_one_holding_them(weights,
     content, style = _pattern(60, 44, 1), _pattern(40, 40, 2)
     runtime = Runtime(precision=Precision.FP32)
     held_plan = plan_run(cfg, content.size, [style.size], tile=28)
-    per_tile = dataclasses.replace(held_plan, stages=tuple(dataclasses.replace(s, content_targets="per tile") for s in held_plan.stages))
+    per_tile = plan_run(cfg, content.size, [style.size], tile=28, content_targets="per tile")
+    assert [s.content_targets for s in per_tile.stages] == ["per tile"] * 2 and [s.content_targets for s in held_plan.stages] == ["held"] * 2
     asked = []
     compute = TorchTargets.compute
 
