@@ -30,6 +30,7 @@ from .device import DeviceError, Runtime, autocast_dtype, check_precision, devic
 from .errors import ConfigError
 from .layers import LAYER_NAMES, deepest_layer, min_input_size
 from .peaks import peak_for
+from .plan import CONTENT_TARGETS
 from .tiles import TiledObjective
 from .weights import Weights
 
@@ -129,8 +130,8 @@ class BenchCase:
     tile_content: str = "held"  # with `tile`: the content targets held, or made at each tile's pass ("per tile")
 
 
-# `--tile-content`: how a tiled case has its content targets (`StagePlan.content_targets`).
-TILE_CONTENT = ("held", "per tile")
+# `--tile-content`: how a tiled case has its content targets, as a plan's stage has them.
+TILE_CONTENT = CONTENT_TARGETS
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -205,6 +205,11 @@ def history_bytes(cfg: StyleConfig, pixels: int, n: int = 1) -> int:
     return 0 if cfg.optimizer == Optimizer.ADAM else 2 * cfg.lbfgs_history * 3 * pixels * 4 * n
 
 
+# How a tiled stage has its content targets (`StagePlan.content_targets`): held, or made again at
+# each tile's pass. `plan_run` also takes "auto": held where a tile fits with them, else per tile.
+CONTENT_TARGETS = ("held", "per tile")
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """One stage: its size, whole or tiled, and the estimated peak by part (bytes)."""
@@ -221,7 +226,7 @@ class StagePlan:
     target_tile: int | None = None
     phase: str = "loop"  # the phase `parts` describe, the one that needs more: "targets" or "loop"
     host_bytes: int = 0  # L-BFGS's history in host memory (optimiser state "host"), not in `parts`
-    # "held": the content targets are made once and held, image-sized (1/64 of the image's pixels
+    # One of CONTENT_TARGETS. "held": the content targets are made once and held, image-sized (1/64 of the image's pixels
     # times 512 channels at relu4_2: 1.4 GB in fp32 at 8192x5449). "per tile": made again from the
     # content image at every tile's pass, when held ones do not fit even the smallest tile.
     content_targets: str = "held"
@@ -464,7 +469,7 @@ def _plan_stages(
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     stages = []
     # How a tiled stage has its content targets: held where a tile fits with them, else per tile.
-    contents = ("held", "per tile") if content_targets == "auto" else (content_targets,)
+    contents = CONTENT_TARGETS if content_targets == "auto" else (content_targets,)
     if not cfg.content_layers:
         contents = ("held",)
     worst: _TooSmall | None = None  # the stage whose smallest tile needs the most
@@ -511,8 +516,8 @@ def _plan_stages(
             if lo < len(candidates):
                 chosen = make(candidates[lo], content)
                 break
-        if chosen is None:
-            smallest = make(candidates[-1], content)
+        if chosen is None:  # the last choice tried needs the least
+            smallest = make(candidates[-1], contents[-1])
             if worst is None or smallest.estimated_peak_bytes > worst.smallest.estimated_peak_bytes:
                 worst = _TooSmall(size, smallest)
             continue
@@ -644,7 +649,7 @@ def plan_run(
     exceeds `host_budget`. `held`: bytes held beside the run by part (`stage_phases`), counted
     in every stage. `content_targets` (tiled stages): "auto" holds them where a tile fits with
     them and else makes them again at each tile's pass; "held" or "per tile" always."""
-    if content_targets not in ("auto", "held", "per tile"):
+    if content_targets not in ("auto", *CONTENT_TARGETS):
         raise ConfigError(f"`content_targets` must be auto, held or per tile, got {content_targets!r}", params=("content_targets",))
     layers = tuple(cfg.content_layers) + tuple(cfg.style_layers)
     state = _optimizer_state(optimizer_state, cfg)
@@ -787,6 +792,6 @@ def format_size_up(n: int) -> str:
 
 
 __all__ = [
-    "CUDA_OVERHEAD", "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
+    "CONTENT_TARGETS", "CUDA_OVERHEAD", "ONNX_SESSION_FACTOR", "OVERHEAD", "OptimizerState", "Plan", "PlanError", "StagePlan", "TileMode", "activation_bytes", "format_size", "format_size_up", "history_bytes", "optimizer_bytes",
     "parse_size", "allocator_overhead", "shared_bytes", "DEVICE_WORK_PER_S", "HOST_BUS_BYTES_PER_S", "ITERATIONS_TO_RESULT", "SHORTER_HISTORIES", "iteration_cost", "onnx_session_bytes", "peak_phase", "plan_run", "stage_parts", "stage_phases", "style_shape", "weight_bytes",
 ]  # fmt: skip

@@ -76,6 +76,11 @@ class Tile:
         layer's height: either way `y1 // stride` is the end."""
         return self.y0 - self.cy0, self.y1 - self.cy0, self.x0 - self.cx0, self.x1 - self.cx0
 
+    def owned(self, stride: int) -> tuple[slice, slice, slice, slice]:
+        """The positions the tile owns of a whole image's (N, C, h, w) map of a layer with
+        `stride`, as an index (see `in_crop`)."""
+        return slice(None), slice(None), slice(self.y0 // stride, self.y1 // stride), slice(self.x0 // stride, self.x1 // stride)
+
 def tile_grid(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Tile]:
     """Tiles of about `tile` px (snapped to the deepest stride) covering an (H, W) image, row by row;
     the last row and column end at the image's edge, so any size is covered."""
@@ -120,8 +125,7 @@ def tiled_targets(
     for t in tile_grid(hw, snap_tile(tile, layers), layers):
         owned = features(image[:, :, t.cy0 : t.cy1, t.cx0 : t.cx1], t.in_crop)
         for k in content:
-            s = layer_stride(k)
-            content[k][:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s] = owned[k]
+            content[k][t.owned(layer_stride(k))] = owned[k]
         for k in sums:
             sums[k] += gram_matrix(owned[k], normalize=False)
     grams = {k: g / (g.shape[-1] * (hw[0] // layer_stride(k)) * (hw[1] // layer_stride(k))) for k, g in sums.items()}
@@ -211,11 +215,10 @@ class TiledObjective:
     def _owned_features(feats: dict[str, torch.Tensor], e: "_StyleEntry", t: Tile) -> torch.Tensor:
         """The entry's layer's features (`_features`: at the positions tile `t` owns), times its
         guidance there."""
-        s = layer_stride(e.layer)
         f = feats[e.layer]
         if e.guide is None:
             return f
-        return f.float() * e.guide[:, :, t.y0 // s : t.y1 // s, t.x0 // s : t.x1 // s].float()
+        return f.float() * e.guide[t.owned(layer_stride(e.layer))].float()
 
     @torch.no_grad()
     def gram_sums(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -270,13 +273,11 @@ class TiledObjective:
         return total.detach(), list(grads)
 
     @torch.no_grad()
-    def _content_targets(self, t: Tile) -> dict[str, torch.Tensor]:
-        """The content targets at the positions tile `t` owns: a slice of the held ones, or made
-        now from the tile's crop of the content images."""
+    def _made_content_targets(self, t: Tile) -> dict[str, torch.Tensor]:
+        """The content targets at the positions tile `t` owns, made now from the tile's crop of the
+        content images (`content_images`)."""
         o = self.objective
-        if self.content_images is None:
-            return {k: o.content_feats[k][:, :, t.y0 // layer_stride(k) : t.y1 // layer_stride(k), t.x0 // layer_stride(k) : t.x1 // layer_stride(k)]
-                    for k in o.content_weights}  # fmt: skip
+        assert self.content_images is not None
         crop, only = self._crop(self.content_images, t).float(), tuple(o.content_weights)
         if self.content_net is None:
             with autocast(o.runtime):
@@ -293,11 +294,12 @@ class TiledObjective:
         h, w = x.shape[-2:]
         zero = crop.new_zeros((n,) if each else (), dtype=torch.float32)
         c = zero
-        targets = self._content_targets(t) if o.content_weights else {}
+        made = self._made_content_targets(t) if self.content_images is not None and o.content_weights else None
         for k, wt in o.content_weights.items():
             s = layer_stride(k)
-            owned = (slice(None), slice(None), slice(t.y0 // s, t.y1 // s), slice(t.x0 // s, t.x1 // s))
-            sq = (feats[k].float() - targets[k].float()).pow(2)
+            owned = t.owned(s)
+            target = made[k] if made is not None else o.content_feats[k][owned]
+            sq = (feats[k].float() - target.float()).pow(2)
             if k in o.content_guides:  # a content mask: each position's squared error weighted
                 sq = sq * o.content_guides[k][owned].float()
             part = _sum(sq, each)
