@@ -18,6 +18,38 @@ from PIL import Image
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n N`), each worker gets its share of the cores as its thread count,
+    set before torch loads so that the processes a test starts inherit it: N workers with every
+    core each would oversubscribe the CPU. Tests here are small images, which one thread runs
+    almost as fast as two."""
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(_worker_cores())
+
+
+def _worker_cores() -> int:
+    """The cores this test process may keep busy: all of them, or its share under pytest-xdist."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+
+
+@pytest.fixture(scope="session")
+def worker_cores() -> int:
+    """How many processes a test may run at once without crowding another worker's tests."""
+    return _worker_cores()
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`-n N` alone (xdist's `load`) hands out whole test files, as `--dist loadfile` does: the
+    module-scoped fixtures here (an export per module, a Ray cluster) are then made once, not once
+    per worker. Any other `--dist` is xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    return LoadFileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test marked `gpu` is skipped where no CUDA GPU is visible. The mark is the only switch,
     so `pytest -m gpu` selects every CUDA-only test; a CUDA test without it fails here, loudly.
@@ -253,20 +285,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real local Ray cluster of two CPUs, one per test module; its address. Its workers inherit
     the environment it starts with, so it gets a private cache folder and no downloads."""
     ray = pytest.importorskip("ray")
-    cache = tmp_path_factory.mktemp("ray-cache")
-    env = {"NST_CACHE_DIR": str(cache), "NST_OFFLINE": "1", "TORCH_HOME": str(cache / "torch-home")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
+    from filelock import FileLock
+
+    # One cluster at a time: under pytest-xdist another worker's module may want one too, and two
+    # clusters on two cores starve each other (a 27 s test took 120 s). The lock is in the folder
+    # that every worker's temporary folder is in; the kernel drops it if this process dies.
+    lock = FileLock(str(tmp_path_factory.getbasetemp().parent / "nst-ray-cluster.lock"))
+    with lock:
+        cache = tmp_path_factory.mktemp("ray-cache")
+        env = {"NST_CACHE_DIR": str(cache), "NST_OFFLINE": "1", "TORCH_HOME": str(cache / "torch-home")}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        try:
+            yield ctx.address_info["gcs_address"]
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture
