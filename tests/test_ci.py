@@ -24,3 +24,16 @@ def test_ci_venv_is_recreated_not_reused(tmp_path: Path):
     stale.write_text("x")
     subprocess.run(["bash", "-c", venv_line], cwd=tmp_path, check=True, timeout=120)
     assert (folder / "bin" / "python").exists() and not stale.exists()
+
+
+def test_ci_runs_the_readmes_test_command():
+    """`.ci/run` ends by running the README's test command (quietly: `-q` is the only addition)."""
+    import re
+    import shlex
+
+    readme = (CI.parent.parent / "README.md").read_text()
+    block = re.search(r"## Test\n\n```bash\n(.*?)```", readme, re.S)
+    assert block, "the README's Test section has no bash block"
+    (command,) = [line for line in block.group(1).splitlines() if line.strip()]
+    last = [line for line in CI.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")][-1]
+    assert [a for a in shlex.split(last) if a != "-q"] == shlex.split(command), (last, command)
