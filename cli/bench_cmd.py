@@ -99,8 +99,6 @@ def bench_command(
         precs = list(dict.fromkeys(resolve_precision(dev, n) if n == "auto" else Precision(n) for n in names))
         tiles, grams = _tiles(tile), _choices(tile_grams, tuple(m.value for m in TileGrams), "tile grams")
         contents = [c.replace("-", " ") for c in _choices(tile_content, tuple(c.replace(" ", "-") for c in TILE_CONTENT), "tile content")]
-        if to_result and contents != ["held"]:
-            raise UserError("--tile-content per-tile times the loop's throughput; --to-result runs tiled stages with their content targets held")
         cases = expand_cases(hw, precisions=precs, optimizers=list(dict.fromkeys(o.split(":")[0] for o in opts)), presets=presets, loops=loops, channels_last=channels_last,
                              cudnn_benchmark=cudnn_benchmark, compile=compile_, cuda_graph=cuda_graph, lowp_weights=lowp_weights,
                              ablate=ablate, cuda=dev.type == "cuda", tiles=tiles, tile_grams=grams, tile_contents=contents)
@@ -113,7 +111,7 @@ def bench_command(
             from .bench_result import result_cases
 
             result_case_list = result_cases(hw, presets=presets, optimizers=opts, precisions=precs, scales=result_scales or ["single", "auto"],
-                                            tiles=tiles, tile_grams=grams)
+                                            tiles=tiles, tile_grams=grams, tile_contents=contents)
         w = load_weights_for(weights, seed)
         if to_result:
             _to_result(result_case_list, w, dev, content=content, style=style, seed=seed, max_iterations=result_iterations,

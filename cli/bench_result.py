@@ -27,7 +27,7 @@ RESULT_OPTIMIZERS = tuple(o.value for o in Optimizer)
 
 def result_cases(
     sizes: list[tuple[int, int]], *, presets: list[str], optimizers: list[str], precisions: list[Precision], scales: list[str],
-    tiles: list[int | None] | None = None, tile_grams: list[str] | None = None,
+    tiles: list[int | None] | None = None, tile_grams: list[str] | None = None, tile_contents: list[str] | None = None,
 ) -> list[ResultCase]:
     """Every setting, checked before any work: square sizes only (the content's aspect decides
     the shape), optimisers stylize has, scales that parse."""
@@ -47,7 +47,8 @@ def result_cases(
                     for text in scales:
                         for tile in tiles or [None]:
                             for tg in (tile_grams or ["exact"]) if tile is not None else ["exact"]:
-                                out.append(ResultCase(size, pr, o, p, text.strip().lower(), tile, tg))
+                                for tc in (tile_contents or ["held"]) if tile is not None else ["held"]:
+                                    out.append(ResultCase(size, pr, o, p, text.strip().lower(), tile, tg, tc))
     return out
 
 
@@ -91,7 +92,7 @@ def result_table(rows: list[BenchRow], title: str, *, wide: bool = False) -> Tab
         return "-" if v is None else f"{v:.1f}" + (f" ({b / v:.2f}x)" if b else "")
 
     for r in rows:
-        setting = setting_label(r.optimizer, r.precision, r.scales, r.tile, r.tile_grams)
+        setting = setting_label(r.optimizer, r.precision, r.scales, r.tile, r.tile_grams, r.tile_content)
         if r.status != "ok":
             cells = {"s to result": "skipped", "stages run": r.reason}
         else:

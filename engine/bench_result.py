@@ -52,15 +52,18 @@ class ResultCase:
     scales: str = "single"
     tile: int | None = None  # every stage larger than this runs tiled (`plan.plan_run`'s `tile`)
     tile_grams: str = "exact"  # with `tile`: StyleConfig.tile_grams
+    tile_content: str = "held"  # with `tile`: the content targets held, or made at each tile's pass ("per tile")
 
     @property
     def label(self) -> str:
-        return setting_label(self.optimizer, self.precision.value, self.scales, self.tile, self.tile_grams)
+        return setting_label(self.optimizer, self.precision.value, self.scales, self.tile, self.tile_grams, self.tile_content)
 
 
-def setting_label(optimizer: str, precision: str, scales: str, tile: int | None, tile_grams: str) -> str:
-    """`adam fp32 single`, `adam fp32 single tile 128 previous`: a setting in a table or a plot."""
-    tiled = "" if tile is None else f" tile {tile}" + (" previous" if tile_grams == TileGrams.PREVIOUS.value else "")
+def setting_label(optimizer: str, precision: str, scales: str, tile: int | None, tile_grams: str, tile_content: str = "held") -> str:
+    """`adam fp32 single`, `adam fp32 single tile 128 previous content per tile`: a setting in a
+    table or a plot."""
+    tiled = "" if tile is None else (f" tile {tile}" + (" previous" if tile_grams == TileGrams.PREVIOUS.value else "")
+                                     + (" content per tile" if tile_content == "per tile" else ""))  # fmt: skip
     return f"{optimizer} {precision} {scales}{tiled}"
 
 
@@ -200,7 +203,8 @@ def _run(case: ResultCase, cfg: StyleConfig, content: Image.Image, style: Image.
             hit.update(seconds=now, cpu=cpu, step=it.step)
             raise StopRun
 
-    plan = None if case.tile is None else plan_run(cfg, content.size, [style.size], precision=case.precision, device=str(device), tile=case.tile)
+    plan = None if case.tile is None else plan_run(cfg, content.size, [style.size], precision=case.precision, device=str(device), tile=case.tile,
+                                                   content_targets=case.tile_content)  # fmt: skip
     synchronize(device)
     r = stylize(content, [style], cfg, weights=weights, runtime=Runtime(device=device, precision=case.precision), callback=watch, plan=plan)
     steps = [b - a for a, b in zip(curve.seconds, curve.seconds[1:])]  # the output-size stage's iterations
@@ -221,7 +225,8 @@ def _row(case: ResultCase, device: torch.device, reference: float, *, hw: tuple[
         ms_per_iteration_p10=None, ms_per_iteration_p90=None, iterations_per_second=1e3 / ms_per_iteration if ms_per_iteration else None,
         megapixel_iterations_per_second=None, tflops=None, percent_of_peak=None, peak_memory_mb=None, phase="result", loop="fast",
         optimizer=case.optimizer, preset=case.preset, provider=str(device), iterations=iterations, scales=case.scales,
-        tile=case.tile, tile_grams="" if case.tile is None else case.tile_grams, reference_loss=reference, **extra,  # type: ignore[arg-type]
+        tile=case.tile, tile_grams="" if case.tile is None else case.tile_grams, tile_content="" if case.tile is None else case.tile_content,
+        reference_loss=reference, **extra,  # type: ignore[arg-type]
     )
 
 

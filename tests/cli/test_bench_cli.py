@@ -165,11 +165,12 @@ def test_to_result_writes_rows_and_a_loss_plot(tmp_path: Path, images, monkeypat
     assert json.loads(j.read_text())["references"]["gatys 48"]["stored"] is True
     # Tiled settings: rows carry the tile and its Grams, the table names them.
     tiled = ["bench", "--to-result", "--device", "cpu", "--sizes", "48", "--precision", "fp32", "--optimizer", "adam", "--result-scales", "single",
-             "--result-iterations", "2", "--tile", "32", "--tile-grams", "exact,previous", "--content", str(images["content"]),
-             "--style", str(images["style"]), "--json", str(j)]  # fmt: skip
+             "--result-iterations", "2", "--tile", "32", "--tile-grams", "exact,previous", "--tile-content", "held,per-tile",
+             "--content", str(images["content"]), "--style", str(images["style"]), "--json", str(j)]  # fmt: skip
     r = runner.invoke(app, tiled)
     assert r.exit_code == 0, r.output
-    assert [(row["tile"], row["tile_grams"]) for row in json.loads(j.read_text())["results"]] == [(32, "exact"), (32, "previous")]
+    assert [(row["tile"], row["tile_grams"], row["tile_content"]) for row in json.loads(j.read_text())["results"]] == [
+        (32, "exact", "held"), (32, "exact", "per tile"), (32, "previous", "held"), (32, "previous", "per tile")]  # fmt: skip
     assert "tile 32" in r.output and "previous" in r.output  # (the setting column folds)
 
 
@@ -252,8 +253,6 @@ def test_bench_times_the_loop_tile_by_tile(tmp_path: Path, monkeypatch: pytest.M
     assert bad.exit_code == 2 and bad.output.startswith("error: --tile takes off and tile edges of 16 px or more"), bad.output
     bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "32", "--tile-content", "lazy"])
     assert bad.exit_code == 2 and bad.output.startswith("error: unknown tile content lazy: use a comma list of held, per-tile"), bad.output
-    bad = runner.invoke(app, ["bench", "--weights", "random", "--device", "cpu", "--sizes", "64", "--tile", "32", "--tile-content", "per-tile", "--to-result"])
-    assert bad.exit_code == 2 and bad.output.startswith("error: --tile-content per-tile times the loop's throughput"), bad.output
 
 
 def test_a_sweep_stopped_midway_keeps_its_rows_so_far(tmp_path: Path, monkeypatch):

@@ -98,6 +98,24 @@ def test_time_to_result_runs_tiled_with_either_grams(pair, weights, monkeypatch)
         assert seen == [(32, grams)] * 3 and row.iterations == 4  # the 48 px stage's iterations only
 
 
+def test_time_to_result_makes_content_targets_per_tile_when_asked(pair, weights, monkeypatch):
+    """`tile_content="per tile"`: the tiled stage holds no content targets and makes them at each
+    tile's pass, as a plan does where held ones do not fit; the same losses as held, up to rounding."""
+    import nst.engine.tiles as tiles
+
+    seen = []
+    real = tiles.TiledObjective.loss_and_grad
+    monkeypatch.setattr(tiles.TiledObjective, "loss_and_grad", lambda self, x: seen.append(self.content_images is not None) or real(self, x))
+    curves = {}
+    for content in ("held", "per tile"):
+        seen.clear()
+        row, curves[content] = time_to_result(ResultCase(48, optimizer="adam", tile=32, tile_content=content), *pair, weights=weights, device=CPU,
+                                              reference=1e-12, max_iterations=3)  # fmt: skip
+        assert row.status == "ok" and row.tile_content == content and seen == [content == "per tile"] * 3
+    assert curves["per tile"].label == "adam fp32 single tile 32 content per tile" and curves["held"].label == "adam fp32 single tile 32"
+    assert curves["per tile"].losses == pytest.approx(curves["held"].losses, rel=1e-4)
+
+
 def test_unsupported_precision_is_a_skipped_row(pair, weights):
     row, curve = time_to_result(ResultCase(48, precision=Precision.TF32), *pair, weights=weights, device=CPU, reference=1.0)
     assert row.status == "skipped" and "CUDA" in row.reason and not curve.losses
