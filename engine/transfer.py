@@ -512,7 +512,7 @@ def stylize_many(
     lookups = [_TargetLookup(source, cache, mid, cfg, regions=regions) for _ in range(n)]  # per image: its cache hits
     source_notes = {} if regions is None else {"style_regions": "torch (fp32): the exported target module has no guidance input"}
     if any(per_tile):  # made in the loop, whatever the source
-        source_notes["content_targets"] = "torch (fp32), made again at each tile's pass: held ones do not fit the memory budget"
+        source_notes["content_targets"] = "torch (fp32), made again at each tile's pass (the plan's `content_targets`)"
     # L-BFGS's history where the plan keeps it: host memory (pinned beside a CUDA image), streamed.
     history_device = "cpu" if plan is not None and plan.optimizer_state == "host" else None
     loop = _Loop(cfg, runtime, clock, callback, n, history_device=history_device)
