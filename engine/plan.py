@@ -226,9 +226,10 @@ class StagePlan:
     target_tile: int | None = None
     phase: str = "loop"  # the phase `parts` describe, the one that needs more: "targets" or "loop"
     host_bytes: int = 0  # L-BFGS's history in host memory (optimiser state "host"), not in `parts`
-    # One of CONTENT_TARGETS. "held": the content targets are made once and held, image-sized (1/64 of the image's pixels
-    # times 512 channels at relu4_2: 1.4 GB in fp32 at 8192x5449). "per tile": made again from the
-    # content image at every tile's pass, when held ones do not fit even the smallest tile.
+    # One of CONTENT_TARGETS. "held": the content targets are made once and held, image-sized
+    # (1/64 of the image's pixels times 512 channels at relu4_2: 1.4 GB in fp32 at 8192x5449).
+    # "per tile": made again from the content image at every tile's pass, when held ones do not
+    # fit even the smallest tile (or when asked for by name).
     content_targets: str = "held"
 
     @property

@@ -357,7 +357,7 @@ def _check_measured(cases: dict, at_once: int) -> None:
     runs = [case for case in cases for _ in range(1 if case[1] else 3)]
     # Two at a time on two cores: 14 at once thrashed. Under pytest-xdist's `-n 2` one at a time,
     # beside the other worker's tests (two made a Ray test beside them 9x slower).
-    with ThreadPoolExecutor(max_workers=max(1, min(2, at_once))) as pool:
+    with ThreadPoolExecutor(max_workers=min(2, at_once)) as pool:
         results = list(pool.map(_measured, runs))
     for case in cases:
         got = [r for c, r in zip(runs, results) if c == case]
