@@ -11,7 +11,7 @@ import torch
 from rich import box
 from rich.table import Table
 
-from nst.engine.bench import BenchRow
+from nst.engine.bench import BenchRow, tile_settings
 from nst.engine.bench_result import TOLERANCE, ReferenceStore, ResultCase, ResultCurve, parse_scales, reference_loss, setting_label, synthetic_pair, time_to_result
 from nst.engine.config import Optimizer, Precision
 from nst.engine.images import load_image
@@ -45,10 +45,8 @@ def result_cases(
             for o in optimizers:
                 for p in precisions:
                     for text in scales:
-                        for tile in tiles or [None]:
-                            for tg in (tile_grams or ["exact"]) if tile is not None else ["exact"]:
-                                for tc in (tile_contents or ["held"]) if tile is not None else ["held"]:
-                                    out.append(ResultCase(size, pr, o, p, text.strip().lower(), tile, tg, tc))
+                        for tile, tg, tc in tile_settings(tiles or [None], tile_grams or ["exact"], tile_contents or ["held"]):
+                            out.append(ResultCase(size, pr, o, p, text.strip().lower(), tile, tg, tc))
     return out
 
 

@@ -210,12 +210,17 @@ def expand_cases(
                         if autocast_dtype(Precision(p)) is not None:
                             variants.append((channels_last, cudnn_benchmark, not lowp_weights))
                     for cl, cb, lw in variants:
-                        for tile in tiles:
-                            for tg in tile_grams if tile is not None else ("exact",):
-                                for tc in tile_contents if tile is not None else ("held",):
-                                    for h, w in sizes:
-                                        out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile, tg, tc))
+                        for tile, tg, tc in tile_settings(tiles, tile_grams, tile_contents):
+                            for h, w in sizes:
+                                out.append(BenchCase(h, w, Precision(p), o, str(pr), lp, cl, cb, compile, cuda_graph, lw, tile, tg, tc))
     return out
+
+
+def tile_settings(tiles: Sequence[int | None], tile_grams: Sequence[str], tile_contents: Sequence[str]) -> list[tuple[int | None, str, str]]:
+    """Each tile with each of the Grams and content targets asked for, as (tile, grams, content):
+    an untiled case (`None`) has neither choice and runs once, as ("exact", "held")."""
+    return [(tile, tg, tc) for tile in tiles for tg in (tile_grams if tile is not None else ("exact",))
+            for tc in (tile_contents if tile is not None else ("held",))]  # fmt: skip
 
 
 def bench_config(case: BenchCase) -> StyleConfig:
@@ -468,4 +473,4 @@ def bench_optimizer(case: BenchCase, *, device: torch.device, iterations: int = 
     )
 
 
-__all__ = ["BenchCase", "BenchRow", "CPU_BF16_REASON", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "TILE_CONTENT", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "settle_peaks", "skipped_row"]
+__all__ = ["BenchCase", "BenchRow", "CPU_BF16_REASON", "CPU_FP16_REASON", "LOOPS", "OPTIMIZERS", "ROW_KEYS", "TILE_CONTENT", "bench_case", "bench_config", "bench_optimizer", "case_images", "check_case_size", "expand_cases", "parse_size", "row_from_times", "settle_peaks", "skipped_row", "tile_settings"]

@@ -81,6 +81,7 @@ class Tile:
         `stride`, as an index (see `in_crop`)."""
         return slice(None), slice(None), slice(self.y0 // stride, self.y1 // stride), slice(self.x0 // stride, self.x1 // stride)
 
+
 def tile_grid(hw: tuple[int, int], tile: int, layers: Sequence[str]) -> list[Tile]:
     """Tiles of about `tile` px (snapped to the deepest stride) covering an (H, W) image, row by row;
     the last row and column end at the image's edge, so any size is covered."""
